@@ -1,0 +1,180 @@
+"""Continuous-batching scheduler with chunked prefill, prefix caching and preemption by recompute.
+
+Each ``schedule()`` call fills one step under a token budget
+``B = config.max_num_batched_tokens``; a request's chunk is
+
+    n = min(tokens left to compute, budget left, T)    with T = long_prefill_token_threshold
+                                                        (no T cap when T == 0)
+
+1. Running requests, in running (admission) order. If the KV manager cannot
+   allocate blocks for the chunk, the most recently admitted running request
+   (``running[-1]``) is preempted -- its blocks are freed tail first, its
+   ``num_computed_tokens`` reset to 0, ``num_preemptions`` += 1, status
+   PREEMPTED -- and put at the *front* of the waiting queue; then the
+   allocation is retried. If the victim is the request being scheduled, no
+   further running request is scheduled this step. Victims are always later
+   in running order than the request being scheduled, so they were not yet
+   scheduled this step.
+2. Only if nothing was preempted this step, waiting requests are admitted
+   strictly FCFS while budget remains and ``len(running) < max_num_seqs``: the
+   prefix cache supplies whole blocks (at least one token is always left to
+   compute), the chunk is sized as above, and the first request whose blocks
+   do not fit stops admission (no skipping ahead). A preempted request
+   re-enters at the front and recomputes prompt + generated tokens (minus
+   whatever blocks the prefix cache still holds).
+
+``req.num_computed_tokens`` advances at schedule time (as in vLLM v1): the
+runner computes tokens ``[start, start + num_tokens)``. A request samples iff
+``start + num_tokens == req.num_tokens`` at schedule time; the engine then
+appends the sampled token, so the next step schedules exactly that one token.
+Finished requests are reported by the engine through ``finish``.
+
+Capacity: ``add_request`` rejects a request whose prompt + max_tokens - 1
+tokens (the most it can ever have computed) need more blocks than the whole
+pool, so a request running alone always fits and preemption cannot livelock.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from tierserve.cache.kv_cache_manager import KVCacheManager
+from tierserve.config import SchedulerConfig
+from tierserve.engine.request import Request, RequestStatus
+from tierserve.engine.scheduler_output import ScheduledRequest, SchedulerOutput
+from tierserve.errors import InvalidParameterError
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int | None = None):
+        self.config = config
+        self.kv = kv
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._requests: dict[str, Request] = {}
+
+    # -- request lifecycle ------------------------------------------------------------------
+
+    def add_request(self, req: Request) -> None:
+        if req.request_id in self._requests:
+            raise InvalidParameterError("request_id", f"{req.request_id!r} is already scheduled")
+        if req.num_prompt_tokens < 1:
+            raise InvalidParameterError("prompt", "must contain at least one token")
+        if req.status is not RequestStatus.WAITING or req.block_ids or req.num_computed_tokens:
+            raise ValueError(f"request {req.request_id} must be new (WAITING, no blocks, nothing computed)")
+        max_computed = req.num_prompt_tokens + req.params.max_tokens - 1
+        if self.max_model_len is not None:  # generation stops at max_model_len anyway
+            max_computed = min(max_computed, self.max_model_len - 1)
+        bs = self.kv.block_size
+        if -(-max_computed // bs) > self.kv.num_blocks:
+            raise InvalidParameterError(
+                "max_tokens",
+                f"prompt ({req.num_prompt_tokens} tokens) + max_tokens ({req.params.max_tokens}) "
+                f"needs {-(-max_computed // bs)} KV blocks of {bs} tokens but the cache has "
+                f"{self.kv.num_blocks} (at most {self.kv.num_blocks * bs} tokens)")
+        self._requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request wherever it is; unknown or already finished ids are ignored."""
+        req = self._requests.get(request_id)
+        if req is not None:
+            self._remove(req, RequestStatus.FINISHED_ABORTED)
+
+    def finish(self, request_id: str, status: RequestStatus) -> None:
+        """The engine saw a stop condition: free the request's blocks and forget it."""
+        if not status.finished:
+            raise InvalidParameterError("status", f"must be a finished status, got {status}")
+        self._remove(self.get(request_id), status)
+
+    def get(self, request_id: str) -> Request:
+        try:
+            return self._requests[request_id]
+        except KeyError:
+            raise KeyError(f"unknown or finished request id {request_id!r}") from None
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # -- scheduling -------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[str] = []
+        budget = self._schedule_running(self.config.max_num_batched_tokens, scheduled, preempted)
+        if not preempted:
+            self._admit_waiting(budget, scheduled)
+        return SchedulerOutput(tuple(scheduled), tuple(preempted), sum(s.num_tokens for s in scheduled))
+
+    def _schedule_running(self, budget: int, scheduled: list[ScheduledRequest],
+                          preempted: list[str]) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = self._chunk(req.num_tokens - req.num_computed_tokens, budget)
+            if n <= 0:
+                i += 1
+                continue
+            new_blocks = self.kv.allocate_slots(req, n)
+            while new_blocks is None:
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is req:
+                    return budget
+                new_blocks = self.kv.allocate_slots(req, n)
+            scheduled.append(self._advance(req, n, new_blocks, resumed=False))
+            budget -= n
+            i += 1
+        return budget
+
+    def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            hit_blocks, num_hit = self.kv.get_computed_blocks(req)
+            n = self._chunk(req.num_tokens - num_hit, budget)
+            new_blocks = self.kv.allocate_slots(req, n, hit_blocks)
+            if new_blocks is None:
+                return
+            self.waiting.popleft()
+            if req.status is RequestStatus.WAITING:
+                req.num_cached_tokens = num_hit
+            req.status = RequestStatus.RUNNING
+            req.num_computed_tokens = num_hit
+            self.running.append(req)
+            scheduled.append(self._advance(req, n, hit_blocks + new_blocks, resumed=True))
+            budget -= n
+
+    def _chunk(self, remaining: int, budget: int) -> int:
+        n = min(remaining, budget)
+        threshold = self.config.long_prefill_token_threshold
+        return min(n, threshold) if threshold > 0 else n
+
+    @staticmethod
+    def _advance(req: Request, n: int, new_blocks: list[int], resumed: bool) -> ScheduledRequest:
+        start = req.num_computed_tokens
+        req.num_computed_tokens = start + n
+        return ScheduledRequest(req.request_id, start, n, tuple(new_blocks), resumed)
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _remove(self, req: Request, status: RequestStatus) -> None:
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        self.kv.free(req)
+        req.status = status
+        del self._requests[req.request_id]
