@@ -1,0 +1,130 @@
+"""PrefixAwareRequestRouter inside a real Ray Serve app (local Ray, two replicas, CPU only).
+
+Each replica registers a distinct cached chain with the shared tree actor; requests that
+carry a prefix of one replica's chain must be served by that replica, whatever the order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+import pytest
+import ray
+from ray import serve
+from ray.serve._private.common import RequestMetadata
+from ray.serve.config import RequestRouterConfig
+from ray.serve.request_router import PendingRequest
+
+from tierserve.cache.prefix_hash import hash_blocks
+from tierserve.errors import InvalidParameterError
+from tierserve.routing.serve_router import (
+    PREFIX_HASHES_KWARG,
+    PrefixAwareRequestRouter,
+    request_block_hashes,
+    routing_kwargs,
+)
+from tierserve.routing.tree_actor import TREE_NAMESPACE, tree_actor_name
+
+BS = 4
+APP = "routing-test"
+
+
+def replica_tokens(replica_id: str) -> list[int]:
+    """A replica's own 3-block prompt, derived from its id (so the test can recompute it)."""
+    data = list(replica_id.encode())[:12]
+    return data + [0] * (12 - len(data))
+
+
+def _pending(kwargs: dict) -> PendingRequest:
+    async def make():
+        return PendingRequest(args=[], kwargs=kwargs,
+                              metadata=RequestMetadata(request_id="r", internal_request_id="r"))
+    return asyncio.run(make())
+
+
+def test_request_hash_contract():
+    tokens = list(range(10))
+    kw = routing_kwargs(tokens, BS)
+    assert kw == {PREFIX_HASHES_KWARG: hash_blocks(tokens, BS)} and len(kw[PREFIX_HASHES_KWARG]) == 2
+    assert request_block_hashes(_pending(kw)) == kw[PREFIX_HASHES_KWARG]
+    assert request_block_hashes(_pending({})) == []
+    assert request_block_hashes(None) == []
+    with pytest.raises(InvalidParameterError) as e:
+        request_block_hashes(_pending({PREFIX_HASHES_KWARG: [b"x"]}))
+    assert e.value.field == PREFIX_HASHES_KWARG
+    with pytest.raises(InvalidParameterError):
+        request_block_hashes(_pending({PREFIX_HASHES_KWARG: "abc"}))
+
+
+@pytest.fixture(scope="module")
+def serve_app():
+    started = not ray.is_initialized()
+    if started:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024**2,
+                 log_to_driver=False)
+
+    # The replicas cannot import this test module: ship its functions by value.
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+    @serve.deployment(
+        num_replicas=2,
+        ray_actor_options={"num_cpus": 0},
+        request_router_config=RequestRouterConfig(
+            request_router_class=PrefixAwareRequestRouter,
+            request_router_kwargs={"abs_threshold": 4, "rel_threshold": 1.5, "match_timeout_s": 2.0},
+        ),
+    )
+    class Worker:
+        def __init__(self):
+            from tierserve.routing.tree_actor import get_or_create_tree_actor
+
+            ctx = serve.get_replica_context()
+            self.replica_id = ctx.replica_id.unique_id
+            tree = get_or_create_tree_actor(ctx.app_name, ctx.deployment)
+            ray.get(tree.report.remote(self.replica_id, [hash_blocks(replica_tokens(self.replica_id), BS)]))
+
+        def __call__(self, prompt: str, prefix_block_hashes=None) -> str:
+            return self.replica_id
+
+    try:
+        handle = serve.run(Worker.bind(), name=APP, route_prefix=None)
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    tree = ray.get_actor(tree_actor_name(APP, "Worker"), namespace=TREE_NAMESPACE)
+    yield handle, tree
+    serve.delete(APP)
+    ray.kill(tree)
+    if started:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_requests_go_to_the_replica_caching_their_prefix(serve_app):
+    handle, tree = serve_app
+    replicas = ray.get(tree.replicas.remote())
+    assert len(replicas) == 2
+    for _ in range(3):
+        for rid in replicas:
+            tokens = replica_tokens(rid) + [7] * 8              # its cached 3 blocks + 2 new ones
+            got = handle.remote("hi", **routing_kwargs(tokens, BS)).result(timeout_s=30)
+            assert got == rid
+
+
+def test_tree_actor_follows_evictions(serve_app):
+    handle, tree = serve_app
+    rid = sorted(ray.get(tree.replicas.remote()))[1]
+    chain = hash_blocks(replica_tokens(rid), BS)
+    assert ray.get(tree.longest_match.remote(chain)) == {rid: 3}
+    # Evict the first block: a gap at the start means no usable prefix at all.
+    assert ray.get(tree.report.remote(rid, [], [chain[0]])) == 2
+    assert ray.get(tree.longest_match.remote(chain)) == {}
+    # Re-reporting restores the match, and routing follows it.
+    ray.get(tree.report.remote(rid, [chain], []))
+    assert ray.get(tree.longest_match.remote(chain)) == {rid: 3}
+    assert handle.remote("hi", **routing_kwargs(replica_tokens(rid), BS)).result(timeout_s=30) == rid

@@ -1,0 +1,25 @@
+"""Prefix-aware routing: a pure policy over block-hash prefix trees, plus a Ray Serve adapter.
+
+Import the Ray pieces from their modules (``tierserve.routing.serve_router``,
+``tierserve.routing.tree_actor``); this package imports neither Ray nor torch.
+"""
+
+from tierserve.routing.policy import (
+    POLICIES,
+    PrefixAwarePolicy,
+    ReplicaLoad,
+    RouteDecision,
+    RouterPolicy,
+    make_policy,
+)
+from tierserve.routing.prefix_tree import PrefixTree
+
+__all__ = [
+    "POLICIES",
+    "PrefixAwarePolicy",
+    "PrefixTree",
+    "ReplicaLoad",
+    "RouteDecision",
+    "RouterPolicy",
+    "make_policy",
+]

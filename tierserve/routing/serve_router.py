@@ -1,0 +1,128 @@
+"""Ray Serve adapter: ``PrefixAwareRequestRouter`` runs ``PrefixAwarePolicy`` inside Serve.
+
+Plugging it in (Ray 2.60, ``ray.serve.request_router.RequestRouter``)::
+
+    @serve.deployment(request_router_config=RequestRouterConfig(
+        request_router_class="tierserve.routing.serve_router:PrefixAwareRequestRouter",
+        request_router_kwargs={"abs_threshold": 4, "rel_threshold": 1.5}))
+    class Worker: ...
+
+Request contract. The ingress tokenizes the prompt, computes its chained
+block hashes with the worker's block size (``routing_kwargs(token_ids,
+block_size)``) and calls the worker through its handle with the keyword
+argument ``prefix_block_hashes: list[bytes]`` (``PREFIX_HASHES_KWARG``). The
+router reads it from ``PendingRequest.kwargs``; the worker method must accept
+it (it may ignore it). A request without it is routed by load alone.
+
+Replica contract. A worker replica reports what its device KV cache holds to
+the deployment's tree actor (``tierserve.routing.tree_actor``) as diffs,
+``report(replica_id, added_chains, evicted)``, with ``replica_id`` its
+``serve.get_replica_context().replica_id.unique_id``, the same id the router
+sees as ``RunningReplica.replica_id.unique_id``.
+
+One routing step (``choose_replicas``):
+
+1. hashes = the request's ``prefix_block_hashes`` (empty if absent);
+2. matches = ``await tree.longest_match(hashes)``, bounded by
+   ``match_timeout_s`` (default 0.1 s; the actor round trip is ~1 ms). On
+   timeout or a dead actor the step routes by load alone; the event loop is
+   never blocked;
+3. load of each candidate = Ray Serve's replica queue-length cache
+   (``replica_queue_len_cache``; an unknown entry counts as 0 ongoing);
+4. ``PrefixAwarePolicy.rank`` orders every candidate; the router returns one
+   rank per replica, so Serve tries the chosen replica first and falls back
+   in policy order if it rejects the request (queue full).
+
+When Serve reports a replica dead, the router asks the tree actor to forget
+it (fire and forget).
+
+Tests: tests/test_serve_router.py runs a real Serve app with two replicas
+and checks that requests go to the replica holding their prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+import ray
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+
+from tierserve.cache.prefix_hash import HASH_BYTES, hash_blocks
+from tierserve.errors import InvalidParameterError
+from tierserve.routing.policy import PrefixAwarePolicy, ReplicaLoad
+from tierserve.routing.tree_actor import get_or_create_tree_actor
+
+logger = logging.getLogger(__name__)
+
+#: Keyword argument carrying the request's chained block hashes.
+PREFIX_HASHES_KWARG = "prefix_block_hashes"
+
+
+def routing_kwargs(token_ids: Sequence[int], block_size: int, extra: tuple = ()) -> dict[str, list[bytes]]:
+    """Keyword arguments an ingress adds to a worker call so the router sees the prefix."""
+    return {PREFIX_HASHES_KWARG: hash_blocks(token_ids, block_size, extra=extra)}
+
+
+def request_block_hashes(pending_request: PendingRequest | None) -> list[bytes]:
+    """The request's block hashes from its kwargs; [] when absent; raises on a malformed value."""
+    if pending_request is None:
+        return []
+    value = pending_request.kwargs.get(PREFIX_HASHES_KWARG)
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise InvalidParameterError(PREFIX_HASHES_KWARG, f"must be a list of bytes, got {type(value).__name__}")
+    for i, h in enumerate(value):
+        if not isinstance(h, bytes) or len(h) != HASH_BYTES:
+            raise InvalidParameterError(PREFIX_HASHES_KWARG, f"item {i} must be {HASH_BYTES} bytes, got {h!r:.40}")
+    return list(value)
+
+
+class PrefixAwareRequestRouter(RequestRouter):
+    """Serve request router: longest cached prefix bounded by load (see module doc)."""
+
+    def initialize_state(self, abs_threshold: float = 4, rel_threshold: float = 1.5,
+                         match_timeout_s: float = 0.1, max_blocks_per_replica: int | None = None,
+                         tree_actor=None) -> None:
+        """Called by Serve with ``request_router_kwargs``; ``tree_actor`` overrides the named actor."""
+        if not match_timeout_s > 0:
+            raise InvalidParameterError("match_timeout_s", f"must be > 0, got {match_timeout_s}")
+        self._policy = PrefixAwarePolicy(abs_threshold=abs_threshold, rel_threshold=rel_threshold)
+        self._match_timeout_s = match_timeout_s
+        if tree_actor is None:
+            tree_actor = get_or_create_tree_actor(
+                self._deployment_id.app_name, self._deployment_id.name, max_blocks_per_replica)
+        self._tree_actor = tree_actor
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        if not candidate_replicas:
+            return []
+        try:
+            hashes = request_block_hashes(pending_request)
+        except InvalidParameterError as exc:
+            logger.warning("routing by load only: %s", exc)
+            hashes = []
+        matches = await self._lookup(hashes) if hashes else {}
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        loads = [ReplicaLoad(rid, self._ongoing(r)) for rid, r in by_id.items()]
+        ranked = self._policy.rank(matches, loads)
+        return [[by_id[d.replica_id]] for d in ranked]
+
+    def on_replica_actor_died(self, replica_id) -> None:
+        super().on_replica_actor_died(replica_id)
+        self._tree_actor.drop_replica.remote(replica_id.unique_id)
+
+    def _ongoing(self, replica: RunningReplica) -> int:
+        queue_len = self.replica_queue_len_cache.get(replica.replica_id)
+        return queue_len if queue_len is not None else 0
+
+    async def _lookup(self, hashes: list[bytes]) -> dict[str, int]:
+        try:
+            ref = self._tree_actor.longest_match.remote(hashes)
+            return await asyncio.wait_for(ref, timeout=self._match_timeout_s)
+        except (asyncio.TimeoutError, ray.exceptions.RayError) as exc:
+            logger.warning("prefix tree lookup failed (%s); routing by load only", type(exc).__name__)
+            return {}
