@@ -1,0 +1,67 @@
+"""Test helpers: tiny random HF models saved to disk, and a paged-KV runner for one sequence.
+
+``build_and_save`` makes a transformers model from a config (eager attention,
+float32), perturbs every parameter with seeded noise (so norm weights, biases
+and Gemma's zero-initialised norms are not at their trivial init and a wrong
+mapping shows), and saves it with ``save_pretrained``.
+
+``PagedRunner`` drives one sequence through ``model.forward`` the way the
+engine does: each step appends tokens, builds ``AttentionMetadata`` from a
+shuffled (non-contiguous) block table and returns the step's logits.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from tierserve.cache.kv_cache import allocate_kv_cache
+from tierserve.kernels.paged_attention import AttentionMetadata
+from tierserve.models.context import ForwardContext
+
+
+def build_and_save(config, path, seed: int = 0, noise: float = 0.05):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * noise)
+    model.eval()
+    model.save_pretrained(path)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+class PagedRunner:
+    def __init__(self, model, block_size: int = 4, num_blocks: int = 32, seed: int = 0):
+        self.model = model
+        self.block_size = block_size
+        self.kv = allocate_kv_cache(model.kv_spec(block_size), num_blocks)
+        table = list(range(num_blocks))
+        random.Random(seed).shuffle(table)
+        self.table = table
+        self.seq_len = 0
+
+    @torch.inference_mode()
+    def step(self, tokens: list[int]) -> torch.Tensor:
+        """Append ``tokens`` to the sequence; logits [len(tokens), vocab] float32."""
+        n = len(tokens)
+        self.seq_len += n
+        blocks = self.table[: -(-self.seq_len // self.block_size)]
+        meta = AttentionMetadata.build([n], [self.seq_len], [blocks], self.block_size)
+        positions = torch.arange(self.seq_len - n, self.seq_len)
+        hidden = self.model(torch.tensor(tokens, dtype=torch.long), positions, ForwardContext(meta, self.kv))
+        return self.model.compute_logits(hidden)
+
+    def greedy(self, prompt: list[int], max_new_tokens: int) -> list[int]:
+        out: list[int] = []
+        logits = self.step(prompt)
+        for _ in range(max_new_tokens):
+            out.append(int(logits[-1].argmax()))
+            if len(out) == max_new_tokens:
+                break
+            logits = self.step([out[-1]])
+        return out

@@ -1,0 +1,78 @@
+"""Self-attention layer shared by every decoder: fused QKV, optional q/k norm, RoPE, paged attention.
+
+One ``qkv_proj`` Linear holds HF's q_proj, k_proj and v_proj stacked by rows
+(``[Hq*D | Hkv*D | Hkv*D]``, biases likewise), so a layer runs two matmuls
+(qkv, o). Per step, for the flattened tokens ``x [T, hidden]``:
+
+    q, k, v = split(qkv_proj(x))
+    qk_norm "full"      : q = q_norm(q), k = k_norm(k) over the whole projection (OLMoE)
+    clip_qkv c          : q, k, v clamped to [-c, c] (OLMoE)
+    qk_norm "per_head"  : RMSNorm over each head's D features (Qwen3, Gemma3)
+    q, k = RoPE(q, k, positions)
+    o = paged_attention(q, k, v, kv_cache[layer], scale, sliding_window, logit_softcap)
+    return o_proj(o)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tierserve.kernels.paged_attention import paged_attention
+from tierserve.models.arch_config import ModelArchConfig
+from tierserve.models.context import ForwardContext
+from tierserve.models.layers import RMSNorm, Slot, fused_slots, linear, linear_slots
+from tierserve.models.rope import apply_rope
+
+QK_NORM_KINDS = ("none", "per_head", "full")
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelArchConfig, layer_idx: int, dtype: torch.dtype, *, qkv_bias: bool,
+                 o_bias: bool, qk_norm: str = "none", gemma_norm: bool = False):
+        super().__init__()
+        if qk_norm not in QK_NORM_KINDS:
+            raise ValueError(f"qk_norm must be one of {QK_NORM_KINDS}, got {qk_norm!r}")
+        self.layer_idx = layer_idx
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = cfg.attn_scale
+        self.sliding_window = cfg.window(layer_idx)
+        self.softcap = cfg.attn_logit_softcapping
+        self.clip = cfg.clip_qkv
+        self.qk_norm = qk_norm
+        self.qkv_proj = linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, qkv_bias, dtype)
+        self.o_proj = linear(self.q_size, cfg.hidden_size, o_bias, dtype)
+        if qk_norm != "none":
+            q_dim, k_dim = (self.head_dim, self.head_dim) if qk_norm == "per_head" else (self.q_size, self.kv_size)
+            self.q_norm = RMSNorm(q_dim, cfg.rms_norm_eps, dtype, unit_offset=gemma_norm)
+            self.k_norm = RMSNorm(k_dim, cfg.rms_norm_eps, dtype, unit_offset=gemma_norm)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip is not None:
+            q, k, v = (z.clamp(-self.clip, self.clip) for z in (q, k, v))
+        q = q.reshape(t, self.num_heads, self.head_dim)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "per_head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = paged_attention(q, k, v, ctx.kv_caches[self.layer_idx], ctx.attn, scale=self.scale,
+                              sliding_window=self.sliding_window, logit_softcap=self.softcap)
+        return self.o_proj(out.reshape(t, self.q_size))
+
+    def hf_slots(self, prefix: str) -> dict[str, Slot]:
+        slots = fused_slots(self.qkv_proj, prefix, ["q_proj", "k_proj", "v_proj"],
+                            [self.q_size, self.kv_size, self.kv_size])
+        slots.update(linear_slots(self.o_proj, prefix + "o_proj"))
+        if self.qk_norm != "none":
+            slots.update(self.q_norm.hf_slots(prefix + "q_norm"))
+            slots.update(self.k_norm.hf_slots(prefix + "k_norm"))
+        return slots
