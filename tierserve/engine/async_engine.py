@@ -1,0 +1,139 @@
+"""AsyncLLMEngine: many concurrent ``generate`` streams served by one step loop.
+
+The engine is owned by one background task. Each step runs in a worker
+thread (``asyncio.to_thread``) so the event loop keeps serving other streams
+while the model computes. Callers never touch the engine directly: new
+requests go through an inbox and aborts through an abort list (both
+thread-safe deques), drained by the worker thread before each step; outputs
+are routed to per-request asyncio queues on the event loop. A consumer that
+stops iterating (a client disconnect cancels it) aborts its request, which
+frees its sequence and pages at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+from collections.abc import AsyncIterator
+
+from tierserve.config import EngineConfig
+from tierserve.engine.llm_engine import LLMEngine
+from tierserve.engine.outputs import RequestOutput
+from tierserve.errors import ContextLengthError, InvalidParameterError
+from tierserve.sampling_params import SamplingParams
+
+
+class AsyncLLMEngine:
+    def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None):
+        self.engine = engine or LLMEngine(config)
+        self._inbox: collections.deque = collections.deque()
+        self._aborts: collections.deque = collections.deque()
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._ids = itertools.count()
+        self._closed = False
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield RequestOutput diffs as tokens come; the last one has ``finished=True``.
+
+        Validation errors (empty prompt, context overflow, ...) raise here,
+        before the request enters the engine.
+        """
+        if self._closed:
+            raise RuntimeError("AsyncLLMEngine is closed")
+        params = params or SamplingParams()
+        request_id = request_id or f"areq-{next(self._ids)}"
+        if request_id in self._queues:
+            raise InvalidParameterError("request_id", f"{request_id!r} is already running")
+        ids = self.engine.tokenize(prompt)
+        if len(ids) >= self.engine.max_model_len:
+            raise ContextLengthError(len(ids), self.engine.max_model_len)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = queue
+        self._inbox.append((request_id, ids, params))
+        self._start()
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:
+                self._aborts.append(request_id)
+                self._poke()
+
+    def _start(self) -> None:
+        if self._task is None or self._task.done():
+            self._wake = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+        self._poke()
+
+    def _poke(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _loop(self) -> None:
+        while True:
+            self._wake.clear()
+            if not (self._inbox or self._aborts or self.engine.has_unfinished()):
+                await self._wake.wait()
+                continue
+            try:
+                outputs, errors = await asyncio.to_thread(self._step)
+            except Exception as exc:  # a failed step fails its requests, not the loop
+                self._fail_all(exc)
+                continue
+            for rid, exc in errors:
+                self._deliver(rid, exc)
+            for out in outputs:
+                self._deliver(out.request_id, out)
+
+    def _step(self):
+        """Runs in the worker thread: the only place that touches the engine."""
+        errors = []
+        while self._aborts:
+            self.engine.abort(self._aborts.popleft())
+        while self._inbox:
+            rid, ids, params = self._inbox.popleft()
+            if rid not in self._queues:  # cancelled before it started
+                continue
+            try:
+                self.engine.add_request(ids, params, request_id=rid)
+            except Exception as exc:
+                errors.append((rid, exc))
+        outputs = self.engine.step() if self.engine.has_unfinished() else []
+        return outputs, errors
+
+    def _deliver(self, request_id: str, item) -> None:
+        queue = self._queues.get(request_id)
+        if queue is not None:
+            queue.put_nowait(item)
+
+    def _fail_all(self, exc: Exception) -> None:
+        for rid in self.engine.request_ids():
+            self.engine.abort(rid)
+            self._deliver(rid, exc)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None

@@ -1,0 +1,166 @@
+"""LLMEngine: the synchronous step loop of one replica.
+
+``step()`` is schedule -> run -> postprocess. Requests enter through
+``add_request`` (validated and tokenized there, so a bad request fails alone
+and never reaches the batch), leave when a stop rule fires or through
+``abort``. Everything a step returns is a list of RequestOutput diffs.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from tierserve.cache.kv_cache_manager import KVCacheManager
+from tierserve.config import EngineConfig
+from tierserve.engine.detokenizer import IncrementalDetokenizer
+from tierserve.engine.model_runner import ModelRunner
+from tierserve.engine.model_source import load_tokenizer, resolve_model
+from tierserve.engine.outputs import RequestOutput
+from tierserve.engine.request import Request, RequestStatus
+from tierserve.engine.sampler import Sampler, SamplingBatch
+from tierserve.engine.scheduler import Scheduler
+from tierserve.engine.stop_rules import StopRules
+from tierserve.errors import ContextLengthError, InvalidParameterError
+from tierserve.models.loader import load_model
+from tierserve.sampling_params import SamplingParams
+
+
+@dataclass
+class _Live:
+    """Engine-side state of a running request (beside the scheduler's Request)."""
+
+    request: Request
+    detok: IncrementalDetokenizer
+    generator: torch.Generator | None
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None):
+        self.config = config = config or EngineConfig()
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        self.source = resolve_model(config.model.model)
+        loaded = load_model(self.source.weights, getattr(torch, config.model.dtype))
+        self.model = loaded.model
+        self.hf_config = loaded.hf_config
+        self.tokenizer = load_tokenizer(self.source, config.model.tokenizer)
+        self.vocab_size = loaded.arch.vocab_size
+        self.max_model_len = self._max_model_len(loaded.arch.max_position_embeddings)
+        spec = self.model.kv_spec(config.cache.block_size)
+        num_blocks = config.cache.num_blocks or spec.num_blocks_for_bytes(
+            int(config.cache.kv_cache_memory_gib * 2**30))
+        self.num_blocks = num_blocks
+        self.kv_manager = KVCacheManager(num_blocks, spec.block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.max_model_len)
+        self.runner = ModelRunner(self.model, spec, num_blocks, config.scheduler.max_num_seqs, self.max_model_len)
+        self.sampler = Sampler()
+        self.stop_rules = StopRules.from_model(self.tokenizer, self.hf_config, self.max_model_len)
+        self._live: dict[str, _Live] = {}
+        self._requests: dict[str, Request] = {}
+        self._arrivals = itertools.count()
+        self._ids = itertools.count()
+
+    def _max_model_len(self, model_len: int) -> int:
+        wanted = self.config.model.max_model_len
+        if wanted is None:
+            return model_len
+        if wanted > model_len:
+            raise InvalidParameterError(
+                "max_model_len", f"{wanted} exceeds the model's context length {model_len}")
+        return wanted
+
+    # ----------------------------------------------------------------- requests
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidParameterError("prompt", "must not be empty")
+            return self.tokenizer.encode(prompt)
+        ids = [int(t) for t in prompt]
+        if not ids:
+            raise InvalidParameterError("prompt", "must not be empty")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidParameterError(
+                "prompt", f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        return ids
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Validate, tokenize and queue one request; raises before touching engine state."""
+        params = params or SamplingParams()
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self._live:
+            raise InvalidParameterError("request_id", f"{request_id!r} is already running")
+        ids = self.tokenize(prompt)
+        if len(ids) >= self.max_model_len:
+            raise ContextLengthError(len(ids), self.max_model_len)
+        req = Request(request_id, ids, params, arrival=next(self._arrivals))
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator().manual_seed(params.seed)
+        detok = IncrementalDetokenizer(self.tokenizer, ids, params)
+        self.scheduler.add_request(req)  # validates against the pool; raises before any state changes
+        self._live[request_id] = _Live(req, detok, generator)
+        self._requests[request_id] = req
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        if request_id not in self._live:
+            return False
+        self.scheduler.abort(request_id)
+        self._drop(request_id)
+        return True
+
+    def _drop(self, request_id: str) -> None:
+        self.runner.release(request_id)
+        self._live.pop(request_id, None)
+        self._requests.pop(request_id, None)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._live)
+
+    def request_ids(self) -> list[str]:
+        return list(self._live)
+
+    def get_request(self, request_id: str) -> Request:
+        return self._requests[request_id]
+
+    # --------------------------------------------------------------------- step
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        for rid in sched.preempted:
+            self.runner.release(rid)
+        run = self.runner.execute(sched, self._requests)
+        if not run.request_ids:
+            return []
+        lives = [self._live[rid] for rid in run.request_ids]
+        batch = SamplingBatch(
+            params=[lv.request.params for lv in lives],
+            generators=[lv.generator for lv in lives],
+            prompt_token_ids=[lv.request.prompt_token_ids for lv in lives],
+            output_token_ids=[lv.request.output_token_ids for lv in lives],
+            stop_ids=[self.stop_rules.stop_ids(lv.request.params) for lv in lives],
+        )
+        sampled = self.sampler(run.logits, batch)
+        return [self._postprocess(lv, tok, lp)
+                for lv, tok, lp in zip(lives, sampled.token_ids, sampled.logprobs)]
+
+    def _postprocess(self, live: _Live, token: int, logprobs) -> RequestOutput:
+        req = live.request
+        req.append_output(token)
+        text = live.detok.add(token)
+        reason, stop_reason = self.stop_rules.check(req, token, live.detok.stopped)
+        out = RequestOutput(req.request_id, [token], text, new_logprobs=[logprobs] if logprobs else [],
+                            num_prompt_tokens=req.num_prompt_tokens,
+                            num_output_tokens=len(req.output_token_ids),
+                            num_cached_tokens=req.num_cached_tokens)
+        if reason is not None:
+            if live.detok.stopped is None:
+                out.new_text += live.detok.flush()  # release text held back for a possible stop string
+            out.finished, out.finish_reason, out.stop_reason = True, reason.value, stop_reason
+            self.scheduler.finish(req.request_id, reason)
+            self._drop(req.request_id)
+        return out
