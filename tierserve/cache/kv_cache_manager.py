@@ -172,5 +172,5 @@ class KVCacheManager:
             return
         hashes = self._block_hashes(req, num_full)
         for i in range(start, num_full):
-            self.pool.cache_block(req.block_ids[i], hashes[i])
+            self.pool.cache_block(req.block_ids[i], hashes[i], hashes[i - 1] if i else None)
         self._num_registered[req.request_id] = num_full

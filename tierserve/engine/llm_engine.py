@@ -23,6 +23,7 @@ from tierserve.engine.request import Request, RequestStatus
 from tierserve.engine.sampler import Sampler, SamplingBatch
 from tierserve.engine.scheduler import Scheduler
 from tierserve.engine.stop_rules import StopRules
+from tierserve.kernels.cpu_linear import apply_linear_backend
 from tierserve.errors import ContextLengthError, InvalidParameterError
 from tierserve.models.loader import load_model
 from tierserve.sampling_params import SamplingParams
@@ -45,6 +46,7 @@ class LLMEngine:
         self.source = resolve_model(config.model.model)
         loaded = load_model(self.source.weights, getattr(torch, config.model.dtype))
         self.model = loaded.model
+        apply_linear_backend(self.model, config.model.linear_backend)
         self.hf_config = loaded.hf_config
         self.tokenizer = load_tokenizer(self.source, config.model.tokenizer)
         self.vocab_size = loaded.arch.vocab_size

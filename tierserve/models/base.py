@@ -43,12 +43,14 @@ class CausalLMBase(nn.Module):
         self.dtype = dtype
         self.embed_tokens = torch.nn.utils.skip_init(nn.Embedding, cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         self.lm_head = None if cfg.tie_word_embeddings else linear(cfg.hidden_size, cfg.vocab_size, False, dtype)
+        # the projection compute_logits runs: a module, so backends can swap it like any linear
+        self.logits_head = TiedLMHead(self.embed_tokens) if self.lm_head is None else self.lm_head
 
     def head_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = torch.nn.functional.linear(hidden, self.head_weight()).float()
+        logits = self.logits_head(hidden).float()
         cap = self.cfg.final_logit_softcapping
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
@@ -92,3 +94,21 @@ class CausalLMBase(nn.Module):
             more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
             raise ModelLoadError(f"checkpoint is missing tensor {missing[0]!r} for {self.cfg.architecture}: "
                                  f"missing {missing[:5]}{more}")
+
+
+class TiedLMHead(nn.Module):
+    """The LM head of a model with tied embeddings: ``hidden @ E^T`` over the embedding matrix."""
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        self.embedding = [embedding]  # not a submodule: the embedding is registered by the model
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.embedding[0].weight
+
+    bias = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(hidden, self.weight)
+

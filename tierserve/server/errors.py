@@ -1,0 +1,216 @@
+"""OpenAI-shaped HTTP errors: ``{"error": {"message", "type", "param", "code"}}``.
+
+Mapping (``to_api_error``):
+
+====================================  ======  =========================  ============================
+cause                                 status  type                       code
+====================================  ======  =========================  ============================
+InvalidParameterError (field)         400     invalid_request_error      invalid_value (param=field)
+context overflow (both numbers)       400     invalid_request_error      context_length_exceeded
+FastAPI RequestValidationError        400     invalid_request_error      invalid_value (param=field)
+unknown model                         404     invalid_request_error      model_not_found
+unknown route                         404     invalid_request_error      not_found
+body over ``max_body_bytes``          413     invalid_request_error      request_too_large
+missing / wrong API key               401     authentication_error       invalid_api_key
+worker queue bound reached            429     rate_limit_error           queue_full (+ Retry-After)
+Serve handle queue full (backpressure) 503    service_unavailable_error  overloaded (+ Retry-After)
+anything else                         500     server_error               internal_error
+====================================  ======  =========================  ============================
+
+Errors raised inside a Serve replica reach the ingress wrapped in
+``ray.exceptions.RayTaskError``; ``unwrap`` takes its ``cause``.
+
+Two ASGI middlewares guard the app before any parsing: ``BodyLimitMiddleware``
+reads at most ``max_body_bytes`` (+1) of the body (the Content-Length header
+is checked first, then the bytes actually received, so chunked uploads are
+bounded too) and ``ApiKeyMiddleware`` requires ``Authorization: Bearer <key>``
+on ``/v1/*`` when a key is configured (compared in constant time; /health and
+/metrics stay open, as in vLLM).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tierserve.errors import ContextLengthError, InvalidParameterError, TierserveError
+
+logger = logging.getLogger(__name__)
+
+#: Default request body limit (4 MiB: far beyond any context this server runs).
+DEFAULT_MAX_BODY_BYTES = 4 * 2**20
+
+
+class APIError(Exception):
+    """An HTTP error with its OpenAI body; raise it anywhere in a route."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type
+        self.param, self.code, self.headers = param, code, headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+class QueueFullError(TierserveError):
+    """A worker replica already holds ``limit`` requests (running + waiting)."""
+
+    def __init__(self, limit: int, retry_after_s: int):
+        super().__init__(f"the server is at capacity ({limit} requests running or waiting); "
+                         f"retry after {retry_after_s} s")
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+
+
+def model_not_found(name: str, served: str) -> APIError:
+    return APIError(404, f"the model {name!r} does not exist; this server serves {served!r}",
+                    param="model", code="model_not_found")
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The original exception of an error that crossed a Ray boundary."""
+    import ray
+
+    while isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None:
+        exc = exc.cause
+    return exc
+
+
+def to_api_error(exc: BaseException, retry_after_s: int = 1) -> APIError:
+    from ray.serve.exceptions import BackPressureError
+
+    exc = unwrap(exc)
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, InvalidParameterError):
+        code = "context_length_exceeded" if (
+            isinstance(exc, ContextLengthError) or hasattr(exc, "max_model_len")) else "invalid_value"
+        return APIError(400, str(exc), param=exc.field, code=code)
+    if isinstance(exc, QueueFullError):
+        return APIError(429, str(exc), type="rate_limit_error", code="queue_full",
+                        headers={"Retry-After": str(exc.retry_after_s)})
+    if isinstance(exc, BackPressureError):
+        return APIError(503, f"the server is overloaded: {exc}", type="service_unavailable_error",
+                        code="overloaded", headers={"Retry-After": str(retry_after_s)})
+    logger.exception("internal error", exc_info=exc)
+    return APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error",
+                    code="internal_error")
+
+
+def validation_error(exc: RequestValidationError) -> APIError:
+    errors = exc.errors()
+    if not errors:
+        return APIError(400, "invalid request body", code="invalid_value")
+    first = errors[0]
+    loc = [p for p in first.get("loc", ()) if p != "body"]
+    param = str(loc[0]) if loc and isinstance(loc[0], str) else None
+    where = ".".join(str(p) for p in loc) or "body"
+    if first.get("type") == "json_invalid":
+        return APIError(400, f"the request body is not valid JSON: {first.get('msg')}", code="invalid_json")
+    return APIError(400, f"{where}: {first.get('msg')}", param=param, code="invalid_value")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        return validation_error(exc).response()
+
+    @app.exception_handler(TierserveError)
+    async def _tierserve(request: Request, exc: TierserveError):
+        return to_api_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        code = "not_found" if exc.status_code == 404 else None
+        return APIError(exc.status_code, str(exc.detail), code=code).response()
+
+
+async def _send_error(send, err: APIError) -> None:
+    body = json.dumps(err.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body exceeds the limit of {limit} bytes",
+                    param=None, code="request_too_large")
+
+
+class BodyLimitMiddleware:
+    """Reject bodies over ``max_body_bytes`` with 413 before the app parses them."""
+
+    def __init__(self, app, max_body_bytes: int):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        limit = self.max_body_bytes
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await _send_error(send, _too_large(limit))
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return await _send_error(send, _too_large(limit))
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
+class ApiKeyMiddleware:
+    """Require ``Authorization: Bearer <api_key>`` on /v1/* (401 otherwise)."""
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self._key = api_key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and _route_path(scope).startswith("/v1"):
+            auth = dict(scope.get("headers") or []).get(b"authorization", b"")
+            scheme, _, token = auth.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self._key):
+                return await _send_error(send, APIError(
+                    401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                    type="authentication_error", code="invalid_api_key"))
+        return await self.app(scope, receive, send)
+
+
+def _route_path(scope) -> str:
+    """The path below the app's mount point (Serve mounts apps under a route prefix)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path

@@ -1,0 +1,178 @@
+"""``LLMServer``: the Serve deployment that wraps one ``AsyncLLMEngine`` per replica.
+
+``generate(prompt_token_ids, params, request_id, prefix_block_hashes=None)``
+is an async generator: called through ``handle.options(stream=True)`` it
+streams the engine's ``RequestOutput`` diffs back to the ingress. Model steps
+run in the engine's worker thread (``AsyncLLMEngine``), so the replica's event
+loop keeps serving other streams, health checks and ``stats`` calls while a
+step computes. When the caller cancels the stream (its HTTP client went
+away), Serve cancels this generator; ``AsyncLLMEngine.generate`` then aborts
+the request, which frees its sequence and KV pages at the next step.
+
+Admission bound: a replica holds at most ``max_num_seqs + max_waiting_requests``
+requests; one more raises ``QueueFullError`` before touching the engine (the
+ingress answers 429 with Retry-After). ``prefix_block_hashes`` is only read by
+the request router; the worker ignores it.
+
+Background tasks (started in the async ``__init__``, cancelled by ``__del__``/``close``):
+
+* cache reporter: woken after every token batch, it drains the block pool's
+  cache events (``BlockPool.record_events``), folds them into a
+  ``CacheMirror`` and sends the diff to the deployment's prefix-tree actor
+  (``report(replica_id, added_chains, evicted)``). Wake-ups that arrive
+  while a report is in flight coalesce into the next one.
+* metrics pusher: every ``metrics_interval_s`` it pushes a ``MetricsSnapshot``
+  to the app's ``MetricsBoard`` (see metrics.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from tierserve.config import EngineConfig
+from tierserve.engine.outputs import RequestOutput
+from tierserve.sampling_params import SamplingParams
+from tierserve.server.cache_reporter import CacheMirror
+from tierserve.server.errors import QueueFullError
+from tierserve.server.metrics import WorkerMetrics, get_or_create_metrics_board
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What the ingress needs to know about the model a worker serves."""
+
+    model_name: str
+    max_model_len: int
+    block_size: int
+    replica_id: str
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    """A replica's live state (for tests and debugging)."""
+
+    replica_id: str
+    active: int
+    running: int
+    waiting: int
+    kv_usage: float
+    num_free_blocks: int
+    prefix_queries: int
+    prefix_hits: int
+
+
+class LLMServer:
+    async def __init__(self, engine_config: EngineConfig, served_model_name: str | None = None,
+                 max_waiting_requests: int = 64, retry_after_s: int = 1, metrics_interval_s: float = 1.0):
+        from ray import serve
+
+        from tierserve.engine.async_engine import AsyncLLMEngine
+        from tierserve.routing.tree_actor import get_or_create_tree_actor
+
+        self.engine = AsyncLLMEngine(engine_config)
+        core = self.engine.engine
+        self.model_name = served_model_name or core.source.name
+        self.capacity = engine_config.scheduler.max_num_seqs + max_waiting_requests
+        self.retry_after_s = retry_after_s
+        ctx = serve.get_replica_context()
+        self.replica_id = ctx.replica_id.unique_id
+        self._tree = get_or_create_tree_actor(ctx.app_name, ctx.deployment)
+        self._board = get_or_create_metrics_board(ctx.app_name)
+        self._metrics = WorkerMetrics(self.model_name)
+        self._metrics_interval_s = metrics_interval_s
+        self._mirror = CacheMirror()
+        core.kv_manager.pool.record_events()
+        self._active = 0
+        self._report_wake = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._report_loop()), loop.create_task(self._metrics_loop())]
+
+    # ------------------------------------------------------------------ calls
+    async def info(self) -> WorkerInfo:
+        core = self.engine.engine
+        return WorkerInfo(self.model_name, core.max_model_len, core.config.cache.block_size, self.replica_id)
+
+    async def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
+                       prefix_block_hashes: list[bytes] | None = None) -> AsyncIterator[RequestOutput]:
+        if self._active >= self.capacity:
+            raise QueueFullError(self.capacity, self.retry_after_s)
+        self._active += 1
+        start = time.monotonic()
+        last = None
+        reason = "abort"
+        try:
+            async for out in self.engine.generate(prompt_token_ids, params, request_id):
+                now = time.monotonic()
+                self._metrics.observe_token(start, last, now, out.num_prompt_tokens, len(out.new_token_ids))
+                last = now
+                if out.finished:
+                    reason = out.finish_reason or "stop"
+                self._report_wake.set()
+                yield out
+        finally:
+            self._active -= 1
+            if last is not None:
+                self._metrics.observe_finish(start, time.monotonic(), reason)
+            self._report_wake.set()
+
+    async def stats(self) -> WorkerStats:
+        core = self.engine.engine
+        kv = core.kv_manager
+        return WorkerStats(self.replica_id, self._active, core.scheduler.num_running(),
+                           core.scheduler.num_waiting(), kv.usage, kv.num_free_blocks,
+                           kv.stats.queries_tokens, kv.stats.hit_tokens)
+
+    def check_health(self) -> None:
+        """Serve's health check: fail when a background task died."""
+        for task in self._tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise RuntimeError(f"background task failed: {task.exception()!r}")
+
+    # -------------------------------------------------------------- background
+    async def _report_loop(self) -> None:
+        pool = self.engine.engine.kv_manager.pool
+        while True:
+            await self._report_wake.wait()
+            self._report_wake.clear()
+            self._mirror.apply(pool.drain_events())
+            chains, evicted = self._mirror.diff()
+            if chains or evicted:
+                try:
+                    await self._tree.report.remote(self.replica_id, chains, evicted)
+                except Exception:  # the tree is a routing hint: never fail a request over it
+                    logger.exception("prefix tree report failed")
+
+    async def _metrics_loop(self) -> None:
+        while True:
+            await self.push_metrics()
+            await asyncio.sleep(self._metrics_interval_s)
+
+    async def push_metrics(self) -> None:
+        s = await self.stats()
+        snap = self._metrics.take(s.running, s.waiting, s.kv_usage, s.prefix_queries, s.prefix_hits)
+        try:
+            await self._board.push.remote(self.replica_id, snap)
+        except Exception:
+            logger.exception("metrics push failed")
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.engine.close()
+
+    def __del__(self):
+        for task in getattr(self, "_tasks", ()):
+            task.cancel()
