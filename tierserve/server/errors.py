@@ -18,7 +18,10 @@ anything else                         500     server_error               interna
 ====================================  ======  =========================  ============================
 
 Errors raised inside a Serve replica reach the ingress wrapped in
-``ray.exceptions.RayTaskError``; ``unwrap`` takes its ``cause``.
+``ray.exceptions.RayTaskError``; ``unwrap`` takes its ``cause``. Exceptions
+with custom constructors do not unpickle there, so the worker converts every
+request error to an ``APIError`` (picklable through ``__reduce__``) before it
+leaves the replica.
 
 Two ASGI middlewares guard the app before any parsing: ``BodyLimitMiddleware``
 reads at most ``max_body_bytes`` (+1) of the body (the Content-Length header
@@ -56,6 +59,9 @@ class APIError(Exception):
         self.status, self.message, self.type = status, message, type
         self.param, self.code, self.headers = param, code, headers or {}
 
+    def __reduce__(self):  # crosses Ray boundaries (worker -> ingress) intact
+        return (APIError, (self.status, self.message, self.type, self.param, self.code, self.headers))
+
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
@@ -71,6 +77,9 @@ class QueueFullError(TierserveError):
                          f"retry after {retry_after_s} s")
         self.limit = limit
         self.retry_after_s = retry_after_s
+
+    def __reduce__(self):
+        return (QueueFullError, (self.limit, self.retry_after_s))
 
 
 def model_not_found(name: str, served: str) -> APIError:

@@ -38,7 +38,8 @@ from tierserve.config import EngineConfig
 from tierserve.engine.outputs import RequestOutput
 from tierserve.sampling_params import SamplingParams
 from tierserve.server.cache_reporter import CacheMirror
-from tierserve.server.errors import QueueFullError
+from tierserve.errors import TierserveError
+from tierserve.server.errors import QueueFullError, to_api_error
 from tierserve.server.metrics import WorkerMetrics, get_or_create_metrics_board
 
 logger = logging.getLogger(__name__)
@@ -105,20 +106,29 @@ class LLMServer:
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
                        prefix_block_hashes: list[bytes] | None = None) -> AsyncIterator[RequestOutput]:
         if self._active >= self.capacity:
-            raise QueueFullError(self.capacity, self.retry_after_s)
+            raise to_api_error(QueueFullError(self.capacity, self.retry_after_s))
         self._active += 1
         start = time.monotonic()
         last = None
         reason = "abort"
         try:
-            async for out in self.engine.generate(prompt_token_ids, params, request_id):
-                now = time.monotonic()
-                self._metrics.observe_token(start, last, now, out.num_prompt_tokens, len(out.new_token_ids))
-                last = now
-                if out.finished:
-                    reason = out.finish_reason or "stop"
-                self._report_wake.set()
-                yield out
+            stream = self.engine.generate(prompt_token_ids, params, request_id)
+            async with contextlib.aclosing(stream):  # closing it aborts an unfinished request
+                try:
+                    out = await stream.__anext__()
+                except TierserveError as exc:  # validation: a picklable 4xx for the ingress
+                    raise to_api_error(exc) from None
+                while True:
+                    now = time.monotonic()
+                    self._metrics.observe_token(start, last, now, out.num_prompt_tokens, len(out.new_token_ids))
+                    last = now
+                    if out.finished:
+                        reason = out.finish_reason or "stop"
+                    self._report_wake.set()
+                    yield out
+                    if out.finished:
+                        break
+                    out = await stream.__anext__()
         finally:
             self._active -= 1
             if last is not None:
@@ -176,3 +186,4 @@ class LLMServer:
     def __del__(self):
         for task in getattr(self, "_tasks", ()):
             task.cancel()
+

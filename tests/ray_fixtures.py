@@ -1,0 +1,87 @@
+"""One local Ray + Serve for every test that needs it (session scope).
+
+Ray starts once with the machine's 2 CPUs, no dashboard and a 150 MB object
+store; Serve's HTTP proxy listens on 127.0.0.1 on a free port. The env vars
+DESIGN.md lists are set before ``ray.init``, which always starts a new local instance (``address="local"``: never
+joins a cluster another test process started).
+At the end of the session Serve and Ray are shut down. Imported by
+tests/conftest.py so pytest sees the fixtures.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """(ray module, Serve HTTP port)."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+    from ray import serve
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False,
+                 object_store_memory=150 * 1024**2, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield ray, port
+    serve.shutdown()
+    if started:
+        ray.shutdown()
+
+
+# ------------------------------------------------------------------ tierserve apps
+#: The main app: 2 worker replicas of the default SmolLM2 model.
+MAIN_APP = "ts-main"
+MAIN_ARGS = dict(replicas=2, max_num_seqs=16, max_waiting_requests=48, num_blocks=256, num_threads=1,
+                 worker_cpus=0.5, max_model_len=2048, metrics_interval_s=0.25)
+#: A strict app: 1 replica, tiny queue (2 running + 1 waiting), API key, 32 KiB body limit,
+#: chunked prefill (64 tokens per request per step).
+STRICT_APP = "ts-strict"
+STRICT_KEY = "test-key"
+STRICT_ARGS = dict(replicas=1, max_num_seqs=2, max_waiting_requests=1, num_blocks=256, num_threads=1,
+                   worker_cpus=0.5, max_model_len=2048, long_prefill_token_threshold=64,
+                   api_key=STRICT_KEY, max_body_bytes=32 * 1024, served_model_name="strict",
+                   metrics_interval_s=0.25)
+
+
+class Servers:
+    def __init__(self, port: int):
+        self.main = f"http://127.0.0.1:{port}"
+        self.strict = f"http://127.0.0.1:{port}/strict"
+
+
+@pytest.fixture(scope="session")
+def tierserve_servers(ray_session):
+    """Both apps deployed once; torn down (apps, tree and metrics actors) at the end."""
+    ray, port = ray_session
+    from ray import serve
+    from ray.serve.api import RunTarget
+
+    from tierserve.routing.tree_actor import TREE_NAMESPACE, tree_actor_name
+    from tierserve.server.app import build_app
+    from tierserve.server.metrics import BOARD_NAMESPACE, metrics_board_name
+
+    serve.run_many([RunTarget(build_app(MAIN_ARGS), name=MAIN_APP, route_prefix="/"),
+                    RunTarget(build_app(STRICT_ARGS), name=STRICT_APP, route_prefix="/strict")])
+    yield Servers(port)
+    for app in (MAIN_APP, STRICT_APP):
+        serve.delete(app)
+        for name, ns in ((tree_actor_name(app, "LLMServer"), TREE_NAMESPACE),
+                         (metrics_board_name(app), BOARD_NAMESPACE)):
+            try:
+                ray.kill(ray.get_actor(name, namespace=ns))
+            except ValueError:
+                pass

@@ -1,0 +1,118 @@
+"""``build_app(args)``: the Serve application builder (``import_path: tierserve.server.app:build_app``).
+
+``args`` (from serve YAML ``args:`` or the CLI) are validated by ``AppArgs``
+(pydantic: this is the YAML edge) and turned into two deployments:
+
+* ``LLMServer`` (worker.py): one engine per replica. ``replicas`` fixed
+  replicas, or autoscaling when ``max_replicas`` is given (``min_replicas``
+  .. ``max_replicas``, starting at ``replicas``, scaling on
+  ``target_ongoing_requests`` per replica). Its handle calls are routed by
+  ``PrefixAwareRequestRouter`` (longest cached prefix, bounded by load;
+  ``router_abs_threshold`` / ``router_rel_threshold``). ``max_ongoing_requests``
+  is ``max_num_seqs + max_waiting_requests + 1`` so that the worker itself
+  sees the request that overflows its queue and answers 429.
+  ``max_queued_requests`` bounds Serve's own per-caller queue (requests not
+  yet assigned to a replica: every replica full, or the router still
+  choosing) at ``4 * (max_num_seqs + max_waiting_requests)``; beyond it callers
+  get 503 with Retry-After. It is a safety valve for configs that lower
+  ``max_ongoing_requests`` (deploy/serve.yaml does), not the admission bound:
+  a tight value would reject bursts that arrive while the router is choosing.
+* ``OpenAIIngress`` (ingress.py): the FastAPI app, bound to the worker handle.
+
+A deployment override in serve YAML (``deployments:``) replaces these options
+as usual in Ray Serve.
+
+``expert_hosts`` is validated and kept for MoE expert offload (expert-host
+actors on nodes with the ``expert_host`` resource); the dense models served
+today do not use it.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ray import serve
+from ray.serve.config import AutoscalingConfig, RequestRouterConfig
+
+from tierserve.engine.llm import build_engine_config
+from tierserve.server.errors import DEFAULT_MAX_BODY_BYTES
+from tierserve.server.ingress import IngressSettings, OpenAIIngress
+from tierserve.server.worker import LLMServer
+
+ROUTER_CLASS = "tierserve.routing.serve_router.PrefixAwareRequestRouter"
+
+
+class AppArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    served_model_name: str | None = None
+    replicas: int = Field(1, ge=1)
+    min_replicas: int | None = Field(None, ge=0)
+    max_replicas: int | None = Field(None, ge=1)
+    target_ongoing_requests: float = Field(16, gt=0)
+    expert_hosts: int = Field(0, ge=0)
+    # engine
+    dtype: str = "float32"
+    max_model_len: int | None = None
+    block_size: int = 16
+    num_blocks: int | None = None
+    kv_cache_memory_gib: float = 1.0
+    enable_prefix_caching: bool = True
+    max_num_seqs: int = Field(64, ge=1)
+    max_num_batched_tokens: int = 2048
+    long_prefill_token_threshold: int = 0
+    num_threads: int | None = None
+    # serving
+    max_waiting_requests: int = Field(64, ge=1)
+    retry_after_s: int = Field(1, ge=1)
+    max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1)
+    api_key: str | None = None
+    worker_cpus: float = Field(1.0, ge=0)
+    ingress_cpus: float = Field(0.0, ge=0)
+    metrics_interval_s: float = Field(1.0, gt=0)
+    router_abs_threshold: float = 4
+    router_rel_threshold: float = 1.5
+
+    @model_validator(mode="after")
+    def _replica_range(self):
+        if self.max_replicas is not None:
+            lo = self.min_replicas if self.min_replicas is not None else 1
+            if not lo <= self.replicas <= self.max_replicas:
+                raise ValueError(f"replicas must lie in [min_replicas={lo}, max_replicas={self.max_replicas}],"
+                                 f" got {self.replicas}")
+        elif self.min_replicas is not None:
+            raise ValueError("min_replicas needs max_replicas (autoscaling)")
+        return self
+
+
+def build_app(args: dict | None = None):
+    """The tierserve Serve application for ``args`` (see AppArgs)."""
+    a = AppArgs.model_validate(args or {})
+    engine_config = build_engine_config(
+        a.model, dtype=a.dtype, max_model_len=a.max_model_len, block_size=a.block_size,
+        num_blocks=a.num_blocks, kv_cache_memory_gib=a.kv_cache_memory_gib,
+        enable_prefix_caching=a.enable_prefix_caching, max_num_seqs=a.max_num_seqs,
+        max_num_batched_tokens=a.max_num_batched_tokens,
+        long_prefill_token_threshold=a.long_prefill_token_threshold, num_threads=a.num_threads)
+    scaling: dict = {"num_replicas": a.replicas}
+    if a.max_replicas is not None:
+        scaling = {"autoscaling_config": AutoscalingConfig(
+            min_replicas=a.min_replicas if a.min_replicas is not None else 1, initial_replicas=a.replicas,
+            max_replicas=a.max_replicas, target_ongoing_requests=a.target_ongoing_requests)}
+    worker = serve.deployment(LLMServer).options(
+        name="LLMServer",
+        max_ongoing_requests=a.max_num_seqs + a.max_waiting_requests + 1,
+        max_queued_requests=4 * (a.max_num_seqs + a.max_waiting_requests),
+        ray_actor_options={"num_cpus": a.worker_cpus},
+        request_router_config=RequestRouterConfig(
+            request_router_class=ROUTER_CLASS,
+            request_router_kwargs={"abs_threshold": a.router_abs_threshold,
+                                   "rel_threshold": a.router_rel_threshold}),
+        health_check_period_s=10,
+        **scaling,
+    ).bind(engine_config, a.served_model_name, a.max_waiting_requests, a.retry_after_s, a.metrics_interval_s)
+    settings = IngressSettings(api_key=a.api_key, max_body_bytes=a.max_body_bytes, retry_after_s=a.retry_after_s)
+    ingress = serve.deployment(OpenAIIngress).options(
+        name="OpenAIIngress", max_ongoing_requests=4 * (a.max_num_seqs + a.max_waiting_requests),
+        ray_actor_options={"num_cpus": a.ingress_cpus})
+    return ingress.bind(worker, settings)
