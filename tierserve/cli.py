@@ -156,6 +156,7 @@ def serve_args(args: argparse.Namespace, api_key: str | None) -> dict:
                kv_cache_memory_gib=args.kv_cache_memory_gib, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens,
                enable_prefix_caching=not args.no_prefix_caching, num_threads=args.threads,
+               linear_backend=args.linear_backend,
                max_waiting_requests=args.max_waiting_requests, api_key=api_key)
     if args.max_replicas is not None:
         out["max_replicas"] = args.max_replicas

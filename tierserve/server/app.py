@@ -62,6 +62,7 @@ class AppArgs(BaseModel):
     max_num_batched_tokens: int = 2048
     long_prefill_token_threshold: int = 0
     num_threads: int | None = None
+    linear_backend: str = "auto"
     # serving
     max_waiting_requests: int = Field(64, ge=1)
     retry_after_s: int = Field(1, ge=1)
@@ -93,7 +94,8 @@ def build_app(args: dict | None = None):
         num_blocks=a.num_blocks, kv_cache_memory_gib=a.kv_cache_memory_gib,
         enable_prefix_caching=a.enable_prefix_caching, max_num_seqs=a.max_num_seqs,
         max_num_batched_tokens=a.max_num_batched_tokens,
-        long_prefill_token_threshold=a.long_prefill_token_threshold, num_threads=a.num_threads)
+        long_prefill_token_threshold=a.long_prefill_token_threshold, num_threads=a.num_threads,
+        linear_backend=a.linear_backend)
     scaling: dict = {"num_replicas": a.replicas}
     if a.max_replicas is not None:
         scaling = {"autoscaling_config": AutoscalingConfig(
