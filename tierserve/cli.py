@@ -73,6 +73,9 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="extra format option (value parsed as JSON, else kept as a string)")
     quant.set_defaults(func=_quantize)
     _add_serve_parser(sub)
+    from tierserve.moe.cli_commands import add_moe_parsers  # moefy, prune
+
+    add_moe_parsers(sub)
     return parser
 
 

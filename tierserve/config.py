@@ -24,6 +24,10 @@ class ModelConfig:
     package). ``max_model_len`` None means the model's own context length.
     ``linear_backend`` picks how linear layers run ("auto": oneDNN-prepacked
     weights on CPU, see kernels/cpu_linear.py; "torch": plain F.linear).
+    ``quantization`` picks packed weights (kernels/quant/checkpoint.py
+    ``load_for_engine``): None = as stored; "auto" = a folder's
+    quantization_config.json if present, a .gguf's Q4_0/Q4_1/Q8_0 tensors kept
+    packed; otherwise a scheme name from the weight-format registry.
     """
 
     model: str | None = None
@@ -31,8 +35,15 @@ class ModelConfig:
     max_model_len: int | None = None
     tokenizer: str | None = None
     linear_backend: str = "auto"
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
+        if self.quantization is not None and self.quantization != "auto":
+            from tierserve.kernels.quant import base as _quant  # lazy: the registry pulls in torch
+
+            if self.quantization not in _quant.WEIGHT_FORMATS:
+                raise InvalidParameterError("quantization", f"must be 'auto' or one of "
+                                                            f"{sorted(_quant.WEIGHT_FORMATS)}, got {self.quantization!r}")
         if self.linear_backend not in _LINEAR_BACKENDS:
             raise InvalidParameterError(
                 "linear_backend", f"must be one of {_LINEAR_BACKENDS}, got {self.linear_backend!r}")
@@ -89,10 +100,47 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class OffloadConfig:
+    """MoE expert offload (tierserve/moe/offload.py); off while ``resident_experts`` is None.
+
+    ``resident_experts``: experts kept on the worker, summed over all MoE layers
+    (the placement budget); the rest are spread over ``expert_hosts`` ExpertHost
+    actors. ``per_layer_floor`` experts stay resident in every layer. ``usage_path``:
+    an expert-usage JSON (tierserve/moe/usage.py) ranking experts; None ranks by id.
+    ``timeout_s``: a host that does not answer within it is treated as dead.
+    ``spare_slots``: size of the worker's ring of spare expert slots (0 = none).
+    """
+
+    resident_experts: int | None = None
+    expert_hosts: int = 2
+    per_layer_floor: int = 0
+    usage_path: str | None = None
+    timeout_s: float = 30.0
+    spare_slots: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.resident_experts is not None
+
+    def __post_init__(self) -> None:
+        if self.resident_experts is not None and self.resident_experts < 0:
+            raise InvalidParameterError("resident_experts", f"must be >= 0, got {self.resident_experts}")
+        if self.expert_hosts < 1:
+            raise InvalidParameterError("expert_hosts", f"must be >= 1, got {self.expert_hosts}")
+        if self.per_layer_floor < 0:
+            raise InvalidParameterError("per_layer_floor", f"must be >= 0, got {self.per_layer_floor}")
+        if self.timeout_s <= 0:
+            raise InvalidParameterError("timeout_s", f"must be > 0, got {self.timeout_s}")
+        if self.spare_slots < 0:
+            raise InvalidParameterError("spare_slots", f"must be >= 0, got {self.spare_slots}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
     seed: int = 0
     num_threads: int | None = None
 

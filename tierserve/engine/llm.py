@@ -16,10 +16,10 @@ def build_engine_config(model: str | None = None, *, dtype: str = "float32",
                         enable_prefix_caching: bool = True, max_num_seqs: int = 64,
                         max_num_batched_tokens: int = 2048, long_prefill_token_threshold: int = 0,
                         num_threads: int | None = None, seed: int = 0,
-                        linear_backend: str = "auto") -> EngineConfig:
+                        linear_backend: str = "auto", quantization: str | None = None) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(model=model, dtype=dtype, max_model_len=max_model_len,
-                          linear_backend=linear_backend),
+                          linear_backend=linear_backend, quantization=quantization),
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
                           kv_cache_memory_gib=kv_cache_memory_gib,
                           enable_prefix_caching=enable_prefix_caching),

@@ -44,8 +44,20 @@ class LLMEngine:
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
         self.source = resolve_model(config.model.model)
-        loaded = load_model(self.source.weights, getattr(torch, config.model.dtype))
+        if config.model.quantization is None:
+            loaded = load_model(self.source.weights, getattr(torch, config.model.dtype))
+        else:  # imported only when asked for: it pulls in every registered weight format
+            from tierserve.kernels.quant.checkpoint import load_for_engine
+
+            loaded = load_for_engine(self.source.weights, getattr(torch, config.model.dtype),
+                                     config.model.quantization)
         self.model = loaded.model
+        self.offload = None
+        if config.offload.enabled:  # before the linear backend: it ships plain weights to the hosts
+            from tierserve.moe.offload import offload_from_config
+
+            self.offload = offload_from_config(self.model, config.offload, self.source.weights,
+                                               config.model.linear_backend)
         apply_linear_backend(self.model, config.model.linear_backend)
         self.hf_config = loaded.hf_config
         self.tokenizer = load_tokenizer(self.source, config.model.tokenizer)

@@ -6,7 +6,9 @@ Sources:
   (``model.safetensors.index.json``: the shards its ``weight_map`` names, in sorted
   order) or unsharded (every ``*.safetensors`` file in the folder, sorted);
 - a ``.gguf`` file: the engine's GGUF reader (``tierserve.models.gguf``, imported
-  only on this path) gives an HF config dict and HF-named float32 tensors.
+  only on this path) gives an HF config dict and HF-named float32 tensors; with
+  ``packed=True`` its Q4_0/Q4_1/Q8_0 matrices stay in their ggml blocks instead
+  (``models/gguf/packed.py``: QuantizedLinear / QuantizedEmbedding modules).
 
 Tensors stream one at a time (``safe_open(...).get_tensor``) and are cast while
 being copied into the model's parameters, so a bf16 checkpoint loaded as fp32
@@ -44,9 +46,12 @@ class LoadedModel:
     source: str  # SOURCE_SAFETENSORS or SOURCE_GGUF
 
 
-def load_model(path: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model(path: str, dtype: torch.dtype = torch.float32, packed: bool = False) -> LoadedModel:
     """Load a safetensors folder or a .gguf file (see module docstring)."""
     path = os.fspath(path)
+    if packed and not path.lower().endswith(".gguf"):
+        raise ModelLoadError(f"packed=True keeps a .gguf file's ggml blocks; {path!r} is not a .gguf file "
+                             f"(load a quantized folder with kernels.quant.checkpoint.load_quantized)")
     if os.path.isdir(path):
         hf_config = _read_config(path)
         weights = _iter_safetensors(safetensors_files(path))
@@ -63,7 +68,12 @@ def load_model(path: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
                              f"nor a .gguf file")
     arch = ModelArchConfig.from_hf(hf_config)
     model = model_class(arch.architecture)(arch, dtype)
-    model.load_weights(weights)
+    if packed:
+        from tierserve.models.gguf.packed import load_gguf_packed
+
+        load_gguf_packed(model, gguf)
+    else:
+        model.load_weights(weights)
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(model=model, arch=arch, hf_config=hf_config, source=source)

@@ -1,0 +1,5 @@
+from tierserve.kernels.quant import q4_0, q4_1, q8_0  # noqa: F401  (registers the ggml block formats)
+from tierserve.kernels.quant import sinq  # noqa: F401  (registers sinq)
+from tierserve.kernels.quant import mxfp4, nvfp4  # noqa: F401  (registers the FP4 formats)
+from tierserve.kernels.quant import dfloat11  # noqa: F401  (registers dfloat11)
+from tierserve.kernels.quant import sigmascale  # noqa: F401  (registers sigmascale)
