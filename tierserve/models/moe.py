@@ -34,6 +34,28 @@ from torch import nn
 from tierserve.models.layers import GatedMLP, Slot, linear
 
 
+def expert_rows(ids: torch.Tensor, num_experts: int) -> list[tuple[int, torch.Tensor]]:
+    """(expert id, its rows ``t*k + j`` ascending) for every expert with routed tokens, in expert order."""
+    flat_ids = ids.reshape(-1)
+    order = torch.argsort(flat_ids, stable=True)
+    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
+    groups, start = [], 0
+    for expert_id, n in enumerate(counts):
+        if n:
+            groups.append((expert_id, order[start:start + n]))
+            start += n
+    return groups
+
+
+def sum_slots(buf: torch.Tensor, t: int, k: int) -> torch.Tensor:
+    """Sum a ``[t*k, hidden]`` buffer of gated expert outputs over the k slots, in slot order."""
+    buf = buf.view(t, k, -1)
+    out = buf[:, 0]
+    for j in range(1, k):
+        out = out + buf[:, j]
+    return out
+
+
 class SparseMoeBlock(nn.Module):
     def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, renormalize: bool,
                  act: str, dtype: torch.dtype, expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
@@ -66,24 +88,12 @@ class SparseMoeBlock(nn.Module):
     def combine(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Run each expert on its routed tokens and sum the k slots in slot order (see module doc)."""
         t, k = ids.shape
-        flat_ids = ids.reshape(-1)
         flat_w = weights.reshape(-1, 1)
-        order = torch.argsort(flat_ids, stable=True)
-        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
         buf = x.new_empty(t * k, x.shape[-1])
-        start = 0
-        for expert_id, n in enumerate(counts):
-            if n == 0:
-                continue
-            rows = order[start:start + n]
-            start += n
+        for expert_id, rows in expert_rows(ids, self.num_experts):
             y = self.experts[expert_id](x.index_select(0, rows // k))
             buf.index_copy_(0, rows, y * flat_w.index_select(0, rows))
-        buf = buf.view(t, k, -1)
-        out = buf[:, 0]
-        for j in range(1, k):
-            out = out + buf[:, j]
-        return out
+        return sum_slots(buf, t, k)
 
     def hf_slots(self, prefix: str, gate_name: str = "gate") -> dict[str, Slot]:
         slots = {f"{prefix}{gate_name}.weight": Slot(self.gate.weight)}

@@ -1,0 +1,1 @@
+"""Ray actors: thin wrappers over the engine and models (expert hosts, model workers)."""

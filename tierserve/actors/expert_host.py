@@ -1,0 +1,92 @@
+"""ExpertHost: a Ray actor holding cold MoE experts in its node's CPU RAM.
+
+One per node: it requires the custom resource ``expert_host`` (amount 1) and each
+node advertises ``{"expert_host": 1}``, so Ray places at most one host per node. It
+takes no CPU slot (``num_cpus=0``): it only runs when the worker calls it.
+
+``compute(layer, x, expert_ids)`` is the fused dispatch target: ``x`` [n, hidden]
+holds only the (token, slot) rows routed to this host's experts in ``layer`` and
+``expert_ids`` [n] their experts. Rows are grouped by expert with a stable sort
+(the worker already sends them grouped in ascending expert order), each expert runs
+once on its rows (``index_select``: the same contiguous shape the worker would use)
+and the un-gated outputs come back as one [n, hidden] array in the input row
+order; the worker applies the router weights. Experts are built by
+``tierserve.moe.expert_weights.build_expert`` with the worker's linear backend, so
+outputs are bit-identical to the worker running the expert itself.
+
+``stats()`` reports the calls and bytes received per layer (tests check the fused
+dispatch contract: one message per host per layer per step, bytes = rows x hidden
+x dtype size).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import ray
+import torch
+
+from tierserve.moe.expert_weights import ExpertWeights, build_expert, numpy_to_tensor, tensor_to_numpy
+
+#: Custom resource every expert-host node advertises with amount 1.
+EXPERT_HOST_RESOURCE = "expert_host"
+
+
+@ray.remote(num_cpus=0, resources={EXPERT_HOST_RESOURCE: 1}, max_restarts=0)
+class ExpertHost:
+    def __init__(self, linear_backend: str = "auto", num_threads: int | None = None):
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        self.linear_backend = linear_backend
+        self._experts: dict[tuple[int, int], torch.nn.Module] = {}
+        self._weights: dict[tuple[int, int], ExpertWeights] = {}
+        self._calls: dict[int, int] = {}
+        self._bytes: dict[int, int] = {}
+
+    def ping(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def load_experts(self, experts: dict[tuple[int, int], ExpertWeights]) -> int:
+        """Hold ``experts`` ((layer, expert) -> weights); returns how many this host now holds."""
+        for key, w in experts.items():
+            self._weights[key] = w
+            self._experts[key] = build_expert(w, self.linear_backend)
+        return len(self._experts)
+
+    def get_expert(self, layer: int, expert: int) -> ExpertWeights:
+        """The weights of one held expert (the worker's spare-slot ring copies them)."""
+        return self._weights[(layer, expert)]
+
+    def held(self) -> list[tuple[int, int]]:
+        return sorted(self._experts)
+
+    @torch.inference_mode()
+    def compute(self, layer: int, x: np.ndarray, expert_ids: np.ndarray, dtype: str = "float32") -> np.ndarray:
+        self._calls[layer] = self._calls.get(layer, 0) + 1
+        self._bytes[layer] = self._bytes.get(layer, 0) + int(x.nbytes)
+        xt = numpy_to_tensor(x, getattr(torch, dtype))
+        ids = torch.from_numpy(np.array(expert_ids, dtype=np.int64))
+        order = torch.argsort(ids, stable=True)
+        sorted_ids = ids[order].tolist()
+        out = torch.empty_like(xt)
+        start = 0
+        while start < len(sorted_ids):
+            e = sorted_ids[start]
+            end = start
+            while end < len(sorted_ids) and sorted_ids[end] == e:
+                end += 1
+            rows = order[start:end]
+            expert = self._experts.get((layer, e))
+            if expert is None:
+                raise KeyError(f"expert host on node {self.ping()} does not hold expert (layer {layer}, {e})")
+            out.index_copy_(0, rows, expert(xt.index_select(0, rows)))
+            start = end
+        return tensor_to_numpy(out)
+
+    def stats(self) -> dict:
+        return {"calls": dict(self._calls), "bytes": dict(self._bytes), "pid": os.getpid()}
+
+    def reset_stats(self) -> None:
+        self._calls.clear()
+        self._bytes.clear()

@@ -1,0 +1,1 @@
+"""Mixture-of-Experts tooling: MoEfication, expert usage statistics, placement, REAP pruning."""

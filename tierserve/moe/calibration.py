@@ -1,0 +1,105 @@
+"""Calibration text and whole-sequence forwards for offline MoE tools (MoEfication, REAP, perplexity).
+
+* ``austen_token_windows``: tokenize Austen novels (``tierserve.data.austen``) and
+  cut them into ``num_windows`` non-overlapping windows of ``seq_len`` tokens,
+  taken in order from the start of the concatenated novels (deterministic, no
+  sampling). Calibration uses ``CALIBRATION_NOVELS``, evaluation the held-out
+  ``HELDOUT_NOVELS``; the two sets share no novel.
+* ``forward_logits``: runs a tierserve model on a batch of equal-length
+  sequences the way the engine does a prefill (paged KV cache, one block table
+  per sequence) and returns float32 logits ``[B, L, vocab]``.
+* ``perplexity``: ``exp(mean NLL)`` of next-token prediction over every
+  position but the last of each window, batched ``batch_size`` windows at a time.
+* ``capture_mlp_inputs``: forward pre-hooks on every layer's ``mlp`` collect the
+  FFN input (the post-attention RMSNorm output) of each token, per layer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from tierserve.cache.kv_cache import allocate_kv_cache
+from tierserve.kernels.paged_attention import AttentionMetadata
+from tierserve.models.context import ForwardContext
+
+CALIBRATION_NOVELS = ("Emma", "Mansfield Park", "Sense & Sensibility")
+HELDOUT_NOVELS = ("Persuasion", "Northanger Abbey")
+_BLOCK_SIZE = 16
+
+
+def austen_token_windows(tokenizer, novels: tuple[str, ...], num_windows: int, seq_len: int,
+                         cache_dir: str | None = None) -> torch.Tensor:
+    """``[num_windows, seq_len]`` token ids from the start of ``novels`` (joined by blank lines)."""
+    from tierserve.data.austen import austen_texts
+
+    texts = austen_texts(cache_dir)
+    need = num_windows * seq_len
+    ids: list[int] = []
+    for title in novels:
+        # tokenize paragraph-sized pieces so we never tokenize a whole novel just to take its start
+        for para in texts[title].split("\n\n"):
+            if len(ids) >= need:
+                break
+            para = " ".join(para.split())
+            if para:
+                ids.extend(tokenizer.encode(para + "\n\n", add_special_tokens=False))
+    if len(ids) < need:
+        raise ValueError(f"num_windows * seq_len = {need} tokens requested but {novels} hold only {len(ids)}")
+    return torch.tensor(ids[:need], dtype=torch.long).view(num_windows, seq_len)
+
+
+@torch.inference_mode()
+def forward_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    """Prefill ``tokens [B, L]`` as B independent sequences; float32 logits ``[B, L, vocab]``."""
+    hidden = forward_hidden(model, tokens)
+    return model.compute_logits(hidden).view(tokens.shape[0], tokens.shape[1], -1)
+
+
+@torch.inference_mode()
+def forward_hidden(model, tokens: torch.Tensor) -> torch.Tensor:
+    """Final hidden states ``[B * L, hidden]`` of ``tokens [B, L]`` prefilled as B sequences."""
+    b, n = tokens.shape
+    blocks_per_seq = -(-n // _BLOCK_SIZE)
+    kv = allocate_kv_cache(model.kv_spec(_BLOCK_SIZE), b * blocks_per_seq)
+    tables = [list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(b)]
+    meta = AttentionMetadata.build([n] * b, [n] * b, tables, _BLOCK_SIZE)
+    positions = torch.arange(n).repeat(b)
+    return model(tokens.reshape(-1), positions, ForwardContext(meta, kv))
+
+
+@torch.inference_mode()
+def perplexity(model, windows: torch.Tensor, batch_size: int = 8) -> float:
+    """``exp`` of the mean next-token NLL over all windows (positions 0..L-2 predict 1..L-1)."""
+    total, count = 0.0, 0
+    for start in range(0, windows.shape[0], batch_size):
+        batch = windows[start:start + batch_size]
+        logits = forward_logits(model, batch)[:, :-1]
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                                reduction="sum")
+        total += float(nll)
+        count += batch[:, 1:].numel()
+    return math.exp(total / count)
+
+
+@torch.inference_mode()
+def capture_mlp_inputs(model, windows: torch.Tensor, batch_size: int = 8,
+                       layer_filter: Callable[[int], bool] | None = None) -> list[torch.Tensor | None]:
+    """Per layer, the FFN inputs ``[num_windows * seq_len, hidden]`` (None for layers filtered out)."""
+    layers = model.layers
+    captured: list[list[torch.Tensor]] = [[] for _ in layers]
+    handles = []
+    for i, layer in enumerate(layers):
+        if layer_filter is not None and not layer_filter(i):
+            continue
+        handles.append(layer.mlp.register_forward_pre_hook(
+            lambda _m, args, i=i: captured[i].append(args[0].detach().clone())))
+    try:
+        for start in range(0, windows.shape[0], batch_size):
+            forward_hidden(model, windows[start:start + batch_size])
+    finally:
+        for h in handles:
+            h.remove()
+    return [torch.cat(c) if c else None for c in captured]

@@ -1,0 +1,128 @@
+"""HostPool: the worker's view of its expert hosts — who owns which cold expert, who is alive.
+
+Calls go out with ``submit`` (non-blocking, returns a Ray ObjectRef) and are collected
+together with ``wait``: one ``ray.wait`` over every outstanding call with a single
+deadline of ``timeout_s`` seconds from the moment ``wait`` starts. A call that raises
+(``RayActorError``/``ActorDiedError``, ``ObjectLostError``, ...) or is not ready at the
+deadline marks its host dead (``fail``): the host is killed (so a slow host cannot come
+back with stale state) and each of its experts is re-read from the model's checkpoint
+on disk (``CheckpointExperts``; the worker keeps no copy of cold weights) and loaded on
+the surviving host holding the fewest experts; with no survivor (or if loading there
+fails too) the expert is built locally on the worker with the same linear backend.
+Because every path runs the same kernels on the same rows, the recomputed outputs are
+bit-identical and the request completes with identical output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray
+import torch
+
+from tierserve.errors import TierserveError
+from tierserve.moe.expert_weights import CheckpointExperts, build_expert
+
+Key = tuple[int, int]
+
+
+class ExpertHostError(TierserveError):
+    """Every path to an expert failed (no checkpoint to re-read it from)."""
+
+
+@dataclass
+class PoolStats:
+    """Dispatcher-side counters: fused messages and bytes sent per layer, host failures seen."""
+
+    messages: dict[int, int] = field(default_factory=dict)
+    bytes: dict[int, int] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    #: per layer, the (host, rows) of the messages of the most recent forward of that layer
+    last: dict[int, list[tuple[str, int]]] = field(default_factory=dict)
+
+
+class HostPool:
+    def __init__(self, hosts: dict[str, "ray.actor.ActorHandle"], owners: dict[Key, str],
+                 source: CheckpointExperts | None, linear_backend: str, timeout_s: float):
+        self.hosts = dict(hosts)
+        self.owners = dict(owners)
+        self.source = source
+        self.linear_backend = linear_backend
+        self.timeout_s = timeout_s
+        self.alive = set(hosts)
+        self.local: dict[Key, torch.nn.Module] = {}
+        self.stats = PoolStats()
+
+    def owner(self, key: Key) -> str | None:
+        """The live host holding ``key``, or None when it runs on the worker."""
+        return self.owners.get(key)
+
+    def handle(self, name: str):
+        return self.hosts[name]
+
+    def submit(self, name: str, layer: int, x: np.ndarray, expert_ids: np.ndarray, dtype: str):
+        self.stats.messages[layer] = self.stats.messages.get(layer, 0) + 1
+        self.stats.bytes[layer] = self.stats.bytes.get(layer, 0) + int(x.nbytes)
+        return self.hosts[name].compute.remote(layer, x, expert_ids, dtype)
+
+    def wait(self, pending: dict[str, "ray.ObjectRef"]) -> dict[str, np.ndarray | None]:
+        """Results by host; None for a host that failed (it has been failed over already)."""
+        if not pending:
+            return {}
+        refs = list(pending.values())
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
+        ready_ids = set(ready)
+        out: dict[str, np.ndarray | None] = {}
+        for name, ref in pending.items():
+            if ref not in ready_ids:
+                out[name] = None
+                self.fail(name, "timeout")
+                continue
+            try:
+                out[name] = ray.get(ref)
+            except (ray.exceptions.RayError, KeyError) as exc:
+                out[name] = None
+                self.fail(name, type(exc).__name__)
+        return out
+
+    def fail(self, name: str, reason: str) -> None:
+        """Treat ``name`` as dead and move its experts (module doc)."""
+        if name not in self.alive:
+            return
+        self.alive.discard(name)
+        self.stats.failures.append(f"{name}: {reason}")
+        try:
+            ray.kill(self.hosts[name], no_restart=True)
+        except Exception:  # already gone
+            pass
+        moved = sorted(k for k, h in self.owners.items() if h == name)
+        for key in moved:
+            del self.owners[key]
+        if not moved:
+            return
+        if self.source is None:
+            raise ExpertHostError(
+                f"expert host {name} failed ({reason}) and the model path is unknown: cannot reload its "
+                f"{len(moved)} experts")
+        self._reload(moved)
+
+    def _reload(self, keys: list[Key]) -> None:
+        weights = {k: self.source.read(*k) for k in keys}
+        while self.alive:
+            target = min(sorted(self.alive), key=lambda h: sum(1 for o in self.owners.values() if o == h))
+            try:
+                ray.get(self.hosts[target].load_experts.remote(weights), timeout=self.timeout_s)
+            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
+                self.alive.discard(target)
+                self.stats.failures.append(f"{target}: {type(exc).__name__} while reloading")
+                orphans = sorted(k for k, h in self.owners.items() if h == target)
+                for k in orphans:
+                    del self.owners[k]
+                weights.update({k: self.source.read(*k) for k in orphans})
+                continue
+            for k in weights:
+                self.owners[k] = target
+            return
+        for k, w in weights.items():
+            self.local[k] = build_expert(w, self.linear_backend)
