@@ -137,11 +137,29 @@ def test_end_to_end_with_a_prefix_tree():
         RouteDecision("r0", 8, 8.0, "least_loaded")
 
 
+def test_short_match_routes_by_load_at_the_ratio_boundary():
+    # One shared header block out of 50 must not pull a new conversation to a busy replica.
+    p = PrefixAwarePolicy()
+    assert p.min_match_ratio == 0.1
+    assert p.choose({"a": 1}, loads(a=3, b=0), num_request_blocks=50) == \
+        RouteDecision("b", 0, 0.0, "short_match")
+    # Exactly at the ratio (5 of 50 = 0.1) the prefix still wins; one block less it does not.
+    assert p.choose({"a": 5}, loads(a=3, b=0), num_request_blocks=50) == RouteDecision("a", 5, 5.0, "prefix")
+    assert p.choose({"a": 4}, loads(a=3, b=0), num_request_blocks=50).reason == "short_match"
+    # Without the request length, or with the check off, the old rule applies.
+    assert p.choose({"a": 1}, loads(a=3, b=0)).replica_id == "a"
+    assert PrefixAwarePolicy(min_match_ratio=0).choose(
+        {"a": 1}, loads(a=3, b=0), num_request_blocks=50).replica_id == "a"
+    # rank passes the length on: the short match is ranked by load (b, then a).
+    assert [d.replica_id for d in p.rank({"a": 1}, loads(a=3, b=0), num_request_blocks=50)] == ["b", "a"]
+
+
 def test_validation_names_the_field():
     for kwargs, field in [({"abs_threshold": -1}, "abs_threshold"),
                           ({"rel_threshold": 0.9}, "rel_threshold"),
                           ({"abs_threshold": math.nan}, "abs_threshold"),
-                          ({"tier_weights": {"device": -1.0}}, "tier_weights")]:
+                          ({"tier_weights": {"device": -1.0}}, "tier_weights"),
+                          ({"min_match_ratio": 1.5}, "min_match_ratio")]:
         with pytest.raises(InvalidParameterError) as e:
             PrefixAwarePolicy(**kwargs)
         assert e.value.field == field

@@ -17,13 +17,23 @@ Algorithm of ``PrefixAwarePolicy.choose`` (every comparison is exact):
 3. If no replica has score > 0: pick ``least`` (reason ``"no_match"``).
 4. best = the replica with the highest score; ties go to the lower
    (ongoing_requests, replica_id).
+4b. Short match: when the caller passes the request's length in blocks
+   ``num_request_blocks`` and ``score(best) < min_match_ratio *
+   num_request_blocks``, pick ``least`` (reason ``"short_match"``). Without
+   it, a block or two every prompt shares (a chat template's header, a
+   common instruction line) would pull every new conversation to the first
+   replica that cached them, and the load bound (step 5) only steps in once
+   the gap exceeds ``abs_threshold``. Default ``min_match_ratio = 0.1`` (the
+   value of Ray Serve LLM's PrefixCacheAffinityRouter ``match_rate_threshold``);
+   ``0`` turns the check off.
 5. Load bound: if
    ``load(best) - load(least) > abs_threshold``  AND
    ``load(best) > rel_threshold * load(least)``
    the imbalance is too large: pick ``least`` (reason ``"least_loaded"``).
    Otherwise pick ``best`` (reason ``"prefix"``).
 
-Defaults: ``abs_threshold = 4`` requests, ``rel_threshold = 1.5``. Both must
+Defaults: ``abs_threshold = 4`` requests, ``rel_threshold = 1.5``,
+``min_match_ratio = 0.1``. Both load thresholds must
 hold, so a small absolute gap between idle replicas (1 vs 0: the relative test
 passes, the absolute one does not) keeps the cache hit, and a large absolute
 gap between busy replicas (40 vs 34: absolute passes, 40 <= 1.5 * 34) keeps it
@@ -55,6 +65,7 @@ DEVICE_TIER = "device"
 REASON_PREFIX = "prefix"
 REASON_LEAST_LOADED = "least_loaded"
 REASON_NO_MATCH = "no_match"
+REASON_SHORT_MATCH = "short_match"
 
 
 @dataclass(frozen=True)
@@ -79,7 +90,7 @@ class RouteDecision:
     ``matched_blocks`` is the chosen replica's device-tier match (leading
     blocks it already caches); ``score`` the weighted score over tiers;
     ``reason`` one of ``"prefix"``, ``"least_loaded"`` (imbalance override),
-    ``"no_match"``.
+    ``"no_match"``, ``"short_match"`` (best match below ``min_match_ratio``).
     """
 
     replica_id: str
@@ -93,6 +104,7 @@ class RouterPolicy(ABC):
 
     ``matches`` maps replica id -> leading device blocks cached (missing = 0);
     replicas named in ``matches`` but absent from ``loads`` are not candidates.
+    ``num_request_blocks`` (optional) is the request's length in blocks.
     ``choose`` is deterministic (same inputs, same decision) and never returns
     a replica outside ``loads``; ``rank`` returns every replica of ``loads``
     exactly once, most preferred first.
@@ -100,15 +112,17 @@ class RouterPolicy(ABC):
 
     @abstractmethod
     def choose(self, matches: Mapping[str, int], loads: Sequence[ReplicaLoad],
-               lower_tier_matches: Mapping[str, Mapping[str, int]] | None = None) -> RouteDecision:
+               lower_tier_matches: Mapping[str, Mapping[str, int]] | None = None,
+               num_request_blocks: int | None = None) -> RouteDecision:
         ...
 
     def rank(self, matches: Mapping[str, int], loads: Sequence[ReplicaLoad],
-             lower_tier_matches: Mapping[str, Mapping[str, int]] | None = None) -> list[RouteDecision]:
+             lower_tier_matches: Mapping[str, Mapping[str, int]] | None = None,
+             num_request_blocks: int | None = None) -> list[RouteDecision]:
         remaining = list(loads)
         ranked: list[RouteDecision] = []
         while remaining:
-            decision = self.choose(matches, remaining, lower_tier_matches)
+            decision = self.choose(matches, remaining, lower_tier_matches, num_request_blocks)
             ranked.append(decision)
             remaining = [r for r in remaining if r.replica_id != decision.replica_id]
         return ranked
@@ -118,11 +132,13 @@ class PrefixAwarePolicy(RouterPolicy):
     """Longest cached prefix, bounded by an absolute AND a relative load gap (see module doc)."""
 
     def __init__(self, abs_threshold: float = 4, rel_threshold: float = 1.5,
-                 tier_weights: Mapping[str, float] | None = None):
+                 tier_weights: Mapping[str, float] | None = None, min_match_ratio: float = 0.1):
         if not abs_threshold >= 0:
             raise InvalidParameterError("abs_threshold", f"must be >= 0, got {abs_threshold}")
         if not rel_threshold >= 1.0:
             raise InvalidParameterError("rel_threshold", f"must be >= 1.0, got {rel_threshold}")
+        if not 0 <= min_match_ratio <= 1:
+            raise InvalidParameterError("min_match_ratio", f"must lie in [0, 1], got {min_match_ratio}")
         weights = dict(tier_weights) if tier_weights is not None else {DEVICE_TIER: 1.0}
         for tier, w in weights.items():
             if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
@@ -130,6 +146,7 @@ class PrefixAwarePolicy(RouterPolicy):
         self.abs_threshold = abs_threshold
         self.rel_threshold = rel_threshold
         self.tier_weights = weights
+        self.min_match_ratio = min_match_ratio
 
     def score(self, replica_id: str, matches: Mapping[str, int],
               lower_tier_matches: Mapping[str, Mapping[str, int]] | None = None) -> float:
@@ -143,7 +160,8 @@ class PrefixAwarePolicy(RouterPolicy):
         return total
 
     def choose(self, matches: Mapping[str, int], loads: Sequence[ReplicaLoad],
-               lower_tier_matches: Mapping[str, Mapping[str, int]] | None = None) -> RouteDecision:
+               lower_tier_matches: Mapping[str, Mapping[str, int]] | None = None,
+               num_request_blocks: int | None = None) -> RouteDecision:
         _check_loads(loads)
         by_load = sorted(loads, key=lambda r: (r.ongoing_requests, r.replica_id))
         least = by_load[0]
@@ -151,6 +169,8 @@ class PrefixAwarePolicy(RouterPolicy):
         best = min(by_load, key=lambda r: -scores[r.replica_id])  # stable: ties keep load/id order
         if scores[best.replica_id] <= 0:
             return self._decide(least, matches, scores, REASON_NO_MATCH)
+        if num_request_blocks is not None and scores[best.replica_id] < self.min_match_ratio * num_request_blocks:
+            return self._decide(least, matches, scores, REASON_SHORT_MATCH)
         gap = best.ongoing_requests - least.ongoing_requests
         if gap > self.abs_threshold and best.ongoing_requests > self.rel_threshold * least.ongoing_requests:
             return self._decide(least, matches, scores, REASON_LEAST_LOADED)

@@ -29,7 +29,9 @@ One routing step (``choose_replicas``):
    never blocked;
 3. load of each candidate = Ray Serve's replica queue-length cache
    (``replica_queue_len_cache``; an unknown entry counts as 0 ongoing);
-4. ``PrefixAwarePolicy.rank`` orders every candidate; the router returns one
+4. ``PrefixAwarePolicy.rank`` orders every candidate (``num_request_blocks =
+   len(hashes)``, so a best match shorter than ``min_match_ratio`` of the
+   request routes by load); the router returns one
    rank per replica, so Serve tries the chosen replica first and falls back
    in policy order if it rejects the request (queue full).
 
@@ -85,11 +87,12 @@ class PrefixAwareRequestRouter(RequestRouter):
 
     def initialize_state(self, abs_threshold: float = 4, rel_threshold: float = 1.5,
                          match_timeout_s: float = 0.1, max_blocks_per_replica: int | None = None,
-                         tree_actor=None) -> None:
+                         tree_actor=None, min_match_ratio: float = 0.1) -> None:
         """Called by Serve with ``request_router_kwargs``; ``tree_actor`` overrides the named actor."""
         if not match_timeout_s > 0:
             raise InvalidParameterError("match_timeout_s", f"must be > 0, got {match_timeout_s}")
-        self._policy = PrefixAwarePolicy(abs_threshold=abs_threshold, rel_threshold=rel_threshold)
+        self._policy = PrefixAwarePolicy(abs_threshold=abs_threshold, rel_threshold=rel_threshold,
+                                         min_match_ratio=min_match_ratio)
         self._match_timeout_s = match_timeout_s
         if tree_actor is None:
             tree_actor = get_or_create_tree_actor(
@@ -108,7 +111,7 @@ class PrefixAwareRequestRouter(RequestRouter):
         matches = await self._lookup(hashes) if hashes else {}
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         loads = [ReplicaLoad(rid, self._ongoing(r)) for rid, r in by_id.items()]
-        ranked = self._policy.rank(matches, loads)
+        ranked = self._policy.rank(matches, loads, num_request_blocks=len(hashes))
         return [[by_id[d.replica_id]] for d in ranked]
 
     def on_replica_actor_died(self, replica_id) -> None:

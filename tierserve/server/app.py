@@ -8,7 +8,9 @@
   .. ``max_replicas``, starting at ``replicas``, scaling on
   ``target_ongoing_requests`` per replica). Its handle calls are routed by
   ``PrefixAwareRequestRouter`` (longest cached prefix, bounded by load;
-  ``router_abs_threshold`` / ``router_rel_threshold``). ``max_ongoing_requests``
+  ``router_abs_threshold`` / ``router_rel_threshold`` / ``router_min_match_ratio``) when ``router`` is
+  ``"prefix"`` (the default), or by Ray Serve's default power-of-two-choices
+  router when it is ``"pow2"`` (the baseline of benchmarks/serve.py). ``max_ongoing_requests``
   is ``max_num_seqs + max_waiting_requests + 1`` so that the worker itself
   sees the request that overflows its queue and answers 429.
   ``max_queued_requests`` bounds Serve's own per-caller queue (requests not
@@ -29,6 +31,8 @@ today do not use it.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve.config import AutoscalingConfig, RequestRouterConfig
@@ -39,6 +43,8 @@ from tierserve.server.ingress import IngressSettings, OpenAIIngress
 from tierserve.server.worker import LLMServer
 
 ROUTER_CLASS = "tierserve.routing.serve_router.PrefixAwareRequestRouter"
+#: Ray Serve's own default request router (ray/serve/_private/constants.py: DEFAULT_REQUEST_ROUTER_PATH).
+POW2_ROUTER_CLASS = "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter"
 
 
 class AppArgs(BaseModel):
@@ -71,8 +77,10 @@ class AppArgs(BaseModel):
     worker_cpus: float = Field(1.0, ge=0)
     ingress_cpus: float = Field(0.0, ge=0)
     metrics_interval_s: float = Field(1.0, gt=0)
+    router: Literal["prefix", "pow2"] = "prefix"
     router_abs_threshold: float = 4
     router_rel_threshold: float = 1.5
+    router_min_match_ratio: float = Field(0.1, ge=0, le=1)
 
     @model_validator(mode="after")
     def _replica_range(self):
@@ -84,6 +92,19 @@ class AppArgs(BaseModel):
         elif self.min_replicas is not None:
             raise ValueError("min_replicas needs max_replicas (autoscaling)")
         return self
+
+
+def _router_config(a: AppArgs) -> RequestRouterConfig:
+    """The LLMServer deployment's request router: prefix-aware, or Serve's power-of-two baseline."""
+    routers = {
+        "prefix": lambda: RequestRouterConfig(
+            request_router_class=ROUTER_CLASS,
+            request_router_kwargs={"abs_threshold": a.router_abs_threshold,
+                                   "rel_threshold": a.router_rel_threshold,
+                                   "min_match_ratio": a.router_min_match_ratio}),
+        "pow2": lambda: RequestRouterConfig(request_router_class=POW2_ROUTER_CLASS),
+    }
+    return routers[a.router]()
 
 
 def build_app(args: dict | None = None):
@@ -106,10 +127,7 @@ def build_app(args: dict | None = None):
         max_ongoing_requests=a.max_num_seqs + a.max_waiting_requests + 1,
         max_queued_requests=4 * (a.max_num_seqs + a.max_waiting_requests),
         ray_actor_options={"num_cpus": a.worker_cpus},
-        request_router_config=RequestRouterConfig(
-            request_router_class=ROUTER_CLASS,
-            request_router_kwargs={"abs_threshold": a.router_abs_threshold,
-                                   "rel_threshold": a.router_rel_threshold}),
+        request_router_config=_router_config(a),
         health_check_period_s=10,
         **scaling,
     ).bind(engine_config, a.served_model_name, a.max_waiting_requests, a.retry_after_s, a.metrics_interval_s)

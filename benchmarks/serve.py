@@ -1,0 +1,382 @@
+"""Prefix-aware routing vs Ray Serve's power-of-two router on a multi-turn chat workload.
+
+One process starts a local Ray (dashboard off, 150 MB object store, as
+tests/ray_fixtures.py does) and Serve on a free port, then runs the tierserve
+app (``tierserve.server.app:build_app``) with ``--replicas`` LLMServer
+replicas of the default SmolLM2-135M model, once per router:
+
+* ``prefix``: ``PrefixAwareRequestRouter`` (longest cached prefix, bounded by load);
+* ``pow2``: Ray Serve's default ``PowerOfTwoChoicesRequestRouter``.
+
+Each run deploys a fresh app (new replicas, empty caches, new prefix-tree and
+metrics actors) and tears it down afterwards. Both runs send the same workload:
+
+* ``--conversations`` conversations; conversation i has its own system prompt:
+  an instruction plus a passage of a Jane Austen novel (``tierserve.data.austen``;
+  novel ``i mod 6``, a different offset per conversation), ``--passage-chars``
+  characters (~700-900 SmolLM2 tokens);
+* ``--turns`` turns each; turn t sends the whole history (system, the earlier
+  user questions and the assistant's replies) plus a new question, through the
+  ``openai`` client, streaming, ``max_tokens=--max-tokens``, temperature 0,
+  ``stream_options.include_usage``;
+* all conversations are live at once and their turns interleave: at most
+  ``--concurrency`` requests are in flight; a conversation sends its next turn
+  as soon as its previous reply is complete (no think time). The order in
+  which conversations start is a seeded shuffle (``--seed``).
+
+Before measuring, ``--warmup`` short unrelated requests run concurrently
+(first-call costs); they are excluded from every number.
+
+Measured per request: TTFT (request sent -> first streamed chunk with
+content), end-to-end latency, prompt / cached / completion tokens (the usage
+chunk: ``prompt_tokens_details.cached_tokens``). Per run: prefix-cache hit rate
+= sum(cached tokens) / sum(prompt tokens) over the measured requests, checked
+against the deltas of ``tierserve:prefix_cache_hits_total`` /
+``tierserve:prefix_cache_queries_total`` on /metrics; TTFT p50/p95 (nearest
+rank); throughput = completion tokens / wall time and requests / wall time of
+the measured phase. Ratios: hit rate prefix/pow2, p50 and p95 TTFT pow2/prefix,
+throughput prefix/pow2. Targets (the issue): hit-rate ratio >= 2, p50 TTFT
+ratio >= 1.5.
+
+KV cache size. ``--num-blocks`` (default 384 blocks of 16 tokens = 6144 tokens
+per replica) is chosen so that one replica holds about half of the workload's
+distinct prefixes (8 conversations x ~1000 tokens ~ 500 blocks) plus the
+running requests: what a deployment looks like when the cache is smaller
+than the working set, which is when routing matters. With affinity each
+replica needs only its own conversations; with random routing both replicas
+see every conversation and evict each other's prefixes.
+
+What bounds the ratios. Turn 1 of every conversation is cold under any
+router, so with 4 turns the hit rate is at most ~0.75. Without cache pressure
+(``--num-blocks 4096``) power-of-two still hits whenever it happens to pick a
+replica that served the conversation before (turn t: probability
+1 - 2^-(t-1) with 2 replicas), which caps the hit-rate ratio near 1.4; above
+that, the ratio comes from power-of-two's LRU thrashing, so it grows as the
+cache shrinks. Power-of-two picks replicas at random (not seedable from
+here), so its hit rate varies from run to run (0.38 and 0.56 in two runs of
+the default configuration). The table also lists requests per replica (from
+the metrics board): the prefix router must not buy its hits with imbalance.
+
+Prints a table and writes benchmarks/results/serve.json.
+
+Usage: python benchmarks/serve.py [--conversations 8] [--turns 4] [--concurrency 4] [--num-blocks 384]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import random
+import re
+import socket
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tierserve.data.austen import austen_texts  # noqa: E402
+
+QUESTIONS = (
+    "Who are the main characters in the passage above? Answer in one sentence.",
+    "What is the mood of the passage? Answer briefly.",
+    "Quote one phrase from the passage that you find striking.",
+    "What happens next, in your opinion? One sentence.",
+    "Which character speaks first in the passage?",
+    "Describe the setting of the passage in a few words.",
+    "What does the narrator think of the characters?",
+    "Summarize the passage in ten words.",
+)
+
+
+@dataclass(frozen=True)
+class Conversation:
+    system: str
+    questions: tuple[str, ...]
+
+
+@dataclass
+class RequestRecord:
+    conversation: int
+    turn: int
+    ttft_s: float
+    e2e_s: float
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class RunResult:
+    router: str
+    wall_s: float
+    records: list[RequestRecord] = field(default_factory=list)
+    metrics_queries: float = 0.0
+    metrics_hits: float = 0.0
+    requests_per_replica: list[int] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------ workload
+def build_workload(n_conv: int, turns: int, passage_chars: int, seed: int) -> list[Conversation]:
+    """Deterministic conversations: a distinct Austen passage per system prompt, seeded questions."""
+    texts = austen_texts()
+    novels = sorted(texts)
+    rng = random.Random(seed)
+    convs = []
+    for i in range(n_conv):
+        novel = novels[i % len(novels)]
+        text = texts[novel]
+        start = text.find("\n\n", 20_000 + 60_000 * (i // len(novels))) + 2
+        passage = re.sub(r"\s+", " ", text[start:start + passage_chars]).strip()
+        system = (f"You are a helpful literary assistant. Answer questions about this passage from "
+                  f"{novel} by Jane Austen.\n\n{passage}")
+        convs.append(Conversation(system, tuple(rng.sample(QUESTIONS, turns))))
+    return convs
+
+
+# ------------------------------------------------------------------ client
+async def one_turn(client, model: str, messages: list[dict], max_tokens: int) -> tuple[str, RequestRecord]:
+    t0 = time.perf_counter()
+    ttft, text, usage = None, [], None
+    stream = await client.chat.completions.create(
+        model=model, messages=messages, max_tokens=max_tokens, temperature=0, stream=True,
+        stream_options={"include_usage": True})
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+            text.append(chunk.choices[0].delta.content)
+        if chunk.usage is not None:
+            usage = chunk.usage
+    e2e = time.perf_counter() - t0
+    details = usage.prompt_tokens_details
+    cached = details.cached_tokens if details is not None and details.cached_tokens else 0
+    rec = RequestRecord(-1, -1, ttft if ttft is not None else e2e, e2e, usage.prompt_tokens, cached,
+                        usage.completion_tokens)
+    return "".join(text), rec
+
+
+async def run_conversation(client, model: str, idx: int, conv: Conversation, max_tokens: int,
+                           gate: asyncio.Semaphore, records: list[RequestRecord]) -> None:
+    messages = [{"role": "system", "content": conv.system}]
+    for turn, question in enumerate(conv.questions):
+        messages.append({"role": "user", "content": question})
+        async with gate:
+            reply, rec = await one_turn(client, model, messages, max_tokens)
+        rec.conversation, rec.turn = idx, turn
+        records.append(rec)
+        messages.append({"role": "assistant", "content": reply})
+
+
+async def warm_up(client, model: str, n: int) -> None:
+    await asyncio.gather(*(one_turn(client, model, [{"role": "user", "content": f"Say hello number {i}."}], 4)
+                           for i in range(n)))
+
+
+async def measure(client, model: str, workload: list[Conversation], args) -> tuple[float, list[RequestRecord]]:
+    """The whole workload; returns (wall seconds, records)."""
+    order = list(range(len(workload)))
+    random.Random(args.seed).shuffle(order)
+    gate = asyncio.Semaphore(args.concurrency)
+    records: list[RequestRecord] = []
+    t0 = time.perf_counter()
+    await asyncio.gather(*(run_conversation(client, model, i, workload[i], args.max_tokens, gate, records)
+                           for i in order))
+    return time.perf_counter() - t0, records
+
+
+def prefix_counters(base_url: str) -> tuple[float, float]:
+    """(queries, hits) prefix-cache token counters summed over replicas, from /metrics."""
+    body = urllib.request.urlopen(f"{base_url}/metrics", timeout=30).read().decode()
+    values = {}
+    for name in ("queries", "hits"):
+        m = re.search(rf"^tierserve:prefix_cache_{name}_total\{{[^}}]*\}} (\S+)$", body, re.M)
+        values[name] = float(m.group(1)) if m else 0.0
+    return values["queries"], values["hits"]
+
+
+# ------------------------------------------------------------------ Ray / Serve
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_serve() -> int:
+    """Local Ray (as tests/ray_fixtures.py) + Serve's proxy on 127.0.0.1:<free port>."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+    from ray import serve
+
+    ray.init(address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False,
+             object_store_memory=150 * 1024**2, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return port
+
+
+def teardown(app: str) -> None:
+    """Delete the app and its detached prefix-tree and metrics actors (the next run starts empty)."""
+    import ray
+    from ray import serve
+
+    from tierserve.routing.tree_actor import TREE_NAMESPACE, tree_actor_name
+    from tierserve.server.metrics import BOARD_NAMESPACE, metrics_board_name
+
+    serve.delete(app)
+    for name, ns in ((tree_actor_name(app, "LLMServer"), TREE_NAMESPACE),
+                     (metrics_board_name(app), BOARD_NAMESPACE)):
+        try:
+            ray.kill(ray.get_actor(name, namespace=ns))
+        except ValueError:
+            pass
+
+
+def app_args(router: str, args) -> dict:
+    return dict(router=router, replicas=args.replicas, max_num_seqs=args.concurrency, max_waiting_requests=16,
+                num_blocks=args.num_blocks, num_threads=1, worker_cpus=0.5, max_model_len=2048,
+                metrics_interval_s=METRICS_INTERVAL_S)
+
+
+METRICS_INTERVAL_S = 0.25
+
+
+async def counters_now(base_url: str, app: str) -> tuple[float, float, dict[str, int]]:
+    """(prefix queries, prefix hits, finished requests per replica) once every replica pushed."""
+    import ray
+
+    from tierserve.server.metrics import BOARD_NAMESPACE, metrics_board_name
+
+    await asyncio.sleep(4 * METRICS_INTERVAL_S)
+    queries, hits = await asyncio.to_thread(prefix_counters, base_url)
+    board = ray.get_actor(metrics_board_name(app), namespace=BOARD_NAMESPACE)
+    snaps = await board.collect.remote()
+    return queries, hits, {r: sum(s.requests_finished.values()) for r, s in snaps.items()}
+
+
+async def drive(router: str, base_url: str, app: str, workload: list[Conversation], args) -> RunResult:
+    """Warm-up, then the measured workload."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0, timeout=600)
+    try:
+        model = (await client.models.list()).data[0].id
+        await warm_up(client, model, args.warmup)
+        q0, h0, n0 = await counters_now(base_url, app)
+        wall, records = await measure(client, model, workload, args)
+        q1, h1, n1 = await counters_now(base_url, app)
+    finally:
+        await client.close()
+    per_replica = sorted((n1[r] - n0.get(r, 0) for r in n1), reverse=True)
+    return RunResult(router, wall, records, q1 - q0, h1 - h0, per_replica)
+
+
+def run_router(router: str, port: int, workload: list[Conversation], args) -> RunResult:
+    """Deploy a fresh app with ``router``, drive the workload through it, tear it down."""
+    from ray import serve
+
+    from tierserve.server.app import build_app
+
+    app = f"bench-{router}"
+    serve.run(build_app(app_args(router, args)), name=app, route_prefix=f"/{app}")
+    try:
+        return asyncio.run(drive(router, f"http://127.0.0.1:{port}/{app}", app, workload, args))
+    finally:
+        teardown(app)
+
+
+# ------------------------------------------------------------------ report
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    s = sorted(values)
+    return s[max(0, math.ceil(q / 100 * len(s)) - 1)]
+
+
+def summarize(r: RunResult) -> dict:
+    recs = r.records
+    prompt = sum(x.prompt_tokens for x in recs)
+    cached = sum(x.cached_tokens for x in recs)
+    ttft = [x.ttft_s for x in recs]
+    return {
+        "router": r.router, "requests": len(recs), "wall_s": r.wall_s,
+        "prompt_tokens": prompt, "cached_tokens": cached, "hit_rate": cached / prompt if prompt else 0.0,
+        "metrics_hit_rate": r.metrics_hits / r.metrics_queries if r.metrics_queries else 0.0,
+        "ttft_p50_s": percentile(ttft, 50), "ttft_p95_s": percentile(ttft, 95),
+        "e2e_p50_s": percentile([x.e2e_s for x in recs], 50),
+        "output_tok_s": sum(x.completion_tokens for x in recs) / r.wall_s,
+        "req_s": len(recs) / r.wall_s,
+        "requests_per_replica": r.requests_per_replica,
+    }
+
+
+def ratios(p: dict, b: dict) -> dict:
+    div = lambda a, c: a / c if c else float("inf")  # noqa: E731
+    return {"hit_rate_prefix_over_pow2": div(p["hit_rate"], b["hit_rate"]),
+            "ttft_p50_pow2_over_prefix": div(b["ttft_p50_s"], p["ttft_p50_s"]),
+            "ttft_p95_pow2_over_prefix": div(b["ttft_p95_s"], p["ttft_p95_s"]),
+            "output_tok_s_prefix_over_pow2": div(p["output_tok_s"], b["output_tok_s"])}
+
+
+def print_table(rows: list[dict], rat: dict) -> None:
+    cols = [("router", "{}"), ("requests", "{}"), ("hit_rate", "{:.3f}"), ("metrics_hit_rate", "{:.3f}"),
+            ("ttft_p50_s", "{:.3f}"), ("ttft_p95_s", "{:.3f}"), ("e2e_p50_s", "{:.3f}"),
+            ("output_tok_s", "{:.2f}"), ("req_s", "{:.3f}"), ("wall_s", "{:.1f}"),
+            ("requests_per_replica", "{}")]
+    print(" | ".join(f"{c:>16}" for c, _ in cols))
+    for row in rows:
+        print(" | ".join(f"{fmt.format(row[c]):>16}" for c, fmt in cols))
+    for k, v in rat.items():
+        print(f"{k:>32}: {v:.2f}x")
+    if not rat:
+        return
+    print(f"targets: hit-rate ratio >= 2.0 ({'met' if rat['hit_rate_prefix_over_pow2'] >= 2 else 'MISSED'}), "
+          f"p50 TTFT ratio >= 1.5 ({'met' if rat['ttft_p50_pow2_over_prefix'] >= 1.5 else 'MISSED'})")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--conversations", type=int, default=8)
+    ap.add_argument("--turns", type=int, default=4)
+    ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--passage-chars", type=int, default=3600)
+    ap.add_argument("--replicas", type=int, default=2)
+    ap.add_argument("--num-blocks", type=int, default=384)
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--routers", default="prefix,pow2")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                  "serve.json"))
+    args = ap.parse_args(argv)
+    if args.turns > len(QUESTIONS):
+        ap.error(f"--turns must be <= {len(QUESTIONS)}, got {args.turns}")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    workload = build_workload(args.conversations, args.turns, args.passage_chars, args.seed)
+    port = start_serve()
+    results = {}
+    for router in args.routers.split(","):
+        t = time.perf_counter()
+        results[router] = run_router(router, port, workload, args)
+        print(f"[{router}] done in {time.perf_counter() - t:.1f}s", flush=True)
+    rows = [summarize(r) for r in results.values()]
+    by_router = {row["router"]: row for row in rows}
+    rat = ratios(by_router["prefix"], by_router["pow2"]) if {"prefix", "pow2"} <= set(by_router) else {}
+    print_table(rows, rat)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"config": vars(args), "summary": rows, "ratios": rat,
+                   "requests": {k: [asdict(x) for x in r.records] for k, r in results.items()}}, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
