@@ -1,0 +1,1 @@
+"""Real text corpora for calibration and perplexity (Jane Austen via r-cran-janeaustenr)."""
