@@ -32,6 +32,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--linear-backend", default="auto", choices=["auto", "torch", "onednn"],
                    help="how linear layers run (auto: oneDNN-prepacked weights on CPU)")
+    p.add_argument("--quantization", default=None,
+                   help="'auto' (a quantized folder's config, a .gguf kept packed) or a weight-format name")
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
@@ -39,7 +41,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
                 kv_cache_memory_gib=args.kv_cache_memory_gib, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens,
                 enable_prefix_caching=not args.no_prefix_caching, num_threads=args.threads,
-                linear_backend=args.linear_backend)
+                linear_backend=args.linear_backend, quantization=args.quantization)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -61,8 +63,6 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="MoE expert offload: experts kept on the worker, summed over layers (default: all)")
     gen.add_argument("--expert-hosts", type=int, default=2,
                      help="expert-host actors holding the cold experts (with --resident-experts)")
-    gen.add_argument("--quantization", default=None,
-                     help="'auto' (a quantized folder's config, a .gguf kept packed) or a weight-format name")
     gen.set_defaults(func=_generate)
     quant = sub.add_parser("quantize", help="write a quantized checkpoint (safetensors + quantization_config.json)")
     quant.add_argument("--scheme", required=True, help="weight format name (e.g. q4_0, q4_1, q8_0)")
@@ -103,7 +103,7 @@ def _generate(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, min_p=args.min_p, top_h=args.top_h, seed=args.seed,
                             stop=tuple(args.stop))
-    config = build_engine_config(args.model, quantization=args.quantization, **_engine_kwargs(args))
+    config = build_engine_config(args.model, **_engine_kwargs(args))
     if args.resident_experts is not None:
         import dataclasses
 
@@ -159,7 +159,7 @@ def serve_args(args: argparse.Namespace, api_key: str | None) -> dict:
                kv_cache_memory_gib=args.kv_cache_memory_gib, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens,
                enable_prefix_caching=not args.no_prefix_caching, num_threads=args.threads,
-               linear_backend=args.linear_backend,
+               linear_backend=args.linear_backend, quantization=args.quantization,
                max_waiting_requests=args.max_waiting_requests, api_key=api_key)
     if args.max_replicas is not None:
         out["max_replicas"] = args.max_replicas

@@ -69,6 +69,7 @@ class AppArgs(BaseModel):
     long_prefill_token_threshold: int = 0
     num_threads: int | None = None
     linear_backend: str = "auto"
+    quantization: str | None = None
     # serving
     max_waiting_requests: int = Field(64, ge=1)
     retry_after_s: int = Field(1, ge=1)
@@ -116,7 +117,7 @@ def build_app(args: dict | None = None):
         enable_prefix_caching=a.enable_prefix_caching, max_num_seqs=a.max_num_seqs,
         max_num_batched_tokens=a.max_num_batched_tokens,
         long_prefill_token_threshold=a.long_prefill_token_threshold, num_threads=a.num_threads,
-        linear_backend=a.linear_backend)
+        linear_backend=a.linear_backend, quantization=a.quantization)
     scaling: dict = {"num_replicas": a.replicas}
     if a.max_replicas is not None:
         scaling = {"autoscaling_config": AutoscalingConfig(
