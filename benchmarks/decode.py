@@ -40,7 +40,7 @@ def prompts(tok, batch: int) -> list[list[int]]:
 
 
 def memcopy_bandwidth() -> float:
-    """GB/s of bytes moved (read + write) by a large tensor copy."""
+    """GB/s of a large tensor copy, counting the bytes copied once (as the issue's 42 GB/s does)."""
     src = torch.empty(64 * 2**20, dtype=torch.float32).normal_()
     dst = torch.empty_like(src)
     dst.copy_(src)
@@ -49,7 +49,7 @@ def memcopy_bandwidth() -> float:
         t = time.perf_counter()
         dst.copy_(src)
         best = min(best, time.perf_counter() - t)
-    return 2 * src.numel() * 4 / best / 1e9
+    return src.numel() * 4 / best / 1e9
 
 
 def bench_hf(model, batch_prompts, new_tokens: int) -> float:
