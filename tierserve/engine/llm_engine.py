@@ -44,21 +44,8 @@ class LLMEngine:
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
         self.source = resolve_model(config.model.model)
-        if config.model.quantization is None:
-            loaded = load_model(self.source.weights, getattr(torch, config.model.dtype))
-        else:  # imported only when asked for: it pulls in every registered weight format
-            from tierserve.kernels.quant.checkpoint import load_for_engine
-
-            loaded = load_for_engine(self.source.weights, getattr(torch, config.model.dtype),
-                                     config.model.quantization)
+        loaded = self._build_model(config)
         self.model = loaded.model
-        self.offload = None
-        if config.offload.enabled:  # before the linear backend: it ships plain weights to the hosts
-            from tierserve.moe.offload import offload_from_config
-
-            self.offload = offload_from_config(self.model, config.offload, self.source.weights,
-                                               config.model.linear_backend)
-        apply_linear_backend(self.model, config.model.linear_backend)
         self.hf_config = loaded.hf_config
         self.tokenizer = load_tokenizer(self.source, config.model.tokenizer)
         self.vocab_size = loaded.arch.vocab_size
@@ -76,6 +63,24 @@ class LLMEngine:
         self._requests: dict[str, Request] = {}
         self._arrivals = itertools.count()
         self._ids = itertools.count()
+
+    def _build_model(self, config: EngineConfig):
+        """Load the weights, then apply the transforms in order: expert offload, linear backend."""
+        dtype = getattr(torch, config.model.dtype)
+        if config.model.quantization is None:
+            loaded = load_model(self.source.weights, dtype)
+        else:  # imported only when asked for: it pulls in every registered weight format
+            from tierserve.kernels.quant.checkpoint import load_for_engine
+
+            loaded = load_for_engine(self.source.weights, dtype, config.model.quantization)
+        self.offload = None
+        if config.offload.enabled:  # before the linear backend: it ships plain weights to the hosts
+            from tierserve.moe.offload import offload_from_config
+
+            self.offload = offload_from_config(loaded.model, config.offload, self.source.weights,
+                                               config.model.linear_backend)
+        apply_linear_backend(loaded.model, config.model.linear_backend)
+        return loaded
 
     def _max_model_len(self, model_len: int) -> int:
         wanted = self.config.model.max_model_len
