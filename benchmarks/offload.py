@@ -5,8 +5,11 @@ KTransformers 62-67% with 10-50% of experts resident, Luce Spark 85% at 60%).
 Model: the MoEfied SmolLM2 (``ensure_moe_model``); ``--random`` uses a random Mixtral
 of SmolLM2-135M's shape instead. Each run: one greedy request, ``--tokens`` decode
 steps timed after the prefill, through ``LLMEngine`` with ``OffloadConfig``
-(usage counts uniform: experts ranked by id). Also measured: one ``ExpertHost.compute``
-round trip with a decode-size numpy payload (1 and 4 rows x hidden).
+(usage counts uniform: experts ranked by id; fused dispatch over the default channel,
+a direct TCP socket per host). Also measured: one ``ExpertHost.compute`` round trip
+with a decode-size numpy payload (1 and 4 rows x hidden) over each channel: a plain
+Ray actor call and the socket channel (``tierserve/moe/socket_channel.py``), to one
+host and to both hosts at once (what a decode layer does).
 Writes benchmarks/results/offload.json.
 
     python benchmarks/offload.py [--tokens 32] [--random]
@@ -76,22 +79,40 @@ def _decode_tps(path: str, offload: OffloadConfig | None, tokens: int) -> tuple[
 def _round_trip(hidden: int, layer_experts: int) -> dict:
     from tierserve.actors.expert_host import ExpertHost
     from tierserve.moe.expert_weights import ExpertWeights
+    from tierserve.moe.socket_channel import SocketChannel
 
-    host = ExpertHost.remote("auto")
+    hosts = [ExpertHost.remote("auto") for _ in range(2)]
     w = ExpertWeights(np.random.randn(2 * 64, hidden).astype(np.float32),
                       np.random.randn(hidden, 64).astype(np.float32), "silu", "float32")
-    ray.get(host.load_experts.remote({(0, e): w for e in range(layer_experts)}))
+    ray.get([h.load_experts.remote({(0, e): w for e in range(layer_experts)}) for h in hosts])
+    channels = [SocketChannel((ip, port), 30.0, bytes.fromhex(token))
+                for ip, port, token in ray.get([h.open_channel.remote() for h in hosts])]
+
+    def ray_call(hs, x, ids):
+        ray.get([h.compute.remote(0, x, ids) for h in hs])
+
+    def socket_call(chs, x, ids):
+        for ch in chs:
+            ch.send(0, x, ids, "float32")
+        for ch in chs:
+            ch.recv(time.monotonic() + 30.0)
+
     res = {}
     for rows in (1, 4):
         x = np.random.randn(rows, hidden).astype(np.float32)
         ids = np.zeros(rows, dtype=np.int64)
-        times = []
-        for _ in range(60):
-            t0 = time.perf_counter()
-            ray.get(host.compute.remote(0, x, ids))
-            times.append(time.perf_counter() - t0)
-        res[f"rows_{rows}_median_ms"] = 1e3 * statistics.median(times[10:])
-    ray.kill(host)
+        for name, call, targets in (("ray", ray_call, hosts), ("socket", socket_call, channels)):
+            for n in (1, 2):
+                times = []
+                for _ in range(110):
+                    t0 = time.perf_counter()
+                    call(targets[:n], x, ids)
+                    times.append(time.perf_counter() - t0)
+                res[f"{name}_{n}host_rows_{rows}_median_ms"] = 1e3 * statistics.median(times[10:])
+    for ch in channels:
+        ch.close()
+    for h in hosts:
+        ray.kill(h)
     return res
 
 
@@ -134,7 +155,9 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['fraction_resident']:>9.2f} {str(r['offloaded']):>8} {r['tok_s']:>8.2f} {r['kept']:>6.2f} "
               f"{str(r['identical']):>9}")
-    print("ExpertHost.compute round trip (decode payloads):", {k: round(v, 3) for k, v in rtt.items()})
+    print("ExpertHost.compute round trip, median ms (decode payloads):")
+    for k, v in rtt.items():
+        print(f"  {k:<32} {v:7.3f}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(dict(model=path, tokens=args.tokens, rows=rows, round_trip=rtt), f, indent=2)

@@ -92,16 +92,36 @@ def hosts(cluster):
     return hosts
 
 
+@pytest.mark.parametrize("channel", ["socket", "ray"])
 @pytest.mark.parametrize("fraction", [0.0, 0.5, 0.75])
-def test_offloaded_is_bit_identical(tiny, hosts, fraction):
+def test_offloaded_is_bit_identical(tiny, hosts, fraction, channel):
+    """Both fused-dispatch channels (direct TCP socket, plain actor calls) give the resident bits."""
+    import ray
+
     path, ref, ref_logits, ref_tokens = tiny
     placement, counts = _placement(ref, fraction)
-    model, handle = _offloaded(path, placement, hosts, counts=counts)
+    for h in hosts.values():
+        ray.get(h.reset_stats.remote())
+    model, handle = _offloaded(path, placement, hosts, counts=counts, channel=channel)
+    assert set(handle.pool.channels) == (set(hosts) if channel == "socket" else set())
     assert torch.equal(PagedRunner(model).step(PROMPT), ref_logits)
     assert PagedRunner(model).greedy(PROMPT, NEW) == ref_tokens
-    if fraction < 1:
-        assert sum(handle.stats.messages.values()) > 0
+    sent = sum(handle.stats.messages.values())
+    assert sent > 0
+    # every message reached a host's compute, whichever channel carried it
+    assert sum(sum(ray.get(h.stats.remote())["calls"].values()) for h in hosts.values()) == sent
     assert not handle.stats.failures
+    handle.close()
+    assert not handle.pool.channels
+
+
+def test_unknown_channel_is_rejected(tiny, hosts):
+    from tierserve.errors import InvalidParameterError
+
+    path, ref, _, _ = tiny
+    placement, counts = _placement(ref, 0.5)
+    with pytest.raises(InvalidParameterError, match="channel"):
+        _offloaded(path, placement, hosts, counts=counts, channel="grpc")
 
 
 def test_fused_dispatch_messages_and_bytes(tiny, hosts):
@@ -182,6 +202,26 @@ def test_host_death_mid_generation(tiny, cluster, hosts):
     assert "victim" not in handle.pool.owners.values()
 
 
+def _kill_and_wait(host, limit_s=60.0):
+    """``ray.kill`` is asynchronous: wait until the host's process (on this machine) is gone."""
+    import time
+
+    import ray
+
+    pid = ray.get(host.stats.remote())["pid"]
+    ray.kill(host)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit_s:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(")")[-1].split()[0] in ("Z", "X"):
+                    return
+        except FileNotFoundError:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"the killed host (pid {pid}) is still running after {limit_s}s")
+
+
 def test_all_hosts_dead_computes_locally(tiny, cluster):
     """With every host gone the worker re-reads the experts from disk and runs them itself."""
     import ray
@@ -191,7 +231,7 @@ def test_all_hosts_dead_computes_locally(tiny, cluster):
     placement, counts = _placement(ref, 0.5)
     node, host = _extra_host(c)
     model, handle = _offloaded(path, placement, {"only": host}, counts=counts, timeout_s=10.0)
-    ray.kill(host)
+    _kill_and_wait(host)
     assert torch.equal(PagedRunner(model).step(PROMPT), ref_logits)
     assert handle.pool.alive == set()
     assert set(handle.pool.local) == set(placement.cold_keys())
@@ -234,3 +274,33 @@ def test_real_moe_offloaded_is_bit_identical(hosts):
     assert torch.equal(PagedRunner(model).step(prompt), ref_logits)
     assert PagedRunner(model).greedy(prompt, NEW) == ref_tokens
     assert len(set(ref_tokens)) > 3 and not handle.stats.failures
+
+
+def test_socket_channel_serves_only_the_token_holder():
+    """A connection without the host's token is closed; the worker presenting it is served."""
+    import socket
+
+    import numpy as np
+
+    from tierserve.moe.socket_channel import SocketChannel, start_server
+
+    calls = []
+
+    def compute(layer, x, ids, dtype):
+        calls.append(layer)
+        return x * 2
+
+    ip, port, token = start_server("127.0.0.1", compute)
+    intruder = socket.create_connection((ip, port), timeout=5)
+    intruder.sendall(b"\0" * 32)
+    intruder.settimeout(5)
+    assert intruder.recv(1) == b""  # closed by the host
+    intruder.close()
+    chan = SocketChannel((ip, port), 5.0, bytes.fromhex(token))
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    chan.send(3, x, np.array([0, 1]), "float32")
+    import time
+
+    assert np.array_equal(chan.recv(time.monotonic() + 5), x * 2)
+    assert calls == [3]
+    chan.close()

@@ -14,6 +14,10 @@ order; the worker applies the router weights. Experts are built by
 ``tierserve.moe.expert_weights.build_expert`` with the worker's linear backend, so
 outputs are bit-identical to the worker running the expert itself.
 
+``open_channel()`` starts a direct TCP channel to ``compute`` on this node's IP
+(``tierserve.moe.socket_channel``: a faster path than an actor call for the per-layer
+round trip) and returns its ``(ip, port, token)``; the worker connects once, presenting the token.
+
 ``stats()`` reports the calls and bytes received per layer (tests check the fused
 dispatch contract: one message per host per layer per step, bytes = rows x hidden
 x dtype size).
@@ -28,6 +32,7 @@ import ray
 import torch
 
 from tierserve.moe.expert_weights import ExpertWeights, build_expert, numpy_to_tensor, tensor_to_numpy
+from tierserve.moe.socket_channel import start_server
 
 #: Custom resource every expert-host node advertises with amount 1.
 EXPERT_HOST_RESOURCE = "expert_host"
@@ -57,6 +62,10 @@ class ExpertHost:
     def get_expert(self, layer: int, expert: int) -> ExpertWeights:
         """The weights of one held expert (the worker's spare-slot ring copies them)."""
         return self._weights[(layer, expert)]
+
+    def open_channel(self) -> tuple[str, int, str]:
+        """Serve ``compute`` on a TCP socket (one authenticated connection); returns (ip, port, token)."""
+        return start_server(ray.util.get_node_ip_address(), self.compute)
 
     def held(self) -> list[tuple[int, int]]:
         return sorted(self._experts)

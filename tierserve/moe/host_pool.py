@@ -1,11 +1,14 @@
 """HostPool: the worker's view of its expert hosts — who owns which cold expert, who is alive.
 
-Calls go out with ``submit`` (non-blocking, returns a Ray ObjectRef) and are collected
-together with ``wait``: one ``ray.wait`` over every outstanding call with a single
-deadline of ``timeout_s`` seconds from the moment ``wait`` starts. A call that raises
-(``RayActorError``/``ActorDiedError``, ``ObjectLostError``, ...) or is not ready at the
-deadline marks its host dead (``fail``): the host is killed (so a slow host cannot come
-back with stale state) and each of its experts is re-read from the model's checkpoint
+Calls go out with ``submit`` (non-blocking) and are collected together with ``wait``
+under a single deadline of ``timeout_s`` seconds from the moment ``wait`` starts. A
+host with a ``SocketChannel`` (``tierserve.moe.socket_channel``, the default: ~0.3 ms
+instead of ~1.3 ms per round trip) gets the request on that socket and ``wait`` reads
+the reply with the remaining time as socket timeout; any other host gets an actor call
+(a Ray ObjectRef) collected by one ``ray.wait``. A call that raises (``ChannelError``,
+``RayActorError``/``ActorDiedError``, ``ObjectLostError``, ...) or is not ready at the
+deadline marks its host dead (``fail``): its channel is closed and the host is killed
+(so a slow host cannot come back with stale state) and each of its experts is re-read from the model's checkpoint
 on disk (``CheckpointExperts``; the worker keeps no copy of cold weights) and loaded on
 the surviving host holding the fewest experts; with no survivor (or if loading there
 fails too) the expert is built locally on the worker with the same linear backend.
@@ -15,6 +18,7 @@ bit-identical and the request completes with identical output.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,6 +27,7 @@ import torch
 
 from tierserve.errors import TierserveError
 from tierserve.moe.expert_weights import CheckpointExperts, build_expert
+from tierserve.moe.socket_channel import ChannelError, SocketChannel
 
 Key = tuple[int, int]
 
@@ -44,8 +49,10 @@ class PoolStats:
 
 class HostPool:
     def __init__(self, hosts: dict[str, "ray.actor.ActorHandle"], owners: dict[Key, str],
-                 source: CheckpointExperts | None, linear_backend: str, timeout_s: float):
+                 source: CheckpointExperts | None, linear_backend: str, timeout_s: float,
+                 channels: dict[str, SocketChannel] | None = None):
         self.hosts = dict(hosts)
+        self.channels = dict(channels or {})
         self.owners = dict(owners)
         self.source = source
         self.linear_backend = linear_backend
@@ -64,17 +71,41 @@ class HostPool:
     def submit(self, name: str, layer: int, x: np.ndarray, expert_ids: np.ndarray, dtype: str):
         self.stats.messages[layer] = self.stats.messages.get(layer, 0) + 1
         self.stats.bytes[layer] = self.stats.bytes.get(layer, 0) + int(x.nbytes)
-        return self.hosts[name].compute.remote(layer, x, expert_ids, dtype)
+        channel = self.channels.get(name)
+        if channel is None:
+            return self.hosts[name].compute.remote(layer, x, expert_ids, dtype)
+        try:
+            channel.send(layer, x, expert_ids, dtype)
+        except ChannelError as exc:
+            return exc  # wait() fails the host over
+        return channel
 
-    def wait(self, pending: dict[str, "ray.ObjectRef"]) -> dict[str, np.ndarray | None]:
+    def wait(self, pending: dict) -> dict[str, np.ndarray | None]:
         """Results by host; None for a host that failed (it has been failed over already)."""
         if not pending:
             return {}
-        refs = list(pending.values())
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
-        ready_ids = set(ready)
+        deadline = time.monotonic() + self.timeout_s
         out: dict[str, np.ndarray | None] = {}
-        for name, ref in pending.items():
+        refs, failed = {}, {}
+        for name, call in pending.items():
+            if isinstance(call, (SocketChannel, ChannelError)):
+                try:
+                    if isinstance(call, ChannelError):
+                        raise call
+                    out[name] = call.recv(deadline)
+                except ChannelError as exc:
+                    out[name] = None
+                    failed[name] = f"channel: {exc}"
+            else:
+                refs[name] = call
+        for name, reason in failed.items():  # after every read: a reload must not eat the others' deadline
+            self.fail(name, reason)
+        if not refs:
+            return out
+        remaining = max(deadline - time.monotonic(), 0.0)
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=remaining)
+        ready_ids = set(ready)
+        for name, ref in refs.items():
             if ref not in ready_ids:
                 out[name] = None
                 self.fail(name, "timeout")
@@ -92,6 +123,9 @@ class HostPool:
             return
         self.alive.discard(name)
         self.stats.failures.append(f"{name}: {reason}")
+        channel = self.channels.pop(name, None)
+        if channel is not None:
+            channel.close()
         try:
             ray.kill(self.hosts[name], no_restart=True)
         except Exception:  # already gone
@@ -115,6 +149,9 @@ class HostPool:
                 ray.get(self.hosts[target].load_experts.remote(weights), timeout=self.timeout_s)
             except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
                 self.alive.discard(target)
+                channel = self.channels.pop(target, None)
+                if channel is not None:
+                    channel.close()
                 self.stats.failures.append(f"{target}: {type(exc).__name__} while reloading")
                 orphans = sorted(k for k, h in self.owners.items() if h == target)
                 for k in orphans:
@@ -126,3 +163,9 @@ class HostPool:
             return
         for k, w in weights.items():
             self.local[k] = build_expert(w, self.linear_backend)
+
+    def close(self) -> None:
+        """Close the socket channels (the hosts' serving threads then exit)."""
+        for channel in self.channels.values():
+            channel.close()
+        self.channels.clear()
