@@ -109,6 +109,8 @@ class OffloadConfig:
     an expert-usage JSON (tierserve/moe/usage.py) ranking experts; None ranks by id.
     ``timeout_s``: a host that does not answer within it is treated as dead.
     ``spare_slots``: size of the worker's ring of spare expert slots (0 = none).
+    ``channel``: how fused dispatch messages reach hosts ("socket": a direct
+    token-authenticated TCP channel; "ray": plain actor calls), see tierserve/moe/offload.py.
     """
 
     resident_experts: int | None = None
@@ -117,6 +119,7 @@ class OffloadConfig:
     usage_path: str | None = None
     timeout_s: float = 30.0
     spare_slots: int = 0
+    channel: str = "socket"
 
     @property
     def enabled(self) -> bool:
@@ -131,6 +134,8 @@ class OffloadConfig:
             raise InvalidParameterError("per_layer_floor", f"must be >= 0, got {self.per_layer_floor}")
         if self.timeout_s <= 0:
             raise InvalidParameterError("timeout_s", f"must be > 0, got {self.timeout_s}")
+        if self.channel not in ("socket", "ray"):
+            raise InvalidParameterError("channel", f"must be 'socket' or 'ray', got {self.channel!r}")
         if self.spare_slots < 0:
             raise InvalidParameterError("spare_slots", f"must be >= 0, got {self.spare_slots}")
 

@@ -155,6 +155,7 @@ def offload_from_config(model: nn.Module, cfg, model_path: str | None, linear_ba
     if model_path is not None and not os.path.isdir(model_path):
         model_path = None  # a .gguf file: a dead host's experts cannot be re-read (ExpertHostError then)
     handle = apply_expert_offload(model, placement, hosts, model_path=model_path, linear_backend=linear_backend,
-                                  counts=counts, timeout_s=cfg.timeout_s, spare_slots=cfg.spare_slots)
+                                  counts=counts, timeout_s=cfg.timeout_s, spare_slots=cfg.spare_slots,
+                                  channel=cfg.channel)
     handle.owns_hosts = True
     return handle
