@@ -73,11 +73,12 @@ class CausalLMBase(nn.Module):
         return name.endswith(self.ignored_hf_suffixes)
 
     @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], filled: Iterable[str] = ()) -> None:
+        """Copy each (hf_name, tensor) into its slot; ``filled`` names slots another path already set."""
         slots = self.hf_slots()
-        loaded: set[str] = set()
+        loaded: set[str] = set(filled)
         for name, tensor in weights:
-            if self._ignored(name):
+            if self._ignored(name) or name in loaded:
                 continue
             slot = slots.get(name)
             if slot is None:

@@ -32,7 +32,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from tierserve.errors import ModelLoadError
 from tierserve.kernels.quant.base import QuantizedLinear, get_format
 from tierserve.kernels.quant.embedding import QuantizedEmbedding
 from tierserve.kernels.quant.transform import linear_modules, swap_module
@@ -118,26 +117,10 @@ def _plan(model: nn.Module, sources: dict[str, PackedSource]) -> tuple[dict[str,
 
 @torch.no_grad()
 def _load_float(model: nn.Module, g: GGUFFile, skip_hf: set[str], sources: dict[str, PackedSource]) -> None:
-    """Fill every slot except ``skip_hf`` from the float path; same checks as ``CausalLMBase.load_weights``."""
-    slots = model.hf_slots()
+    """Fill every slot except ``skip_hf`` (already packed) through ``CausalLMBase.load_weights``."""
     skip_gguf = {s.gguf_name for hf, s in sources.items() if hf in skip_hf}
     rest = dataclasses.replace(g, tensors=[t for t in g.tensors if t.name not in skip_gguf])
-    loaded = set(skip_hf)
-    for name, tensor in iter_gguf_hf_tensors(rest):
-        if model._ignored(name) or name in skip_hf:
-            continue
-        slot = slots.get(name)
-        if slot is None:
-            raise ModelLoadError(f"unexpected tensor {name!r} (shape {list(tensor.shape)}) for {model.cfg.architecture}")
-        target = slot.target()
-        if tuple(tensor.shape) != tuple(target.shape):
-            raise ModelLoadError(f"tensor {name!r} has shape {list(tensor.shape)} but the model expects "
-                                 f"{list(target.shape)}")
-        target.copy_(tensor)
-        loaded.add(name)
-    missing = sorted(set(slots) - loaded)
-    if missing:
-        raise ModelLoadError(f"GGUF file {g.path} is missing tensor {missing[0]!r} ({len(missing)} missing)")
+    model.load_weights(iter_gguf_hf_tensors(rest), filled=skip_hf)
 
 
 def load_gguf_packed(model: nn.Module, g: GGUFFile) -> PackedLoadReport:
