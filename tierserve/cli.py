@@ -34,6 +34,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="how linear layers run (auto: oneDNN-prepacked weights on CPU)")
     p.add_argument("--quantization", default=None,
                    help="'auto' (a quantized folder's config, a .gguf kept packed) or a weight-format name")
+    p.add_argument("--resident-experts", type=int, default=None,
+                   help="MoE expert offload: experts kept on the worker, summed over layers (default: all)")
+    p.add_argument("--expert-hosts", type=int, default=2,
+                   help="expert-host actors holding the cold experts (with --resident-experts)")
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
@@ -41,7 +45,8 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
                 kv_cache_memory_gib=args.kv_cache_memory_gib, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens,
                 enable_prefix_caching=not args.no_prefix_caching, num_threads=args.threads,
-                linear_backend=args.linear_backend, quantization=args.quantization)
+                linear_backend=args.linear_backend, quantization=args.quantization,
+                resident_experts=args.resident_experts, expert_hosts=args.expert_hosts)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -59,10 +64,6 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-h", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[])
-    gen.add_argument("--resident-experts", type=int, default=None,
-                     help="MoE expert offload: experts kept on the worker, summed over layers (default: all)")
-    gen.add_argument("--expert-hosts", type=int, default=2,
-                     help="expert-host actors holding the cold experts (with --resident-experts)")
     gen.set_defaults(func=_generate)
     quant = sub.add_parser("quantize", help="write a quantized checkpoint (safetensors + quantization_config.json)")
     quant.add_argument("--scheme", required=True, help="weight format name (e.g. q4_0, q4_1, q8_0)")
@@ -104,13 +105,6 @@ def _generate(args: argparse.Namespace) -> int:
                             top_k=args.top_k, min_p=args.min_p, top_h=args.top_h, seed=args.seed,
                             stop=tuple(args.stop))
     config = build_engine_config(args.model, **_engine_kwargs(args))
-    if args.resident_experts is not None:
-        import dataclasses
-
-        from tierserve.config import OffloadConfig
-
-        config = dataclasses.replace(config, offload=OffloadConfig(resident_experts=args.resident_experts,
-                                                                   expert_hosts=args.expert_hosts))
     engine = LLMEngine(config)
     prompt = args.prompt
     if args.chat:
@@ -155,12 +149,7 @@ def _quantize(args: argparse.Namespace) -> int:
 def serve_args(args: argparse.Namespace, api_key: str | None) -> dict:
     """``build_app`` arguments from the ``serve`` command line."""
     out = dict(model=args.model, served_model_name=args.served_model_name, replicas=args.replicas,
-               dtype=args.dtype, max_model_len=args.max_model_len, block_size=args.block_size,
-               kv_cache_memory_gib=args.kv_cache_memory_gib, max_num_seqs=args.max_num_seqs,
-               max_num_batched_tokens=args.max_num_batched_tokens,
-               enable_prefix_caching=not args.no_prefix_caching, num_threads=args.threads,
-               linear_backend=args.linear_backend, quantization=args.quantization,
-               max_waiting_requests=args.max_waiting_requests, api_key=api_key)
+               max_waiting_requests=args.max_waiting_requests, api_key=api_key, **_engine_kwargs(args))
     if args.max_replicas is not None:
         out["max_replicas"] = args.max_replicas
     if args.max_body_bytes is not None:
@@ -179,7 +168,9 @@ def _serve(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("TIERSERVE_API_KEY") or None
     app = build_app(serve_args(args, api_key))
     if args.address is None:
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False)
+        # On one machine the expert hosts (if any) live on this node: advertise their resource.
+        hosts = {"expert_host": args.expert_hosts} if args.resident_experts is not None else None
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, resources=hosts)
     else:
         ray.init(address=args.address)
     try:

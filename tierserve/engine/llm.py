@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tierserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from tierserve.config import CacheConfig, EngineConfig, ModelConfig, OffloadConfig, SchedulerConfig
 from tierserve.engine.llm_engine import LLMEngine
 from tierserve.engine.outputs import CompletionOutput
 from tierserve.sampling_params import SamplingParams
@@ -16,7 +16,13 @@ def build_engine_config(model: str | None = None, *, dtype: str = "float32",
                         enable_prefix_caching: bool = True, max_num_seqs: int = 64,
                         max_num_batched_tokens: int = 2048, long_prefill_token_threshold: int = 0,
                         num_threads: int | None = None, seed: int = 0,
-                        linear_backend: str = "auto", quantization: str | None = None) -> EngineConfig:
+                        linear_backend: str = "auto", quantization: str | None = None,
+                        resident_experts: int | None = None, expert_hosts: int = 2) -> EngineConfig:
+    """The EngineConfig of the flat options shared by ``LLM``, the CLI and the Serve app builder.
+
+    ``resident_experts`` (None: every expert resident) turns on MoE expert
+    offload over ``expert_hosts`` ExpertHost actors (OffloadConfig).
+    """
     return EngineConfig(
         model=ModelConfig(model=model, dtype=dtype, max_model_len=max_model_len,
                           linear_backend=linear_backend, quantization=quantization),
@@ -25,6 +31,7 @@ def build_engine_config(model: str | None = None, *, dtype: str = "float32",
                           enable_prefix_caching=enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                   long_prefill_token_threshold=long_prefill_token_threshold),
+        offload=OffloadConfig(resident_experts=resident_experts, expert_hosts=expert_hosts),
         seed=seed, num_threads=num_threads)
 
 

@@ -24,9 +24,11 @@
 A deployment override in serve YAML (``deployments:``) replaces these options
 as usual in Ray Serve.
 
-``expert_hosts`` is validated and kept for MoE expert offload (expert-host
-actors on nodes with the ``expert_host`` resource); the dense models served
-today do not use it.
+``resident_experts`` (None: all resident) turns on MoE expert offload in every
+replica: each replica's engine keeps that many experts and spreads the rest
+over ``expert_hosts`` ExpertHost actors (placed on nodes with the
+``expert_host`` resource, tierserve/moe/offload.py). A dense model with
+``resident_experts`` set is rejected when the replica loads it.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ class AppArgs(BaseModel):
     min_replicas: int | None = Field(None, ge=0)
     max_replicas: int | None = Field(None, ge=1)
     target_ongoing_requests: float = Field(16, gt=0)
-    expert_hosts: int = Field(0, ge=0)
+    resident_experts: int | None = Field(None, ge=0)
+    expert_hosts: int = Field(2, ge=1)
     # engine
     dtype: str = "float32"
     max_model_len: int | None = None
@@ -117,7 +120,8 @@ def build_app(args: dict | None = None):
         enable_prefix_caching=a.enable_prefix_caching, max_num_seqs=a.max_num_seqs,
         max_num_batched_tokens=a.max_num_batched_tokens,
         long_prefill_token_threshold=a.long_prefill_token_threshold, num_threads=a.num_threads,
-        linear_backend=a.linear_backend, quantization=a.quantization)
+        linear_backend=a.linear_backend, quantization=a.quantization,
+        resident_experts=a.resident_experts, expert_hosts=a.expert_hosts)
     scaling: dict = {"num_replicas": a.replicas}
     if a.max_replicas is not None:
         scaling = {"autoscaling_config": AutoscalingConfig(
