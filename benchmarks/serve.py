@@ -11,10 +11,12 @@ replicas of the default SmolLM2-135M model, once per router:
 Each run deploys a fresh app (new replicas, empty caches, new prefix-tree and
 metrics actors) and tears it down afterwards. Both runs send the same workload:
 
-* ``--conversations`` conversations; conversation i has its own system prompt:
-  an instruction plus a passage of a Jane Austen novel (``tierserve.data.austen``;
-  novel ``i mod 6``, a different offset per conversation), ``--passage-chars``
-  characters (~700-900 SmolLM2 tokens);
+* ``--conversations`` conversations (default 16) over ``--system-prompts``
+  long system prompts (default 4): conversation i uses prompt ``i mod 4``, as
+  the users of one assistant share its system prompt. A prompt is an
+  instruction plus a passage of a Jane Austen novel (``tierserve.data.austen``;
+  novel ``j mod 6``), ``--passage-chars`` characters (~700-900 SmolLM2
+  tokens, ~55 blocks). Each conversation asks its own seeded questions;
 * ``--turns`` turns each; turn t sends the whole history (system, the earlier
   user questions and the assistant's replies) plus a new question, through the
   ``openai`` client, streaming, ``max_tokens=--max-tokens``, temperature 0,
@@ -38,28 +40,29 @@ the measured phase. Ratios: hit rate prefix/pow2, p50 and p95 TTFT pow2/prefix,
 throughput prefix/pow2. Targets (the issue): hit-rate ratio >= 2, p50 TTFT
 ratio >= 1.5.
 
-KV cache size. ``--num-blocks`` (default 384 blocks of 16 tokens = 6144 tokens
-per replica) is chosen so that one replica holds about half of the workload's
-distinct prefixes (8 conversations x ~1000 tokens ~ 500 blocks) plus the
-running requests: what a deployment looks like when the cache is smaller
-than the working set, which is when routing matters. With affinity each
-replica needs only its own conversations; with random routing both replicas
-see every conversation and evict each other's prefixes.
+KV cache size: a sweep. ``--num-blocks`` is a comma list of per-replica
+cache sizes (blocks of 16 tokens; default 192,256,384,2048); each size runs
+both routers on fresh replicas. Routing matters when one replica's cache is
+smaller than the working set (4 prompts x ~55 blocks + the conversations'
+histories, ~350 blocks) but the two caches together hold it: the prefix
+router gives each replica its own prompts and their conversations, so each
+replica needs about half; power-of-two sends every prompt to both replicas,
+and their LRU caches evict the prompt that is needed next. 192 and 256
+blocks are in that regime, 384 is at its edge, 2048 holds everything.
 
-What bounds the ratios. Turn 1 of every conversation is cold under any
-router, so with 4 turns the hit rate is at most ~0.75. Without cache pressure
-(``--num-blocks 4096``) power-of-two still hits whenever it happens to pick a
-replica that served the conversation before (turn t: probability
-1 - 2^-(t-1) with 2 replicas), which caps the hit-rate ratio near 1.4; above
-that, the ratio comes from power-of-two's LRU thrashing, so it grows as the
-cache shrinks. Power-of-two picks replicas at random (not seedable from
-here), so its hit rate varies from run to run (0.38 and 0.56 in two runs of
-the default configuration). The table also lists requests per replica (from
-the metrics board): the prefix router must not buy its hits with imbalance.
+What bounds the ratios. The first turn of the first conversation of each
+prompt is cold under any router; every later request can hit its prompt and
+its own history. Without cache pressure (2048) power-of-two also hits once
+both replicas have seen a prompt, so the ratio falls towards 1: the prefix
+router's gain there is only the conversation history. Power-of-two picks
+replicas at random (not seedable from here), so its numbers vary from run to
+run. The table also lists requests per replica (from the metrics board): the
+prefix router must not buy its hits with imbalance.
 
 Prints a table and writes benchmarks/results/serve.json.
 
-Usage: python benchmarks/serve.py [--conversations 8] [--turns 4] [--concurrency 4] [--num-blocks 384]
+Usage: python benchmarks/serve.py [--conversations 16] [--system-prompts 4] [--turns 4] [--concurrency 4]
+       [--num-blocks 192,256,384,2048]
 """
 
 from __future__ import annotations
@@ -121,21 +124,26 @@ class RunResult:
 
 
 # ------------------------------------------------------------------ workload
-def build_workload(n_conv: int, turns: int, passage_chars: int, seed: int) -> list[Conversation]:
-    """Deterministic conversations: a distinct Austen passage per system prompt, seeded questions."""
+def system_prompts(n: int, passage_chars: int) -> list[str]:
+    """``n`` distinct system prompts: an instruction plus an Austen passage (novel ``i mod 6``)."""
     texts = austen_texts()
     novels = sorted(texts)
-    rng = random.Random(seed)
-    convs = []
-    for i in range(n_conv):
+    prompts = []
+    for i in range(n):
         novel = novels[i % len(novels)]
         text = texts[novel]
         start = text.find("\n\n", 20_000 + 60_000 * (i // len(novels))) + 2
         passage = re.sub(r"\s+", " ", text[start:start + passage_chars]).strip()
-        system = (f"You are a helpful literary assistant. Answer questions about this passage from "
-                  f"{novel} by Jane Austen.\n\n{passage}")
-        convs.append(Conversation(system, tuple(rng.sample(QUESTIONS, turns))))
-    return convs
+        prompts.append(f"You are a helpful literary assistant. Answer questions about this passage from "
+                       f"{novel} by Jane Austen.\n\n{passage}")
+    return prompts
+
+
+def build_workload(n_conv: int, n_prompts: int, turns: int, passage_chars: int, seed: int) -> list[Conversation]:
+    """Deterministic conversations: conversation i uses system prompt ``i mod n_prompts``, seeded questions."""
+    prompts = system_prompts(n_prompts, passage_chars)
+    rng = random.Random(seed)
+    return [Conversation(prompts[i % n_prompts], tuple(rng.sample(QUESTIONS, turns))) for i in range(n_conv)]
 
 
 # ------------------------------------------------------------------ client
@@ -237,9 +245,9 @@ def teardown(app: str) -> None:
             pass
 
 
-def app_args(router: str, args) -> dict:
+def app_args(router: str, num_blocks: int, args) -> dict:
     return dict(router=router, replicas=args.replicas, max_num_seqs=args.concurrency, max_waiting_requests=16,
-                num_blocks=args.num_blocks, num_threads=1, worker_cpus=0.5, max_model_len=2048,
+                num_blocks=num_blocks, num_threads=1, worker_cpus=0.5, max_model_len=2048,
                 metrics_interval_s=METRICS_INTERVAL_S)
 
 
@@ -276,14 +284,14 @@ async def drive(router: str, base_url: str, app: str, workload: list[Conversatio
     return RunResult(router, wall, records, q1 - q0, h1 - h0, per_replica)
 
 
-def run_router(router: str, port: int, workload: list[Conversation], args) -> RunResult:
+def run_router(router: str, num_blocks: int, port: int, workload: list[Conversation], args) -> RunResult:
     """Deploy a fresh app with ``router``, drive the workload through it, tear it down."""
     from ray import serve
 
     from tierserve.server.app import build_app
 
     app = f"bench-{router}"
-    serve.run(build_app(app_args(router, args)), name=app, route_prefix=f"/{app}")
+    serve.run(build_app(app_args(router, num_blocks, args)), name=app, route_prefix=f"/{app}")
     try:
         return asyncio.run(drive(router, f"http://127.0.0.1:{port}/{app}", app, workload, args))
     finally:
@@ -297,13 +305,13 @@ def percentile(values: list[float], q: float) -> float:
     return s[max(0, math.ceil(q / 100 * len(s)) - 1)]
 
 
-def summarize(r: RunResult) -> dict:
+def summarize(r: RunResult, num_blocks: int) -> dict:
     recs = r.records
     prompt = sum(x.prompt_tokens for x in recs)
     cached = sum(x.cached_tokens for x in recs)
     ttft = [x.ttft_s for x in recs]
     return {
-        "router": r.router, "requests": len(recs), "wall_s": r.wall_s,
+        "router": r.router, "num_blocks": num_blocks, "requests": len(recs), "wall_s": r.wall_s,
         "prompt_tokens": prompt, "cached_tokens": cached, "hit_rate": cached / prompt if prompt else 0.0,
         "metrics_hit_rate": r.metrics_hits / r.metrics_queries if r.metrics_queries else 0.0,
         "ttft_p50_s": percentile(ttft, 50), "ttft_p95_s": percentile(ttft, 95),
@@ -323,30 +331,30 @@ def ratios(p: dict, b: dict) -> dict:
 
 
 def print_table(rows: list[dict], rat: dict) -> None:
-    cols = [("router", "{}"), ("requests", "{}"), ("hit_rate", "{:.3f}"), ("metrics_hit_rate", "{:.3f}"),
+    cols = [("num_blocks", "{}"), ("router", "{}"), ("requests", "{}"), ("hit_rate", "{:.3f}"), ("metrics_hit_rate", "{:.3f}"),
             ("ttft_p50_s", "{:.3f}"), ("ttft_p95_s", "{:.3f}"), ("e2e_p50_s", "{:.3f}"),
             ("output_tok_s", "{:.2f}"), ("req_s", "{:.3f}"), ("wall_s", "{:.1f}"),
             ("requests_per_replica", "{}")]
     print(" | ".join(f"{c:>16}" for c, _ in cols))
     for row in rows:
         print(" | ".join(f"{fmt.format(row[c]):>16}" for c, fmt in cols))
-    for k, v in rat.items():
-        print(f"{k:>32}: {v:.2f}x")
-    if not rat:
-        return
-    print(f"targets: hit-rate ratio >= 2.0 ({'met' if rat['hit_rate_prefix_over_pow2'] >= 2 else 'MISSED'}), "
-          f"p50 TTFT ratio >= 1.5 ({'met' if rat['ttft_p50_pow2_over_prefix'] >= 1.5 else 'MISSED'})")
+    for nb, r in rat.items():
+        print(f"{nb} blocks/replica: " + ", ".join(f"{k} {v:.2f}x" for k, v in r.items()))
+        print(f"  targets: hit-rate ratio >= 2.0 ({'met' if r['hit_rate_prefix_over_pow2'] >= 2 else 'MISSED'}), "
+              f"p50 TTFT ratio >= 1.5 ({'met' if r['ttft_p50_pow2_over_prefix'] >= 1.5 else 'MISSED'})")
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--conversations", type=int, default=8)
+    ap.add_argument("--conversations", type=int, default=16)
+    ap.add_argument("--system-prompts", type=int, default=4)
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--passage-chars", type=int, default=3600)
     ap.add_argument("--replicas", type=int, default=2)
-    ap.add_argument("--num-blocks", type=int, default=384)
+    ap.add_argument("--num-blocks", default="192,256,384,2048",
+                    help="comma list: per-replica KV blocks; each value runs every router")
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--routers", default="prefix,pow2")
@@ -355,26 +363,37 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.turns > len(QUESTIONS):
         ap.error(f"--turns must be <= {len(QUESTIONS)}, got {args.turns}")
+    if not 1 <= args.system_prompts <= args.conversations:
+        ap.error(f"--system-prompts must be in 1..--conversations ({args.conversations}), got {args.system_prompts}")
+    args.num_blocks = [int(x) for x in str(args.num_blocks).split(",")]
     return args
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    workload = build_workload(args.conversations, args.turns, args.passage_chars, args.seed)
-    port = start_serve()
-    results = {}
-    for router in args.routers.split(","):
-        t = time.perf_counter()
-        results[router] = run_router(router, port, workload, args)
-        print(f"[{router}] done in {time.perf_counter() - t:.1f}s", flush=True)
-    rows = [summarize(r) for r in results.values()]
-    by_router = {row["router"]: row for row in rows}
-    rat = ratios(by_router["prefix"], by_router["pow2"]) if {"prefix", "pow2"} <= set(by_router) else {}
-    print_table(rows, rat)
+def write_results(args, rows: list[dict], rat: dict, results: dict[str, RunResult]) -> None:
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"config": vars(args), "summary": rows, "ratios": rat,
                    "requests": {k: [asdict(x) for x in r.records] for k, r in results.items()}}, f, indent=2)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    workload = build_workload(args.conversations, args.system_prompts, args.turns, args.passage_chars, args.seed)
+    port = start_serve()
+    results, rows, rat = {}, [], {}
+    for nb in args.num_blocks:
+        by_router = {}
+        for router in args.routers.split(","):
+            t = time.perf_counter()
+            res = run_router(router, nb, port, workload, args)
+            results[f"{router}@{nb}"] = res
+            by_router[router] = summarize(res, nb)
+            print(f"[{router} @ {nb} blocks] done in {time.perf_counter() - t:.1f}s", flush=True)
+        rows.extend(by_router.values())
+        if {"prefix", "pow2"} <= set(by_router):
+            rat[nb] = ratios(by_router["prefix"], by_router["pow2"])
+        print_table(rows, rat)  # after every point: a sweep that dies later keeps what it measured
+        write_results(args, rows, rat, results)
     print(f"wrote {args.out}")
 
 
