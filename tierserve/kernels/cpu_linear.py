@@ -13,6 +13,10 @@ reference only by summation order (tests: relative error <= 1e-5).
 ``nn.Linear`` (and the tied LM head) for a :class:`PackedLinear` holding only
 the packed weight. It is chosen through ``LINEAR_BACKENDS`` by name; "auto"
 packs on CPU when oneDNN is available and leaves other devices untouched.
+Both "onednn" and "auto" also swap every CPU ``QuantizedLinear`` for its
+format's fast CPU path (``kernels/quant/cpu_fast.py``: torch's int4 kernels
+for Q4_0/Q4_1/SINQ/MXFP4, row-chunked dequantization for Q8_0/NVFP4); the
+"torch" backend keeps every layer on its reference path.
 """
 
 from __future__ import annotations
@@ -54,8 +58,17 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "TiedLMHead"
 
 
+def _accelerate_quantized(model: nn.Module) -> int:
+    if not any(type(m).__name__ == "QuantizedLinear" for m in model.modules()):
+        return 0  # plain models never import the weight formats
+    from tierserve.kernels.quant.cpu_fast import accelerate_quantized
+
+    return accelerate_quantized(model)
+
+
 def pack_linears(model: nn.Module) -> int:
-    """Swap every linear of a CPU model for a PackedLinear; returns how many were swapped."""
+    """Swap every linear of a CPU model for a PackedLinear (quantized ones for their fast CPU path);
+    returns how many were swapped."""
     packed: dict[int, PackedLinear] = {}  # a module registered under two names is packed once
     for parent in list(model.modules()):
         for name, child in list(parent._modules.items()):  # every name, aliases included
@@ -63,7 +76,7 @@ def pack_linears(model: nn.Module) -> int:
                 if id(child) not in packed:
                     packed[id(child)] = PackedLinear(child.weight, child.bias)
                 setattr(parent, name, packed[id(child)])
-    return len(packed)
+    return len(packed) + _accelerate_quantized(model)
 
 
 def _auto(model: nn.Module) -> int:

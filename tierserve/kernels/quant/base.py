@@ -4,8 +4,10 @@ A ``WeightFormat`` turns a float weight ``W [out, in]`` into a ``PackedWeight``
 (named tensors plus scalar metadata), turns it back (``dequantize``, the torch
 reference), and multiplies activations by it (``linear``: ``y = x W^T + b``).
 The default ``linear`` is the reference (dequantize, then F.linear); formats
-override it with a packed kernel (triton on GPU, a CPU path) and tests compare
-the two. ``check_shape`` raises InvalidParameterError naming the tensor and the
+override it with a packed kernel (triton on GPU) and tests compare the two.
+CPU fast paths that need a one-time repack are separate modules swapped in
+for ``QuantizedLinear`` by ``cpu_fast.accelerate_quantized`` (the engine's
+linear backend), with the reference kept as the oracle. ``check_shape`` raises InvalidParameterError naming the tensor and the
 rule (e.g. in-features not a multiple of the group) before any work.
 
 Formats are picked by name from ``WEIGHT_FORMATS`` (``register_format``), never

@@ -40,6 +40,13 @@ bf16 first is a lossy choice the caller makes explicitly); ``linear`` decodes
 the weight and runs ``F.linear`` in the activations' dtype, so a bf16 model's
 logits are bit-identical to the uncompressed one. Expected size: ~11/16 of
 bf16 (tests report the ratio on SmolLM2).
+
+CPU speed: there is no fast CPU matmul (``cpu_fast.CPU_FAST_PATHS`` has no
+entry): every call decodes the whole Huffman stream with the numpy decoder,
+measured 25-190 ms per SmolLM2-sized weight (576x576 .. 1536x576) on the
+loaded 2-core dev machine, 150-800x an fp32 linear (benchmarks/kernels.py).
+On CPU the format is for weights at rest and in transit (expert hosts), to be
+decoded once into bf16 before they run.
 """
 
 from __future__ import annotations

@@ -26,7 +26,8 @@ checkpoint keeps its rotation and W4A4 mode through them, and
 online per row and group of g to the same format (absmax scale, E2M1 round to
 nearest) before the matmul; without it (W4A16) they stay in their dtype. On
 CUDA the triton kernel of ``fp4_triton.py`` runs on the packed bytes; on CPU
-the torch reference (dequantize, F.linear) runs.
+the torch reference (dequantize, F.linear) runs here, and the engine's linear
+backend swaps in the fast CPU modules of ``fp4_cpu.py`` (``cpu_fast.py``).
 """
 
 from __future__ import annotations

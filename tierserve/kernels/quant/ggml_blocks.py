@@ -16,19 +16,15 @@ InvalidParameterError naming the tensor).
 Matmul ``y = x W^T + b`` (``GGMLBlockFormat.linear``):
 - CUDA: the format's fused triton kernel (``<format>_triton.py``) reads the
   packed blocks, dequantizes tiles in registers and accumulates in fp32.
-- CPU: dequantize the whole weight to ``x.dtype``, then one ``F.linear``
-  (MKL/oneDNN sgemm). Measured on the 2-core dev machine (Q4_0, SmolLM2 shapes
-  1536x576 and 576x1536, best of 30): dequantizing one such weight takes
-  0.31 ms; dequantize + F.linear 0.36 ms at 1 row and 0.91-0.94 ms at 64 rows,
-  against 0.34-0.35 ms and 1.9-2.6 ms for a blockwise torch matmul (``einsum``
-  of x's 32-wide slices with the integer codes, scales applied per block, then
-  summed). Equal at decode, 2-3x faster at prefill, so dequantize + F.linear is
-  the CPU path. The trade-off, chosen on purpose: every call re-widens one
-  layer's weight into a transient ``out x in`` float buffer freed right after,
-  so CPU decode is dequantization-bound (about 8x slower per layer than an
-  fp32 oneDNN linear at 0.045 ms); caching the widened weights would restore
-  fp32 speed but hold the full-precision model in memory, which is what the
-  packed formats exist to avoid.
+- CPU, here: the torch reference -- dequantize the whole weight to
+  ``x.dtype``, then one ``F.linear`` -- which stays the oracle. It re-widens
+  the layer's weight into a transient ``out x in`` float buffer every call, so
+  it is dequantization-bound (Q4: 4-6x an fp32 linear's time at one row, one
+  thread, SmolLM2 shapes; benchmarks/kernels.py).
+- CPU, in the engine: the linear backends "auto"/"onednn" swap each
+  ``QuantizedLinear`` for its fast CPU module (``cpu_fast.py``): Q4_0/Q4_1
+  repacked once into torch's int4 CPU kernel (``int4_cpu.py``, bf16 compute,
+  0.4-0.95x the fp32 linear's time at one row), Q8_0 as two int4 terms.
 """
 
 from __future__ import annotations

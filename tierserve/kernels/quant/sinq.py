@@ -36,6 +36,8 @@ InvalidParameterError naming the tensor and the rule.
 
 The triton kernel (``sinq_triton.sinq_linear``) computes ``x W_hat^T`` from the
 packed codes; ``sinq_linear`` here is its torch reference (dequantize, matmul).
+On CPU the engine's linear backend swaps in ``int4_cpu.int4_from_sinq`` (4-bit,
+tiles 32-256: torch's int4 kernel with the column scale folded into x).
 Tests: imbalance and reconstruction error below RTN on matrices with planted
 outlier rows/columns, the kurtosis gate, the triton kernel against the reference
 (``TRITON_INTERPRET=1``), bad shapes, and agreement with the ``sinq`` package's

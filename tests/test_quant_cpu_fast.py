@@ -1,0 +1,261 @@
+"""CPU fast paths of the packed weight formats against their torch reference (the oracle).
+
+- torch's int4 CPU kernel obeys the convention int4_cpu documents (W = (q - 8) s + z per group, scales in
+  [K/group, N, 2]), checked against a float64 matmul of the same bf16 inputs.
+- Every fast path (Q4_0, Q4_1, SINQ, Q8_0, MXFP4 int4-pair and LUT, NVFP4 LUT; Hadamard and W4A4 options)
+  against ``QuantizedLinear``'s reference forward over M in {1, 3, 17} and several shapes (N not a multiple of
+  16 included): bf16-compute paths within 6-8 bf16 unit roundoffs of ``|x| @ blockmax|W|^T`` per element,
+  float32 paths within 1e-5 of ``|x| @ |W|^T`` (summation order only).
+- The resident bytes of each fast module are what their docstrings claim.
+- ``apply_linear_backend(model, "auto")`` swaps every quantized linear of a tiny model and of SmolLM2's
+  packed GGUF (Q4_1 layers, Q8_0 tied head) for its fast path; logits stay within tolerance of the
+  reference path and the "torch" backend leaves the reference in place.
+"""
+
+from __future__ import annotations
+
+import os
+
+# the quant test modules run triton kernels interpreted; whichever module imports triton first in a pytest
+# session fixes the mode, so this one (collected before them) sets it too
+os.environ["TRITON_INTERPRET"] = "1"
+
+import copy  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from model_harness import PagedRunner, build_and_save  # noqa: E402
+from transformers import LlamaConfig  # noqa: E402
+
+import tierserve.kernels.quant  # noqa: E402,F401  (registers the formats)
+from tierserve.kernels.cpu_linear import apply_linear_backend  # noqa: E402
+from tierserve.kernels.quant.base import QuantizedLinear, get_format  # noqa: E402
+from tierserve.kernels.quant.cpu_fast import CPU_FAST_PATHS, accelerate_quantized, cpu_fast_module  # noqa: E402
+from tierserve.kernels.quant.dequant_cpu import ChunkedDequantLinear, Q8_0ChunkedLinear, chunk_rows  # noqa: E402
+from tierserve.kernels.quant.fp4_cpu import FP4LutLinear, MXFP4Int4Linear  # noqa: E402
+from tierserve.kernels.quant.int4_cpu import Int4CpuLinear, pack_int4  # noqa: E402
+from tierserve.kernels.quant.transform import model_nbytes, quantize_model  # noqa: E402
+from tierserve.models.loader import load_model  # noqa: E402
+
+U_BF16 = 2.0 ** -8  # bf16 unit roundoff (8 significant bits, round to nearest)
+
+# (label, scheme, options, fast module class, bf16 compute?)
+CASES = [
+    ("q4_0", "q4_0", {}, Int4CpuLinear, True),
+    ("q4_1", "q4_1", {}, Int4CpuLinear, True),
+    ("sinq g64", "sinq", {"group": 64}, Int4CpuLinear, True),
+    ("sinq g32", "sinq", {"group": 32}, Int4CpuLinear, True),
+    ("q8_0", "q8_0", {}, Int4CpuLinear, True),
+    ("mxfp4", "mxfp4", {}, FP4LutLinear, False),
+    ("mxfp4 had w4a4", "mxfp4", {"hadamard": True, "act_quant": True}, FP4LutLinear, False),
+    ("mxfp4 int4 pair", "mxfp4", {}, MXFP4Int4Linear, True),  # not the default (9 bits per weight)
+    ("mxfp4 int4 pair had w4a4", "mxfp4", {"hadamard": True, "act_quant": True}, MXFP4Int4Linear, True),
+    ("nvfp4", "nvfp4", {}, FP4LutLinear, False),
+    ("nvfp4 had w4a4", "nvfp4", {"hadamard": True, "act_quant": True}, FP4LutLinear, False),
+]
+SHAPES = [(96, 128), (40, 64), (7, 256), (576, 192)]  # (out, in): in a multiple of every group (64)
+
+
+def _block_max(w: torch.Tensor, group: int) -> torch.Tensor:
+    n, k = w.shape
+    return w.abs().reshape(n, k // group, group).amax(-1, keepdim=True).expand(n, k // group, group).reshape(n, k)
+
+
+def test_int4_kernel_convention():
+    """W[n, k] = (q - 8) * sz[k // g, n, 0] + sz[k // g, n, 1]; output = bf16 of the exact product."""
+    g = torch.Generator().manual_seed(0)
+    n, k, group = 48, 128, 32
+    q = torch.randint(0, 16, (n, k), generator=g)
+    scale = torch.rand(n, k // group, generator=g) + 0.1
+    zero = torch.randn(n, k // group, generator=g)
+    packed, sz = pack_int4(q, scale, zero, group)
+    assert packed.dtype == torch.uint8 and tuple(packed.shape) == (n, k // 2)
+    assert tuple(sz.shape) == (k // group, n, 2) and sz.dtype == torch.bfloat16
+    x = torch.randn(5, k, generator=g).bfloat16()
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz).double()
+    s = sz[..., 0].double().t().repeat_interleave(group, 1)
+    z = sz[..., 1].double().t().repeat_interleave(group, 1)
+    exact = x.double() @ ((q.double() - 8) * s + z).t()
+    assert (y - exact).abs().max().item() <= U_BF16 * exact.abs().max().item()
+    assert (y - exact.bfloat16().double()).abs().max().item() <= 1e-5 * exact.abs().max().item()
+    wrong = x.double() @ (q.double() * s + z).t()  # the convention without the -8 would be far off
+    assert (y - wrong).abs().max().item() > 0.5 * exact.abs().max().item()
+
+
+@pytest.mark.parametrize("label,scheme,opts,cls,bf16", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("out_f,in_f", SHAPES)
+def test_fast_path_matches_reference(label, scheme, opts, cls, bf16, out_f, in_f):
+    g = torch.Generator().manual_seed(out_f * 7 + in_f)
+    fmt = get_format(scheme, **opts)
+    w = torch.randn(out_f, in_f, generator=g) * 0.05
+    w[:, 3] *= 20  # an outlier column: scales differ a lot between groups
+    ref_mod = QuantizedLinear(fmt, fmt.quantize(w), torch.randn(out_f, generator=g))
+    fast = cls(fmt, ref_mod.packed(), ref_mod.bias) if cls is MXFP4Int4Linear else cpu_fast_module(ref_mod)
+    assert isinstance(fast, cls)
+    w_ref = fmt.dequantize(ref_mod.packed())
+    for m in (1, 3, 17):
+        x = torch.randn(m, in_f, generator=g)
+        with torch.no_grad():
+            ref, got = ref_mod(x), fast(x)
+        assert got.shape == ref.shape and got.dtype == ref.dtype
+        err = (got - ref).abs()
+        if bf16:  # x, scales/zeros and y rounded to bf16 (module docstrings): a few unit roundoffs
+            group = opts.get("group", 32)
+            a = x.abs()
+            if opts.get("hadamard"):  # the rotated weight's blocks meet the rotated activations
+                from tierserve.kernels.quant.hadamard import block_hadamard
+
+                a = block_hadamard(x, 32).abs()
+                w_blocks = fmt.dequantize_rotated(ref_mod.packed())
+            else:
+                w_blocks = w_ref
+            bound = 8 * U_BF16 * (a @ _block_max(w_blocks, group).t()) + 1e-6
+            if opts.get("act_quant"):  # W4A4: bf16 rounding may move an activation across an FP4 rounding edge
+                assert (err > bound).float().mean().item() <= 0.02, label
+                continue
+        else:  # float32 dequantize + matmul: summation order only
+            bound = 1e-5 * (x.abs() @ w_ref.abs().t()) + 1e-6
+            if opts.get("hadamard") or opts.get("act_quant"):
+                bound = bound * 4
+        assert bool((err <= bound).all()), f"{label} M={m}: max excess {(err - bound).max().item():.3g}"
+
+
+@pytest.mark.parametrize("scheme,cls", [("q8_0", Q8_0ChunkedLinear), ("nvfp4", FP4LutLinear),
+                                        ("mxfp4", FP4LutLinear)])
+def test_chunked_decoding_matches_reference_across_chunks(scheme, cls):
+    """The no-copy float32 paths: more rows than one chunk and a ragged last chunk, M in {1, 3, 17}."""
+    g = torch.Generator().manual_seed(3)
+    in_f = 128
+    out_f = chunk_rows(in_f) * 2 + 5
+    fmt = get_format(scheme)
+    q = QuantizedLinear(fmt, fmt.quantize(torch.randn(out_f, in_f, generator=g)), torch.randn(out_f, generator=g))
+    fast = cls(q.packed()) if cls is Q8_0ChunkedLinear else cls(fmt, q.packed())
+    fast.bias = q.bias
+    assert isinstance(fast, ChunkedDequantLinear)
+    w_abs = fmt.dequantize(q.packed()).abs()
+    for m in (1, 3, 17):
+        x = torch.randn(m, in_f, generator=g)
+        err = (fast(x) - q(x)).abs()
+        assert bool((err <= 1e-5 * (x.abs() @ w_abs.t()) + 1e-6).all()), f"{scheme} M={m}"
+    x3 = torch.randn(2, 3, in_f, generator=g)
+    torch.testing.assert_close(fast(x3), q(x3), rtol=1e-5, atol=1e-5)
+
+
+def test_resident_bytes_of_fast_modules():
+    n, k = 100, 256  # n pads to 112 in the int4 pack
+    w = torch.randn(n, k)
+    int4 = cpu_fast_module(QuantizedLinear(get_format("q4_1"), get_format("q4_1").quantize(w)))
+    assert int4.nbytes == 112 * k // 2 + (k // 32) * 112 * 2 * 2
+    sinq = cpu_fast_module(QuantizedLinear(get_format("sinq"), get_format("sinq").quantize(w)))
+    assert sinq.nbytes == 112 * k // 2 + (k // 64) * 112 * 4 + k * 2
+    mxp = get_format("mxfp4").quantize(w)
+    mx = cpu_fast_module(QuantizedLinear(get_format("mxfp4"), mxp))
+    assert mx.nbytes == n * k // 2 + n * k // 32 + 256 * 2 * 4 + 256 * 4  # its own bytes + the decode tables
+    mx4 = MXFP4Int4Linear(get_format("mxfp4"), mxp)
+    assert mx4.nbytes == 2 * 112 * k // 2 + (k // 32) * 112 * 4
+    q8p = get_format("q8_0").quantize(w)
+    q8 = cpu_fast_module(QuantizedLinear(get_format("q8_0"), q8p))
+    assert q8.nbytes == 2 * (112 * k // 2 + (k // 32) * 112 * 4)  # two int4 terms, 10 bits per weight
+    q8c = Q8_0ChunkedLinear(q8p)
+    assert q8c.nbytes == q8p.nbytes and q8c.blocks.data_ptr() == q8p.tensors["blocks"].data_ptr()  # no copy
+    nvp = get_format("nvfp4").quantize(w)
+    nv = cpu_fast_module(QuantizedLinear(get_format("nvfp4"), nvp))
+    assert nv.nbytes == n * k // 2 + n * k // 16 + 256 * 2 * 4 + 256 * 4
+
+
+def test_formats_without_fast_path_keep_reference():
+    assert "dfloat11" not in CPU_FAST_PATHS
+    w = torch.randn(32, 64)
+    sinq2 = get_format("sinq", bits=2)
+    assert cpu_fast_module(QuantizedLinear(sinq2, sinq2.quantize(w))) is None  # int4 kernel: 4-bit only
+    df = get_format("dfloat11")
+    assert cpu_fast_module(QuantizedLinear(df, df.quantize(w.bfloat16()))) is None
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False)
+    path = tmp_path_factory.mktemp("tiny_llama_fast")
+    build_and_save(cfg, str(path))
+    return str(path)
+
+
+ENGINE_CASES = [c for c in CASES if c[3] is not MXFP4Int4Linear]  # what apply_linear_backend picks
+
+
+@pytest.mark.parametrize("label,scheme,opts,cls,bf16", ENGINE_CASES, ids=[c[0] for c in ENGINE_CASES])
+def test_tiny_model_logits_with_linear_backend(label, scheme, opts, cls, bf16, tiny_folder):
+    dense = load_model(tiny_folder).model
+    ref = copy.deepcopy(dense)
+    quantize_model(ref, scheme, **opts)
+    fast = copy.deepcopy(ref)
+    apply_linear_backend(fast, "auto")
+    assert not any(isinstance(m, QuantizedLinear) for m in fast.modules())
+    assert sum(isinstance(m, cls) for m in fast.modules()) == 8  # 2 layers x qkv, o, gate_up, down
+    kept = copy.deepcopy(ref)
+    apply_linear_backend(kept, "torch")
+    assert sum(isinstance(m, QuantizedLinear) for m in kept.modules()) == 8
+    tokens = [3, 17, 90, 5, 44, 101, 7, 60, 12]
+    with torch.no_grad():
+        want, got = PagedRunner(ref).step(tokens), PagedRunner(fast).step(tokens)
+        exact = PagedRunner(dense).step(tokens)
+    diff = (got - want).abs().max().item() / want.abs().max().item()
+    quant_err = (want - exact).abs().max().item() / want.abs().max().item()
+    print(f"{label}: fast vs reference {diff:.2e}, reference vs fp32 model {quant_err:.2e}")
+    if opts.get("act_quant"):  # W4A4: tiny upstream differences move activations across FP4 rounding edges
+        assert diff <= 0.5 * quant_err, f"{label}: relative logit diff {diff:.3g} vs quantization's {quant_err:.3g}"
+    else:
+        assert diff <= (2e-2 if bf16 else 1e-5), f"{label}: relative logit diff {diff:.3g}"
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() >= (0.75 if bf16 else 1.0)
+
+
+@pytest.fixture(scope="module")
+def smollm_packed(smollm_gguf):
+    return load_model(smollm_gguf, packed=True).model
+
+
+def test_smollm_packed_gguf_uses_fast_paths(smollm_packed):
+    """Q4_1 layers -> one int4 term, the Q8_0 tied head -> two int4 terms (its own copy, next to the
+    embedding's blocks, which lookups keep using)."""
+    ref = smollm_packed
+    fast = copy.deepcopy(ref)
+    before = model_nbytes(fast)
+    n = accelerate_quantized(fast)
+    assert n == 30 * 4 + 1
+    assert isinstance(fast.layers[0].mlp.down_proj, Int4CpuLinear)
+    head = fast.logits_head
+    assert isinstance(head, Int4CpuLinear) and head.n_terms == 2
+    # the int4 pack (5.0 bits) replaces Q4_1's 5.0 bits; the head's 10-bit copy is the only growth
+    assert model_nbytes(fast) == before + head.nbytes
+    seq = [1, 504, 3458, 282, 4649, 314, 216, 9707, 28, 655, 1399, 314, 3632, 30]
+    with torch.no_grad():
+        want, got = PagedRunner(ref).step(seq), PagedRunner(fast).step(seq)
+    diff = (got - want).abs().max().item()
+    agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
+    kl = torch.nn.functional.kl_div(got.log_softmax(-1), want.log_softmax(-1), log_target=True,
+                                    reduction="batchmean").item()
+    # where the top-1 differs it must be a near-tie of the reference: its reference logit within 2 * diff
+    chosen = want.gather(-1, got.argmax(-1, keepdim=True)).squeeze(-1)
+    margin = (want.max(-1).values - chosen).max().item()
+    print(f"SmolLM2 packed GGUF, fast vs reference path: max |logit diff| {diff:.3f} "
+          f"(logit range {want.abs().max().item():.1f}), KL {kl:.2e}, top-1 agreement {agree:.2f}, "
+          f"worst reference margin of a fast top-1 {margin:.3f}")
+    # measured: diff 0.40 of 30.9, KL 1.1e-3, agreement 0.86 (2 of 14 near-ties, margin 0.06)
+    assert diff <= 0.05 * want.abs().max().item() and margin <= 2 * diff and kl <= 1e-2 and agree >= 0.7
+
+
+def test_engine_runs_gguf_on_fast_paths(smollm_gguf, smollm_packed):
+    """LLM(.gguf, quantization="auto") loads packed and the "auto" linear backend puts every quantized
+    linear on its fast path; its greedy tokens equal the reference path's greedy decode of the same model."""
+    from tierserve import LLM, SamplingParams
+
+    llm = LLM(smollm_gguf, quantization="auto", num_blocks=32, max_num_seqs=1)
+    model = llm.engine.model
+    assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
+    assert sum(isinstance(m, Int4CpuLinear) for m in model.modules()) == 30 * 4 + 1
+    prompt = llm.tokenizer.encode("The capital of France is")
+    got = llm.generate([prompt], SamplingParams(max_tokens=3, temperature=0.0))[0].token_ids
+    with torch.no_grad():
+        assert list(got) == PagedRunner(smollm_packed).greedy(prompt, 3)
