@@ -15,7 +15,7 @@ the packed weight. It is chosen through ``LINEAR_BACKENDS`` by name; "auto"
 packs on CPU when oneDNN is available and leaves other devices untouched.
 Both "onednn" and "auto" also swap every CPU ``QuantizedLinear`` for its
 format's fast CPU path (``kernels/quant/cpu_fast.py``: torch's int4 kernels
-for Q4_0/Q4_1/SINQ/MXFP4, row-chunked dequantization for Q8_0/NVFP4); the
+for Q4_0/Q4_1/SINQ/Q8_0, row-chunked decoding of the native bytes for MXFP4/NVFP4); the
 "torch" backend keeps every layer on its reference path.
 """
 
