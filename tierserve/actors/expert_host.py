@@ -18,6 +18,16 @@ outputs are bit-identical to the worker running the expert itself.
 (``tierserve.moe.socket_channel``: a faster path than an actor call for the per-layer
 round trip) and returns its ``(ip, port, token)``; the worker connects once, presenting the token.
 
+Every expert of the model sits on some host (the hosts are the at-rest store; the
+worker's resident experts have a standby copy here for promotions), so ``load_experts``
+only stores the weights and an expert's module is built on its first ``compute``
+(standby copies never called cost only their weight bytes).
+
+Weights at rest sit in an ``ExpertStore`` (tierserve.moe.host_storage) chosen by
+``weight_format``: ``"raw"`` arrays or ``"dfloat11"`` (lossless bf16 coding, decoded
+when the expert's module is built); ``stats()["weight_bytes"]`` / ``["raw_weight_bytes"]``
+report the bytes held at rest and what plain arrays would take.
+
 ``stats()`` reports the calls and bytes received per layer (tests check the fused
 dispatch contract: one message per host per layer per step, bytes = rows x hidden
 x dtype size).
@@ -32,6 +42,7 @@ import ray
 import torch
 
 from tierserve.moe.expert_weights import ExpertWeights, build_expert, numpy_to_tensor, tensor_to_numpy
+from tierserve.moe.host_storage import make_store
 from tierserve.moe.socket_channel import start_server
 
 #: Custom resource every expert-host node advertises with amount 1.
@@ -40,12 +51,12 @@ EXPERT_HOST_RESOURCE = "expert_host"
 
 @ray.remote(num_cpus=0, resources={EXPERT_HOST_RESOURCE: 1}, max_restarts=0)
 class ExpertHost:
-    def __init__(self, linear_backend: str = "auto", num_threads: int | None = None):
+    def __init__(self, linear_backend: str = "auto", num_threads: int | None = None, weight_format: str = "raw"):
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         self.linear_backend = linear_backend
         self._experts: dict[tuple[int, int], torch.nn.Module] = {}
-        self._weights: dict[tuple[int, int], ExpertWeights] = {}
+        self._weights = make_store(weight_format)
         self._calls: dict[int, int] = {}
         self._bytes: dict[int, int] = {}
 
@@ -55,20 +66,28 @@ class ExpertHost:
     def load_experts(self, experts: dict[tuple[int, int], ExpertWeights]) -> int:
         """Hold ``experts`` ((layer, expert) -> weights); returns how many this host now holds."""
         for key, w in experts.items():
-            self._weights[key] = w
-            self._experts[key] = build_expert(w, self.linear_backend)
-        return len(self._experts)
+            self._weights.put(key, w)
+            self._experts.pop(key, None)  # rebuilt from the new weights on first use
+        return len(self._weights.keys())
 
     def get_expert(self, layer: int, expert: int) -> ExpertWeights:
         """The weights of one held expert (the worker's spare-slot ring copies them)."""
-        return self._weights[(layer, expert)]
+        return self._weights.get((layer, expert))
 
     def open_channel(self) -> tuple[str, int, str]:
         """Serve ``compute`` on a TCP socket (one authenticated connection); returns (ip, port, token)."""
         return start_server(ray.util.get_node_ip_address(), self.compute)
 
     def held(self) -> list[tuple[int, int]]:
-        return sorted(self._experts)
+        return sorted(self._weights.keys())
+
+    def _expert(self, layer: int, e: int) -> torch.nn.Module:
+        expert = self._experts.get((layer, e))
+        if expert is None:
+            if (layer, e) not in self._weights:
+                raise KeyError(f"expert host on node {self.ping()} does not hold expert (layer {layer}, {e})")
+            expert = self._experts[(layer, e)] = build_expert(self._weights.get((layer, e)), self.linear_backend)
+        return expert
 
     @torch.inference_mode()
     def compute(self, layer: int, x: np.ndarray, expert_ids: np.ndarray, dtype: str = "float32") -> np.ndarray:
@@ -86,15 +105,14 @@ class ExpertHost:
             while end < len(sorted_ids) and sorted_ids[end] == e:
                 end += 1
             rows = order[start:end]
-            expert = self._experts.get((layer, e))
-            if expert is None:
-                raise KeyError(f"expert host on node {self.ping()} does not hold expert (layer {layer}, {e})")
+            expert = self._expert(layer, e)
             out.index_copy_(0, rows, expert(xt.index_select(0, rows)))
             start = end
         return tensor_to_numpy(out)
 
     def stats(self) -> dict:
-        return {"calls": dict(self._calls), "bytes": dict(self._bytes), "pid": os.getpid()}
+        return {"calls": dict(self._calls), "bytes": dict(self._bytes), "pid": os.getpid(),
+                "weight_bytes": self._weights.nbytes, "raw_weight_bytes": self._weights.raw_nbytes}
 
     def reset_stats(self) -> None:
         self._calls.clear()

@@ -137,3 +137,4 @@ class AsyncLLMEngine:
             except asyncio.CancelledError:
                 pass
             self._task = None
+        await asyncio.to_thread(self.engine.close)  # expert hosts, usage file, KV tier backends

@@ -12,6 +12,12 @@ deadline marks its host dead (``fail``): its channel is closed and the host is k
 on disk (``CheckpointExperts``; the worker keeps no copy of cold weights) and loaded on
 the surviving host holding the fewest experts; with no survivor (or if loading there
 fails too) the expert is built locally on the worker with the same linear backend.
+
+Hosts are the at-rest store of EVERY expert: ``owners`` maps each cold expert to the
+host that computes it, ``standby`` maps each resident expert to the host holding a copy
+of its weights (never called for it). A promotion (tierserve.moe.promotion) only moves
+a key between the two maps; a failed host's standby copies are reloaded on a survivor
+like its cold experts (with no survivor they are dropped: the worker still runs them).
 Because every path runs the same kernels on the same rows, the recomputed outputs are
 bit-identical and the request completes with identical output.
 """
@@ -50,10 +56,11 @@ class PoolStats:
 class HostPool:
     def __init__(self, hosts: dict[str, "ray.actor.ActorHandle"], owners: dict[Key, str],
                  source: CheckpointExperts | None, linear_backend: str, timeout_s: float,
-                 channels: dict[str, SocketChannel] | None = None):
+                 channels: dict[str, SocketChannel] | None = None, standby: dict[Key, str] | None = None):
         self.hosts = dict(hosts)
         self.channels = dict(channels or {})
         self.owners = dict(owners)
+        self.standby: dict[Key, str] = dict(standby or {})
         self.source = source
         self.linear_backend = linear_backend
         self.timeout_s = timeout_s
@@ -64,6 +71,10 @@ class HostPool:
     def owner(self, key: Key) -> str | None:
         """The live host holding ``key``, or None when it runs on the worker."""
         return self.owners.get(key)
+
+    def holder(self, key: Key) -> str | None:
+        """The live host holding ``key``'s weights: its owner when cold, its standby host when resident."""
+        return self.owners.get(key) or self.standby.get(key)
 
     def handle(self, name: str):
         return self.hosts[name]
@@ -133,18 +144,26 @@ class HostPool:
         moved = sorted(k for k, h in self.owners.items() if h == name)
         for key in moved:
             del self.owners[key]
-        if not moved:
+        spare = sorted(k for k, h in self.standby.items() if h == name)
+        for key in spare:
+            del self.standby[key]
+        if not moved and not spare:
             return
         if self.source is None:
+            if not moved:
+                return  # only standby copies were lost: the worker still holds those experts
             raise ExpertHostError(
                 f"expert host {name} failed ({reason}) and the model path is unknown: cannot reload its "
                 f"{len(moved)} experts")
-        self._reload(moved)
+        self._reload(moved, spare)
 
-    def _reload(self, keys: list[Key]) -> None:
-        weights = {k: self.source.read(*k) for k in keys}
+    def _reload(self, keys: list[Key], spare: list[Key] = ()) -> None:
+        """Load cold ``keys`` (dispatch targets) and resident ``spare`` copies on the emptiest survivor."""
+        standby = set(spare)
+        weights = {k: self.source.read(*k) for k in list(keys) + list(spare)}
         while self.alive:
-            target = min(sorted(self.alive), key=lambda h: sum(1 for o in self.owners.values() if o == h))
+            target = min(sorted(self.alive), key=lambda h: sum(1 for o in self.owners.values() if o == h)
+                         + sum(1 for o in self.standby.values() if o == h))
             try:
                 ray.get(self.hosts[target].load_experts.remote(weights), timeout=self.timeout_s)
             except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
@@ -156,13 +175,18 @@ class HostPool:
                 orphans = sorted(k for k, h in self.owners.items() if h == target)
                 for k in orphans:
                     del self.owners[k]
-                weights.update({k: self.source.read(*k) for k in orphans})
+                lost = sorted(k for k, h in self.standby.items() if h == target)
+                for k in lost:
+                    del self.standby[k]
+                standby.update(lost)
+                weights.update({k: self.source.read(*k) for k in orphans + lost})
                 continue
             for k in weights:
-                self.owners[k] = target
+                (self.standby if k in standby else self.owners)[k] = target
             return
         for k, w in weights.items():
-            self.local[k] = build_expert(w, self.linear_backend)
+            if k not in standby:
+                self.local[k] = build_expert(w, self.linear_backend)
 
     def close(self) -> None:
         """Close the socket channels (the hosts' serving threads then exit)."""

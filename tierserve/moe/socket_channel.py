@@ -67,6 +67,7 @@ class SocketChannel:
 
     def __init__(self, address: tuple[str, int], connect_timeout_s: float, token: bytes):
         self.address = address
+        self.timeout_s = connect_timeout_s
         self.sock = socket.create_connection(address, timeout=connect_timeout_s)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.sendall(token)
@@ -78,6 +79,7 @@ class SocketChannel:
         npname, tname = x.dtype.str.encode(), dtype.encode()
         head = _REQ.pack(layer, x.shape[0], x.shape[1], len(npname), len(tname)) + npname + tname
         try:
+            self.sock.settimeout(self.timeout_s)  # recv leaves the remaining deadline: a send must not inherit it
             self.sock.sendall(b"".join((head, x.tobytes(), ids.tobytes())))
         except OSError as exc:
             raise ChannelError(f"send to {self.address}: {exc}") from exc

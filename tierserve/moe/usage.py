@@ -12,6 +12,10 @@ rename), conventionally ``expert_usage.json`` beside the model
 every count is a non-negative integer.
 
 ``ranking(layer)``: expert ids by descending count, ties by ascending id.
+
+``ExpertMetrics`` is what a replica exports (tierserve/server/metrics.py): the live
+counts as ``tierserve:expert_tokens_total{model_name,layer,expert}`` and gauges of
+resident / offloaded experts and a counter of promotions; ``add`` sums replicas.
 """
 
 from __future__ import annotations
@@ -20,11 +24,29 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from tierserve.errors import InvalidParameterError
 
 USAGE_FILE = "expert_usage.json"
 _VERSION = 1
+
+
+@dataclass
+class ExpertMetrics:
+    """``tokens[(layer, expert)]``: (token, slot) assignments routed there since the replica started."""
+
+    tokens: dict[tuple[int, int], int] = field(default_factory=dict)
+    resident: int = 0
+    offloaded: int = 0
+    promotions: int = 0
+
+    def add(self, other: "ExpertMetrics") -> None:
+        for key, c in other.tokens.items():
+            self.tokens[key] = self.tokens.get(key, 0) + c
+        self.resident += other.resident
+        self.offloaded += other.offloaded
+        self.promotions += other.promotions
 
 
 def usage_path(model_folder: str) -> str:

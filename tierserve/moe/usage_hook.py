@@ -1,8 +1,9 @@
 """Record expert usage of a built MoE model: a transform, not a model flag.
 
 ``attach_usage_recorder(model, usage)`` wraps the ``route`` method of every
-``SparseMoeBlock`` (found by ``isinstance`` over ``model.modules()``, numbered
-in module order, which is layer order) on the instance: the wrapper calls the
+routed MoE block (``routed_blocks``: a ``SparseMoeBlock``, or a module routing with
+the very same ``SparseMoeBlock.route`` such as the expert-offload transform's
+``OffloadedMoeBlock``; numbered in module order, which is layer order) on the instance: the wrapper calls the
 ``route`` in place before it (the class method or another transform's wrapper), then adds ``bincount(ids, minlength=E)`` to
 ``usage.counts[layer]``. That is one extra small host copy per MoE layer and
 step next to the block's own ``bincount(...).tolist()``; routing results are
@@ -23,7 +24,7 @@ from tierserve.moe.usage import ExpertUsage
 
 @dataclass
 class UsageRecorderHandle:
-    blocks: list[SparseMoeBlock]
+    blocks: list[torch.nn.Module]
     previous: list  # each block's own ``route`` instance attribute before attaching (None: the class method)
 
     def detach(self) -> None:
@@ -38,8 +39,14 @@ def moe_blocks(model: torch.nn.Module) -> list[SparseMoeBlock]:
     return [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
 
 
+def routed_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Modules routing tokens with ``SparseMoeBlock.route`` (resident or offloaded blocks), in model order."""
+    return [m for m in model.modules()
+            if isinstance(m, SparseMoeBlock) or getattr(type(m), "route", None) is SparseMoeBlock.route]
+
+
 def attach_usage_recorder(model: torch.nn.Module, usage: ExpertUsage) -> UsageRecorderHandle:
-    blocks = moe_blocks(model)
+    blocks = routed_blocks(model)
     if len(blocks) != usage.num_layers:
         raise InvalidParameterError("num_layers", f"usage has {usage.num_layers} layers but the model has "
                                                   f"{len(blocks)} MoE blocks")

@@ -1,0 +1,277 @@
+"""Expert offload at run time: promotions, usage files and metrics, the engine path, a hung host.
+
+Own ``ray.cluster_utils.Cluster`` (a head without the resource + 2 nodes with
+``{"expert_host": 1}``), started after tests/test_expert_offload.py shut its own
+down and shut down at the end of this module (one Ray connection per process).
+Every test starts its hosts and kills them (waiting for the process to exit) so the
+next one finds both ``expert_host`` units free. Order matters only for speed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+
+import pytest
+import torch
+from transformers import Qwen3MoeConfig
+
+from model_harness import PagedRunner, build_and_save
+from tierserve.kernels.cpu_linear import apply_linear_backend
+from tierserve.models.loader import load_model
+from tierserve.moe.placement import Placement, plan_placement
+from tierserve.moe.usage import ExpertUsage, usage_path
+from tierserve.moe.usage_hook import attach_usage_recorder
+
+CONFIG = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=384, max_position_embeddings=128, initializer_range=0.1,
+              num_experts_per_tok=2, moe_intermediate_size=48, num_experts=8, norm_topk_prob=True)
+PROMPT = [3, 17, 42, 99, 5, 250, 7, 31, 64, 128, 11, 300]
+NEW = 12
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        pytest.fail("another Ray instance is connected in this process; run this module apart from "
+                    "modules using the ray_session fixture")
+    c = Cluster(initialize_head=True, head_node_args=dict(num_cpus=1, object_store_memory=80 * 2**20))
+    for _ in range(2):
+        c.add_node(num_cpus=1, resources={"expert_host": 1}, object_store_memory=80 * 2**20)
+    ray.init(address=c.address, include_dashboard=False, log_to_driver=False)
+    c.wait_for_nodes()
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(model folder, all-resident reference model, its prefill logits, its greedy tokens, its usage)."""
+    path = str(tmp_path_factory.mktemp("qwen3_moe"))
+    build_and_save(Qwen3MoeConfig(**CONFIG), path, seed=11, noise=0.2)
+    ref = load_model(path).model
+    apply_linear_backend(ref, "auto")
+    usage = ExpertUsage(2, 8)
+    rec = attach_usage_recorder(ref, usage)
+    logits = PagedRunner(ref).step(PROMPT)
+    tokens = PagedRunner(ref).greedy(PROMPT, NEW)
+    rec.detach()
+    return path, ref, logits, tokens, usage
+
+
+def _pid_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def _kill_hosts(hosts, limit_s=60.0):
+    import ray
+
+    pids = []
+    for h in hosts.values():
+        try:
+            pids.append(ray.get(h.stats.remote(), timeout=5)["pid"])
+        except Exception:  # already dead (failed over)
+            pass
+        ray.kill(h)
+    t0 = time.monotonic()
+    while not all(_pid_gone(p) for p in pids):
+        assert time.monotonic() - t0 < limit_s, "killed expert hosts still running"
+        time.sleep(0.05)
+
+
+def _offloaded(path, placement, hosts, dtype=torch.float32, **kw):
+    from tierserve.moe.offload import apply_expert_offload
+
+    model = load_model(path, dtype).model
+    handle = apply_expert_offload(model, placement, hosts, model_path=path, linear_backend="auto", **kw)
+    apply_linear_backend(model, "auto")
+    return model, handle
+
+
+def test_engine_offload_usage_file_promotions_and_metrics(cluster, tiny, smollm_folder, tmp_path):
+    """LLMEngine with OffloadConfig: placement from the usage file beside the model, greedy output equal to
+    the all-resident engine across promotions, usage saved back on close, expert metrics rendered."""
+    from tierserve.config import CacheConfig, EngineConfig, ModelConfig, OffloadConfig, SchedulerConfig
+    from tierserve.engine.llm_engine import LLMEngine
+    from tierserve.sampling_params import SamplingParams
+    from tierserve.server.metrics import MetricsSnapshot, render_prometheus
+
+    src = tiny[0]
+    folder = str(tmp_path / "model")
+    shutil.copytree(src, folder)
+    file_counts = [[5, 0, 9, 1, 0, 3, 0, 7], [0, 2, 0, 8, 6, 0, 4, 1]]
+    ExpertUsage.from_json({"version": 1, "num_layers": 2, "num_experts": 8, "counts": file_counts}).save(
+        usage_path(folder))
+    model_cfg = ModelConfig(model=folder, tokenizer=smollm_folder)
+    sched = SchedulerConfig(max_num_seqs=4)
+    cache = CacheConfig(num_blocks=64)
+    prompts = [(PROMPT, 6), (PROMPT[::-1], 14), (PROMPT[3:], 10)]
+
+    def run(engine):
+        outs = {}
+        for i, (p, n) in enumerate(prompts):
+            engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True), f"r{i}")
+        while engine.has_unfinished():
+            for o in engine.step():
+                outs.setdefault(o.request_id, []).extend(o.new_token_ids)
+        return outs
+
+    ref_engine = LLMEngine(EngineConfig(model=model_cfg, scheduler=sched, cache=cache))
+    ref_usage = ExpertUsage(2, 8)
+    attach_usage_recorder(ref_engine.model, ref_usage)
+    expected = run(ref_engine)
+    del ref_engine
+
+    cfg = OffloadConfig(resident_experts=6, expert_hosts=2, per_layer_floor=1, timeout_s=20.0,
+                        promotion_min_gain=1, promotion_max_swaps=2)
+    engine = LLMEngine(EngineConfig(model=model_cfg, scheduler=sched, cache=cache, offload=cfg))
+    handle = engine.offload
+    try:
+        start = plan_placement(file_counts, 6, 1)
+        # by hand: floors 2 (9) | 3 (8); then 7 (7), 4 (6), 0 (5), 6 (4)
+        assert start.resident == ((0, 2, 7), (3, 4, 6))
+        assert handle.placement == start
+        assert [sorted(map(int, b.experts)) for b in handle.blocks] == [list(r) for r in start.resident]
+        assert run(engine) == expected
+        assert handle.promotions > 0  # the live traffic disagrees with the file's ranking
+        assert [sorted(map(int, b.experts)) for b in handle.blocks] == [list(r) for r in handle.placement.resident]
+        metrics = handle.expert_metrics()
+        assert metrics.tokens == ref_usage.as_metrics()
+        assert (metrics.resident, metrics.offloaded, metrics.promotions) == (6, 10, handle.promotions)
+    finally:
+        engine.close()
+    saved = ExpertUsage.load(usage_path(folder))
+    assert saved.counts == [[f + r for f, r in zip(fr, rr)] for fr, rr in zip(file_counts, ref_usage.counts)]
+    # two replicas' snapshots, summed by the board's renderer
+    text = render_prometheus([MetricsSnapshot("m", experts=metrics), MetricsSnapshot("m", experts=metrics)]).decode()
+    assert _samples(text, "tierserve:expert_tokens_total") == {
+        (("expert", str(e)), ("layer", str(j)), ("model_name", "m")): 2.0 * c
+        for (j, e), c in ref_usage.as_metrics().items()}
+    assert _samples(text, "tierserve:experts_resident") == {(("model_name", "m"),): 12.0}
+    assert _samples(text, "tierserve:experts_offloaded") == {(("model_name", "m"),): 20.0}
+    assert _samples(text, "tierserve:expert_promotions_total") == {(("model_name", "m"),): 2.0 * handle.promotions}
+
+
+def _samples(text: str, name: str) -> dict:
+    """Prometheus text -> {sorted label pairs: value} for the samples of ``name``."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            labels, value = line[len(name) + 1:].rsplit("} ", 1)
+            pairs = tuple(sorted((k, v.strip('"')) for k, v in (p.split("=", 1) for p in labels.split(","))))
+            out[pairs] = float(value)
+    return out
+
+
+def test_promotion_swaps_exactly_and_stays_bit_identical(cluster, tiny):
+    """Hand-built counts decide the swaps whatever the live traffic adds (70 per layer and run, 2 runs)."""
+    from tierserve.moe.offload import start_expert_hosts
+
+    path, _, ref_logits, ref_tokens, ref_usage = tiny
+    assert [sum(row) for row in ref_usage.counts] == [70, 70]  # (12 + 12 + 11 tokens) x top-2: bound used below
+    placement = Placement(((0, 1, 2, 3), (0, 1, 2, 3)), (8, 8))
+    base = [[300, 200, 100, 0, 0, 900, 0, 0],      # (5 for 3): gain 900 +- 56
+            [700, 600, 800, 900, 0, 0, 2000, 1400]]  # (6 for 1): ~1400, (7 for 0): 700 +- 140
+    hosts = start_expert_hosts(2, "auto")
+    try:
+        model, handle = _offloaded(path, placement, hosts, counts=base)
+        handle.min_gain, handle.max_swaps = 500, 2
+        assert set(handle.pool.standby) == {(j, e) for j in range(2) for e in range(4)}
+        assert torch.equal(PagedRunner(model).step(PROMPT), ref_logits)
+        assert PagedRunner(model).greedy(PROMPT, NEW) == ref_tokens
+        swaps = handle.at_request_boundary()
+        assert [(s.layer, s.promote, s.evict) for s in swaps] == [(1, 6, 1), (0, 5, 3)]
+        assert handle.placement.resident == ((0, 1, 2, 5), (0, 2, 3, 6))
+        assert sorted(map(int, handle.blocks[0].experts)) == [0, 1, 2, 5]
+        assert (0, 5) not in handle.pool.owners and handle.pool.standby[(0, 5)] in hosts
+        assert handle.pool.owners[(0, 3)] in hosts and (0, 3) not in handle.pool.standby
+        assert torch.equal(PagedRunner(model).step(PROMPT), ref_logits)
+        assert PagedRunner(model).greedy(PROMPT, NEW) == ref_tokens
+        swaps = handle.at_request_boundary()  # the third candidate, then nothing is worth it
+        assert [(s.layer, s.promote, s.evict) for s in swaps] == [(1, 7, 0)]
+        assert handle.at_request_boundary() == []
+        assert handle.promotions == 3
+        assert torch.equal(PagedRunner(model).step(PROMPT), ref_logits)
+        assert not handle.stats.failures
+        handle.close()
+    finally:
+        _kill_hosts(hosts)
+
+
+@pytest.mark.parametrize("channel", ["socket", "ray"])
+def test_hung_host_is_failed_over(cluster, tiny, channel):
+    """A host stopped with SIGSTOP never answers: after timeout_s it is treated as dead, its experts
+    are reloaded on the survivor and the output is identical (no hang), over either channel."""
+    import ray
+
+    from tierserve.moe.offload import start_expert_hosts
+
+    path, _, ref_logits, ref_tokens, _ = tiny
+    placement = plan_placement([[0] * 8, [0] * 8], 6, 1)
+    hosts = start_expert_hosts(2, "auto")
+    pid = ray.get(hosts["host1"].stats.remote())["pid"]
+    try:
+        model, handle = _offloaded(path, placement, hosts, timeout_s=2.0, channel=channel)
+        assert handle.shards["host1"]
+        os.kill(pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        assert torch.equal(PagedRunner(model).step(PROMPT), ref_logits)
+        assert PagedRunner(model).greedy(PROMPT, NEW) == ref_tokens
+        assert time.monotonic() - t0 < 60
+        assert [f.split(":")[0] for f in handle.stats.failures] == ["host1"]
+        assert handle.pool.alive == {"host0"}
+        assert set(handle.pool.owners.values()) == {"host0"} and set(handle.pool.owners) == set(placement.cold_keys())
+        assert set(handle.pool.standby.values()) == {"host0"}
+        handle.close()
+    finally:
+        for sig in (signal.SIGKILL, signal.SIGCONT):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        _kill_hosts(hosts)
+
+
+def test_dfloat11_hosts_are_bit_identical_and_smaller(cluster, tiny):
+    """bf16 experts held DFloat11-coded on the hosts: same logits/tokens as bf16 all-resident, fewer bytes,
+    and a promotion copies the decoded (bit-identical) weights."""
+    import ray
+
+    from tierserve.moe.offload import start_expert_hosts
+
+    path = tiny[0]
+    ref = load_model(path, torch.bfloat16).model
+    apply_linear_backend(ref, "auto")
+    ref_logits, ref_tokens = PagedRunner(ref).step(PROMPT), PagedRunner(ref).greedy(PROMPT, NEW)
+    placement = Placement(((0, 1, 2, 3), (0, 1, 2, 3)), (8, 8))
+    base = [[0, 0, 0, 0, 0, 900, 0, 0], [0] * 8]
+    hosts = start_expert_hosts(2, "auto", weight_format="dfloat11")
+    try:
+        model, handle = _offloaded(path, placement, hosts, torch.bfloat16, counts=base)
+        assert next(model.parameters()).dtype == torch.bfloat16
+        assert torch.equal(PagedRunner(model).step(PROMPT), ref_logits)
+        assert PagedRunner(model).greedy(PROMPT, NEW) == ref_tokens
+        handle.min_gain, handle.max_swaps = 500, 1
+        assert [(s.layer, s.promote) for s in handle.at_request_boundary()] == [(0, 5)]
+        assert torch.equal(PagedRunner(model).step(PROMPT), ref_logits)
+        stats = [ray.get(h.stats.remote()) for h in hosts.values()]
+        raw = sum(s["raw_weight_bytes"] for s in stats)
+        held = sum(s["weight_bytes"] for s in stats)
+        assert raw == 16 * 3 * 48 * 64 * 2  # every expert of both layers, bf16: gate_up [96, 64] + down [64, 48]
+        assert held < 0.85 * raw
+        print(f"DFloat11 expert hosts: {held} bytes at rest vs {raw} bf16 ({held / raw:.3f})")
+        handle.close()
+    finally:
+        _kill_hosts(hosts)

@@ -1,0 +1,106 @@
+"""OffloadHandle: the live state of an offloaded model — placement, hosts, usage, promotions.
+
+``apply_expert_offload`` returns it; the engine keeps it as ``LLMEngine.offload``.
+
+Usage. ``base`` holds the counts the placement was computed from (the usage file
+loaded at start, or zeros), ``live`` the counts recorded since (a route recorder,
+tierserve.moe.usage_hook, on every offloaded block). ``counts()`` = base + live
+drives promotions and is what ``save_usage`` writes (JSON, tierserve.moe.usage):
+on ``close()`` and, at request boundaries, whenever ``save_interval_s`` seconds
+passed since the last save (``usage_file`` None: never saved). Metrics export the
+live counts only (a Prometheus counter starting at 0 with the replica).
+
+Request boundaries. ``at_request_boundary()`` (between engine steps) applies up to
+``max_swaps`` promotions with count gain >= ``min_gain`` (tierserve.moe.promotion)
+and updates ``placement``; ``promotions`` counts the swaps applied so far.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import ray
+
+from tierserve.moe.host_pool import HostPool
+from tierserve.moe.placement import Placement, Swap
+from tierserve.moe.promotion import promote
+from tierserve.moe.spare_slots import SpareSlots
+from tierserve.moe.usage import ExpertMetrics, ExpertUsage
+from tierserve.moe.usage_hook import UsageRecorderHandle
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class OffloadHandle:
+    placement: Placement
+    shards: dict[str, list[tuple[int, int]]]  # cold experts per host at offload time
+    pool: HostPool
+    blocks: list
+    spare: SpareSlots | None
+    base: list[list[int]]
+    live: ExpertUsage
+    recorder: UsageRecorderHandle | None = None
+    owns_hosts: bool = False  # started by offload_from_config: close() kills them
+    usage_file: str | None = None
+    min_gain: int = 64
+    max_swaps: int = 0
+    save_interval_s: float = 300.0
+    swaps: list[Swap] = field(default_factory=list)
+    _last_save: float = field(default_factory=time.monotonic)
+    _closed: bool = False
+
+    @property
+    def stats(self):
+        return self.pool.stats
+
+    @property
+    def promotions(self) -> int:
+        return len(self.swaps)
+
+    def counts(self) -> list[list[int]]:
+        return [[b + c for b, c in zip(brow, lrow)] for brow, lrow in zip(self.base, self.live.counts)]
+
+    def at_request_boundary(self) -> list[Swap]:
+        """Promotions by the live counts (module doc); the swaps applied. Call only between steps."""
+        applied: list[Swap] = []
+        if self.max_swaps:
+            self.placement, applied = promote(self.blocks, self.pool, self.placement, self.counts(),
+                                              self.min_gain, self.max_swaps)
+            self.swaps.extend(applied)
+        if self.usage_file is not None and time.monotonic() - self._last_save >= self.save_interval_s:
+            self.save_usage()
+        return applied
+
+    def save_usage(self, path: str | None = None) -> None:
+        path = path or self.usage_file
+        if path is None:
+            return
+        usage = ExpertUsage(self.live.num_layers, self.live.num_experts)
+        for layer, row in enumerate(self.counts()):
+            usage.record_counts(layer, row)
+        try:
+            usage.save(path)
+        except OSError as exc:  # a read-only model folder must not take the replica down
+            logger.warning("could not save expert usage to %s: %s", path, exc)
+        self._last_save = time.monotonic()
+
+    def expert_metrics(self) -> ExpertMetrics:
+        return ExpertMetrics(tokens=self.live.as_metrics(), resident=self.placement.num_resident,
+                             offloaded=sum(self.placement.num_experts) - self.placement.num_resident,
+                             promotions=self.promotions)
+
+    def close(self) -> None:
+        """Save the usage, close channels and the spare ring, kill hosts this handle started. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.save_usage()
+        self.pool.close()
+        if self.spare is not None:
+            self.spare.close()
+        if self.owns_hosts:
+            for h in self.pool.hosts.values():
+                ray.kill(h)
