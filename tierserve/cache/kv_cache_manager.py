@@ -32,6 +32,16 @@ full, so a decode step hashes at most one block (block_size tokens) however
 long the context is. The full-prompt hash happens once per admission (at the
 lookup). ``hash_fn`` is injectable (tests count its calls).
 
+KV compression by eviction (``evict_blocks``, used by
+tierserve/cache/compress/driver.py): dropping whole blocks from a request's
+table leaves ``num_computed_tokens`` (real positions) unchanged and counts
+the dropped tokens in ``num_evicted_tokens``; the request then holds
+``num_computed_tokens - num_evicted_tokens`` tokens and allocation counts
+those. Its later blocks are no longer registered in the prefix cache (their
+table index no longer matches their token range); blocks registered before
+stay valid (their contents never change). Freeing the request resets the
+count (a preempted request recomputes everything).
+
 Stats: every lookup adds ``req.num_tokens`` to ``queries_tokens`` and the hit
 length to ``hit_tokens`` (a request retried at the head of the queue is
 counted at each attempt, numerator and denominator alike).
@@ -73,6 +83,7 @@ class KVCacheManager:
         self._hash_fn = hash_fn
         self._hashes: dict[str, list[bytes]] = {}
         self._num_registered: dict[str, int] = {}
+        self._evicted: dict[str, int] = {}
         self._queries_tokens = 0
         self._hit_tokens = 0
 
@@ -110,7 +121,7 @@ class KVCacheManager:
         if computed_blocks and (req.block_ids or req.num_computed_tokens):
             raise ValueError(f"request {req.request_id}: prefix-hit blocks are only taken at admission")
         num_hit = len(computed_blocks) * self.block_size
-        total = req.num_computed_tokens + num_hit + num_new_tokens
+        total = req.num_computed_tokens + num_hit + num_new_tokens - self._evicted.get(req.request_id, 0)
         needed = -(-total // self.block_size) - len(req.block_ids) - len(computed_blocks)
         revived = sum(1 for b in computed_blocks if self.pool.ref_count(b) == 0)
         if max(needed, 0) > self.pool.num_free - revived:
@@ -132,6 +143,24 @@ class KVCacheManager:
         req.block_ids.clear()
         self._hashes.pop(req.request_id, None)
         self._num_registered.pop(req.request_id, None)
+        self._evicted.pop(req.request_id, None)
+
+    # -- eviction (KV compression) ------------------------------------------------------------
+
+    def evict_blocks(self, req: Request, indices: Sequence[int]) -> None:
+        """Drop ``req.block_ids[i]`` for each (full, not first, not last) index ``i``; see the docstring."""
+        n = len(req.block_ids)
+        if sorted(set(indices)) != list(indices) or any(not 0 < i < n - 1 for i in indices):
+            raise InvalidParameterError("indices", f"must be sorted distinct block indices in [1, {n - 2}], "
+                                                   f"got {list(indices)}")
+        dropped = set(indices)
+        self.pool.free(req.block_ids[i] for i in indices)
+        req.block_ids[:] = [b for i, b in enumerate(req.block_ids) if i not in dropped]
+        self._evicted[req.request_id] = self._evicted.get(req.request_id, 0) + len(dropped) * self.block_size
+
+    def num_evicted_tokens(self, request_id: str) -> int:
+        """Tokens of the request dropped by ``evict_blocks`` since it last got blocks."""
+        return self._evicted.get(request_id, 0)
 
     # -- inspection -------------------------------------------------------------------------
 
@@ -167,6 +196,8 @@ class KVCacheManager:
         return hashes
 
     def _register_full_blocks(self, req: Request, num_full: int) -> None:
+        if req.request_id in self._evicted:  # table indices no longer match token blocks
+            return
         start = self._num_registered.get(req.request_id, 0)
         if num_full <= start:
             return

@@ -16,6 +16,11 @@ the gathered pages, padded to the longest context with a mask; other
 sequences run one SDPA call each. Per step, the only work that grows with
 context is reading the context's pages (attention itself): no cache tensor is
 copied or reallocated and the block tables are built from block ids only.
+
+A cache object with a ``gather(table) -> (keys, values)`` method (packed
+4-bit pages, tierserve/cache/compress/kv4.py) is read through it, so a
+storage format dequantizes inside the gather; plain ``LayerKV`` pages are
+indexed directly.
 """
 
 from __future__ import annotations
@@ -106,11 +111,19 @@ def _gather(cache: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return pages.view(*table.shape[:-1], -1, *cache.shape[2:])
 
 
+def _gather_kv(kv, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V pages of ``table`` (dequantized by the cache itself when it stores a packed format)."""
+    gather = getattr(kv, "gather", None)
+    if gather is not None:
+        return gather(table)
+    return _gather(kv.k, table), _gather(kv.v, table)
+
+
 def _prefill_one(q, kv, table, seq_len, block_size, scale, window, softcap):
     n = q.shape[0]
     nb = -(-seq_len // block_size)
-    keys = _gather(kv.k, table[:nb])[:seq_len].transpose(0, 1)  # [Hkv, L, D]
-    vals = _gather(kv.v, table[:nb])[:seq_len].transpose(0, 1)
+    keys, vals = _gather_kv(kv, table[:nb])
+    keys, vals = keys[:seq_len].transpose(0, 1), vals[:seq_len].transpose(0, 1)  # [Hkv, L, D]
     qh = q.transpose(0, 1)  # [Hq, n, D]
     start = seq_len - n
     if start == 0 and window is None and softcap is None:
@@ -128,8 +141,8 @@ def _prefill_one(q, kv, table, seq_len, block_size, scale, window, softcap):
 def _decode_batch(q, kv, meta, scale, window, softcap):
     width_blocks = -(-max(meta.seq_lens) // meta.block_size)
     table = meta.block_tables[:, :width_blocks]
-    keys = _gather(kv.k, table).transpose(1, 2)  # [B, Hkv, L, D]
-    vals = _gather(kv.v, table).transpose(1, 2)
+    keys, vals = _gather_kv(kv, table)
+    keys, vals = keys.transpose(1, 2), vals.transpose(1, 2)  # [B, Hkv, L, D]
     mask = meta.decode_mask(keys.shape[2], window, q.device)
     out = _attend(q[:, :, None, :], keys, vals, mask, scale, softcap)  # [B, Hq, 1, D]
     return out[:, :, 0, :]

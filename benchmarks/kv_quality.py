@@ -1,0 +1,181 @@
+"""KV-cache compression quality on SmolLM2-135M: Austen perplexity and a planted-fact (needle) retrieval.
+
+Configurations: the uncompressed baseline; 4-bit KV (``kv4``: 6.4x smaller
+pages, nothing evicted); and, at 25% and 50% compression (``ratio`` r: each
+sequence keeps ``ceil((1 - r) * prompt tokens)`` KV tokens, plus at most one
+block), PagedEviction, Expected Attention and the StreamingLLM baseline (sink
+block + recent window). Block size 16; prompts are prefilled in chunks of
+``--chunk`` tokens so eviction acts between chunks, as it would on a long
+document (``long_prefill_token_threshold``).
+
+- Perplexity: windows of ``--context + --eval-tokens`` tokens of the held-out
+  novels (Persuasion, Northanger Abbey). The first ``--context`` tokens are the
+  prompt; the next ``--eval-tokens`` are teacher-forced one decode step at a
+  time (the engine's own scheduler, runner and eviction; the true token is
+  appended instead of the sampled one); ppl = exp(mean NLL) over those tokens.
+- Needle: ``--needle-context`` tokens of Emma with "The secret code is NNNN."
+  planted at ``--needle-depth`` (fraction of the filler), then the question
+  "What is the secret code?" and "The secret code is"; greedy 6 tokens; hit
+  iff the 4 digits appear. ``--needle-trials`` codes (seeded).
+
+SmolLM2-135M is a weak long-context model (trained at 2k, 8k max): the
+baseline's needle accuracy bounds what any compressor can show.
+
+Usage: python benchmarks/kv_quality.py [--context 2048] [--eval-tokens 256] [--needle-trials 8]
+Writes benchmarks/results/kv_quality.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tierserve.config import KVCompressionConfig  # noqa: E402
+from tierserve.engine.llm import build_engine_config  # noqa: E402
+from tierserve.engine.llm_engine import LLMEngine  # noqa: E402
+from tierserve.moe.calibration import HELDOUT_NOVELS, austen_token_windows  # noqa: E402
+from tierserve.sampling_params import SamplingParams  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "kv_quality.json")
+BLOCK = 16
+EVICTORS = ("paged_eviction", "expected_attention", "streaming")
+
+
+def make_engine(kvc: KVCompressionConfig, args) -> LLMEngine:
+    cfg = build_engine_config(None, num_blocks=args.num_blocks, block_size=BLOCK, max_num_seqs=2,
+                              max_num_batched_tokens=args.chunk, long_prefill_token_threshold=args.chunk,
+                              enable_prefix_caching=False, max_model_len=args.max_model_len)
+    return LLMEngine(dataclasses.replace(cfg, kv_compression=kvc))
+
+
+def kept_tokens(engine: LLMEngine, rid: str) -> int:
+    req = engine.get_request(rid)
+    return req.num_computed_tokens - engine.kv_manager.num_evicted_tokens(rid)
+
+
+def teacher_forced_nll(engine: LLMEngine, ids: list[int], context: int) -> tuple[float, int, int]:
+    """Sum of NLL over ids[context:], the kept-token count at the end, and the peak kept count."""
+    params = SamplingParams(max_tokens=len(ids) - context + 1, temperature=0.0, ignore_eos=True)
+    rid = engine.add_request(ids[:context], params)
+    req = engine.get_request(rid)
+    nll, peak = 0.0, 0
+    with torch.inference_mode():
+        while True:
+            sched = engine.scheduler.schedule()
+            run = engine.runner.execute(sched, engine._requests)
+            if engine.kv_evictor is not None:
+                engine.kv_evictor.after_step(sched, engine._requests)
+            peak = max(peak, kept_tokens(engine, rid))
+            if not run.request_ids:
+                continue
+            target = ids[req.num_tokens]
+            nll -= float(torch.log_softmax(run.logits[0].float(), -1)[target])
+            if req.num_tokens + 1 >= len(ids):
+                break
+            req.append_output(target)
+    kept = kept_tokens(engine, rid)
+    engine.abort(rid)
+    return nll, kept, peak
+
+
+def needle_prompts(engine: LLMEngine, args) -> list[tuple[list[int], str]]:
+    from tierserve.data.austen import austen_texts
+
+    tok = engine.tokenizer
+    filler = tok.encode(austen_texts()["Emma"][5000:5000 + 12 * args.needle_context])[: args.needle_context]
+    rng = random.Random(0)
+    out = []
+    for _ in range(args.needle_trials):
+        code = str(rng.randint(1000, 9999))
+        cut = int(args.needle_depth * len(filler))
+        needle = tok.encode(f" The secret code is {code}. Remember it: the secret code is {code}. ")
+        question = tok.encode("\n\nQuestion: What is the secret code?\nAnswer: The secret code is")
+        out.append((filler[:cut] + needle + filler[cut:] + question, code))
+    return out
+
+
+def needle_accuracy(engine: LLMEngine, prompts) -> tuple[float, list[str]]:
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+    hits, answers = 0, []
+    for ids, code in prompts:
+        rid = engine.add_request(ids, params)
+        text = ""
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.request_id == rid:
+                    text += out.new_text
+        answers.append(text)
+        hits += code in text.replace(" ", "")
+    return hits / len(prompts), answers
+
+
+def run_config(label: str, kvc: KVCompressionConfig, windows, args) -> dict:
+    t0 = time.time()
+    engine = make_engine(kvc, args)
+    nll, count, kept, peak = 0.0, 0, [], []
+    for w in windows:
+        s, k, p = teacher_forced_nll(engine, w, args.context)
+        nll += s
+        count += len(w) - args.context
+        kept.append(k)
+        peak.append(p)
+    acc, answers = needle_accuracy(engine, needle_prompts(engine, args)) if args.needle_trials else (None, [])
+    page = engine.kv_compressor.page_size_bytes() if engine.kv_compressor else engine.model.kv_spec(BLOCK).page_size_bytes
+    row = {"config": label, "method": kvc.method, "ratio": kvc.ratio, "ppl": math.exp(nll / count),
+           "kept_tokens_end": max(kept), "peak_kept_tokens": max(peak),
+           "kv_bytes_per_token": page / BLOCK, "needle_acc": acc, "needle_answers": answers,
+           "seconds": round(time.time() - t0, 1)}
+    print(fmt(row), flush=True)
+    return row
+
+
+def fmt(r: dict) -> str:
+    acc = "-" if r["needle_acc"] is None else f"{r['needle_acc']:.2f}"
+    return (f"{r['config']:<28} ppl {r['ppl']:8.3f}  kept {r['kept_tokens_end']:5d} (peak {r['peak_kept_tokens']:5d})"
+            f"  KV B/token {r['kv_bytes_per_token']:8.0f}  needle {acc:>5}  {r['seconds']:6.1f}s")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--context", type=int, default=2048)
+    p.add_argument("--eval-tokens", type=int, default=256)
+    p.add_argument("--windows", type=int, default=1)
+    p.add_argument("--needle-context", type=int, default=1536)
+    p.add_argument("--needle-depth", type=float, default=0.1)
+    p.add_argument("--needle-trials", type=int, default=8)
+    p.add_argument("--chunk", type=int, default=256, help="prefill chunk (tokens per step)")
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
+    p.add_argument("--methods", nargs="+", default=list(EVICTORS))
+    p.add_argument("--num-blocks", type=int, default=320)
+    p.add_argument("--max-model-len", type=int, default=8192)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=RESULTS)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    probe = make_engine(KVCompressionConfig(), args)
+    windows = austen_token_windows(probe.tokenizer, HELDOUT_NOVELS, args.windows,
+                                   args.context + args.eval_tokens).tolist()
+    del probe
+    configs = [("none", KVCompressionConfig()), ("kv4", KVCompressionConfig("kv4"))]
+    configs += [(f"{m} @{int(r * 100)}%", KVCompressionConfig(m, ratio=r)) for r in args.ratios for m in args.methods]
+    rows = [run_config(label, kvc, windows, args) for label, kvc in configs]
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
