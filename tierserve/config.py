@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tierserve.cache.kv_tier_config import KVTierConfig  # [kv-tiers] DRAM/disk/Redis chunk store
 from tierserve.errors import InvalidParameterError
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -111,6 +112,11 @@ class OffloadConfig:
     ``spare_slots``: size of the worker's ring of spare expert slots (0 = none).
     ``channel``: how fused dispatch messages reach hosts ("socket": a direct
     token-authenticated TCP channel; "ray": plain actor calls), see tierserve/moe/offload.py.
+    Promotions at request boundaries (tierserve/moe/promotion.py): at most
+    ``promotion_max_swaps`` per boundary (0 = off), each with a count gain of at least
+    ``promotion_min_gain``. Usage is saved on close and every ``usage_save_interval_s``.
+    ``host_weight_format``: how hosts keep experts at rest ("raw", or "dfloat11":
+    lossless coding of bf16 weights, tierserve/moe/host_storage.py).
     """
 
     resident_experts: int | None = None
@@ -120,6 +126,10 @@ class OffloadConfig:
     timeout_s: float = 30.0
     spare_slots: int = 0
     channel: str = "socket"
+    promotion_min_gain: int = 64
+    promotion_max_swaps: int = 2
+    usage_save_interval_s: float = 300.0
+    host_weight_format: str = "raw"
 
     @property
     def enabled(self) -> bool:
@@ -138,6 +148,64 @@ class OffloadConfig:
             raise InvalidParameterError("channel", f"must be 'socket' or 'ray', got {self.channel!r}")
         if self.spare_slots < 0:
             raise InvalidParameterError("spare_slots", f"must be >= 0, got {self.spare_slots}")
+        if self.promotion_min_gain < 1:
+            raise InvalidParameterError("promotion_min_gain", f"must be >= 1, got {self.promotion_min_gain}")
+        if self.promotion_max_swaps < 0:
+            raise InvalidParameterError("promotion_max_swaps", f"must be >= 0, got {self.promotion_max_swaps}")
+        if self.host_weight_format not in ("raw", "dfloat11"):
+            raise InvalidParameterError("host_weight_format",
+                                        f"must be 'raw' or 'dfloat11', got {self.host_weight_format!r}")
+        if self.usage_save_interval_s < 0:
+            raise InvalidParameterError("usage_save_interval_s", f"must be >= 0, got {self.usage_save_interval_s}")
+
+
+@dataclass(frozen=True)
+class KVCompressionConfig:
+    """KV-cache compression (tierserve/cache/compress/); off while ``method`` is "none".
+
+    ``method``: "none", "kv4" (4-bit packed KV pages) or an eviction method
+    ("paged_eviction", "expected_attention", "streaming"). An eviction method
+    keeps ``budget`` tokens per sequence (plus at most one block) or, with
+    ``ratio`` r, ceil((1 - r) * prompt tokens); it needs exactly one of the
+    two, and EngineConfig checks the budget covers 2 blocks (the first (sink)
+    block and the current block are never evicted). ``group_size``: kv4's
+    quantization group along head_dim. ``interval``: decode steps between two
+    Expected Attention compressions (None: one block).
+    """
+
+    method: str = "none"
+    budget: int | None = None
+    ratio: float | None = None
+    group_size: int = 32
+    interval: int | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+    def __post_init__(self) -> None:
+        evicts = False
+        if self.enabled:
+            from tierserve.cache.compress import base as _compress  # lazy: the registry pulls in torch
+
+            if self.method not in _compress.KV_COMPRESSORS:
+                names = ("none", *sorted(_compress.KV_COMPRESSORS))
+                raise InvalidParameterError("kv_compression", f"must be one of {names}, got {self.method!r}")
+            evicts = _compress.KV_COMPRESSORS[self.method].evicts
+        if self.budget is not None and self.budget < 1:
+            raise InvalidParameterError("kv_budget", f"must be >= 1, got {self.budget}")
+        if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
+            raise InvalidParameterError("kv_ratio", f"must be in [0, 1), got {self.ratio}")
+        if evicts and (self.budget is None) == (self.ratio is None):
+            raise InvalidParameterError("kv_budget", f"{self.method} needs exactly one of kv_budget "
+                                                     f"(tokens per sequence) and kv_ratio")
+        if not evicts and (self.budget is not None or self.ratio is not None):
+            raise InvalidParameterError("kv_budget", f"only eviction methods take a budget or ratio, "
+                                                     f"not {self.method!r}")
+        if self.group_size < 2 or self.group_size & (self.group_size - 1):
+            raise InvalidParameterError("kv_group_size", f"must be a power of two >= 2, got {self.group_size}")
+        if self.interval is not None and self.interval < 1:
+            raise InvalidParameterError("kv_interval", f"must be >= 1, got {self.interval}")
 
 
 @dataclass(frozen=True)
@@ -146,9 +214,14 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     offload: OffloadConfig = field(default_factory=OffloadConfig)
+    kv_compression: KVCompressionConfig = field(default_factory=KVCompressionConfig)
+    kv_tiers: KVTierConfig = field(default_factory=KVTierConfig)  # [kv-tiers] off while tiers == ()
     seed: int = 0
     num_threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_threads is not None and self.num_threads < 1:
             raise InvalidParameterError("num_threads", f"must be >= 1, got {self.num_threads}")
+        kvc, bs = self.kv_compression, self.cache.block_size
+        if kvc.budget is not None and kvc.budget < 2 * bs:  # the sink block and the current block stay
+            raise InvalidParameterError("kv_budget", f"must be >= 2 * block_size = {2 * bs}, got {kvc.budget}")

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tierserve.cache.compress.base import build_compressor
+from tierserve.cache.compress.driver import EvictionDriver
 from tierserve.cache.kv_cache_manager import KVCacheManager
 from tierserve.config import EngineConfig
 from tierserve.engine.detokenizer import IncrementalDetokenizer
@@ -51,12 +53,17 @@ class LLMEngine:
         self.vocab_size = loaded.arch.vocab_size
         self.max_model_len = self._max_model_len(loaded.arch.max_position_embeddings)
         spec = self.model.kv_spec(config.cache.block_size)
-        num_blocks = config.cache.num_blocks or spec.num_blocks_for_bytes(
-            int(config.cache.kv_cache_memory_gib * 2**30))
+        self.kv_compressor = build_compressor(config.kv_compression, spec)  # None unless --kv-compression
+        self._check_eviction_supported(loaded.arch)
+        page_bytes = self.kv_compressor.page_size_bytes() if self.kv_compressor else spec.page_size_bytes
+        num_blocks = config.cache.num_blocks or max(1, int(config.cache.kv_cache_memory_gib * 2**30) // page_bytes)
         self.num_blocks = num_blocks
         self.kv_manager = KVCacheManager(num_blocks, spec.block_size, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.max_model_len)
-        self.runner = ModelRunner(self.model, spec, num_blocks, config.scheduler.max_num_seqs, self.max_model_len)
+        self.kv_tiers = self._build_kv_tiers(config, spec)  # [kv-tiers] None unless --kv-tiers
+        self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.max_model_len, self.kv_tiers)
+        self.runner = ModelRunner(self.model, spec, num_blocks, config.scheduler.max_num_seqs, self.max_model_len,
+                                  **self._kv_compression_runner_args(num_blocks))
+        self._bind_kv_compression()
         self.sampler = Sampler()
         self.stop_rules = StopRules.from_model(self.tokenizer, self.hf_config, self.max_model_len)
         self._live: dict[str, _Live] = {}
@@ -81,6 +88,33 @@ class LLMEngine:
                                                config.model.linear_backend)
         apply_linear_backend(loaded.model, config.model.linear_backend)
         return loaded
+
+    def _check_eviction_supported(self, arch) -> None:
+        """Eviction shifts slots against positions; a sliding window counts slots, so it would see the wrong
+        tokens: refuse the combination rather than compute a silently different attention."""
+        if self.kv_compressor is None or not self.kv_compressor.evicts:
+            return
+        sliding = [i for i in range(arch.num_hidden_layers) if arch.is_sliding(i)]
+        if sliding:
+            raise InvalidParameterError(
+                "kv_compression", f"{self.config.kv_compression.method} evicts KV blocks, which sliding-window "
+                f"attention does not support; this model has {len(sliding)} sliding-window layers "
+                f"(window {arch.sliding_window}); use kv4 or none")
+
+    def _kv_compression_runner_args(self, num_blocks: int) -> dict:
+        """Packed pages from a storage compressor; the evicted-token count for an eviction compressor."""
+        comp = self.kv_compressor
+        if comp is None:
+            return {}
+        return {"kv_caches": comp.allocate_cache(num_blocks),
+                "evicted_tokens": self.kv_manager.num_evicted_tokens if comp.evicts else None}
+
+    def _bind_kv_compression(self) -> None:
+        self.kv_evictor = None
+        if self.kv_compressor is not None:
+            self.kv_compressor.bind(self.model, self.runner.kv_caches)
+            if self.kv_compressor.evicts:
+                self.kv_evictor = EvictionDriver(self.kv_compressor, self.kv_manager, self.runner.block_tables)
 
     def _max_model_len(self, model_len: int) -> int:
         wanted = self.config.model.max_model_len
@@ -133,8 +167,31 @@ class LLMEngine:
         self._drop(request_id)
         return True
 
+    def _build_kv_tiers(self, config: EngineConfig, spec):
+        """[kv-tiers] The DRAM/disk/Redis chunk store (cache/lmcache_connector.py), or None when off.
+
+        Its keys are prefixed by a tag of everything that changes KV besides the
+        tokens (model name, dtype, weight format, linear backend, KV layout), so
+        engines share chunks only when their KV is identical.
+        """
+        if not config.kv_tiers.enabled:
+            return None
+        if config.kv_compression.enabled:
+            raise InvalidParameterError("kv_tiers", "cannot be combined with kv_compression (yet)")
+        import hashlib
+
+        from tierserve.cache.lmcache_connector import KVTierConnector
+
+        m = config.model
+        ident = f"{self.source.name}|{m.dtype}|{m.quantization}|{m.linear_backend}|{spec}"
+        return KVTierConnector(config.kv_tiers, spec, "tierserve-" + hashlib.sha256(ident.encode()).hexdigest()[:16])
+
     def _drop(self, request_id: str) -> None:
+        if self.kv_tiers is not None:  # [kv-tiers]
+            self.kv_tiers.forget(request_id)
         self.runner.release(request_id)
+        if self.kv_evictor is not None:
+            self.kv_evictor.release(request_id)
         self._live.pop(request_id, None)
         self._requests.pop(request_id, None)
 
@@ -152,7 +209,13 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         for rid in sched.preempted:
             self.runner.release(rid)
+        if self.kv_tiers is not None:  # [kv-tiers] chunks loaded from DRAM/disk/Redis, before the forward
+            self.kv_tiers.apply_loads(self.runner.kv_caches)
         run = self.runner.execute(sched, self._requests)
+        if self.kv_tiers is not None:  # [kv-tiers] store the chunks of prompts that finished prefill
+            self.kv_tiers.after_step(sched.scheduled, self._requests, self.runner.kv_caches)
+        if self.kv_evictor is not None:  # KV compression by block eviction, after the step's K/V exist
+            self.kv_evictor.after_step(sched, self._requests)
         if not run.request_ids:
             return []
         lives = [self._live[rid] for rid in run.request_ids]
@@ -164,8 +227,18 @@ class LLMEngine:
             stop_ids=[self.stop_rules.stop_ids(lv.request.params) for lv in lives],
         )
         sampled = self.sampler(run.logits, batch)
-        return [self._postprocess(lv, tok, lp)
-                for lv, tok, lp in zip(lives, sampled.token_ids, sampled.logprobs)]
+        outputs = [self._postprocess(lv, tok, lp)
+                   for lv, tok, lp in zip(lives, sampled.token_ids, sampled.logprobs)]
+        if self.offload is not None and any(o.finished for o in outputs):
+            self.offload.at_request_boundary()  # between steps: expert promotions by live usage
+        return outputs
+
+    def close(self) -> None:
+        """Release what the engine started outside this process (expert hosts; saves expert usage)."""
+        if self.offload is not None:
+            self.offload.close()
+        if self.kv_tiers is not None:  # [kv-tiers] LMCache's event loop thread and backends
+            self.kv_tiers.close()
 
     def _postprocess(self, live: _Live, token: int, logprobs) -> RequestOutput:
         req = live.request
@@ -180,6 +253,8 @@ class LLMEngine:
             if live.detok.stopped is None:
                 out.new_text += live.detok.flush()  # release text held back for a possible stop string
             out.finished, out.finish_reason, out.stop_reason = True, reason.value, stop_reason
+            if self.kv_tiers is not None:  # [kv-tiers] store its chunks before its blocks are freed
+                self.kv_tiers.store_request(req, self.runner.kv_caches)
             self.scheduler.finish(req.request_id, reason)
             self._drop(req.request_id)
         return out

@@ -7,10 +7,17 @@ and the step's block tables from persistent per-request rows, runs the model,
 and computes logits only for the last token of requests that reach the end of
 their known tokens (those sample). The KV pages are allocated once here and
 never reallocated.
+
+KV compression: ``kv_caches`` may come from a storage compressor (packed
+4-bit pages), and ``evicted_tokens(request_id)`` (the KV cache manager's
+count of tokens dropped by block eviction, default none) shifts a request's
+*slots* and *sequence length* to count kept tokens, while positions (RoPE)
+keep counting real tokens: slot index = position - evicted.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,11 +41,14 @@ class RunnerOutput:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, spec: KVSpec, num_blocks: int, max_num_seqs: int,
-                 max_model_len: int, device: str | torch.device = "cpu"):
+                 max_model_len: int, device: str | torch.device = "cpu", kv_caches: list | None = None,
+                 evicted_tokens: Callable[[str], int] | None = None):
         self.model = model
         self.spec = spec
         self.device = torch.device(device)
-        self.kv_caches: list[LayerKV] = allocate_kv_cache(spec, num_blocks, self.device)
+        self.kv_caches: list[LayerKV] = (kv_caches if kv_caches is not None
+                                         else allocate_kv_cache(spec, num_blocks, self.device))
+        self._evicted = evicted_tokens
         self.block_tables = BlockTables(max_num_seqs, spec.blocks_for_tokens(max_model_len), self.device)
 
     def release(self, request_id: str) -> None:
@@ -50,6 +60,7 @@ class ModelRunner:
             return RunnerOutput([], None)
         tokens: list[int] = []
         positions: list[int] = []
+        slot_pos: list[int] = []
         rows: list[int] = []
         token_rows: list[int] = []
         query_start = [0]
@@ -64,16 +75,18 @@ class ModelRunner:
                 row = self.block_tables.row(sr.request_id)
                 self.block_tables.append(sr.request_id, sr.new_block_ids)
             end = sr.start + sr.num_tokens
+            off = self._evicted(sr.request_id) if self._evicted is not None else 0
             tokens.extend(req.token_ids(sr.start, end))
             positions.extend(range(sr.start, end))
+            slot_pos.extend(range(sr.start - off, end - off))
             token_rows.extend([row] * sr.num_tokens)
             rows.append(row)
             query_start.append(query_start[-1] + sr.num_tokens)
-            seq_lens.append(end)
+            seq_lens.append(end - off)
             if end == req.num_tokens:
                 sample_idx.append(query_start[-1] - 1)
                 sample_ids.append(sr.request_id)
-        ctx = ForwardContext(self._metadata(positions, token_rows, rows, query_start, seq_lens), self.kv_caches)
+        ctx = ForwardContext(self._metadata(slot_pos, token_rows, rows, query_start, seq_lens), self.kv_caches)
         input_ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         hidden = self.model(input_ids, pos, ctx)

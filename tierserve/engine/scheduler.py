@@ -21,7 +21,11 @@ Each ``schedule()`` call fills one step under a token budget
    compute), the chunk is sized as above, and the first request whose blocks
    do not fit stops admission (no skipping ahead). A preempted request
    re-enters at the front and recomputes prompt + generated tokens (minus
-   whatever blocks the prefix cache still holds).
+   whatever blocks the prefix cache still holds). With a KV tier connector
+   (``kv_tiers``), the tokens after the device prefix hit that the lower
+   tiers serve (``kv_tiers.match``: whole chunks, at least one token left)
+   are marked computed too and take no budget; ``kv_tiers.commit`` queues
+   their copy into the newly allocated blocks before the step's forward.
 
 ``req.num_computed_tokens`` advances at schedule time (as in vLLM v1): the
 runner computes tokens ``[start, start + num_tokens)``. A request samples iff
@@ -46,9 +50,12 @@ from tierserve.errors import InvalidParameterError
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int | None = None):
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int | None = None,
+                 kv_tiers=None):
         self.config = config
         self.kv = kv
+        #: [kv-tiers] optional KVTierConnector (cache/lmcache_connector.py): match() / commit()
+        self.kv_tiers = kv_tiers
         self.max_model_len = max_model_len
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -139,15 +146,18 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             hit_blocks, num_hit = self.kv.get_computed_blocks(req)
-            n = self._chunk(req.num_tokens - num_hit, budget)
-            new_blocks = self.kv.allocate_slots(req, n, hit_blocks)
+            num_ext = self.kv_tiers.match(req, num_hit) if self.kv_tiers is not None else 0  # [kv-tiers]
+            n = self._chunk(req.num_tokens - num_hit - num_ext, budget)
+            new_blocks = self.kv.allocate_slots(req, num_ext + n, hit_blocks)
             if new_blocks is None:
                 return
             self.waiting.popleft()
             if req.status is RequestStatus.WAITING:
-                req.num_cached_tokens = num_hit
+                req.num_cached_tokens = num_hit + num_ext
             req.status = RequestStatus.RUNNING
-            req.num_computed_tokens = num_hit
+            req.num_computed_tokens = num_hit + num_ext
+            if num_ext:  # [kv-tiers] the connector copies those tokens' KV in before the forward
+                self.kv_tiers.commit(req, num_hit, num_ext)
             self.running.append(req)
             scheduled.append(self._advance(req, n, hit_blocks + new_blocks, resumed=True))
             budget -= n

@@ -13,6 +13,7 @@ from tierserve.routing.policy import (
     make_policy,
 )
 from tierserve.routing.prefix_tree import PrefixTree
+from tierserve.routing.tier_index import TierDiff, TierIndex, lower_tier_matches
 
 __all__ = [
     "POLICIES",
@@ -21,5 +22,8 @@ __all__ = [
     "ReplicaLoad",
     "RouteDecision",
     "RouterPolicy",
+    "TierDiff",
+    "TierIndex",
+    "lower_tier_matches",
     "make_policy",
 ]

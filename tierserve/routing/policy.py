@@ -13,6 +13,15 @@ Algorithm of ``PrefixAwarePolicy.choose`` (every comparison is exact):
    ``"redis"``...) are a hook: give them a weight and pass their per-replica
    partial matches in ``lower_tier_matches``; a tier without a weight is an
    error, not silently ignored.
+   ``KV_TIER_WEIGHTS`` are the weights for the KV tiers of
+   cache/lmcache_connector.py: device 1.0, dram 0.8, disk 0.5, redis 0.3. A
+   lower-tier block saves its prefill minus its load, so its weight is about
+   ``1 - TTFT(hit) / TTFT(recompute)`` of benchmarks/kv_reuse.py, rounded
+   down for the tier's variance (Redis crosses the network and is shared by
+   every replica, so it mostly separates "some replica can reuse this" from
+   "no match" and adds little between replicas). A request whose first 10
+   blocks sit in replica A's DRAM (score 8.0) goes to A over replica B with
+   6 device blocks (score 6.0), but B wins with 9 device blocks (9.0).
 2. least = the replica with the lowest (ongoing_requests, replica_id).
 3. If no replica has score > 0: pick ``least`` (reason ``"no_match"``).
 4. best = the replica with the highest score; ties go to the lower
@@ -61,6 +70,8 @@ from dataclasses import dataclass
 from tierserve.errors import InvalidParameterError
 
 DEVICE_TIER = "device"
+#: Weights of a block found in each KV tier (module doc, step 1); pass as ``tier_weights``.
+KV_TIER_WEIGHTS = {"device": 1.0, "dram": 0.8, "disk": 0.5, "redis": 0.3}
 #: Reasons a decision can carry.
 REASON_PREFIX = "prefix"
 REASON_LEAST_LOADED = "least_loaded"

@@ -35,11 +35,22 @@ One routing step (``choose_replicas``):
    rank per replica, so Serve tries the chosen replica first and falls back
    in policy order if it rejects the request (queue full).
 
+Lower KV tiers (``kv_tiers``, e.g. ``["dram", "redis"]``, the app's
+``--kv-tiers``; empty = off): step 2 asks ``await tree.match(hashes,
+candidate ids)`` instead, which also returns, per candidate, the blocks each
+lower tier would serve after its device match (routing/tier_index.py), and
+step 4 passes them as ``lower_tier_matches`` to a policy built with
+``tier_weights=KV_TIER_WEIGHTS`` (device 1.0, dram 0.8, disk 0.5, redis 0.3;
+routing/policy.py). Replicas report their tier chunks with their device diff
+(server/cache_reporter.py ``TierMirror``).
+
 When Serve reports a replica dead, the router asks the tree actor to forget
 it (fire and forget).
 
 Tests: tests/test_serve_router.py runs a real Serve app with two replicas
-and checks that requests go to the replica holding their prefix.
+and checks that requests go to the replica holding their prefix. tests/test_tier_routing_serve.py does the same
+with ``kv_tiers``: a replica's DRAM chunks outweigh fewer device blocks of
+another replica and lose to more.
 """
 
 from __future__ import annotations
@@ -53,8 +64,9 @@ from ray.serve.request_router import PendingRequest, RequestRouter, RunningRepli
 
 from tierserve.cache.prefix_hash import HASH_BYTES, hash_blocks
 from tierserve.errors import InvalidParameterError
-from tierserve.routing.policy import PrefixAwarePolicy, ReplicaLoad
-from tierserve.routing.tree_actor import get_or_create_tree_actor
+from tierserve.routing.policy import KV_TIER_WEIGHTS, PrefixAwarePolicy, ReplicaLoad
+from tierserve.routing.tier_index import LOWER_TIERS
+from tierserve.routing.tree_actor import PrefixMatch, get_or_create_tree_actor
 
 logger = logging.getLogger(__name__)
 
@@ -87,12 +99,17 @@ class PrefixAwareRequestRouter(RequestRouter):
 
     def initialize_state(self, abs_threshold: float = 4, rel_threshold: float = 1.5,
                          match_timeout_s: float = 0.1, max_blocks_per_replica: int | None = None,
-                         tree_actor=None, min_match_ratio: float = 0.1) -> None:
+                         tree_actor=None, min_match_ratio: float = 0.1, kv_tiers: Sequence[str] = ()) -> None:
         """Called by Serve with ``request_router_kwargs``; ``tree_actor`` overrides the named actor."""
         if not match_timeout_s > 0:
             raise InvalidParameterError("match_timeout_s", f"must be > 0, got {match_timeout_s}")
+        unknown = [t for t in kv_tiers if t not in LOWER_TIERS]
+        if unknown:
+            raise InvalidParameterError("kv_tiers", f"unknown tier {unknown[0]!r}; choose from {LOWER_TIERS}")
+        self._kv_tiers = tuple(kv_tiers)
         self._policy = PrefixAwarePolicy(abs_threshold=abs_threshold, rel_threshold=rel_threshold,
-                                         min_match_ratio=min_match_ratio)
+                                         min_match_ratio=min_match_ratio,
+                                         tier_weights=KV_TIER_WEIGHTS if self._kv_tiers else None)
         self._match_timeout_s = match_timeout_s
         if tree_actor is None:
             tree_actor = get_or_create_tree_actor(
@@ -108,10 +125,10 @@ class PrefixAwareRequestRouter(RequestRouter):
         except InvalidParameterError as exc:
             logger.warning("routing by load only: %s", exc)
             hashes = []
-        matches = await self._lookup(hashes) if hashes else {}
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        found = await self._lookup(hashes, list(by_id)) if hashes else PrefixMatch()
         loads = [ReplicaLoad(rid, self._ongoing(r)) for rid, r in by_id.items()]
-        ranked = self._policy.rank(matches, loads, num_request_blocks=len(hashes))
+        ranked = self._policy.rank(found.device, loads, found.lower or None, num_request_blocks=len(hashes))
         return [[by_id[d.replica_id]] for d in ranked]
 
     def on_replica_actor_died(self, replica_id) -> None:
@@ -122,10 +139,15 @@ class PrefixAwareRequestRouter(RequestRouter):
         queue_len = self.replica_queue_len_cache.get(replica.replica_id)
         return queue_len if queue_len is not None else 0
 
-    async def _lookup(self, hashes: list[bytes]) -> dict[str, int]:
+    async def _lookup(self, hashes: list[bytes], replica_ids: list[str]) -> PrefixMatch:
         try:
+            if self._kv_tiers:
+                ref = self._tree_actor.match.remote(hashes, replica_ids)
+                found = await asyncio.wait_for(ref, timeout=self._match_timeout_s)
+                # only the tiers this app runs have weights; others cannot be reported by its replicas
+                return PrefixMatch(found.device, {t: m for t, m in found.lower.items() if t in self._kv_tiers})
             ref = self._tree_actor.longest_match.remote(hashes)
-            return await asyncio.wait_for(ref, timeout=self._match_timeout_s)
+            return PrefixMatch(await asyncio.wait_for(ref, timeout=self._match_timeout_s))
         except (asyncio.TimeoutError, ray.exceptions.RayError) as exc:
             logger.warning("prefix tree lookup failed (%s); routing by load only", type(exc).__name__)
-            return {}
+            return PrefixMatch()

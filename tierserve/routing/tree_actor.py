@@ -6,6 +6,14 @@ hashes, plus evicted hashes); every router (in each ingress replica, proxy or
 driver holding a handle) asks ``longest_match(hashes)``. Only ids and 32-byte
 digests cross the actor boundary, never KV.
 
+Lower KV tiers (app with ``kv_tiers``): a replica adds ``tiers=TierDiff`` to
+its report (the chunk keys its DRAM/disk tiers gained and lost, and the Redis
+keys it stored, loaded or found missing; routing/tier_index.py), and a router
+asks ``match(hashes, replica_ids)`` for a ``PrefixMatch``: the device match
+plus, per candidate replica, the blocks each lower tier would serve after it
+(chunk aligned, never double counted). ``drop_replica`` forgets a replica's
+device blocks and its DRAM/disk chunks; the shared Redis keys stay.
+
 The actor is named ``tree_actor_name(app, deployment)`` in the namespace
 ``TREE_NAMESPACE`` and created with ``get_if_exists=True`` and
 ``lifetime="detached"``, so whichever process comes first creates it and it
@@ -21,8 +29,10 @@ real Serve deployment.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 from tierserve.routing.prefix_tree import PrefixTree
+from tierserve.routing.tier_index import DEFAULT_MAX_REDIS_CHUNKS, TierDiff, TierIndex
 
 #: Ray namespace of every tierserve prefix-tree actor.
 TREE_NAMESPACE = "tierserve"
@@ -33,32 +43,56 @@ def tree_actor_name(app_name: str, deployment_name: str) -> str:
     return f"prefix-tree:{app_name}:{deployment_name}"
 
 
-class PrefixTreeActor:
-    """Actor body: a ``PrefixTree`` plus bulk diff application."""
+@dataclass(frozen=True)
+class PrefixMatch:
+    """A request's matches: ``device`` replica -> leading device blocks (``PrefixTree.longest_match``),
+    ``lower`` tier -> replica -> blocks that tier serves after them (``TierIndex.match``);
+    the arguments ``matches`` and ``lower_tier_matches`` of ``RouterPolicy.choose``."""
 
-    def __init__(self, max_blocks_per_replica: int | None = None):
+    device: dict[str, int] = field(default_factory=dict)
+    lower: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+class PrefixTreeActor:
+    """Actor body: a ``PrefixTree`` (device blocks) and a ``TierIndex`` (lower-tier chunks)."""
+
+    def __init__(self, max_blocks_per_replica: int | None = None,
+                 max_redis_chunks: int | None = DEFAULT_MAX_REDIS_CHUNKS):
         self._tree = PrefixTree(max_blocks_per_replica=max_blocks_per_replica)
+        self._tiers = TierIndex(max_redis_chunks=max_redis_chunks)
 
     def report(self, replica_id: str, added_chains: Sequence[Sequence[bytes]] = (),
-               evicted: Iterable[bytes] = ()) -> int:
-        """Apply one replica's diff (evictions first, then additions); returns its block count."""
+               evicted: Iterable[bytes] = (), tiers: TierDiff | None = None) -> int:
+        """Apply one replica's diff (evictions first, then additions); returns its device block count."""
         self._tree.evict(replica_id, evicted)
         for chain in added_chains:
             self._tree.add_chain(replica_id, chain)
+        if tiers is not None:
+            self._tiers.apply(replica_id, tiers)
         return self._tree.num_blocks(replica_id)
 
     def longest_match(self, hashes: Sequence[bytes]) -> dict[str, int]:
         return self._tree.longest_match(hashes)
 
+    def match(self, hashes: Sequence[bytes], replica_ids: Iterable[str]) -> PrefixMatch:
+        """Device and lower-tier matches of ``hashes`` for the candidate ``replica_ids``."""
+        device = self._tree.longest_match(hashes)
+        return PrefixMatch(device, self._tiers.match(hashes, device, list(replica_ids)))
+
+    def num_tier_chunks(self, tier: str, replica_id: str | None = None) -> int:
+        return self._tiers.num_chunks(tier, replica_id)
+
     def drop_replica(self, replica_id: str) -> int:
+        self._tiers.drop_replica(replica_id)
         return self._tree.drop_replica(replica_id)
 
     def retain_replicas(self, live_replica_ids: Iterable[str]) -> list[str]:
         """Forget every replica not in ``live_replica_ids``; returns the ones dropped."""
         live = set(live_replica_ids)
-        gone = [r for r in self._tree.replicas() if r not in live]
+        known = set(self._tree.replicas()) | set(self._tiers.replicas())
+        gone = sorted(r for r in known if r not in live)
         for r in gone:
-            self._tree.drop_replica(r)
+            self.drop_replica(r)
         return gone
 
     def replicas(self) -> list[str]:

@@ -8,7 +8,8 @@
   .. ``max_replicas``, starting at ``replicas``, scaling on
   ``target_ongoing_requests`` per replica). Its handle calls are routed by
   ``PrefixAwareRequestRouter`` (longest cached prefix, bounded by load;
-  ``router_abs_threshold`` / ``router_rel_threshold`` / ``router_min_match_ratio``) when ``router`` is
+  ``router_abs_threshold`` / ``router_rel_threshold`` / ``router_min_match_ratio``; with ``kv_tiers``
+  it also counts a lower-tier KV hit as a weighted partial match, routing/tier_index.py) when ``router`` is
   ``"prefix"`` (the default), or by Ray Serve's default power-of-two-choices
   router when it is ``"pow2"`` (the baseline of benchmarks/serve.py). ``max_ongoing_requests``
   is ``max_num_seqs + max_waiting_requests + 1`` so that the worker itself
@@ -39,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve.config import AutoscalingConfig, RequestRouterConfig
 
+from tierserve.cache.kv_tier_config import KVTierConfig
 from tierserve.engine.llm import build_engine_config
 from tierserve.server.errors import DEFAULT_MAX_BODY_BYTES
 from tierserve.server.ingress import IngressSettings, OpenAIIngress
@@ -73,6 +75,16 @@ class AppArgs(BaseModel):
     num_threads: int | None = None
     linear_backend: str = "auto"
     quantization: str | None = None
+    # [kv-tiers] lower KV tiers (tierserve/cache/kv_tier_config.py)
+    kv_tiers: str = ""
+    kv_dram_gib: float = 1.0
+    kv_disk_gib: float = 4.0
+    kv_disk_path: str | None = None
+    kv_redis_url: str | None = None
+    kv_chunk_blocks: int = 16
+    kv_compression: str = "none"  # tierserve/cache/compress/
+    kv_budget: int | None = None
+    kv_ratio: float | None = None
     # serving
     max_waiting_requests: int = Field(64, ge=1)
     retry_after_s: int = Field(1, ge=1)
@@ -105,7 +117,9 @@ def _router_config(a: AppArgs) -> RequestRouterConfig:
             request_router_class=ROUTER_CLASS,
             request_router_kwargs={"abs_threshold": a.router_abs_threshold,
                                    "rel_threshold": a.router_rel_threshold,
-                                   "min_match_ratio": a.router_min_match_ratio}),
+                                   "min_match_ratio": a.router_min_match_ratio,
+                                   # lower-tier hits count as weighted partial matches (routing/tier_index.py)
+                                   "kv_tiers": list(KVTierConfig.parse_tiers(a.kv_tiers))}),
         "pow2": lambda: RequestRouterConfig(request_router_class=POW2_ROUTER_CLASS),
     }
     return routers[a.router]()
@@ -121,7 +135,10 @@ def build_app(args: dict | None = None):
         max_num_batched_tokens=a.max_num_batched_tokens,
         long_prefill_token_threshold=a.long_prefill_token_threshold, num_threads=a.num_threads,
         linear_backend=a.linear_backend, quantization=a.quantization,
-        resident_experts=a.resident_experts, expert_hosts=a.expert_hosts)
+        resident_experts=a.resident_experts, expert_hosts=a.expert_hosts,
+        kv_tiers=a.kv_tiers, kv_dram_gib=a.kv_dram_gib, kv_disk_gib=a.kv_disk_gib, kv_disk_path=a.kv_disk_path,
+        kv_redis_url=a.kv_redis_url, kv_chunk_blocks=a.kv_chunk_blocks, kv_compression=a.kv_compression,
+        kv_budget=a.kv_budget, kv_ratio=a.kv_ratio)
     scaling: dict = {"num_replicas": a.replicas}
     if a.max_replicas is not None:
         scaling = {"autoscaling_config": AutoscalingConfig(

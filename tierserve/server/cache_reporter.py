@@ -19,11 +19,28 @@ cannot be matched by any request (prefix reuse stops at the gap), so it is
 held back in ``dirty`` and reported if its ancestors come back, or dropped
 when it is evicted itself. A hash cached and evicted between two reports
 never reaches the tree; one evicted and re-cached stays reported.
+
+``TierMirror`` does the same for the lower KV tiers (app with ``kv_tiers``),
+producing a ``TierDiff`` (routing/tier_index.py) that travels in the same
+``report`` call as ``tiers=``:
+
+* dram / disk: ``diff(snapshots, ...)`` takes the chunk keys each local tier
+  holds *now* (``KVTierConnector.held_chunks``, read from LMCache's own
+  index, so LRU evictions show up) and reports the set difference with what
+  it reported before: added = now - reported, evicted = reported - now.
+* redis (shared): the connector's drained events (``drain_redis_events``:
+  the last event per key), keys it put into, found in or loaded from Redis
+  (added) and keys a lookup did not find while Redis was up (evicted).
+
+A ``TierMirror`` diff is committed by ``ack()`` once the tree actor accepted
+the report; an unacknowledged (failed) report is re-sent by the next diff.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+
+from tierserve.routing.tier_index import SHARED_TIER, TierDiff
 
 
 class CacheMirror:
@@ -66,3 +83,54 @@ class CacheMirror:
             h = self.parent[h]
         chain.reverse()
         return chain
+
+
+class TierMirror:
+    """Lower-tier chunk keys reported so far, per local tier; ``diff`` returns the next ``TierDiff``.
+
+    Two-phase: ``diff`` computes the change against what was last *acknowledged*
+    and ``ack`` (after the tree actor accepted the report) commits it. A report
+    that failed is simply not acknowledged, so the next ``diff`` sends its
+    changes again (applying a diff twice is idempotent) and keeps its Redis
+    events (merged, the newer event per key wins).
+    """
+
+    def __init__(self, chunk_blocks: int) -> None:
+        self.chunk_blocks = chunk_blocks
+        self.reported: dict[str, set[bytes]] = {}
+        self._redis: dict[bytes, bool] = {}
+        self._pending: dict[str, set[bytes]] | None = None
+
+    def diff(self, snapshots: Mapping[str, Iterable[bytes]],
+             redis_events: Mapping[bytes, bool] | None = None) -> TierDiff | None:
+        """Changes since the last acknowledged report (None when nothing changed)."""
+        added: dict[str, list[bytes]] = {}
+        evicted: dict[str, list[bytes]] = {}
+        pending: dict[str, set[bytes]] = {}
+        for tier, keys in snapshots.items():
+            now = set(keys)
+            before = self.reported.get(tier, set())
+            if now - before:
+                added[tier] = sorted(now - before)
+            if before - now:
+                evicted[tier] = sorted(before - now)
+            pending[tier] = now
+        for key, held in (redis_events or {}).items():
+            self._redis.pop(key, None)
+            self._redis[key] = held
+        held = [k for k, v in self._redis.items() if v]
+        missing = [k for k, v in self._redis.items() if not v]
+        if held:
+            added[SHARED_TIER] = held
+        if missing:
+            evicted[SHARED_TIER] = missing
+        self._pending = pending
+        diff = TierDiff(self.chunk_blocks, added, evicted)
+        return None if diff.empty() else diff
+
+    def ack(self) -> None:
+        """The last ``diff`` reached the tree: commit it."""
+        if self._pending is not None:
+            self.reported.update(self._pending)
+            self._pending = None
+        self._redis.clear()

@@ -27,6 +27,17 @@ Exposed names (label ``model_name``): ``tierserve:time_to_first_token_seconds``,
 ``tierserve:prompt_tokens_total``, ``tierserve:generation_tokens_total``,
 ``tierserve:prefix_cache_queries_total``, ``tierserve:prefix_cache_hits_total``,
 ``tierserve:request_success_total`` (counters; the prefix-cache pair in tokens).
+With MoE expert offload (``MetricsSnapshot.experts``, tierserve/moe/usage.py
+``ExpertMetrics``, summed over replicas): ``tierserve:expert_tokens_total``
+(labels ``model_name``, ``layer``, ``expert``: routed (token, slot) assignments),
+``tierserve:experts_resident`` / ``tierserve:experts_offloaded`` (gauges) and
+``tierserve:expert_promotions_total`` (counter).
+With KV tiers (``MetricsSnapshot.kv_tiers``, cache/kv_tier_stats.py, summed over
+replicas), counters labelled ``model_name`` and ``tier``:
+``tierserve:kv_tier_hits_total``, ``tierserve:kv_tier_hit_tokens_total``,
+``tierserve:kv_tier_bytes_loaded_total``, ``tierserve:kv_tier_bytes_stored_total``,
+``tierserve:kv_tier_corrupt_chunks_total``, ``tierserve:kv_tier_failures_total``;
+and ``tierserve:kv_tier_load_seconds_total`` (``model_name``).
 """
 
 from __future__ import annotations
@@ -34,6 +45,9 @@ from __future__ import annotations
 import bisect
 import time
 from dataclasses import dataclass, field
+
+from tierserve.cache.kv_tier_stats import KVTierStats
+from tierserve.moe.usage import ExpertMetrics
 
 #: Histogram bucket upper bounds in seconds (+Inf is implicit).
 TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -96,6 +110,8 @@ class MetricsSnapshot:
     waiting: int = 0
     kv_usage: float = 0.0
     num_replicas: int = 1
+    experts: ExpertMetrics | None = None  # replicas with MoE expert offload
+    kv_tiers: KVTierStats | None = None  # [kv-tiers] replicas with DRAM/disk/Redis KV tiers
 
     def add(self, other: MetricsSnapshot) -> None:
         """Sum ``other`` into self; KV usage becomes the replica-weighted mean."""
@@ -109,6 +125,14 @@ class MetricsSnapshot:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for reason, c in other.requests_finished.items():
             self.requests_finished[reason] = self.requests_finished.get(reason, 0) + c
+        if other.experts is not None:
+            if self.experts is None:
+                self.experts = ExpertMetrics()
+            self.experts.add(other.experts)
+        if other.kv_tiers is not None:  # [kv-tiers]
+            if self.kv_tiers is None:
+                self.kv_tiers = KVTierStats()
+            self.kv_tiers.add(other.kv_tiers)
 
 
 def aggregate(snapshots: list[MetricsSnapshot]) -> dict[str, MetricsSnapshot]:
@@ -143,13 +167,14 @@ class WorkerMetrics:
         s.requests_finished[reason] = s.requests_finished.get(reason, 0) + 1
 
     def take(self, running: int, waiting: int, kv_usage: float, prefix_queries: int,
-             prefix_hits: int) -> MetricsSnapshot:
-        """A copy of the measurements plus the engine's current gauges and cache counters."""
+             prefix_hits: int, experts: ExpertMetrics | None = None) -> MetricsSnapshot:
+        """A copy of the measurements plus the engine's current gauges, cache and expert counters."""
         import copy
 
         snap = copy.deepcopy(self.snapshot)
         snap.running, snap.waiting, snap.kv_usage = running, waiting, kv_usage
         snap.prefix_queries, snap.prefix_hits = prefix_queries, prefix_hits
+        snap.experts = experts
         return snap
 
 
@@ -231,7 +256,59 @@ def render_prometheus(snapshots: list[MetricsSnapshot]) -> bytes:
                 for reason, c in sorted(s.requests_finished.items()):
                     fam.add_metric([model, reason], c)
             yield fam
+            yield from _expert_families({m: s.experts for m, s in per_model.items() if s.experts is not None})
+            yield from _kv_tier_families({m: s.kv_tiers for m, s in per_model.items() if s.kv_tiers is not None})
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector())
     return generate_latest(registry)
+
+
+def _kv_tier_families(per_model: dict[str, KVTierStats]):
+    """[kv-tiers] Counters per model and tier: chunks served, bytes loaded/stored, corrupt chunks, failures."""
+    if not per_model:
+        return
+    from prometheus_client.core import CounterMetricFamily
+
+    families = {"kv_tier_hits": ("hits", "KV chunks served from a lower tier."),
+                "kv_tier_hit_tokens": ("hit_tokens", "Prompt tokens served from a lower tier."),
+                "kv_tier_bytes_loaded": ("bytes_loaded", "Bytes of KV loaded from a lower tier."),
+                "kv_tier_bytes_stored": ("bytes_stored", "Bytes of KV stored to a lower tier."),
+                "kv_tier_corrupt_chunks": ("corrupt", "Chunks rejected by their checksum (recomputed)."),
+                "kv_tier_failures": ("failures", "Failed or timed-out tier calls (Redis down or slow).")}
+    for name, (attr, doc) in families.items():
+        fam = CounterMetricFamily(f"tierserve:{name}", doc, labels=["model_name", "tier"])
+        for model, s in per_model.items():
+            for tier, v in sorted(getattr(s, attr).items()):
+                fam.add_metric([model, tier], v)
+        yield fam
+    fam = CounterMetricFamily("tierserve:kv_tier_load_seconds", "Time fetching, checking and copying tier chunks.",
+                              labels=["model_name"])
+    for model, s in per_model.items():
+        fam.add_metric([model], s.load_seconds)
+    yield fam
+
+
+def _expert_families(per_model: dict[str, ExpertMetrics]):
+    """The MoE expert-offload families (module doc); nothing when no replica offloads experts."""
+    if not per_model:
+        return
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    fam = CounterMetricFamily("tierserve:expert_tokens", "Tokens routed to each MoE expert (token x top-k slot).",
+                              labels=["model_name", "layer", "expert"])
+    for model, m in per_model.items():
+        for (layer, expert), c in sorted(m.tokens.items()):
+            fam.add_metric([model, str(layer), str(expert)], c)
+    yield fam
+    for name, attr, doc in (("experts_resident", "resident", "MoE experts resident on the workers."),
+                            ("experts_offloaded", "offloaded", "MoE experts computed on expert hosts.")):
+        fam = GaugeMetricFamily(f"tierserve:{name}", doc, labels=["model_name"])
+        for model, m in per_model.items():
+            fam.add_metric([model], getattr(m, attr))
+        yield fam
+    fam = CounterMetricFamily("tierserve:expert_promotions", "Cold experts promoted to resident at request "
+                                                               "boundaries.", labels=["model_name"])
+    for model, m in per_model.items():
+        fam.add_metric([model], m.promotions)
+    yield fam

@@ -20,7 +20,13 @@ Background tasks (started in the async ``__init__``, cancelled by ``__del__``/``
   cache events (``BlockPool.record_events``), folds them into a
   ``CacheMirror`` and sends the diff to the deployment's prefix-tree actor
   (``report(replica_id, added_chains, evicted)``). Wake-ups that arrive
-  while a report is in flight coalesce into the next one.
+  while a report is in flight coalesce into the next one. With KV tiers on,
+  the same call carries ``tiers=TierDiff`` from a ``TierMirror`` over the
+  connector's ``held_chunks()`` and ``drain_redis_events()``; the metrics
+  pusher also wakes it every ``metrics_interval_s``, because disk and Redis
+  writes finish asynchronously after the request's last token (so the
+  router's view of a replica's tiers lags by at most one interval plus a
+  report round trip).
 * metrics pusher: every ``metrics_interval_s`` it pushes a ``MetricsSnapshot``
   to the app's ``MetricsBoard`` (see metrics.py).
 """
@@ -37,7 +43,7 @@ from dataclasses import dataclass
 from tierserve.config import EngineConfig
 from tierserve.engine.outputs import RequestOutput
 from tierserve.sampling_params import SamplingParams
-from tierserve.server.cache_reporter import CacheMirror
+from tierserve.server.cache_reporter import CacheMirror, TierMirror
 from tierserve.errors import TierserveError
 from tierserve.server.errors import QueueFullError, to_api_error
 from tierserve.server.metrics import WorkerMetrics, get_or_create_metrics_board
@@ -89,6 +95,8 @@ class LLMServer:
         self._metrics = WorkerMetrics(self.model_name)
         self._metrics_interval_s = metrics_interval_s
         self._mirror = CacheMirror()
+        kv_tiers = core.kv_tiers
+        self._tier_mirror = TierMirror(kv_tiers.chunk_blocks) if kv_tiers is not None else None
         core.kv_manager.pool.record_events()
         self._active = 0
         self._report_wake = asyncio.Event()
@@ -156,20 +164,41 @@ class LLMServer:
             self._report_wake.clear()
             self._mirror.apply(pool.drain_events())
             chains, evicted = self._mirror.diff()
-            if chains or evicted:
+            tiers = self._tier_diff()
+            if chains or evicted or tiers is not None:
                 try:
-                    await self._tree.report.remote(self.replica_id, chains, evicted)
+                    await self._tree.report.remote(self.replica_id, chains, evicted, tiers)
                 except Exception:  # the tree is a routing hint: never fail a request over it
                     logger.exception("prefix tree report failed")
+                else:
+                    if self._tier_mirror is not None:
+                        self._tier_mirror.ack()
+
+    def _tier_diff(self):
+        """Lower-tier chunks gained/lost since the last report (None: no change or tiers off)."""
+        if self._tier_mirror is None:
+            return None
+        connector = self.engine.engine.kv_tiers
+        try:
+            return self._tier_mirror.diff(connector.held_chunks(), connector.drain_redis_events())
+        except Exception:  # a routing hint: never fail a request over it
+            logger.exception("KV tier holdings report failed")
+            return None
 
     async def _metrics_loop(self) -> None:
         while True:
             await self.push_metrics()
+            if self._tier_mirror is not None:  # disk/Redis writes land after the last token: re-report
+                self._report_wake.set()
             await asyncio.sleep(self._metrics_interval_s)
 
     async def push_metrics(self) -> None:
         s = await self.stats()
-        snap = self._metrics.take(s.running, s.waiting, s.kv_usage, s.prefix_queries, s.prefix_hits)
+        offload = self.engine.engine.offload
+        snap = self._metrics.take(s.running, s.waiting, s.kv_usage, s.prefix_queries, s.prefix_hits,
+                                  offload.expert_metrics() if offload is not None else None)
+        kv_tiers = self.engine.engine.kv_tiers  # [kv-tiers] hits/bytes per tier, load time
+        snap.kv_tiers = kv_tiers.stats() if kv_tiers is not None else None
         try:
             await self._board.push.remote(self.replica_id, snap)
         except Exception:

@@ -1,0 +1,101 @@
+"""A real KVTierConnector (LMCache DRAM + disk + a real redis-server) reports its chunks to the router.
+
+Tiny KV spec (2 layers, 1 head, dim 4, block 4, chunk 2 blocks), no model: chunks are stored from random
+pages, ``held_chunks`` / ``drain_redis_events`` are read through ``TierMirror`` into a ``TierIndex``,
+and its matches are checked against the chunk keys ``chunk_keys`` computes independently.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from test_kv_tiers import start_redis, stop_redis
+from tierserve.cache.kv_cache import LayerKV
+from tierserve.cache.kv_spec import KVSpec
+from tierserve.cache.kv_tier_config import KVTierConfig
+from tierserve.cache.lmcache_connector import KVTierConnector, chunk_keys
+from tierserve.cache.prefix_hash import hash_blocks
+from tierserve.engine.request import Request
+from tierserve.routing.tier_index import TierIndex
+from tierserve.server.cache_reporter import TierMirror
+
+BS, CB = 4, 2
+
+
+@pytest.fixture(scope="module")
+def connector(tmp_path_factory):
+    proc, url = start_redis()
+    spec = KVSpec(num_layers=2, num_kv_heads=1, head_dim=4, block_size=BS)
+    cfg = KVTierConfig(tiers=("dram", "disk", "redis"), chunk_blocks=CB, dram_gib=0.01, disk_gib=0.01,
+                       disk_path=str(tmp_path_factory.mktemp("kvdisk")), redis_url=url)
+    conn = KVTierConnector(cfg, spec, "tier-routing-test")
+    gen = torch.Generator().manual_seed(0)
+    caches = [LayerKV(torch.randn(16, BS, 1, 4, generator=gen), torch.randn(16, BS, 1, 4, generator=gen))
+              for _ in range(2)]
+    yield conn, caches
+    conn.close()
+    stop_redis(proc)
+
+
+def stored_request(rid: str, tokens: list[int], blocks: list[int]) -> Request:
+    req = Request(rid, tokens)
+    req.block_ids = blocks
+    req.num_computed_tokens = len(tokens)
+    return req
+
+
+def wait_for(cond, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("condition not met within timeout")
+
+
+def test_connector_holdings_reach_the_router_and_follow_evictions(connector):
+    conn, caches = connector
+    tokens = list(range(100, 117))                               # 17 tokens: 2 whole chunks of 8
+    keys = chunk_keys(tokens, BS, CB)
+    assert keys == [hash_blocks(tokens, BS)[1], hash_blocks(tokens, BS)[3]]
+    conn.store_request(stored_request("a", tokens, [0, 1, 2, 3, 4]), caches)
+    held = wait_for(lambda: (h := conn.held_chunks()) and len(h["disk"]) == 2 and h)   # disk writes are async
+    assert {t: sorted(v) for t, v in held.items()} == {"dram": sorted(keys), "disk": sorted(keys)}
+    assert conn.drain_redis_events() == {keys[0]: True, keys[1]: True}
+    assert conn.drain_redis_events() == {}
+
+    mirror, index = TierMirror(conn.chunk_blocks), TierIndex()
+    index.apply("r", mirror.diff(conn.held_chunks(), {keys[0]: True, keys[1]: True}))
+    mirror.ack()
+    request = hash_blocks(tokens + [1, 2, 3], BS)               # 5 blocks: chunks 0 and 1 + one more block
+    assert index.match(request, {}, ["r", "other"]) == {"dram": {"r": 4}, "redis": {"other": 4}}
+
+    # DRAM drops chunk 0 (as an LRU eviction would): disk serves it now, DRAM still serves chunk 1.
+    conn.tiers.remove("dram", conn.tiers.key(keys[0]))
+    diff = mirror.diff(conn.held_chunks(), conn.drain_redis_events())
+    assert (dict(diff.added), dict(diff.evicted)) == ({}, {"dram": [keys[0]]})
+    index.apply("r", diff)
+    mirror.ack()
+    assert index.match(request, {}, ["r"]) == {"disk": {"r": 2}, "dram": {"r": 2}}
+
+    # A lookup that misses in Redis (while Redis is up) reports that key as missing for everyone.
+    other = list(range(500, 517))
+    assert conn.match(Request("b", other), 0) == 0
+    missing = conn.drain_redis_events()
+    assert missing == {chunk_keys(other, BS, CB)[0]: False}
+    index.apply("r", mirror.diff(conn.held_chunks(), missing))
+    mirror.ack()
+    # Redis loses chunk 1 behind everyone's back: the next lookup that reaches Redis for it reports it.
+    conn.tiers.remove("redis", conn.tiers.key(keys[1]))
+    conn.tiers.remove("dram", conn.tiers.key(keys[1]))
+    conn.tiers.remove("disk", conn.tiers.key(keys[1]))
+    assert conn.match(Request("c", tokens), 0) == 8               # chunk 0 from disk, chunk 1 gone
+    events = conn.drain_redis_events()
+    assert events == {keys[1]: False}
+    index.apply("r", mirror.diff(conn.held_chunks(), events))
+    # chunk 0: disk has it and the hit re-filled DRAM (connector doc), so DRAM serves it again
+    assert index.match(request, {}, ["r", "other"]) == {"dram": {"r": 2}, "redis": {"other": 2}}

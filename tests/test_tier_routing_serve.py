@@ -1,0 +1,81 @@
+"""PrefixAwareRequestRouter with ``kv_tiers`` inside a real Ray Serve app (local Ray, two replicas, CPU).
+
+Replica X holds a prompt's two chunks in DRAM (reported to the tree actor as a TierDiff), replica Y
+holds its first 3 device blocks: X scores 0.8 * 4 = 3.2 > 3 and serves it; once Y caches 4 device
+blocks (4 > 3.2) Y serves it.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import ray
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+from tierserve.cache.lmcache_connector import chunk_keys
+from tierserve.cache.prefix_hash import hash_blocks
+from tierserve.routing.serve_router import PrefixAwareRequestRouter, routing_kwargs
+from tierserve.routing.tier_index import TierDiff
+from tierserve.routing.tree_actor import TREE_NAMESPACE, PrefixMatch, tree_actor_name
+
+BS, CB = 4, 2
+APP = "tier-routing-test"
+PROMPT = list(range(300, 316))          # 4 blocks = 2 chunks
+
+
+def own_tokens(replica_id: str) -> list[int]:
+    data = list(replica_id.encode())[:8]
+    return data + [0] * (8 - len(data))
+
+
+@pytest.fixture(scope="module")
+def tier_app(ray_session):  # the session-wide Ray + Serve (tests/ray_fixtures.py)
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+    @serve.deployment(
+        num_replicas=2,
+        ray_actor_options={"num_cpus": 0},
+        request_router_config=RequestRouterConfig(
+            request_router_class=PrefixAwareRequestRouter,
+            request_router_kwargs={"match_timeout_s": 2.0, "kv_tiers": ["dram", "redis"]},
+        ),
+    )
+    class Worker:
+        def __init__(self):
+            from tierserve.routing.tree_actor import get_or_create_tree_actor
+
+            ctx = serve.get_replica_context()
+            self.replica_id = ctx.replica_id.unique_id
+            tree = get_or_create_tree_actor(ctx.app_name, ctx.deployment)
+            ray.get(tree.report.remote(self.replica_id, [hash_blocks(own_tokens(self.replica_id), BS)]))
+
+        def __call__(self, prompt: str, prefix_block_hashes=None) -> str:
+            return self.replica_id
+
+    try:
+        handle = serve.run(Worker.bind(), name=APP, route_prefix=None)
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    tree = ray.get_actor(tree_actor_name(APP, "Worker"), namespace=TREE_NAMESPACE)
+    yield handle, tree
+    serve.delete(APP)
+    ray.kill(tree)
+
+
+def test_dram_chunks_count_as_weighted_partial_matches(tier_app):
+    handle, tree = tier_app
+    x, y = sorted(ray.get(tree.replicas.remote()))
+    hashes = hash_blocks(PROMPT, BS)
+    ray.get(tree.report.remote(x, [], [], TierDiff(CB, added={"dram": chunk_keys(PROMPT, BS, CB)})))
+    ray.get(tree.report.remote(y, [hashes[:3]], []))
+    assert ray.get(tree.match.remote(hashes, [x, y])) == PrefixMatch({y: 3}, {"dram": {x: 4}})
+    request = PROMPT + [9] * 4                                          # 5 blocks
+    for _ in range(3):
+        assert handle.remote("hi", **routing_kwargs(request, BS)).result(timeout_s=30) == x
+    ray.get(tree.report.remote(y, [hashes], []))                         # Y: 4 device blocks now
+    for _ in range(3):
+        assert handle.remote("hi", **routing_kwargs(request, BS)).result(timeout_s=30) == y
