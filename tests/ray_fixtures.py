@@ -6,6 +6,11 @@ DESIGN.md lists are set before ``ray.init``, which always starts a new local ins
 joins a cluster another test process started).
 At the end of the session Serve and Ray are shut down. Imported by
 tests/conftest.py so pytest sees the fixtures.
+
+``expert_cluster()``: the simulated 3-node cluster of the expert-offload tests
+(a head with 1 CPU, two nodes with 1 CPU and the ``expert_host`` resource each),
+connected for the duration of a module fixture; it cannot share a process with
+``ray_session``, so those modules run before the Serve tests (alphabetical order).
 """
 
 from __future__ import annotations
@@ -20,6 +25,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def expert_cluster():
+    """Generator: start the 3-node cluster, connect, yield (cluster, [expert-host nodes]), shut down."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        pytest.fail("another Ray instance is connected in this process; run the expert-offload modules "
+                    "before (or apart from) modules using the ray_session fixture")
+    c = Cluster(initialize_head=True, head_node_args=dict(num_cpus=1, object_store_memory=80 * 2**20))
+    nodes = [c.add_node(num_cpus=1, resources={"expert_host": 1}, object_store_memory=80 * 2**20)
+             for _ in range(2)]
+    ray.init(address=c.address, include_dashboard=False, log_to_driver=False)
+    c.wait_for_nodes()
+    try:
+        yield c, nodes
+    finally:
+        ray.shutdown()
+        c.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -10,13 +10,12 @@ it leaves Ray shut down so that fixture can start its own later.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from transformers import MixtralConfig, OlmoeConfig, Qwen3MoeConfig
 
 from model_harness import PagedRunner, build_and_save
+from ray_fixtures import expert_cluster
 from tierserve.kernels.cpu_linear import apply_linear_backend
 from tierserve.models.loader import load_model
 from tierserve.moe.placement import Placement, plan_placement
@@ -35,22 +34,8 @@ NEW = 16
 
 @pytest.fixture(scope="module")
 def cluster():
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-    from ray.cluster_utils import Cluster
-
-    if ray.is_initialized():
-        pytest.fail("another Ray instance is connected in this process; run tests/test_expert_offload.py "
-                    "before (or apart from) modules using the ray_session fixture")
-    c = Cluster(initialize_head=True, head_node_args=dict(num_cpus=1, object_store_memory=80 * 2**20))
-    nodes = [c.add_node(num_cpus=1, resources={"expert_host": 1}, object_store_memory=80 * 2**20)
-             for _ in range(2)]
-    ray.init(address=c.address, include_dashboard=False, log_to_driver=False)
-    c.wait_for_nodes()
-    yield c, nodes
-    ray.shutdown()
-    c.shutdown()
+    """(3-node Cluster, its two expert-host nodes): tests/ray_fixtures.py."""
+    yield from expert_cluster()
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))

@@ -19,6 +19,7 @@ import torch
 from transformers import Qwen3MoeConfig
 
 from model_harness import PagedRunner, build_and_save
+from ray_fixtures import expert_cluster
 from tierserve.kernels.cpu_linear import apply_linear_backend
 from tierserve.models.loader import load_model
 from tierserve.moe.placement import Placement, plan_placement
@@ -34,22 +35,9 @@ NEW = 12
 
 @pytest.fixture(scope="module")
 def cluster():
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-    from ray.cluster_utils import Cluster
-
-    if ray.is_initialized():
-        pytest.fail("another Ray instance is connected in this process; run this module apart from "
-                    "modules using the ray_session fixture")
-    c = Cluster(initialize_head=True, head_node_args=dict(num_cpus=1, object_store_memory=80 * 2**20))
-    for _ in range(2):
-        c.add_node(num_cpus=1, resources={"expert_host": 1}, object_store_memory=80 * 2**20)
-    ray.init(address=c.address, include_dashboard=False, log_to_driver=False)
-    c.wait_for_nodes()
-    yield c
-    ray.shutdown()
-    c.shutdown()
+    """The 3-node Cluster of tests/ray_fixtures.py."""
+    for c, _ in expert_cluster():
+        yield c
 
 
 @pytest.fixture(scope="module")
