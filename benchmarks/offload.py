@@ -1,23 +1,62 @@
-"""Decode tokens/s of a MoE all-resident vs offloaded over 2 expert hosts on a simulated 3-node cluster.
+"""Expert offload benchmark (issue 4): decode tokens/s, naive baseline, cold hits, bytes moved, REAP.
 
-Claim checked: offloaded decode keeps a fraction of all-resident speed (anchors:
-KTransformers 62-67% with 10-50% of experts resident, Luce Spark 85% at 60%).
-Model: the MoEfied SmolLM2 (``ensure_moe_model``); ``--random`` uses a random Mixtral
-of SmolLM2-135M's shape instead. Each run: one greedy request, ``--tokens`` decode
-steps timed after the prefill, through ``LLMEngine`` with ``OffloadConfig`` (fused
-dispatch over the default channel, a direct TCP socket per host). Placement:
-``--placement id`` ranks experts by id (uniform counts); ``--placement usage`` first
-runs a calibration pass (``--calib-windows`` windows of 256 tokens from the Austen
-calibration novels, tierserve.moe.calibration, through the all-resident model with a
-usage recorder), writes the counts to a usage file and places the hot set by them.
-Each row also reports the cold-hit rate: the fraction of (token, slot) routing
-assignments of the request (prefill included) that went to an offloaded expert. Also measured: one ``ExpertHost.compute`` round trip
-with a decode-size numpy payload (1 and 4 rows x hidden) over each channel: a plain
-Ray actor call and the socket channel (``tierserve/moe/socket_channel.py``), to one
-host and to both hosts at once (what a decode layer does).
-Writes benchmarks/results/offload.json.
+Setup: the MoEfied SmolLM2 (``ensure_moe_model``: 30 MoE layers x 8 experts, top-4;
+``--random``: a random Mixtral of SmolLM2-135M's shape, 8 experts top-2) on a simulated
+3-node ``ray.cluster_utils.Cluster`` (head: 2 CPUs, the worker; 2 nodes with the
+``expert_host`` resource, one ExpertHost each). Every run builds a fresh ``LLMEngine``
+(prefix caching off, promotions off: ``promotion_max_swaps=0``, so each placement stays
+as planned) and decodes, on the same engine, first batch 1 (``PROMPTS[0]``) then batch 8
+(8 concurrent greedy requests with the 8 different ``PROMPTS``), ``--tokens`` decode
+tokens per request (``ignore_eos``). Timing starts once every request of the batch has
+its first token (prefill excluded) and stops when all finish; tok/s = decode tokens of
+the batch / that time. ``identical`` compares the tokens with the all-resident engine's
+at the same batch size.
 
-    python benchmarks/offload.py [--tokens 32] [--random] [--placement id|usage] [--residency 0.25 ...]
+Runs (residency r = fraction of the 240 (layer, expert) pairs kept on the worker,
+budget ``round(L * E * r)``):
+
+* ``all-resident``: no offload (the 100% row and the reference of every ratio);
+* ``calibrated`` at each ``--residency`` (default 0, 0.10, 0.25, 0.50; 0% runs with
+  ``resident_experts=0``): fused dispatch (one message per host per layer), the
+  placement from usage counts of a calibration pass (``--calib-windows`` x 256 tokens of
+  the Austen calibration novels through the all-resident model, ``_calibrate``), no
+  spare slots;
+* at ``--compare-residency`` (default 0.25) also ``uniform`` (experts ranked by id,
+  ``per_layer_floor = budget // layers`` so every layer keeps its lowest ids), and
+  ``calibrated+cache`` (``--cache-slots`` spare slots, default 16) twice: with the
+  ``CostModel`` defaults (what ``OffloadConfig.spare_slots`` gives today: nothing calls
+  ``CostModel.measure`` in the engine path) and, as ``calib+cache(meas)``, with
+  ``CostModel.measure`` run against a live host after start-up and installed on every
+  block (its constants are printed);
+* ``naive`` at ``--compare-residency``: uniform placement, no cache, and the
+  per-expert dispatch of tierserve/moe/naive_dispatch.py (one blocking host call per
+  (layer, cold expert with routed rows)), over the same socket channel (``--naive-channel
+  ray`` for plain actor calls).
+
+Per run and batch size, over the decode steps only (counters snapshotted after prefill):
+
+* ``left wkr`` (the cold-hit rate): routed (token, slot) assignments whose expert
+  ran on a host (``DispatchCounters.remote_rows``) / all routed assignments (the live
+  usage counts); ``spare``: the fraction computed in a spare slot (``spare_rows``);
+* ``act B/tok``: activation bytes sent to hosts (``HostPool.stats.bytes``) plus bytes
+  received (``DispatchCounters.bytes_received``), per decoded token;
+  ``wt B/tok``: expert weight bytes copied into spare slots (``SpareSlots.fills`` x the
+  expert's bytes) per decoded token; ``msg/tok``: host messages per decoded token;
+* ``pf left`` / ``pf spare``: the same two fractions over the prefill of the batch
+  (where the cost model can choose a spare-slot fetch: many rows per expert).
+
+Ratios printed (the issue's target): at ``--compare-residency`` and batch 8, each fused
+variant's tok/s / all-resident (target >= 0.70) and / naive (target >= 2.0).
+Also: one ``ExpertHost.compute`` round trip (decode payloads of 1 and 4 rows) over a
+plain Ray call and the socket channel, to one and both hosts. ``--reap``
+(off by default): held-out Austen perplexity (``--reap-windows`` x 256 tokens of the
+held-out novels) of the unpruned model and of REAP / frequency / random pruning at
+ratios 0.25 and 0.5 (tierserve.moe.reap, one calibration of ``--calib-windows``
+windows shared by REAP and frequency). ``--quick``: residencies 0 and 0.25, 4 tokens,
+2 calibration windows, no round-trip table (a smoke run; numbers are not meaningful).
+Writes benchmarks/results/offload.json (``--out``).
+
+    python benchmarks/offload.py [--quick] [--tokens 32] [--residency 0 0.1 0.25 0.5] [--reap] [--random]
 """
 
 from __future__ import annotations
@@ -26,11 +65,13 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -43,9 +84,34 @@ from tierserve.engine.llm import build_engine_config  # noqa: E402
 from tierserve.engine.llm_engine import LLMEngine  # noqa: E402
 from tierserve.sampling_params import SamplingParams  # noqa: E402
 
-PROMPT = "Once upon a time, in a small village by the sea, there lived"
+PROMPTS = (
+    "Once upon a time, in a small village by the sea, there lived",
+    "The three most important things to know about volcanoes are",
+    "Write a short letter to a friend about your summer holiday:",
+    "In the year 2150, the first city on Mars was built by",
+    "The recipe for a good apple pie starts with",
+    "Explain to a child why the sky is blue.",
+    "The old lighthouse keeper had a secret that nobody",
+    "Here is a list of tips for learning a new language:",
+)
+BATCHES = (1, 8)
+REAP_RATIOS = (0.25, 0.5)
 
 
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One engine: its label, residency, placement ("uniform" | "calibrated"), spare slots, dispatch."""
+
+    label: str
+    residency: float
+    placement: str = "calibrated"
+    spare_slots: int = 0
+    naive: bool = False
+    channel: str = "socket"
+    measure_cost: bool = False
+
+
+# ------------------------------------------------------------------ models and calibration
 def _random_moe(folder: str) -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig
@@ -85,33 +151,116 @@ def _calibrate(path: str, usage_file: str, windows: int, seq_len: int = 256) -> 
     usage.save(usage_file)
 
 
-def _cold_hit_rate(handle) -> float:
-    counts = handle.live.counts
-    cold = sum(counts[j][e] for j, e in handle.placement.cold_keys())
-    return cold / max(1, sum(sum(row) for row in counts))
+# ------------------------------------------------------------------ decode runs
+def _offload_config(run: Run, budget: int, layers: int, usage_file: str) -> OffloadConfig:
+    floor = budget // layers if run.placement == "uniform" else 0
+    return OffloadConfig(resident_experts=budget, expert_hosts=2, per_layer_floor=floor, usage_path=usage_file,
+                         spare_slots=run.spare_slots, channel=run.channel, promotion_max_swaps=0)
 
 
-def _decode_tps(path: str, offload: OffloadConfig | None, tokens: int) -> tuple[float, list[int], float, float]:
-    config = build_engine_config(path, num_blocks=64, max_num_seqs=1, max_model_len=512)
-    if offload is not None:
-        config = dataclasses.replace(config, offload=offload)
-    engine = LLMEngine(config)
-    frac = 1.0 if engine.offload is None else engine.offload.placement.fraction_resident
-    engine.add_request(PROMPT, SamplingParams(max_tokens=tokens + 1, temperature=0.0, ignore_eos=True))
-    out: list[int] = []
-    engine.step()  # prefill + first token
+def _snapshot(handle) -> dict:
+    """Cumulative counters of an offloaded engine (module doc); zeros for all-resident."""
+    if handle is None:
+        return dict(routed=0, remote=0, spare=0, sent=0, received=0, messages=0, fills=0)
+    return dict(routed=sum(sum(row) for row in handle.live.counts),
+                remote=sum(b.counters.remote_rows for b in handle.blocks),
+                spare=sum(b.counters.spare_rows for b in handle.blocks),
+                sent=sum(handle.pool.stats.bytes.values()),
+                received=sum(b.counters.bytes_received for b in handle.blocks),
+                messages=sum(handle.pool.stats.messages.values()),
+                fills=handle.spare.fills if handle.spare is not None else 0)
+
+
+def _decode_batch(engine: LLMEngine, batch: int, tokens: int) -> dict:
+    """Run ``batch`` concurrent greedy requests; decode tok/s, tokens per request, counter deltas."""
+    params = SamplingParams(max_tokens=tokens + 1, temperature=0.0, ignore_eos=True)
+    rids = [engine.add_request(PROMPTS[i], params) for i in range(batch)]
+    out: dict[str, list[int]] = {r: [] for r in rids}
+    start = _snapshot(engine.offload)
+    while any(not out[r] for r in rids):  # prefill: until every request has its first token
+        for o in engine.step():
+            out[o.request_id].extend(o.new_token_ids)
+    before = _snapshot(engine.offload)
+    prefill = {k: before[k] - start[k] for k in before}
+    decoded = 0
     t0 = time.perf_counter()
     while engine.has_unfinished():
         for o in engine.step():
-            out.extend(o.new_token_ids)
+            out[o.request_id].extend(o.new_token_ids)
+            decoded += len(o.new_token_ids)
     dt = time.perf_counter() - t0
-    cold_hit = 0.0
-    if engine.offload is not None:
-        cold_hit = _cold_hit_rate(engine.offload)
+    after = _snapshot(engine.offload)
+    delta = {k: after[k] - before[k] for k in after}
+    expert_bytes = engine.offload.blocks[0].expert_bytes if engine.offload is not None else 0
+    routed = max(1, delta["routed"])
+    return dict(tok_s=decoded / dt, decoded=decoded, tokens=[out[r] for r in rids],
+                left_worker=delta["remote"] / routed, spare=delta["spare"] / routed,
+                act_bytes_per_tok=(delta["sent"] + delta["received"]) / max(1, decoded),
+                weight_bytes_per_tok=delta["fills"] * expert_bytes / max(1, decoded),
+                messages_per_tok=delta["messages"] / max(1, decoded),
+                prefill_left_worker=prefill["remote"] / max(1, prefill["routed"]),
+                prefill_spare=prefill["spare"] / max(1, prefill["routed"]),
+                prefill_weight_bytes=prefill["fills"] * expert_bytes)
+
+
+def _engine_run(path: str, run: Run | None, budget: int, layers: int, usage_file: str, tokens: int) -> dict:
+    """One engine (None: all-resident), batch 1 then batch 8; a row per batch size."""
+    from tierserve.moe.naive_dispatch import use_naive_dispatch
+
+    config = build_engine_config(path, num_blocks=128, max_num_seqs=max(BATCHES), max_model_len=512,
+                                 enable_prefix_caching=False)
+    if run is not None:
+        config = dataclasses.replace(config, offload=_offload_config(run, budget, layers, usage_file))
+    engine = LLMEngine(config)
+    try:
+        if run is not None and run.naive:
+            use_naive_dispatch(engine.offload)
+        cost = _measure_cost(engine.offload) if run is not None and run.measure_cost else None
+        frac = 1.0 if engine.offload is None else engine.offload.placement.fraction_resident
+        return {b: dict(fraction_resident=frac, cost_model=cost, **_decode_batch(engine, b, tokens)) for b in BATCHES}
+    finally:
         engine.close()
-    return len(out) / dt, out, frac, cold_hit
 
 
+def _measure_cost(handle) -> dict:
+    """``CostModel.measure`` against the host of one cold expert, installed on every block; its constants."""
+    from tierserve.moe.spare_slots import CostModel
+
+    key = min(handle.pool.owners)
+    cost = CostModel.measure(handle.pool.handle(handle.pool.owners[key]), *key, handle.pool.linear_backend)
+    for block in handle.blocks:
+        block.cost = cost
+    return dataclasses.asdict(cost)
+
+
+def _runs(args) -> list[Run]:
+    runs = [Run("calibrated", r) for r in args.residency]
+    c = args.compare_residency
+    runs += [Run("uniform", c, "uniform"), Run("calibrated+cache", c, spare_slots=args.cache_slots),
+             Run("calib+cache(meas)", c, spare_slots=args.cache_slots, measure_cost=True),
+             Run("naive", c, "uniform", naive=True, channel=args.naive_channel)]
+    return runs
+
+
+def _decode_table(path: str, layers: int, experts: int, calib_file: str, args) -> list[dict]:
+    ref = _engine_run(path, None, 0, layers, "", args.tokens)
+    rows = [dict(label="all-resident", residency=1.0, batch=b, identical=True, **ref[b]) for b in BATCHES]
+    usage_dir = os.path.dirname(calib_file)
+    for i, run in enumerate(_runs(args)):
+        # a fresh usage file per run (the engine saves its live counts back on close); uniform: none (ids)
+        run_file = os.path.join(usage_dir, f"run{i}.json")
+        if run.placement == "calibrated":
+            shutil.copy(calib_file, run_file)
+        t0 = time.perf_counter()
+        res = _engine_run(path, run, round(layers * experts * run.residency), layers, run_file, args.tokens)
+        for b in BATCHES:
+            rows.append(dict(label=run.label, residency=run.residency, batch=b,
+                             identical=res[b]["tokens"] == ref[b]["tokens"], **res[b]))
+        print(f"  {run.label} @ {run.residency:.2f}: {time.perf_counter() - t0:.1f}s", flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------ round trip
 def _round_trip(hidden: int, layer_experts: int) -> dict:
     from tierserve.actors.expert_host import ExpertHost
     from tierserve.moe.expert_weights import ExpertWeights
@@ -152,15 +301,98 @@ def _round_trip(hidden: int, layer_experts: int) -> dict:
     return res
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
+# ------------------------------------------------------------------ REAP
+def _reap_table(path: str, calib_windows: int, eval_windows: int, seq_len: int = 256) -> list[dict]:
+    """Held-out perplexity: unpruned, and REAP / frequency / random at REAP_RATIOS (module doc)."""
+    from transformers import AutoTokenizer
+
+    from tierserve.kernels.cpu_linear import apply_linear_backend
+    from tierserve.models.loader import load_model
+    from tierserve.moe.calibration import CALIBRATION_NOVELS, HELDOUT_NOVELS, austen_token_windows, perplexity
+    from tierserve.moe.reap import collect_saliency, prune
+
+    tok = AutoTokenizer.from_pretrained(path)
+    heldout = austen_token_windows(tok, HELDOUT_NOVELS, eval_windows, seq_len)
+    acc = collect_saliency(load_model(path).model, austen_token_windows(tok, CALIBRATION_NOVELS, calib_windows,
+                                                                        seq_len))
+
+    def ppl(folder: str) -> float:
+        model = load_model(folder).model
+        apply_linear_backend(model, "auto")
+        return perplexity(model, heldout)
+
+    rows = [dict(method="none", ratio=0.0, perplexity=ppl(path))]
+    tmp = tempfile.mkdtemp(prefix="moe-reap-")
+    try:
+        for ratio in REAP_RATIOS:
+            for method in ("reap", "frequency", "random"):
+                out = os.path.join(tmp, f"{method}-{ratio}")
+                prune(path, out, method, ratio, calib_windows, seq_len, acc=acc)
+                rows.append(dict(method=method, ratio=ratio, perplexity=ppl(out)))
+                shutil.rmtree(out, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
+# ------------------------------------------------------------------ report
+def _print_report(rows: list[dict], compare: float, rtt: dict, reap: list[dict]) -> dict:
+    print(f"{'run':<17} {'resident':>8} {'batch':>5} {'tok/s':>8} {'kept':>6} {'left wkr':>8} {'spare':>6} "
+          f"{'act B/tok':>10} {'wt B/tok':>10} {'msg/tok':>8} {'pf left':>7} {'pf spare':>8} {'identical':>9}")
+    base = {r["batch"]: r["tok_s"] for r in rows if r["label"] == "all-resident"}
+    for r in rows:
+        print(f"{r['label']:<17} {r['fraction_resident']:>8.3f} {r['batch']:>5} {r['tok_s']:>8.2f} "
+              f"{r['tok_s'] / base[r['batch']]:>6.2f} {r['left_worker']:>8.3f} {r['spare']:>6.3f} "
+              f"{r['act_bytes_per_tok']:>10.0f} {r['weight_bytes_per_tok']:>10.0f} {r['messages_per_tok']:>8.1f} "
+              f"{r['prefill_left_worker']:>7.3f} {r['prefill_spare']:>8.3f} {str(r['identical']):>9}")
+    for r in rows:
+        if r["cost_model"] and r["batch"] == BATCHES[0]:
+            print(f"  {r['label']}: measured CostModel " + ", ".join(f"{k}={v:.3g}" for k, v in r["cost_model"].items()))
+    at = {r["label"]: r for r in rows if r["batch"] == max(BATCHES) and r["residency"] == compare}
+    ratios = {}
+    naive = at.get("naive")
+    print(f"ratios at {compare:.0%} residency, batch {max(BATCHES)} (targets: >= 0.70 of all-resident, "
+          f">= 2.0x naive):")
+    for label in ("calibrated", "calibrated+cache", "calib+cache(meas)", "uniform"):
+        if label not in at:
+            continue
+        vs_all = at[label]["tok_s"] / base[max(BATCHES)]
+        vs_naive = at[label]["tok_s"] / naive["tok_s"] if naive else float("nan")
+        ratios[label] = dict(vs_all_resident=vs_all, vs_naive=vs_naive)
+        print(f"  {label:<17} / all-resident {vs_all:5.2f} [{'PASS' if vs_all >= 0.70 else 'FAIL'}]   "
+              f"/ naive {vs_naive:5.2f}x [{'PASS' if vs_naive >= 2.0 else 'FAIL'}]")
+    if rtt:
+        print("ExpertHost.compute round trip, median ms (decode payloads):")
+        for k, v in rtt.items():
+            print(f"  {k:<32} {v:7.3f}")
+    if reap:
+        print("held-out perplexity after pruning (fraction of experts removed per layer):")
+        for r in reap:
+            print(f"  {r['method']:<10} {r['ratio']:>5.2f} {r['perplexity']:>10.3f}")
+    return ratios
+
+
+def _parse(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: residencies 0 and 0.25, 4 tokens")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--random", action="store_true")
-    ap.add_argument("--placement", choices=("id", "usage"), default="id")
     ap.add_argument("--calib-windows", type=int, default=8)
-    ap.add_argument("--residency", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25])
+    ap.add_argument("--residency", type=float, nargs="+", default=[0.0, 0.10, 0.25, 0.50])
+    ap.add_argument("--compare-residency", type=float, default=0.25)
+    ap.add_argument("--cache-slots", type=int, default=16)
+    ap.add_argument("--naive-channel", choices=("socket", "ray"), default="socket")
+    ap.add_argument("--reap", action="store_true", help="also the REAP/frequency/random perplexity table")
+    ap.add_argument("--reap-windows", type=int, default=8, help="held-out windows of 256 tokens for --reap")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "offload.json"))
     args = ap.parse_args(argv)
+    if args.quick:
+        args.residency, args.tokens, args.calib_windows, args.reap_windows = [0.0, 0.25], 4, 2, 2
+    return args
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
     if args.random:
         path = _random_moe(tempfile.mkdtemp(prefix="moe-rand-"))
     else:
@@ -170,51 +402,31 @@ def main(argv=None) -> int:
     with open(os.path.join(path, "config.json")) as f:
         hf = json.load(f)
     layers, experts = hf["num_hidden_layers"], hf.get("num_local_experts") or hf.get("num_experts")
+    usage_dir = tempfile.mkdtemp(prefix="moe-usage-")
+    calib_file = os.path.join(usage_dir, "calibration.json")
+    t0 = time.perf_counter()
+    _calibrate(path, calib_file, args.calib_windows)
+    print(f"calibration: {args.calib_windows} x 256 Austen tokens in {time.perf_counter() - t0:.1f}s", flush=True)
     cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=2, object_store_memory=200 * 2**20))
     for _ in range(2):
         cluster.add_node(num_cpus=0, resources={"expert_host": 1}, object_store_memory=200 * 2**20)
     ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
     cluster.wait_for_nodes()
-    rows = []
-    usage_dir = tempfile.mkdtemp(prefix="moe-usage-")
-    calib_file = os.path.join(usage_dir, "calibration.json")
-    if args.placement == "usage":
-        t0 = time.perf_counter()
-        _calibrate(path, calib_file, args.calib_windows)
-        print(f"calibration: {args.calib_windows} x 256 Austen tokens in {time.perf_counter() - t0:.1f}s")
     try:
-        base_tps, base_tokens, _, _ = _decode_tps(path, None, args.tokens)
-        rows.append(dict(residency=1.0, fraction_resident=1.0, offloaded=False, tok_s=base_tps, kept=1.0,
-                         identical=True, placement="-", cold_hit=0.0))
-        for i, residency in enumerate(args.residency):
-            # a fresh copy per run: the engine saves its live counts back to its usage file on close
-            run_file = os.path.join(usage_dir, f"run{i}.json")
-            if args.placement == "usage":
-                with open(calib_file) as src, open(run_file, "w") as dst:
-                    dst.write(src.read())
-            cfg = OffloadConfig(resident_experts=round(layers * experts * residency), expert_hosts=2,
-                                usage_path=run_file)
-            tps, tokens, frac, cold_hit = _decode_tps(path, cfg, args.tokens)
-            rows.append(dict(residency=residency, fraction_resident=frac, offloaded=True, tok_s=tps,
-                             kept=tps / base_tps, identical=tokens == base_tokens, placement=args.placement,
-                             cold_hit=cold_hit))
-        rtt = _round_trip(hf["hidden_size"], 4)
+        rows = _decode_table(path, layers, experts, calib_file, args)
+        rtt = {} if args.quick else _round_trip(hf["hidden_size"], 4)
     finally:
         ray.shutdown()
         cluster.shutdown()
-    print(f"model: {path} ({layers} MoE layers x {experts} experts)")
-    print(f"{'resident':>9} {'offload':>8} {'placement':>9} {'tok/s':>8} {'kept':>6} {'cold hit':>8} "
-          f"{'identical':>9}")
-    for r in rows:
-        print(f"{r['fraction_resident']:>9.2f} {str(r['offloaded']):>8} {r['placement']:>9} {r['tok_s']:>8.2f} "
-              f"{r['kept']:>6.2f} {r['cold_hit']:>8.3f} {str(r['identical']):>9}")
-    print("ExpertHost.compute round trip, median ms (decode payloads):")
-    for k, v in rtt.items():
-        print(f"  {k:<32} {v:7.3f}")
+        shutil.rmtree(usage_dir, ignore_errors=True)
+    reap = _reap_table(path, args.calib_windows, args.reap_windows) if args.reap else []
+    print(f"model: {path} ({layers} MoE layers x {experts} experts, top-{hf['num_experts_per_tok']}); "
+          f"{args.tokens} decode tokens per request")
+    ratios = _print_report(rows, args.compare_residency, rtt, reap)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump(dict(model=path, tokens=args.tokens, placement=args.placement, rows=rows, round_trip=rtt), f,
-                  indent=2)
+        json.dump(dict(model=path, tokens=args.tokens, quick=args.quick, rows=rows, ratios=ratios, round_trip=rtt,
+                       reap=reap), f, indent=2)
     return 0
 
 

@@ -25,10 +25,15 @@ def test_floor_then_highest_next_count():
     assert p.fraction_resident == 0.5
 
 
-def test_ties_go_to_lower_layer_and_lower_expert():
+def test_ties_go_to_the_emptier_layer_then_lower_layer_and_lower_expert():
     counts = [[3, 3, 3], [3, 3, 3]]
-    assert plan_placement(counts, budget=3, per_layer_floor=0).resident == ((0, 1, 2), ())
+    assert plan_placement(counts, budget=3, per_layer_floor=0).resident == ((0, 1), (0,))
+    assert plan_placement(counts, budget=4, per_layer_floor=0).resident == ((0, 1), (0, 1))
     assert plan_placement(counts, budget=3, per_layer_floor=1).resident == ((0, 1), (0,))
+    # uniform counts (no usage yet) over 3 layers: the budget spreads evenly
+    assert plan_placement([[0] * 4] * 3, budget=7).resident == ((0, 1, 2), (0, 1), (0, 1))
+    # a higher count still wins over an emptier layer
+    assert plan_placement([[5, 5, 1], [1, 1, 1]], budget=3).resident == ((0, 1), (0,))
 
 
 def test_budget_covers_everything_and_zero_budget():

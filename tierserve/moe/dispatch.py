@@ -21,11 +21,18 @@ Per forward (one MoE layer, one step) with tokens ``x [T, hidden]``:
 Every expert sees the same rows in the same order with the same kernels wherever it
 runs, and the sum order is fixed, so the output is bit-identical to all-resident.
 Fused-message bytes are ``rows x hidden x dtype size`` per host.
+
+Counters (``DispatchCounters``, per block, integer adds once per expert group or host
+message, never per row): ``remote_rows`` (token, slot) rows sent to hosts (re-sends
+after a failover included), ``spare_rows`` rows computed in a spare slot (a hit, or
+a fetch started this step), ``bytes_received`` output bytes read back from hosts
+(the bytes sent are ``HostPool.stats.bytes``); benchmarks/offload.py reads them.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import Future
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -36,6 +43,15 @@ from tierserve.moe.host_pool import HostPool
 from tierserve.moe.spare_slots import CostModel, SpareSlots
 
 Group = tuple[int, torch.Tensor]  # (expert id, rows t*k + j)
+
+
+@dataclass
+class DispatchCounters:
+    """Routed rows by where they ran, and host reply bytes (module doc)."""
+
+    remote_rows: int = 0
+    spare_rows: int = 0
+    bytes_received: int = 0
 
 
 class OffloadedMoeBlock(nn.Module):
@@ -54,6 +70,7 @@ class OffloadedMoeBlock(nn.Module):
         self.expert_bytes = expert_bytes
         self.spare = spare
         self.cost = cost or CostModel()
+        self.counters = DispatchCounters()
 
     route = SparseMoeBlock.route
 
@@ -96,10 +113,12 @@ class OffloadedMoeBlock(nn.Module):
             slot = self.spare.get(key) if self.spare is not None else None
             if slot is not None:
                 local.append((slot, rows))
+                self.counters.spare_rows += len(rows)
             elif owner is None:
                 local.append((self.pool.local[key], rows))
             elif self.spare is not None and self.cost.prefer_fetch(len(rows), self.expert_bytes):
                 fetches.append(((e, rows), self.spare.fetch(key, self.pool.handle(owner))))
+                self.counters.spare_rows += len(rows)
             else:
                 remote.setdefault(owner, []).append((e, rows))
         return local, remote, fetches
@@ -115,6 +134,7 @@ class OffloadedMoeBlock(nn.Module):
             dtype = str(x.dtype).removeprefix("torch.")
             pending[host] = self.pool.submit(host, self.layer, xs, eids.numpy(), dtype)
             self.pool.stats.last[self.layer].append((host, len(rows)))
+            self.counters.remote_rows += len(rows)
         return pending
 
     def _collect(self, pending, remote: dict[str, list[Group]], x: torch.Tensor, k: int, put) -> None:
@@ -124,6 +144,7 @@ class OffloadedMoeBlock(nn.Module):
             if y is None:
                 self._run_groups(groups, x, k, put)
                 continue
+            self.counters.bytes_received += int(y.nbytes)
             y = numpy_to_tensor(y, x.dtype)
             start = 0
             for _, rows in groups:
@@ -147,6 +168,7 @@ class OffloadedMoeBlock(nn.Module):
                 if y is None:
                     groups.extend(hg)
                     continue
+                self.counters.bytes_received += int(y.nbytes)
                 y = numpy_to_tensor(y, x.dtype)
                 start = 0
                 for _, rows in hg:

@@ -13,7 +13,9 @@ per-layer floor ``f``:
 1. every layer gets its top-``f`` ranked experts (the floor); if the floor alone
    exceeds the budget the request is rejected (InvalidParameterError ``budget``);
 2. then, repeatedly, the next slot goes to the layer whose next-ranked (not yet
-   resident) expert has the highest count; ties go to the lower layer index. With a
+   resident) expert has the highest count; ties go to the layer holding the fewest
+   experts so far, then to the lower layer index (uniform counts, e.g. no usage
+   file yet, spread the budget evenly over the layers). With a
    byte budget a layer whose next expert does not fit in the remaining bytes is
    closed (its later experts are not considered: residency stays a ranked prefix).
    Stops when the budget is spent or every expert is resident.
@@ -136,8 +138,8 @@ def plan_placement(counts: Sequence[Sequence[int]], budget: int, per_layer_floor
             if taken[layer] == len(ranked[layer]):
                 continue
             e = ranked[layer][taken[layer]]
-            if best is None or counts[layer][e] > counts[best[0]][best[1]]:
-                best = (layer, e)
+            if best is None or (counts[layer][e], -taken[layer]) > (counts[best[0]][best[1]], -taken[best[0]]):
+                best = (layer, e)  # ties: the layer holding fewest so far (uniform counts spread evenly)
         if best is None:
             break
         layer, e = best

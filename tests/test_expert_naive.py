@@ -1,0 +1,104 @@
+"""The naive per-expert dispatch baseline (tierserve/moe/naive_dispatch.py) on a tiny Qwen3-MoE.
+
+Runs on the simulated 3-node cluster of tests/ray_fixtures.py (a head + 2 nodes with
+``{"expert_host": 1}``), shut down at the end of the module. Checks, against the
+all-resident model: bit-identical prefill logits and greedy tokens at 0% and 25%
+residency (experts ranked by id), and one host message per (layer, cold expert with
+routed rows) — the routed experts are taken from the reference model's own routing.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Qwen3MoeConfig
+
+from model_harness import PagedRunner, build_and_save
+from ray_fixtures import expert_cluster
+from tierserve.kernels.cpu_linear import apply_linear_backend
+from tierserve.models.loader import load_model
+from tierserve.moe.placement import plan_placement
+from tierserve.moe.usage import ExpertUsage
+from tierserve.moe.usage_hook import attach_usage_recorder
+
+CONFIG = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=384, max_position_embeddings=128, initializer_range=0.1,
+              num_experts_per_tok=2, moe_intermediate_size=48, num_experts=8, norm_topk_prob=True)
+PROMPT = [3, 17, 42, 99, 5, 250, 7, 31, 64, 128, 11, 300]
+NEW = 8
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    for c, _ in expert_cluster():
+        yield c
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(folder, prefill logits, greedy tokens, prefill usage counts) of the all-resident model."""
+    path = str(tmp_path_factory.mktemp("qwen3_moe_naive"))
+    build_and_save(Qwen3MoeConfig(**CONFIG), path, seed=5, noise=0.2)
+    ref = load_model(path).model
+    apply_linear_backend(ref, "auto")
+    usage = ExpertUsage(2, 8)
+    rec = attach_usage_recorder(ref, usage)
+    logits = PagedRunner(ref).step(PROMPT)
+    rec.detach()
+    return path, logits, PagedRunner(ref).greedy(PROMPT, NEW), usage.counts
+
+
+@pytest.fixture(scope="module")
+def hosts(cluster):
+    import ray
+
+    from tierserve.moe.offload import start_expert_hosts
+
+    hosts = start_expert_hosts(2, "auto")
+    yield hosts
+    for h in hosts.values():
+        ray.kill(h)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.25])
+def test_naive_dispatch_is_bit_identical_one_call_per_expert(tiny, hosts, fraction):
+    import ray
+
+    from tierserve.moe.naive_dispatch import NaiveMoeBlock, use_naive_dispatch
+    from tierserve.moe.offload import apply_expert_offload
+
+    path, ref_logits, ref_tokens, prefill_counts = tiny
+    zeros = [[0] * 8 for _ in range(2)]
+    placement = plan_placement(zeros, round(16 * fraction))  # zero counts: experts ranked by id
+    assert placement.num_resident == round(16 * fraction)
+    model = load_model(path).model
+    handle = apply_expert_offload(model, placement, hosts, model_path=path, linear_backend="auto")
+    apply_linear_backend(model, "auto")
+    use_naive_dispatch(handle)
+    assert all(type(b) is NaiveMoeBlock for b in handle.blocks)
+    for h in hosts.values():
+        ray.get(h.reset_stats.remote())
+    assert torch.equal(PagedRunner(model).step(PROMPT), ref_logits)
+    # one message per (layer, cold expert the prefill routed rows to), each holding just its rows
+    for layer in range(2):
+        cold = [e for e in placement.cold(layer) if prefill_counts[layer][e] > 0]
+        assert handle.stats.messages.get(layer, 0) == len(cold)
+        assert handle.stats.bytes.get(layer, 0) == 4 * CONFIG["hidden_size"] * sum(
+            prefill_counts[layer][e] for e in cold)
+        assert handle.blocks[layer].counters.remote_rows == sum(prefill_counts[layer][e] for e in cold)
+    host_calls = sum(sum(ray.get(h.stats.remote())["calls"].values()) for h in hosts.values())
+    assert host_calls == sum(handle.stats.messages.values())
+    assert sum(b.counters.bytes_received for b in handle.blocks) == sum(handle.stats.bytes.values())
+    assert PagedRunner(model).greedy(PROMPT, NEW) == ref_tokens
+    assert not handle.stats.failures
+    handle.close()
+
+
+def test_naive_switch_rejects_other_blocks(tiny):
+    from types import SimpleNamespace
+
+    from tierserve.errors import InvalidParameterError
+    from tierserve.moe.naive_dispatch import use_naive_dispatch
+
+    with pytest.raises(InvalidParameterError, match="handle"):
+        use_naive_dispatch(SimpleNamespace(blocks=[torch.nn.Linear(2, 2)]))
