@@ -12,19 +12,29 @@ Each run deploys a fresh app (new replicas, empty caches, new prefix-tree and
 metrics actors) and tears it down afterwards. Both runs send the same workload:
 
 * ``--conversations`` conversations (default 16) over ``--system-prompts``
-  long system prompts (default 4): conversation i uses prompt ``i mod 4``, as
-  the users of one assistant share its system prompt. A prompt is an
-  instruction plus a passage of a Jane Austen novel (``tierserve.data.austen``;
-  novel ``j mod 6``), ``--passage-chars`` characters (~700-900 SmolLM2
-  tokens, ~55 blocks). Each conversation asks its own seeded questions;
+  long system prompts (default: one per conversation; fewer makes users of
+  one assistant share its prompt: conversation i uses prompt ``i mod n``). A
+  prompt is an instruction plus a passage of a Jane Austen novel
+  (``tierserve.data.austen``; novel ``j mod 6``), ``--passage-chars``
+  characters (~700-900 SmolLM2 tokens, ~55 blocks). Each conversation asks
+  its own seeded questions;
 * ``--turns`` turns each; turn t sends the whole history (system, the earlier
   user questions and the assistant's replies) plus a new question, through the
   ``openai`` client, streaming, ``max_tokens=--max-tokens``, temperature 0,
   ``stream_options.include_usage``;
 * all conversations are live at once and their turns interleave: at most
-  ``--concurrency`` requests are in flight; a conversation sends its next turn
-  as soon as its previous reply is complete (no think time). The order in
-  which conversations start is a seeded shuffle (``--seed``).
+  ``--concurrency`` requests are in flight; between two turns the user thinks
+  for a seeded exponential time with mean ``--think-s`` (default 2 s; the same
+  times for both routers). The order in which conversations start is a seeded
+  shuffle (``--seed``).
+
+Think time matters for the baseline. Without it (``--think-s 0``) a turn is
+sent the instant the previous reply ends, when the replica that served it has
+just lost a running request, so power-of-two's shorter-queue choice follows
+the conversation: an artefact of a closed loop with no users, which made the
+baseline look prefix-aware (hit rates 0.59-0.85 in such runs). With think
+time, other users' requests reorder the queues in between, as in a real
+service.
 
 Before measuring, ``--warmup`` short unrelated requests run concurrently
 (first-call costs); they are excluded from every number.
@@ -41,28 +51,36 @@ throughput prefix/pow2. Targets (the issue): hit-rate ratio >= 2, p50 TTFT
 ratio >= 1.5.
 
 KV cache size: a sweep. ``--num-blocks`` is a comma list of per-replica
-cache sizes (blocks of 16 tokens; default 192,256,384,2048); each size runs
-both routers on fresh replicas. Routing matters when one replica's cache is
-smaller than the working set (4 prompts x ~55 blocks + the conversations'
-histories, ~350 blocks) but the two caches together hold it: the prefix
-router gives each replica its own prompts and their conversations, so each
-replica needs about half; power-of-two sends every prompt to both replicas,
-and their LRU caches evict the prompt that is needed next. 192 and 256
-blocks are in that regime, 384 is at its edge, 2048 holds everything.
+cache sizes (blocks of 16 tokens; default 640,768,2048); each size runs both
+routers on fresh replicas. The working set is ~16 x 65 = ~1040 blocks
+(prompts plus histories). The prefix router keeps each conversation on one
+replica, which then needs about half of it; power-of-two sends every
+conversation to both. 640 and 768 blocks hold one half but not the whole
+(cache pressure), 2048 holds everything.
 
-What bounds the ratios. The first turn of the first conversation of each
-prompt is cold under any router; every later request can hit its prompt and
-its own history. Without cache pressure (2048) power-of-two also hits once
-both replicas have seen a prompt, so the ratio falls towards 1: the prefix
-router's gain there is only the conversation history. Power-of-two picks
-replicas at random (not seedable from here), so its numbers vary from run to
-run. The table also lists requests per replica (from the metrics board): the
-prefix router must not buy its hits with imbalance.
+What bounds the hit-rate ratio with two replicas. Every conversation's first
+turn is cold under both routers (with one prompt per conversation), so the
+prefix router's hit rate is at most (turns - 1) / turns of the prompt tokens,
+~0.75. Power-of-two picks one of two replicas at random for each turn, so a
+turn lands where its conversation was last served with probability 1/2 and
+hits there whenever that replica still holds it; under cache pressure that
+is its only source of hits, so its hit rate is about half the prefix
+router's and the ratio approaches 2 from below; without pressure it also
+hits any replica that served the conversation earlier (turn t:
+1 - 2^-(t-1)), ratio ~1.3. A hit-rate ratio of 2 is therefore the ceiling of
+this comparison with two replicas, not a margin (more replicas raise it:
+1/N). Time to first token separates the routers far more, since a miss
+prefills ~1000 tokens. Shared prompts (``--system-prompts`` < conversations)
+let power-of-two hit a prompt that any earlier conversation left on the
+replica it picks, which lowers the ratio further. Power-of-two's choices are
+not seedable from here, so its numbers vary from run to run. The table also
+lists requests per replica (from the metrics board): the prefix router must
+not buy its hits with imbalance.
 
 Prints a table and writes benchmarks/results/serve.json.
 
-Usage: python benchmarks/serve.py [--conversations 16] [--system-prompts 4] [--turns 4] [--concurrency 4]
-       [--num-blocks 192,256,384,2048]
+Usage: python benchmarks/serve.py [--conversations 16] [--system-prompts 16] [--turns 4] [--concurrency 4]
+       [--think-s 2] [--num-blocks 640,768,2048]
 """
 
 from __future__ import annotations
@@ -100,6 +118,7 @@ QUESTIONS = (
 class Conversation:
     system: str
     questions: tuple[str, ...]
+    think_s: tuple[float, ...]  # the user's pause before each turn after the first
 
 
 @dataclass
@@ -139,11 +158,15 @@ def system_prompts(n: int, passage_chars: int) -> list[str]:
     return prompts
 
 
-def build_workload(n_conv: int, n_prompts: int, turns: int, passage_chars: int, seed: int) -> list[Conversation]:
-    """Deterministic conversations: conversation i uses system prompt ``i mod n_prompts``, seeded questions."""
+def build_workload(n_conv: int, n_prompts: int, turns: int, passage_chars: int, think_s: float,
+                   seed: int) -> list[Conversation]:
+    """Deterministic conversations: conversation i uses system prompt ``i mod n_prompts``, seeded questions
+    and seeded think times (exponential, mean ``think_s``)."""
     prompts = system_prompts(n_prompts, passage_chars)
     rng = random.Random(seed)
-    return [Conversation(prompts[i % n_prompts], tuple(rng.sample(QUESTIONS, turns))) for i in range(n_conv)]
+    return [Conversation(prompts[i % n_prompts], tuple(rng.sample(QUESTIONS, turns)),
+                         tuple(rng.expovariate(1 / think_s) if think_s > 0 else 0.0 for _ in range(turns - 1)))
+            for i in range(n_conv)]
 
 
 # ------------------------------------------------------------------ client
@@ -172,6 +195,8 @@ async def run_conversation(client, model: str, idx: int, conv: Conversation, max
                            gate: asyncio.Semaphore, records: list[RequestRecord]) -> None:
     messages = [{"role": "system", "content": conv.system}]
     for turn, question in enumerate(conv.questions):
+        if turn:
+            await asyncio.sleep(conv.think_s[turn - 1])
         messages.append({"role": "user", "content": question})
         async with gate:
             reply, rec = await one_turn(client, model, messages, max_tokens)
@@ -347,13 +372,14 @@ def print_table(rows: list[dict], rat: dict) -> None:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--conversations", type=int, default=16)
-    ap.add_argument("--system-prompts", type=int, default=4)
+    ap.add_argument("--system-prompts", type=int, default=None, help="distinct system prompts (default: one each)")
     ap.add_argument("--turns", type=int, default=4)
+    ap.add_argument("--think-s", type=float, default=2.0, help="mean user think time between turns (0: none)")
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--passage-chars", type=int, default=3600)
     ap.add_argument("--replicas", type=int, default=2)
-    ap.add_argument("--num-blocks", default="192,256,384,2048",
+    ap.add_argument("--num-blocks", default="640,768,2048",
                     help="comma list: per-replica KV blocks; each value runs every router")
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
@@ -363,6 +389,8 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.turns > len(QUESTIONS):
         ap.error(f"--turns must be <= {len(QUESTIONS)}, got {args.turns}")
+    if args.system_prompts is None:
+        args.system_prompts = args.conversations
     if not 1 <= args.system_prompts <= args.conversations:
         ap.error(f"--system-prompts must be in 1..--conversations ({args.conversations}), got {args.system_prompts}")
     args.num_blocks = [int(x) for x in str(args.num_blocks).split(",")]
@@ -378,7 +406,8 @@ def write_results(args, rows: list[dict], rat: dict, results: dict[str, RunResul
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    workload = build_workload(args.conversations, args.system_prompts, args.turns, args.passage_chars, args.seed)
+    workload = build_workload(args.conversations, args.system_prompts, args.turns, args.passage_chars,
+                              args.think_s, args.seed)
     port = start_serve()
     results, rows, rat = {}, [], {}
     for nb in args.num_blocks:
