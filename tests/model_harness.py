@@ -65,3 +65,33 @@ class PagedRunner:
                 break
             logits = self.step([out[-1]])
         return out
+
+
+#: The tiny random Qwen3-MoE of the expert-offload runtime tests (2 layers x 8 experts, top-2).
+TINY_QWEN3_MOE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=384, max_position_embeddings=128, initializer_range=0.1,
+                      num_experts_per_tok=2, moe_intermediate_size=48, num_experts=8, norm_topk_prob=True)
+MOE_PROMPT = [3, 17, 42, 99, 5, 250, 7, 31, 64, 128, 11, 300]
+
+
+def tiny_moe_reference(path: str, seed: int, new_tokens: int):
+    """Save TINY_QWEN3_MOE at ``path``; return (all-resident model on the auto linear backend, its prefill
+    logits for MOE_PROMPT, its greedy tokens, the prefill's expert counts, the ExpertUsage of prefill + greedy)."""
+    from transformers import Qwen3MoeConfig
+
+    from tierserve.kernels.cpu_linear import apply_linear_backend
+    from tierserve.models.loader import load_model
+    from tierserve.moe.usage import ExpertUsage
+    from tierserve.moe.usage_hook import attach_usage_recorder
+
+    cfg = TINY_QWEN3_MOE
+    build_and_save(Qwen3MoeConfig(**cfg), path, seed=seed, noise=0.2)
+    ref = load_model(path).model
+    apply_linear_backend(ref, "auto")
+    usage = ExpertUsage(cfg["num_hidden_layers"], cfg["num_experts"])
+    rec = attach_usage_recorder(ref, usage)
+    logits = PagedRunner(ref).step(MOE_PROMPT)
+    prefill_counts = [list(row) for row in usage.counts]
+    tokens = PagedRunner(ref).greedy(MOE_PROMPT, new_tokens)
+    rec.detach()
+    return ref, logits, tokens, prefill_counts, usage

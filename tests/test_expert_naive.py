@@ -11,20 +11,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Qwen3MoeConfig
 
-from model_harness import PagedRunner, build_and_save
+from model_harness import MOE_PROMPT, TINY_QWEN3_MOE, PagedRunner, tiny_moe_reference
 from ray_fixtures import expert_cluster
 from tierserve.kernels.cpu_linear import apply_linear_backend
 from tierserve.models.loader import load_model
 from tierserve.moe.placement import plan_placement
-from tierserve.moe.usage import ExpertUsage
-from tierserve.moe.usage_hook import attach_usage_recorder
 
-CONFIG = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, vocab_size=384, max_position_embeddings=128, initializer_range=0.1,
-              num_experts_per_tok=2, moe_intermediate_size=48, num_experts=8, norm_topk_prob=True)
-PROMPT = [3, 17, 42, 99, 5, 250, 7, 31, 64, 128, 11, 300]
+CONFIG, PROMPT = TINY_QWEN3_MOE, MOE_PROMPT
 NEW = 8
 
 
@@ -38,14 +32,8 @@ def cluster():
 def tiny(tmp_path_factory):
     """(folder, prefill logits, greedy tokens, prefill usage counts) of the all-resident model."""
     path = str(tmp_path_factory.mktemp("qwen3_moe_naive"))
-    build_and_save(Qwen3MoeConfig(**CONFIG), path, seed=5, noise=0.2)
-    ref = load_model(path).model
-    apply_linear_backend(ref, "auto")
-    usage = ExpertUsage(2, 8)
-    rec = attach_usage_recorder(ref, usage)
-    logits = PagedRunner(ref).step(PROMPT)
-    rec.detach()
-    return path, logits, PagedRunner(ref).greedy(PROMPT, NEW), usage.counts
+    _, logits, tokens, prefill_counts, _ = tiny_moe_reference(path, seed=5, new_tokens=NEW)
+    return path, logits, tokens, prefill_counts
 
 
 @pytest.fixture(scope="module")

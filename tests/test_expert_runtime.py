@@ -16,9 +16,8 @@ import time
 
 import pytest
 import torch
-from transformers import Qwen3MoeConfig
 
-from model_harness import PagedRunner, build_and_save
+from model_harness import MOE_PROMPT, TINY_QWEN3_MOE, PagedRunner, tiny_moe_reference
 from ray_fixtures import expert_cluster
 from tierserve.kernels.cpu_linear import apply_linear_backend
 from tierserve.models.loader import load_model
@@ -26,10 +25,7 @@ from tierserve.moe.placement import Placement, plan_placement
 from tierserve.moe.usage import ExpertUsage, usage_path
 from tierserve.moe.usage_hook import attach_usage_recorder
 
-CONFIG = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, vocab_size=384, max_position_embeddings=128, initializer_range=0.1,
-              num_experts_per_tok=2, moe_intermediate_size=48, num_experts=8, norm_topk_prob=True)
-PROMPT = [3, 17, 42, 99, 5, 250, 7, 31, 64, 128, 11, 300]
+CONFIG, PROMPT = TINY_QWEN3_MOE, MOE_PROMPT
 NEW = 12
 
 
@@ -44,14 +40,7 @@ def cluster():
 def tiny(tmp_path_factory):
     """(model folder, all-resident reference model, its prefill logits, its greedy tokens, its usage)."""
     path = str(tmp_path_factory.mktemp("qwen3_moe"))
-    build_and_save(Qwen3MoeConfig(**CONFIG), path, seed=11, noise=0.2)
-    ref = load_model(path).model
-    apply_linear_backend(ref, "auto")
-    usage = ExpertUsage(2, 8)
-    rec = attach_usage_recorder(ref, usage)
-    logits = PagedRunner(ref).step(PROMPT)
-    tokens = PagedRunner(ref).greedy(PROMPT, NEW)
-    rec.detach()
+    ref, logits, tokens, _, usage = tiny_moe_reference(path, seed=11, new_tokens=NEW)
     return path, ref, logits, tokens, usage
 
 
