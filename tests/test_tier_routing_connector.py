@@ -99,3 +99,16 @@ def test_connector_holdings_reach_the_router_and_follow_evictions(connector):
     index.apply("r", mirror.diff(conn.held_chunks(), events))
     # chunk 0: disk has it and the hit re-filled DRAM (connector doc), so DRAM serves it again
     assert index.match(request, {}, ["r", "other"]) == {"dram": {"r": 2}, "redis": {"other": 2}}
+
+
+def test_a_retried_match_reuses_its_fetched_chunks(connector):
+    """A request that waits at the head of the queue is matched every step: the chunks are read once."""
+    conn, caches = connector
+    tokens = list(range(300, 317))                               # 2 whole chunks + 1 token
+    conn.store_request(stored_request("w", tokens, [5, 6, 7, 8, 9]), caches)
+    req = Request("w2", tokens)
+    assert conn.match(req, 0) == 16
+    lookups = conn._lookups
+    assert conn.match(req, 0) == 16 and conn._lookups == lookups           # the retry: no second read
+    assert conn.match(req, 8) == 8 and conn._lookups == lookups + 1        # a longer device hit: matched anew
+    conn.forget("w2")

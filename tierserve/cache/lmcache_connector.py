@@ -129,8 +129,14 @@ class KVTierConnector:
 
     # ----------------------------------------------------------- lookup
     def match(self, req, num_device_hit: int) -> int:
-        """Extra tokens after ``num_device_hit`` that the tiers can serve (fetched and verified now)."""
-        self._fetched.pop(req.request_id, None)
+        """Extra tokens after ``num_device_hit`` that the tiers can serve (fetched and verified now).
+
+        A request retried at the head of the queue (its blocks did not fit) keeps what it fetched while its
+        device hit is unchanged: the chunks are not read and verified again on every step it waits."""
+        prev = self._fetched.pop(req.request_id, None)
+        if prev is not None and prev.start == num_device_hit:
+            self._fetched[req.request_id] = prev
+            return prev.end - prev.start
         bs, C = self.spec.block_size, self.chunk_tokens
         cap = ((req.num_tokens - 1) // bs) * bs
         first = num_device_hit // C
