@@ -220,15 +220,18 @@ def test_config_validation_names_field_and_limit():
 
 
 def test_cli_flags_build_the_config():
-    from tierserve.cli import _build_parser, _kv_compression_config
+    from tierserve.cli import _build_parser, _engine_kwargs
+    from tierserve.engine.llm import build_engine_config
 
-    args = _build_parser().parse_args(["generate", "hi", "--kv-compression", "streaming", "--kv-budget", "64"])
-    assert _kv_compression_config(args) == KVCompressionConfig("streaming", budget=64)
-    args = _build_parser().parse_args(["generate", "hi", "--kv-compression", "expected_attention",
-                                       "--kv-ratio", "0.5"])
-    assert _kv_compression_config(args) == KVCompressionConfig("expected_attention", ratio=0.5)
-    args = _build_parser().parse_args(["generate", "hi"])
-    assert not _kv_compression_config(args).enabled
+    def config_of(argv):
+        args = _build_parser().parse_args(argv)
+        return build_engine_config(args.model, **_engine_kwargs(args)).kv_compression
+
+    assert config_of(["generate", "hi", "--kv-compression", "streaming", "--kv-budget", "64"]) == \
+        KVCompressionConfig("streaming", budget=64)
+    assert config_of(["serve", "--kv-compression", "expected_attention", "--kv-ratio", "0.5"]) == \
+        KVCompressionConfig("expected_attention", ratio=0.5)
+    assert not config_of(["generate", "hi"]).enabled
 
 
 def test_eviction_is_refused_on_sliding_window_models(tmp_path):
