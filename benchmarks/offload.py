@@ -95,7 +95,6 @@ PROMPTS = (
     "Here is a list of tips for learning a new language:",
 )
 BATCHES = (1, 8)
-REAP_RATIOS = (0.25, 0.5)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,40 +300,6 @@ def _round_trip(hidden: int, layer_experts: int) -> dict:
     return res
 
 
-# ------------------------------------------------------------------ REAP
-def _reap_table(path: str, calib_windows: int, eval_windows: int, seq_len: int = 256) -> list[dict]:
-    """Held-out perplexity: unpruned, and REAP / frequency / random at REAP_RATIOS (module doc)."""
-    from transformers import AutoTokenizer
-
-    from tierserve.kernels.cpu_linear import apply_linear_backend
-    from tierserve.models.loader import load_model
-    from tierserve.moe.calibration import CALIBRATION_NOVELS, HELDOUT_NOVELS, austen_token_windows, perplexity
-    from tierserve.moe.reap import collect_saliency, prune
-
-    tok = AutoTokenizer.from_pretrained(path)
-    heldout = austen_token_windows(tok, HELDOUT_NOVELS, eval_windows, seq_len)
-    acc = collect_saliency(load_model(path).model, austen_token_windows(tok, CALIBRATION_NOVELS, calib_windows,
-                                                                        seq_len))
-
-    def ppl(folder: str) -> float:
-        model = load_model(folder).model
-        apply_linear_backend(model, "auto")
-        return perplexity(model, heldout)
-
-    rows = [dict(method="none", ratio=0.0, perplexity=ppl(path))]
-    tmp = tempfile.mkdtemp(prefix="moe-reap-")
-    try:
-        for ratio in REAP_RATIOS:
-            for method in ("reap", "frequency", "random"):
-                out = os.path.join(tmp, f"{method}-{ratio}")
-                prune(path, out, method, ratio, calib_windows, seq_len, acc=acc)
-                rows.append(dict(method=method, ratio=ratio, perplexity=ppl(out)))
-                shutil.rmtree(out, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return rows
-
-
 # ------------------------------------------------------------------ report
 def _print_report(rows: list[dict], compare: float, rtt: dict, reap: list[dict]) -> dict:
     print(f"{'run':<17} {'resident':>8} {'batch':>5} {'tok/s':>8} {'kept':>6} {'left wkr':>8} {'spare':>6} "
@@ -419,7 +384,12 @@ def main(argv=None) -> int:
         ray.shutdown()
         cluster.shutdown()
         shutil.rmtree(usage_dir, ignore_errors=True)
-    reap = _reap_table(path, args.calib_windows, args.reap_windows) if args.reap else []
+    if args.reap:
+        from offload_reap import reap_table
+
+        reap = reap_table(path, args.calib_windows, args.reap_windows)
+    else:
+        reap = []
     print(f"model: {path} ({layers} MoE layers x {experts} experts, top-{hf['num_experts_per_tok']}); "
           f"{args.tokens} decode tokens per request")
     ratios = _print_report(rows, args.compare_residency, rtt, reap)

@@ -1,6 +1,6 @@
 """Prefix-aware routing vs Ray Serve's power-of-two router on a multi-turn chat workload.
 
-One process starts a local Ray (dashboard off, 150 MB object store, as
+The workload itself is in benchmarks/serve_workload.py. One process starts a local Ray (dashboard off, 150 MB object store, as
 tests/ray_fixtures.py does) and Serve on a free port, then runs the tierserve
 app (``tierserve.server.app:build_app``) with ``--replicas`` LLMServer
 replicas of the default SmolLM2-135M model, once per router:
@@ -100,26 +100,7 @@ from dataclasses import asdict, dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tierserve.data.austen import austen_texts  # noqa: E402
-
-QUESTIONS = (
-    "Who are the main characters in the passage above? Answer in one sentence.",
-    "What is the mood of the passage? Answer briefly.",
-    "Quote one phrase from the passage that you find striking.",
-    "What happens next, in your opinion? One sentence.",
-    "Which character speaks first in the passage?",
-    "Describe the setting of the passage in a few words.",
-    "What does the narrator think of the characters?",
-    "Summarize the passage in ten words.",
-)
-
-
-@dataclass(frozen=True)
-class Conversation:
-    system: str
-    questions: tuple[str, ...]
-    think_s: tuple[float, ...]  # the user's pause before each turn after the first
-
+from serve_workload import QUESTIONS, Conversation, build_workload  # noqa: E402
 
 @dataclass
 class RequestRecord:
@@ -140,33 +121,6 @@ class RunResult:
     metrics_queries: float = 0.0
     metrics_hits: float = 0.0
     requests_per_replica: list[int] = field(default_factory=list)
-
-
-# ------------------------------------------------------------------ workload
-def system_prompts(n: int, passage_chars: int) -> list[str]:
-    """``n`` distinct system prompts: an instruction plus an Austen passage (novel ``i mod 6``)."""
-    texts = austen_texts()
-    novels = sorted(texts)
-    prompts = []
-    for i in range(n):
-        novel = novels[i % len(novels)]
-        text = texts[novel]
-        start = text.find("\n\n", 20_000 + 60_000 * (i // len(novels))) + 2
-        passage = re.sub(r"\s+", " ", text[start:start + passage_chars]).strip()
-        prompts.append(f"You are a helpful literary assistant. Answer questions about this passage from "
-                       f"{novel} by Jane Austen.\n\n{passage}")
-    return prompts
-
-
-def build_workload(n_conv: int, n_prompts: int, turns: int, passage_chars: int, think_s: float,
-                   seed: int) -> list[Conversation]:
-    """Deterministic conversations: conversation i uses system prompt ``i mod n_prompts``, seeded questions
-    and seeded think times (exponential, mean ``think_s``)."""
-    prompts = system_prompts(n_prompts, passage_chars)
-    rng = random.Random(seed)
-    return [Conversation(prompts[i % n_prompts], tuple(rng.sample(QUESTIONS, turns)),
-                         tuple(rng.expovariate(1 / think_s) if think_s > 0 else 0.0 for _ in range(turns - 1)))
-            for i in range(n_conv)]
 
 
 # ------------------------------------------------------------------ client
@@ -253,23 +207,6 @@ def start_serve() -> int:
     return port
 
 
-def teardown(app: str) -> None:
-    """Delete the app and its detached prefix-tree and metrics actors (the next run starts empty)."""
-    import ray
-    from ray import serve
-
-    from tierserve.routing.tree_actor import TREE_NAMESPACE, tree_actor_name
-    from tierserve.server.metrics import BOARD_NAMESPACE, metrics_board_name
-
-    serve.delete(app)
-    for name, ns in ((tree_actor_name(app, "LLMServer"), TREE_NAMESPACE),
-                     (metrics_board_name(app), BOARD_NAMESPACE)):
-        try:
-            ray.kill(ray.get_actor(name, namespace=ns))
-        except ValueError:
-            pass
-
-
 def app_args(router: str, num_blocks: int, args) -> dict:
     return dict(router=router, replicas=args.replicas, max_num_seqs=args.concurrency, max_waiting_requests=16,
                 num_blocks=num_blocks, num_threads=1, worker_cpus=0.5, max_model_len=2048,
@@ -313,14 +250,14 @@ def run_router(router: str, num_blocks: int, port: int, workload: list[Conversat
     """Deploy a fresh app with ``router``, drive the workload through it, tear it down."""
     from ray import serve
 
-    from tierserve.server.app import build_app
+    from tierserve.server.app import build_app, delete_app
 
     app = f"bench-{router}"
     serve.run(build_app(app_args(router, num_blocks, args)), name=app, route_prefix=f"/{app}")
     try:
         return asyncio.run(drive(router, f"http://127.0.0.1:{port}/{app}", app, workload, args))
     finally:
-        teardown(app)
+        delete_app(app)
 
 
 # ------------------------------------------------------------------ report

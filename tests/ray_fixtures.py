@@ -97,18 +97,10 @@ def tierserve_servers(ray_session):
     from ray import serve
     from ray.serve.api import RunTarget
 
-    from tierserve.routing.tree_actor import TREE_NAMESPACE, tree_actor_name
-    from tierserve.server.app import build_app
-    from tierserve.server.metrics import BOARD_NAMESPACE, metrics_board_name
+    from tierserve.server.app import build_app, delete_app
 
     serve.run_many([RunTarget(build_app(MAIN_ARGS), name=MAIN_APP, route_prefix="/"),
                     RunTarget(build_app(STRICT_ARGS), name=STRICT_APP, route_prefix="/strict")])
     yield Servers(port)
     for app in (MAIN_APP, STRICT_APP):
-        serve.delete(app)
-        for name, ns in ((tree_actor_name(app, "LLMServer"), TREE_NAMESPACE),
-                         (metrics_board_name(app), BOARD_NAMESPACE)):
-            try:
-                ray.kill(ray.get_actor(name, namespace=ns))
-            except ValueError:
-                pass
+        delete_app(app)

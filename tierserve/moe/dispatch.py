@@ -144,12 +144,16 @@ class OffloadedMoeBlock(nn.Module):
             if y is None:
                 self._run_groups(groups, x, k, put)
                 continue
-            self.counters.bytes_received += int(y.nbytes)
-            y = numpy_to_tensor(y, x.dtype)
-            start = 0
-            for _, rows in groups:
-                put(rows, y[start:start + len(rows)])
-                start += len(rows)
+            self._scatter(y, groups, x, put)
+
+    def _scatter(self, y, groups: list[Group], x: torch.Tensor, put) -> None:
+        """One host's reply (its groups' rows stacked in message order) back to the groups' rows."""
+        self.counters.bytes_received += int(y.nbytes)
+        y = numpy_to_tensor(y, x.dtype)
+        start = 0
+        for _, rows in groups:
+            put(rows, y[start:start + len(rows)])
+            start += len(rows)
 
     def _run_groups(self, groups: list[Group], x: torch.Tensor, k: int, put) -> None:
         """Re-dispatch groups after a failover (new owners, or local); repeats until all are done."""
@@ -168,12 +172,7 @@ class OffloadedMoeBlock(nn.Module):
                 if y is None:
                     groups.extend(hg)
                     continue
-                self.counters.bytes_received += int(y.nbytes)
-                y = numpy_to_tensor(y, x.dtype)
-                start = 0
-                for _, rows in hg:
-                    put(rows, y[start:start + len(rows)])
-                    start += len(rows)
+                self._scatter(y, hg, x, put)
 
     def _finish_fetch(self, e: int, future: Future) -> nn.Module | None:
         key = (self.layer, e)

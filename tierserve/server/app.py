@@ -158,3 +158,23 @@ def build_app(args: dict | None = None):
         name="OpenAIIngress", max_ongoing_requests=4 * (a.max_num_seqs + a.max_waiting_requests),
         ray_actor_options={"num_cpus": a.ingress_cpus})
     return ingress.bind(worker, settings)
+
+
+def delete_app(name: str) -> None:
+    """Delete the Serve app ``name`` and the detached actors it created (its prefix tree and metrics board).
+
+    Those actors outlive the app on purpose (every ingress replica reads them); without this a redeployed
+    app of the same name would start with the old cache picture and counters.
+    """
+    import ray
+
+    from tierserve.routing.tree_actor import TREE_NAMESPACE, tree_actor_name
+    from tierserve.server.metrics import BOARD_NAMESPACE, metrics_board_name
+
+    serve.delete(name)
+    for actor, ns in ((tree_actor_name(name, "LLMServer"), TREE_NAMESPACE),
+                      (metrics_board_name(name), BOARD_NAMESPACE)):
+        try:
+            ray.kill(ray.get_actor(actor, namespace=ns))
+        except ValueError:  # never created (no request reached it)
+            pass
