@@ -7,25 +7,20 @@ carry a prefix of one replica's chain must be served by that replica, whatever t
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 
 import pytest
 import ray
-from ray import serve
 from ray.serve._private.common import RequestMetadata
-from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import PendingRequest
 
+from router_stub import stub_router_app
 from tierserve.cache.prefix_hash import hash_blocks
 from tierserve.errors import InvalidParameterError
 from tierserve.routing.serve_router import (
     PREFIX_HASHES_KWARG,
-    PrefixAwareRequestRouter,
     request_block_hashes,
     routing_kwargs,
 )
-from tierserve.routing.tree_actor import TREE_NAMESPACE, tree_actor_name
 
 BS = 4
 APP = "routing-test"
@@ -60,49 +55,8 @@ def test_request_hash_contract():
 
 @pytest.fixture(scope="module")
 def serve_app(ray_session):  # the session-wide Ray + Serve (tests/ray_fixtures.py)
-    started = not ray.is_initialized()
-    if started:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024**2,
-                 log_to_driver=False)
-
-    # The replicas cannot import this test module: ship its functions by value.
-    from ray import cloudpickle
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-    @serve.deployment(
-        num_replicas=2,
-        ray_actor_options={"num_cpus": 0},
-        request_router_config=RequestRouterConfig(
-            request_router_class=PrefixAwareRequestRouter,
-            request_router_kwargs={"abs_threshold": 4, "rel_threshold": 1.5, "match_timeout_s": 2.0},
-        ),
-    )
-    class Worker:
-        def __init__(self):
-            from tierserve.routing.tree_actor import get_or_create_tree_actor
-
-            ctx = serve.get_replica_context()
-            self.replica_id = ctx.replica_id.unique_id
-            tree = get_or_create_tree_actor(ctx.app_name, ctx.deployment)
-            ray.get(tree.report.remote(self.replica_id, [hash_blocks(replica_tokens(self.replica_id), BS)]))
-
-        def __call__(self, prompt: str, prefix_block_hashes=None) -> str:
-            return self.replica_id
-
-    try:
-        handle = serve.run(Worker.bind(), name=APP, route_prefix=None)
-    finally:
-        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-    tree = ray.get_actor(tree_actor_name(APP, "Worker"), namespace=TREE_NAMESPACE)
-    yield handle, tree
-    serve.delete(APP)
-    ray.kill(tree)
-    if started:
-        serve.shutdown()
-        ray.shutdown()
+    yield from stub_router_app(APP, {"abs_threshold": 4, "rel_threshold": 1.5, "match_timeout_s": 2.0},
+                               replica_tokens, BS)
 
 
 def test_requests_go_to_the_replica_caching_their_prefix(serve_app):

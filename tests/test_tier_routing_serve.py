@@ -7,18 +7,15 @@ blocks (4 > 3.2) Y serves it.
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import ray
-from ray import serve
-from ray.serve.config import RequestRouterConfig
 
+from router_stub import stub_router_app
 from tierserve.cache.lmcache_connector import chunk_keys
 from tierserve.cache.prefix_hash import hash_blocks
-from tierserve.routing.serve_router import PrefixAwareRequestRouter, routing_kwargs
+from tierserve.routing.serve_router import routing_kwargs
 from tierserve.routing.tier_index import TierDiff
-from tierserve.routing.tree_actor import TREE_NAMESPACE, PrefixMatch, tree_actor_name
+from tierserve.routing.tree_actor import PrefixMatch
 
 BS, CB = 4, 2
 APP = "tier-routing-test"
@@ -32,38 +29,7 @@ def own_tokens(replica_id: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def tier_app(ray_session):  # the session-wide Ray + Serve (tests/ray_fixtures.py)
-    from ray import cloudpickle
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-    @serve.deployment(
-        num_replicas=2,
-        ray_actor_options={"num_cpus": 0},
-        request_router_config=RequestRouterConfig(
-            request_router_class=PrefixAwareRequestRouter,
-            request_router_kwargs={"match_timeout_s": 2.0, "kv_tiers": ["dram", "redis"]},
-        ),
-    )
-    class Worker:
-        def __init__(self):
-            from tierserve.routing.tree_actor import get_or_create_tree_actor
-
-            ctx = serve.get_replica_context()
-            self.replica_id = ctx.replica_id.unique_id
-            tree = get_or_create_tree_actor(ctx.app_name, ctx.deployment)
-            ray.get(tree.report.remote(self.replica_id, [hash_blocks(own_tokens(self.replica_id), BS)]))
-
-        def __call__(self, prompt: str, prefix_block_hashes=None) -> str:
-            return self.replica_id
-
-    try:
-        handle = serve.run(Worker.bind(), name=APP, route_prefix=None)
-    finally:
-        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-    tree = ray.get_actor(tree_actor_name(APP, "Worker"), namespace=TREE_NAMESPACE)
-    yield handle, tree
-    serve.delete(APP)
-    ray.kill(tree)
+    yield from stub_router_app(APP, {"match_timeout_s": 2.0, "kv_tiers": ["dram", "redis"]}, own_tokens, BS)
 
 
 def test_dram_chunks_count_as_weighted_partial_matches(tier_app):
