@@ -5,12 +5,25 @@ Setup: the MoEfied SmolLM2 (``ensure_moe_model``: 30 MoE layers x 8 experts, top
 3-node ``ray.cluster_utils.Cluster`` (head: 2 CPUs, the worker; 2 nodes with the
 ``expert_host`` resource, one ExpertHost each). Every run builds a fresh ``LLMEngine``
 (prefix caching off, promotions off: ``promotion_max_swaps=0``, so each placement stays
-as planned) and decodes, on the same engine, first batch 1 (``PROMPTS[0]``) then batch 8
+as planned), warms it up (one untimed batch-8 decode of ``WARMUP_TOKENS``: first-call
+kernel set-up on the worker, and each host builds the modules of the experts it
+computes on their first call, which would otherwise land in the batch-1 timing), and
+decodes, on the same engine, first batch 1 (``PROMPTS[0]``) then batch 8
 (8 concurrent greedy requests with the 8 different ``PROMPTS``), ``--tokens`` decode
 tokens per request (``ignore_eos``). Timing starts once every request of the batch has
 its first token (prefill excluded) and stops when all finish; tok/s = decode tokens of
 the batch / that time. ``identical`` compares the tokens with the all-resident engine's
 at the same batch size.
+
+Cores: the simulated nodes share this machine's cores, so the benchmark gives each
+"node" its own: the worker engine (this process) runs ``--worker-threads`` torch threads
+(default 1) pinned to the first CPU (``os.sched_setaffinity``), the stand-in for the
+device; the expert hosts (1 torch thread each) are pinned to the other CPUs, the
+stand-in for other nodes' CPUs. The all-resident run is pinned the same way, so every
+ratio compares the same worker with and without its experts. ``--no-pin`` leaves
+placement to the OS: with ``--worker-threads 2`` the worker's OpenMP threads and both
+hosts then contend for the same 2 cores and every remote call also pays a CPU hand-over
+(the note of issue 4 gives that table too).
 
 Runs (residency r = fraction of the 240 (layer, expert) pairs kept on the worker,
 budget ``round(L * E * r)``):
@@ -23,15 +36,14 @@ budget ``round(L * E * r)``):
   spare slots;
 * at ``--compare-residency`` (default 0.25) also ``uniform`` (experts ranked by id,
   ``per_layer_floor = budget // layers`` so every layer keeps its lowest ids), and
-  ``calibrated+cache`` (``--cache-slots`` spare slots, default 16) twice: with the
-  ``CostModel`` defaults (what ``OffloadConfig.spare_slots`` gives today: nothing calls
-  ``CostModel.measure`` in the engine path) and, as ``calib+cache(meas)``, with
-  ``CostModel.measure`` run against a live host after start-up and installed on every
-  block (its constants are printed);
+  ``calibrated+cache`` (``--cache-slots`` spare slots, default 16; the engine measures
+  its ``CostModel`` against a live host at start-up, the constants are printed);
 * ``naive`` at ``--compare-residency``: uniform placement, no cache, and the
   per-expert dispatch of tierserve/moe/naive_dispatch.py (one blocking host call per
-  (layer, cold expert with routed rows)), over the same socket channel (``--naive-channel
-  ray`` for plain actor calls).
+  (layer, cold expert with routed rows)) as plain Ray actor calls (numpy through Ray:
+  what a first offload on Ray does), and ``naive(socket)``: the same per-expert calls
+  over tierserve's socket channel (the fused path's channel), to separate what fusion
+  gains from what the channel gains.
 
 Per run and batch size, over the decode steps only (counters snapshotted after prefill):
 
@@ -40,13 +52,18 @@ Per run and batch size, over the decode steps only (counters snapshotted after p
   usage counts); ``spare``: the fraction computed in a spare slot (``spare_rows``);
 * ``act B/tok``: activation bytes sent to hosts (``HostPool.stats.bytes``) plus bytes
   received (``DispatchCounters.bytes_received``), per decoded token;
-  ``wt B/tok``: expert weight bytes copied into spare slots (``SpareSlots.fills`` x the
-  expert's bytes) per decoded token; ``msg/tok``: host messages per decoded token;
-* ``pf left`` / ``pf spare``: the same two fractions over the prefill of the batch
-  (where the cost model can choose a spare-slot fetch: many rows per expert).
+  ``wt B/tok``: expert weight bytes copied into spare slots per decoded token
+  (``SpareSlots.fill_bytes.wire``: what crossed the wire, coded when the hosts keep
+  DFloat11); ``msg/tok``: host messages per decoded token;
+* ``pf left`` / ``pf spare``: the same two fractions over the prefill of the batch;
+* long prefill (once per run, after the batch-1 decode): one ``LONG_PROMPT_TOKENS``-token
+  held-out Austen prompt, its prefill seconds (and / all-resident), where its cold rows
+  ran and the expert weight bytes copied into spare slots: the case the cost model
+  sends to the ring (hundreds of rows per expert).
 
 Ratios printed (the issue's target): at ``--compare-residency`` and batch 8, each fused
-variant's tok/s / all-resident (target >= 0.70) and / naive (target >= 2.0).
+variant's tok/s / all-resident (target >= 0.70) and / naive (target >= 2.0; also / the
+socket naive, for information).
 Also: one ``ExpertHost.compute`` round trip (decode payloads of 1 and 4 rows) over a
 plain Ray call and the socket channel, to one and both hosts. ``--reap``
 (off by default): held-out Austen perplexity (``--reap-windows`` x 256 tokens of the
@@ -95,6 +112,9 @@ PROMPTS = (
     "Here is a list of tips for learning a new language:",
 )
 BATCHES = (1, 8)
+WARMUP_TOKENS = 4
+ALL_CPUS = frozenset(os.sched_getaffinity(0))
+LONG_PROMPT_TOKENS = 448
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +127,6 @@ class Run:
     spare_slots: int = 0
     naive: bool = False
     channel: str = "socket"
-    measure_cost: bool = False
 
 
 # ------------------------------------------------------------------ models and calibration
@@ -160,14 +179,14 @@ def _offload_config(run: Run, budget: int, layers: int, usage_file: str) -> Offl
 def _snapshot(handle) -> dict:
     """Cumulative counters of an offloaded engine (module doc); zeros for all-resident."""
     if handle is None:
-        return dict(routed=0, remote=0, spare=0, sent=0, received=0, messages=0, fills=0)
+        return dict(routed=0, remote=0, spare=0, sent=0, received=0, messages=0, fill_bytes=0)
     return dict(routed=sum(sum(row) for row in handle.live.counts),
                 remote=sum(b.counters.remote_rows for b in handle.blocks),
                 spare=sum(b.counters.spare_rows for b in handle.blocks),
                 sent=sum(handle.pool.stats.bytes.values()),
                 received=sum(b.counters.bytes_received for b in handle.blocks),
                 messages=sum(handle.pool.stats.messages.values()),
-                fills=handle.spare.fills if handle.spare is not None else 0)
+                fill_bytes=handle.spare.fill_bytes.wire if handle.spare is not None else 0)
 
 
 def _decode_batch(engine: LLMEngine, batch: int, tokens: int) -> dict:
@@ -190,59 +209,84 @@ def _decode_batch(engine: LLMEngine, batch: int, tokens: int) -> dict:
     dt = time.perf_counter() - t0
     after = _snapshot(engine.offload)
     delta = {k: after[k] - before[k] for k in after}
-    expert_bytes = engine.offload.blocks[0].expert_bytes if engine.offload is not None else 0
     routed = max(1, delta["routed"])
     return dict(tok_s=decoded / dt, decoded=decoded, tokens=[out[r] for r in rids],
                 left_worker=delta["remote"] / routed, spare=delta["spare"] / routed,
                 act_bytes_per_tok=(delta["sent"] + delta["received"]) / max(1, decoded),
-                weight_bytes_per_tok=delta["fills"] * expert_bytes / max(1, decoded),
+                weight_bytes_per_tok=delta["fill_bytes"] / max(1, decoded),
                 messages_per_tok=delta["messages"] / max(1, decoded),
                 prefill_left_worker=prefill["remote"] / max(1, prefill["routed"]),
                 prefill_spare=prefill["spare"] / max(1, prefill["routed"]),
-                prefill_weight_bytes=prefill["fills"] * expert_bytes)
+                prefill_weight_bytes=prefill["fill_bytes"])
 
 
-def _engine_run(path: str, run: Run | None, budget: int, layers: int, usage_file: str, tokens: int) -> dict:
-    """One engine (None: all-resident), batch 1 then batch 8; a row per batch size."""
+def _long_prefill(engine: LLMEngine, path: str) -> dict:
+    """Prefill of one ``LONG_PROMPT_TOKENS``-token held-out Austen prompt: seconds, where its cold rows ran."""
+    from transformers import AutoTokenizer
+
+    from tierserve.moe.calibration import HELDOUT_NOVELS, austen_token_windows
+
+    prompt = austen_token_windows(AutoTokenizer.from_pretrained(path), HELDOUT_NOVELS, 1, LONG_PROMPT_TOKENS)
+    before = _snapshot(engine.offload)
+    t0 = time.perf_counter()
+    engine.add_request(prompt[0].tolist(), SamplingParams(max_tokens=1, temperature=0.0))
+    while engine.has_unfinished():
+        engine.step()
+    dt = time.perf_counter() - t0
+    after = _snapshot(engine.offload)
+    d = {k: after[k] - before[k] for k in after}
+    routed = max(1, d["routed"])
+    return dict(long_prefill_s=dt, long_prefill_left=d["remote"] / routed, long_prefill_spare=d["spare"] / routed,
+                long_prefill_weight_bytes=d["fill_bytes"])
+
+
+def _pin(engine: LLMEngine) -> None:
+    """This process (the worker) on the first CPU, the engine's expert hosts on the others (module doc)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cpus[0]})
+    if engine.offload is not None:
+        for host in engine.offload.pool.hosts.values():
+            os.sched_setaffinity(ray.get(host.stats.remote())["pid"], set(cpus[1:]))
+
+
+def _engine_run(path: str, run: Run | None, budget: int, layers: int, usage_file: str, tokens: int,
+                threads: int, pin: bool) -> dict:
+    """One engine (None: all-resident), warm-up, then batch 1 and batch 8; a row per batch size."""
     from tierserve.moe.naive_dispatch import use_naive_dispatch
 
     config = build_engine_config(path, num_blocks=128, max_num_seqs=max(BATCHES), max_model_len=512,
-                                 enable_prefix_caching=False)
+                                 enable_prefix_caching=False, num_threads=threads)
     if run is not None:
         config = dataclasses.replace(config, offload=_offload_config(run, budget, layers, usage_file))
     engine = LLMEngine(config)
     try:
+        if pin:
+            _pin(engine)
         if run is not None and run.naive:
             use_naive_dispatch(engine.offload)
-        cost = _measure_cost(engine.offload) if run is not None and run.measure_cost else None
+        cost = dataclasses.asdict(engine.offload.blocks[0].cost) if run is not None and run.spare_slots else None
+        _decode_batch(engine, max(BATCHES), WARMUP_TOKENS)
         frac = 1.0 if engine.offload is None else engine.offload.placement.fraction_resident
-        return {b: dict(fraction_resident=frac, cost_model=cost, **_decode_batch(engine, b, tokens)) for b in BATCHES}
+        res = {b: dict(fraction_resident=frac, cost_model=cost, **_decode_batch(engine, b, tokens)) for b in BATCHES}
+        res[BATCHES[0]].update(_long_prefill(engine, path))
+        return res
     finally:
         engine.close()
-
-
-def _measure_cost(handle) -> dict:
-    """``CostModel.measure`` against the host of one cold expert, installed on every block; its constants."""
-    from tierserve.moe.spare_slots import CostModel
-
-    key = min(handle.pool.owners)
-    cost = CostModel.measure(handle.pool.handle(handle.pool.owners[key]), *key, handle.pool.linear_backend)
-    for block in handle.blocks:
-        block.cost = cost
-    return dataclasses.asdict(cost)
+        if pin:
+            os.sched_setaffinity(0, ALL_CPUS)
 
 
 def _runs(args) -> list[Run]:
     runs = [Run("calibrated", r) for r in args.residency]
     c = args.compare_residency
     runs += [Run("uniform", c, "uniform"), Run("calibrated+cache", c, spare_slots=args.cache_slots),
-             Run("calib+cache(meas)", c, spare_slots=args.cache_slots, measure_cost=True),
-             Run("naive", c, "uniform", naive=True, channel=args.naive_channel)]
+             Run("naive", c, "uniform", naive=True, channel="ray"),
+             Run("naive(socket)", c, "uniform", naive=True, channel="socket")]
     return runs
 
 
 def _decode_table(path: str, layers: int, experts: int, calib_file: str, args) -> list[dict]:
-    ref = _engine_run(path, None, 0, layers, "", args.tokens)
+    ref = _engine_run(path, None, 0, layers, "", args.tokens, args.worker_threads, args.pin)
     rows = [dict(label="all-resident", residency=1.0, batch=b, identical=True, **ref[b]) for b in BATCHES]
     usage_dir = os.path.dirname(calib_file)
     for i, run in enumerate(_runs(args)):
@@ -251,7 +295,8 @@ def _decode_table(path: str, layers: int, experts: int, calib_file: str, args) -
         if run.placement == "calibrated":
             shutil.copy(calib_file, run_file)
         t0 = time.perf_counter()
-        res = _engine_run(path, run, round(layers * experts * run.residency), layers, run_file, args.tokens)
+        res = _engine_run(path, run, round(layers * experts * run.residency), layers, run_file, args.tokens,
+                          args.worker_threads, args.pin)
         for b in BATCHES:
             rows.append(dict(label=run.label, residency=run.residency, batch=b,
                              identical=res[b]["tokens"] == ref[b]["tokens"], **res[b]))
@@ -310,22 +355,31 @@ def _print_report(rows: list[dict], compare: float, rtt: dict, reap: list[dict])
               f"{r['tok_s'] / base[r['batch']]:>6.2f} {r['left_worker']:>8.3f} {r['spare']:>6.3f} "
               f"{r['act_bytes_per_tok']:>10.0f} {r['weight_bytes_per_tok']:>10.0f} {r['messages_per_tok']:>8.1f} "
               f"{r['prefill_left_worker']:>7.3f} {r['prefill_spare']:>8.3f} {str(r['identical']):>9}")
+    print(f"prefill of one {LONG_PROMPT_TOKENS}-token prompt (the spare-slot cost model's case: many rows per expert):")
+    long_base = next(r["long_prefill_s"] for r in rows if r["label"] == "all-resident" and "long_prefill_s" in r)
+    for r in rows:
+        if "long_prefill_s" in r:
+            print(f"  {r['label']:<17} {r['fraction_resident']:>6.3f} {r['long_prefill_s']:>7.3f}s "
+                  f"x{r['long_prefill_s'] / long_base:>5.2f} left {r['long_prefill_left']:.3f} "
+                  f"spare {r['long_prefill_spare']:.3f} weights {r['long_prefill_weight_bytes'] / 2**20:.1f} MiB")
     for r in rows:
         if r["cost_model"] and r["batch"] == BATCHES[0]:
             print(f"  {r['label']}: measured CostModel " + ", ".join(f"{k}={v:.3g}" for k, v in r["cost_model"].items()))
     at = {r["label"]: r for r in rows if r["batch"] == max(BATCHES) and r["residency"] == compare}
     ratios = {}
-    naive = at.get("naive")
+    naive, naive_socket = at.get("naive"), at.get("naive(socket)")
     print(f"ratios at {compare:.0%} residency, batch {max(BATCHES)} (targets: >= 0.70 of all-resident, "
           f">= 2.0x naive):")
-    for label in ("calibrated", "calibrated+cache", "calib+cache(meas)", "uniform"):
+    for label in ("calibrated", "calibrated+cache", "uniform"):
         if label not in at:
             continue
         vs_all = at[label]["tok_s"] / base[max(BATCHES)]
         vs_naive = at[label]["tok_s"] / naive["tok_s"] if naive else float("nan")
-        ratios[label] = dict(vs_all_resident=vs_all, vs_naive=vs_naive)
+        vs_socket = at[label]["tok_s"] / naive_socket["tok_s"] if naive_socket else float("nan")
+        ratios[label] = dict(vs_all_resident=vs_all, vs_naive=vs_naive, vs_naive_socket=vs_socket)
         print(f"  {label:<17} / all-resident {vs_all:5.2f} [{'PASS' if vs_all >= 0.70 else 'FAIL'}]   "
-              f"/ naive {vs_naive:5.2f}x [{'PASS' if vs_naive >= 2.0 else 'FAIL'}]")
+              f"/ naive {vs_naive:5.2f}x [{'PASS' if vs_naive >= 2.0 else 'FAIL'}]   "
+              f"/ naive(socket) {vs_socket:5.2f}x")
     if rtt:
         print("ExpertHost.compute round trip, median ms (decode payloads):")
         for k, v in rtt.items():
@@ -346,11 +400,15 @@ def _parse(argv):
     ap.add_argument("--residency", type=float, nargs="+", default=[0.0, 0.10, 0.25, 0.50])
     ap.add_argument("--compare-residency", type=float, default=0.25)
     ap.add_argument("--cache-slots", type=int, default=16)
-    ap.add_argument("--naive-channel", choices=("socket", "ray"), default="socket")
+    ap.add_argument("--worker-threads", type=int, default=1, help="torch threads of the worker engine (module doc)")
+    ap.add_argument("--no-pin", dest="pin", action="store_false",
+                    help="do not pin the worker and the hosts to separate CPUs (module doc)")
     ap.add_argument("--reap", action="store_true", help="also the REAP/frequency/random perplexity table")
     ap.add_argument("--reap-windows", type=int, default=8, help="held-out windows of 256 tokens for --reap")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "offload.json"))
     args = ap.parse_args(argv)
+    if args.pin and len(ALL_CPUS) < 2:
+        ap.error("pinning needs at least 2 CPUs (one for the worker, the rest for the hosts); pass --no-pin")
     if args.quick:
         args.residency, args.tokens, args.calib_windows, args.reap_windows = [0.0, 0.25], 4, 2, 2
     return args
@@ -391,11 +449,13 @@ def main(argv=None) -> int:
     else:
         reap = []
     print(f"model: {path} ({layers} MoE layers x {experts} experts, top-{hf['num_experts_per_tok']}); "
-          f"{args.tokens} decode tokens per request")
+          f"{args.tokens} decode tokens per request, worker threads {args.worker_threads}, "
+          f"{'worker and hosts pinned to separate CPUs' if args.pin else 'not pinned'}")
     ratios = _print_report(rows, args.compare_residency, rtt, reap)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump(dict(model=path, tokens=args.tokens, quick=args.quick, rows=rows, ratios=ratios, round_trip=rtt,
+        json.dump(dict(model=path, tokens=args.tokens, worker_threads=args.worker_threads, pinned=args.pin, quick=args.quick, rows=rows,
+                       ratios=ratios, round_trip=rtt,
                        reap=reap), f, indent=2)
     return 0
 

@@ -22,6 +22,7 @@ from ray_fixtures import expert_cluster
 from tierserve.kernels.cpu_linear import apply_linear_backend
 from tierserve.models.loader import load_model
 from tierserve.moe.placement import Placement, plan_placement
+from tierserve.moe.spare_slots import CostModel
 from tierserve.moe.usage import ExpertUsage, usage_path
 from tierserve.moe.usage_hook import attach_usage_recorder
 
@@ -112,10 +113,14 @@ def test_engine_offload_usage_file_promotions_and_metrics(cluster, tiny, smollm_
     del ref_engine
 
     cfg = OffloadConfig(resident_experts=6, expert_hosts=2, per_layer_floor=1, timeout_s=20.0,
-                        promotion_min_gain=1, promotion_max_swaps=2)
+                        promotion_min_gain=1, promotion_max_swaps=2, spare_slots=2)
     engine = LLMEngine(EngineConfig(model=model_cfg, scheduler=sched, cache=cache, offload=cfg))
     handle = engine.offload
     try:
+        # spare slots configured: the engine measured the ring's cost model on the live path, one for all blocks
+        cost = handle.blocks[0].cost
+        assert cost != CostModel() and all(b.cost is cost for b in handle.blocks)
+        assert 0 < cost.rtt_s < cfg.timeout_s and cost.bandwidth_Bps > 0
         start = plan_placement(file_counts, 6, 1)
         # by hand: floors 2 (9) | 3 (8); then 7 (7), 4 (6), 0 (5), 6 (4)
         assert start.resident == ((0, 2, 7), (3, 4, 6))
@@ -249,6 +254,69 @@ def test_dfloat11_hosts_are_bit_identical_and_smaller(cluster, tiny):
         assert raw == 16 * 3 * 48 * 64 * 2  # every expert of both layers, bf16: gate_up [96, 64] + down [64, 48]
         assert held < 0.85 * raw
         print(f"DFloat11 expert hosts: {held} bytes at rest vs {raw} bf16 ({held / raw:.3f})")
+        handle.close()
+    finally:
+        _kill_hosts(hosts)
+
+
+def test_dfloat11_transit_moves_coded_bytes(cluster, tiny):
+    """dfloat11 hosts send experts CODED: spare-slot fills, a promotion and a failover reload move exactly
+    the coded sizes (each expert encoded independently here), decoded bit-identically (logits equal to the
+    bf16 all-resident model throughout)."""
+    import ray
+
+    from tierserve.moe.expert_transit import CodedExpert
+    from tierserve.moe.expert_weights import ExpertWeights
+    from tierserve.moe.offload import moe_blocks, start_expert_hosts
+
+    path = tiny[0]
+    ref = load_model(path, torch.bfloat16).model
+    coded = {(j, e): CodedExpert.encode(ExpertWeights.from_module(b.experts[e], ref.cfg.hidden_act)).nbytes
+             for j, (_, b) in enumerate(moe_blocks(ref)) for e in range(b.num_experts)}
+    raw = 3 * 48 * 64 * 2  # gate_up [96, 64] + down [64, 48], bf16
+    assert all(n < 0.85 * raw for n in coded.values())
+    apply_linear_backend(ref, "auto")
+    ref_logits, ref_tokens = PagedRunner(ref).step(PROMPT), PagedRunner(ref).greedy(PROMPT, NEW)
+    placement = Placement(((0, 1, 2, 3), (0, 1, 2, 3)), (8, 8))
+    hosts = start_expert_hosts(2, "auto", weight_format="dfloat11")
+    try:
+        # a ring as large as the cold set: nothing is evicted, so every fill is a distinct key still held
+        model, handle = _offloaded(path, placement, hosts, torch.bfloat16, counts=[[0, 0, 0, 0, 0, 900, 0, 0],
+                                                                                  [0] * 8], spare_slots=8)
+        # fetch when 3+ rows hit a cold expert: remote = 1 + n, fetch = raw/bw + ~0 = 2.5
+        cost = CostModel(rtt_s=1.0, bandwidth_Bps=raw / 2.5, remote_token_s=1.0, local_token_s=1e-9)
+        for b in handle.blocks:
+            b.cost = cost
+        spare = handle.spare
+        assert torch.equal(PagedRunner(model).step(PROMPT), ref_logits)
+        assert spare.fills == len(spare.keys()) > 0
+        assert spare.fill_bytes.count == spare.fills and spare.fill_bytes.raw == spare.fills * raw
+        assert spare.fill_bytes.wire == sum(coded[k] for k in spare.keys())
+        assert PagedRunner(model).greedy(PROMPT, NEW) == ref_tokens
+        # the cost model's probe goes through the same coded fetch
+        assert isinstance(CostModel.measure(handle.pool, (1, 4), 1),
+                          CostModel)
+
+        handle.min_gain, handle.max_swaps = 500, 1
+        assert [(s.layer, s.promote) for s in handle.at_request_boundary()] == [(0, 5)]
+        moved = handle.stats.promotion_bytes
+        assert (moved.count, moved.wire, moved.raw) == (1, coded[(0, 5)], raw)
+        assert torch.equal(PagedRunner(model).step(PROMPT), ref_logits)
+
+        pool = handle.pool
+        lost = sorted(k for k, h in [*pool.owners.items(), *pool.standby.items()] if h == "host1")
+        assert lost
+        pool.fail("host1", "test")  # the failover path wait() takes: kill, re-read from disk, reload
+        reloaded = handle.stats.reload_bytes
+        assert (reloaded.count, reloaded.wire, reloaded.raw) == (len(lost), sum(coded[k] for k in lost),
+                                                                 len(lost) * raw)
+        survivor = ray.get(hosts["host0"].stats.remote())
+        assert survivor["weight_bytes"] == sum(coded.values()) and survivor["raw_weight_bytes"] == 16 * raw
+        assert set(pool.owners.values()) == {"host0"} and set(pool.standby.values()) == {"host0"}
+        assert torch.equal(PagedRunner(model).step(PROMPT), ref_logits)
+        assert PagedRunner(model).greedy(PROMPT, NEW) == ref_tokens
+        print(f"DFloat11 transit: fills {spare.fill_bytes.wire}/{spare.fill_bytes.raw} B, promotion "
+              f"{moved.wire}/{moved.raw} B, reload {reloaded.wire}/{reloaded.raw} B (coded/raw)")
         handle.close()
     finally:
         _kill_hosts(hosts)

@@ -28,6 +28,15 @@ Weights at rest sit in an ``ExpertStore`` (tierserve.moe.host_storage) chosen by
 when the expert's module is built); ``stats()["weight_bytes"]`` / ``["raw_weight_bytes"]``
 report the bytes held at rest and what plain arrays would take.
 
+What crosses the wire (tierserve.moe.expert_transit): ``get_expert_payload(layer, e)``
+returns the expert as held, raw ``ExpertWeights`` on a ``"raw"`` host and the stored
+``CodedExpert`` (no re-encoding) on a ``"dfloat11"`` host; the worker decodes it
+(``fetch_expert``: spare-slot fills, promotions, the cost model's probe).
+``load_experts`` accepts either form per expert: a coded expert sent to a
+``"dfloat11"`` host is stored as is, raw arrays are coded on arrival (the initial
+shipping), and a coded expert sent to a ``"raw"`` host is decoded. ``weight_format()``
+names the store (failover reloads ask it to send the target's own form).
+
 ``stats()`` reports the calls and bytes received per layer (tests check the fused
 dispatch contract: one message per host per layer per step, bytes = rows x hidden
 x dtype size).
@@ -41,7 +50,8 @@ import numpy as np
 import ray
 import torch
 
-from tierserve.moe.expert_weights import ExpertWeights, build_expert, numpy_to_tensor, tensor_to_numpy
+from tierserve.moe.expert_transit import ExpertPayload
+from tierserve.moe.expert_weights import build_expert, numpy_to_tensor, tensor_to_numpy
 from tierserve.moe.host_storage import make_store
 from tierserve.moe.socket_channel import start_server
 
@@ -63,16 +73,20 @@ class ExpertHost:
     def ping(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
-    def load_experts(self, experts: dict[tuple[int, int], ExpertWeights]) -> int:
-        """Hold ``experts`` ((layer, expert) -> weights); returns how many this host now holds."""
+    def load_experts(self, experts: dict[tuple[int, int], ExpertPayload]) -> int:
+        """Hold ``experts`` ((layer, expert) -> raw or coded payload); returns how many this host now holds."""
         for key, w in experts.items():
             self._weights.put(key, w)
             self._experts.pop(key, None)  # rebuilt from the new weights on first use
         return len(self._weights.keys())
 
-    def get_expert(self, layer: int, expert: int) -> ExpertWeights:
-        """The weights of one held expert (the worker's spare-slot ring copies them)."""
-        return self._weights.get((layer, expert))
+    def weight_format(self) -> str:
+        """The at-rest (and wire) format of this host's experts: a ``HOST_WEIGHT_FORMATS`` name."""
+        return self._weights.name
+
+    def get_expert_payload(self, layer: int, expert: int) -> ExpertPayload:
+        """One held expert as stored: raw arrays or its ``CodedExpert`` (module doc); the receiver decodes."""
+        return self._weights.payload((layer, expert))
 
     def open_channel(self) -> tuple[str, int, str]:
         """Serve ``compute`` on a TCP socket (one authenticated connection); returns (ip, port, token)."""

@@ -12,6 +12,10 @@ deadline marks its host dead (``fail``): its channel is closed and the host is k
 on disk (``CheckpointExperts``; the worker keeps no copy of cold weights) and loaded on
 the surviving host holding the fewest experts; with no survivor (or if loading there
 fails too) the expert is built locally on the worker with the same linear backend.
+The reload crosses the wire in the survivor's at-rest form (tierserve.moe.expert_transit):
+the pool asks the survivor its ``weight_format()`` and sends raw arrays to a ``"raw"``
+host, ``CodedExpert``s (coded here, on the worker, so the host stores them as received)
+to a ``"dfloat11"`` host.
 
 Hosts are the at-rest store of EVERY expert: ``owners`` maps each cold expert to the
 host that computes it, ``standby`` maps each resident expert to the host holding a copy
@@ -32,7 +36,9 @@ import ray
 import torch
 
 from tierserve.errors import TierserveError
+from tierserve.moe.expert_transit import TransitBytes
 from tierserve.moe.expert_weights import CheckpointExperts, build_expert
+from tierserve.moe.host_storage import wire_payload
 from tierserve.moe.socket_channel import ChannelError, SocketChannel
 
 Key = tuple[int, int]
@@ -44,13 +50,16 @@ class ExpertHostError(TierserveError):
 
 @dataclass
 class PoolStats:
-    """Dispatcher-side counters: fused messages and bytes sent per layer, host failures seen."""
+    """Dispatcher-side counters: fused messages and bytes sent per layer, host failures seen, and the
+    expert weights moved for promotions (host -> worker) and failover reloads (worker -> survivor)."""
 
     messages: dict[int, int] = field(default_factory=dict)
     bytes: dict[int, int] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     #: per layer, the (host, rows) of the messages of the most recent forward of that layer
     last: dict[int, list[tuple[str, int]]] = field(default_factory=dict)
+    promotion_bytes: TransitBytes = field(default_factory=TransitBytes)
+    reload_bytes: TransitBytes = field(default_factory=TransitBytes)
 
 
 class HostPool:
@@ -165,7 +174,9 @@ class HostPool:
             target = min(sorted(self.alive), key=lambda h: sum(1 for o in self.owners.values() if o == h)
                          + sum(1 for o in self.standby.values() if o == h))
             try:
-                ray.get(self.hosts[target].load_experts.remote(weights), timeout=self.timeout_s)
+                fmt = ray.get(self.hosts[target].weight_format.remote(), timeout=self.timeout_s)
+                payloads = {k: wire_payload(fmt, w) for k, w in weights.items()}
+                ray.get(self.hosts[target].load_experts.remote(payloads), timeout=self.timeout_s)
             except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
                 self.alive.discard(target)
                 channel = self.channels.pop(target, None)
@@ -181,8 +192,9 @@ class HostPool:
                 standby.update(lost)
                 weights.update({k: self.source.read(*k) for k in orphans + lost})
                 continue
-            for k in weights:
+            for k, p in payloads.items():
                 (self.standby if k in standby else self.owners)[k] = target
+                self.stats.reload_bytes.add(p)
             return
         for k, w in weights.items():
             if k not in standby:

@@ -1,17 +1,24 @@
-"""How an ExpertHost keeps expert weights at rest: raw arrays, or DFloat11-coded (lossless).
+"""How an ExpertHost keeps expert weights at rest, and what it sends: raw arrays, or DFloat11-coded (lossless).
 
-``ExpertStore`` contract: ``put(key, weights)`` stores one expert's ``ExpertWeights``;
-``get(key)`` returns weights bit-identical to the ones put; ``nbytes`` is what the
-store holds at rest; ``raw_nbytes`` what the same experts take as plain arrays.
+``ExpertStore`` contract: ``put(key, payload)`` stores one expert, given as
+``ExpertWeights`` or as a ``CodedExpert`` (tierserve.moe.expert_transit);
+``get(key)`` returns weights bit-identical to the ones put; ``payload(key)`` returns
+the expert as held at rest (what crosses the wire when a worker copies it);
+``nbytes`` is what the store holds at rest; ``raw_nbytes`` what the same experts take
+as plain arrays; ``encode(weights)`` (``wire_payload(name, weights)``) turns plain
+weights into the store's at-rest form, so a sender can ship what the store will hold.
 Implementations are picked by name from ``HOST_WEIGHT_FORMATS``:
 
-* ``"raw"``: the arrays as received;
+* ``"raw"``: the arrays as received (a ``CodedExpert`` put here is decoded first);
+  ``payload`` returns them, so raw arrays cross the wire;
 * ``"dfloat11"``: bf16 experts coded with tierserve.kernels.quant.dfloat11
-  (``encode_block`` over ``{"gate_up", "down"}``: one Huffman table per expert, the
-  8-bit exponents entropy-coded, sign+mantissa bytes raw: ~11/16 of bf16 on trained
-  weights); ``get`` decodes them (``decode_block``, bit-identical). Only bf16 experts are
-  accepted (the format is lossless for bf16 only): anything else raises
-  InvalidParameterError ``host_weight_format``.
+  (``CodedExpert.encode``: ``encode_block`` over ``{"gate_up", "down"}``, one Huffman
+  table per expert, the 8-bit exponents entropy-coded, sign+mantissa bytes raw: ~11/16
+  of bf16 on trained weights); a ``CodedExpert`` put here is stored as is (no
+  re-encoding); ``get`` decodes (``decode_block``, bit-identical); ``payload`` returns
+  the held ``CodedExpert``, so the CODED bytes cross the wire and the receiver decodes.
+  Only bf16 experts are accepted (the format is lossless for bf16 only): anything else
+  raises InvalidParameterError ``host_weight_format``.
 
 The host decodes an expert when it builds its module, on the first ``compute`` that
 routes to it, and keeps the built module (a cache of the experts in use); experts
@@ -22,20 +29,30 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-import torch
-
 from tierserve.errors import InvalidParameterError
-from tierserve.moe.expert_weights import ExpertWeights, numpy_to_tensor, tensor_to_numpy
+from tierserve.moe.expert_transit import CodedExpert, ExpertPayload, as_weights
+from tierserve.moe.expert_weights import ExpertWeights
 
 Key = tuple[int, int]
 
 
 class ExpertStore(ABC):
+    #: the ``host_weight_format`` name of the store
+    name: str
+
+    @staticmethod
     @abstractmethod
-    def put(self, key: Key, weights: ExpertWeights) -> None: ...
+    def encode(weights: ExpertWeights) -> ExpertPayload:
+        """``weights`` in this store's at-rest (and wire) form."""
+
+    @abstractmethod
+    def put(self, key: Key, payload: ExpertPayload) -> None: ...
 
     @abstractmethod
     def get(self, key: Key) -> ExpertWeights: ...
+
+    @abstractmethod
+    def payload(self, key: Key) -> ExpertPayload: ...
 
     @abstractmethod
     def keys(self) -> list[Key]: ...
@@ -53,13 +70,22 @@ class ExpertStore(ABC):
 
 
 class RawStore(ExpertStore):
+    name = "raw"
+
     def __init__(self):
         self._w: dict[Key, ExpertWeights] = {}
 
-    def put(self, key: Key, weights: ExpertWeights) -> None:
-        self._w[key] = weights
+    @staticmethod
+    def encode(weights: ExpertWeights) -> ExpertWeights:
+        return weights
+
+    def put(self, key: Key, payload: ExpertPayload) -> None:
+        self._w[key] = as_weights(payload)
 
     def get(self, key: Key) -> ExpertWeights:
+        return self._w[key]
+
+    def payload(self, key: Key) -> ExpertWeights:
         return self._w[key]
 
     def keys(self) -> list[Key]:
@@ -75,43 +101,50 @@ class RawStore(ExpertStore):
 
 
 class DFloat11Store(ExpertStore):
+    name = "dfloat11"
+
     def __init__(self):
-        self._blocks: dict[Key, tuple] = {}  # key -> (DF11Block, act, raw bytes)
+        self._coded: dict[Key, CodedExpert] = {}
 
-    def put(self, key: Key, weights: ExpertWeights) -> None:
-        from tierserve.kernels.quant.dfloat11 import encode_block
+    @staticmethod
+    def encode(weights: ExpertWeights) -> CodedExpert:
+        return CodedExpert.encode(weights)  # raises InvalidParameterError host_weight_format unless bf16
 
-        if weights.dtype != "bfloat16":
-            raise InvalidParameterError("host_weight_format", f"'dfloat11' needs bfloat16 experts, expert {key} "
-                                                              f"is {weights.dtype}")
-        tensors = {"gate_up": numpy_to_tensor(weights.gate_up, torch.bfloat16),
-                   "down": numpy_to_tensor(weights.down, torch.bfloat16)}
-        self._blocks[key] = (encode_block(tensors), weights.act, weights.nbytes)
+    def put(self, key: Key, payload: ExpertPayload) -> None:
+        self._coded[key] = payload if isinstance(payload, CodedExpert) else self.encode(payload)
 
     def get(self, key: Key) -> ExpertWeights:
-        from tierserve.kernels.quant.dfloat11 import decode_block
+        return self._coded[key].decode()
 
-        block, act, _ = self._blocks[key]
-        t = decode_block(block)
-        return ExpertWeights(tensor_to_numpy(t["gate_up"]), tensor_to_numpy(t["down"]), act, "bfloat16")
+    def payload(self, key: Key) -> CodedExpert:
+        return self._coded[key]
 
     def keys(self) -> list[Key]:
-        return list(self._blocks)
+        return list(self._coded)
 
     @property
     def nbytes(self) -> int:
-        return sum(b.nbytes for b, _, _ in self._blocks.values())
+        return sum(c.nbytes for c in self._coded.values())
 
     @property
     def raw_nbytes(self) -> int:
-        return sum(n for _, _, n in self._blocks.values())
+        return sum(c.raw_nbytes for c in self._coded.values())
 
 
 HOST_WEIGHT_FORMATS: dict[str, type[ExpertStore]] = {"raw": RawStore, "dfloat11": DFloat11Store}
 
 
-def make_store(name: str) -> ExpertStore:
+def store_class(name: str) -> type[ExpertStore]:
     if name not in HOST_WEIGHT_FORMATS:
         raise InvalidParameterError("host_weight_format", f"must be one of {sorted(HOST_WEIGHT_FORMATS)}, "
                                                           f"got {name!r}")
-    return HOST_WEIGHT_FORMATS[name]()
+    return HOST_WEIGHT_FORMATS[name]
+
+
+def make_store(name: str) -> ExpertStore:
+    return store_class(name)()
+
+
+def wire_payload(name: str, weights: ExpertWeights) -> ExpertPayload:
+    """``weights`` as a host keeping format ``name`` holds and sends them (failover reloads send this)."""
+    return store_class(name).encode(weights)

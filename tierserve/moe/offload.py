@@ -31,7 +31,11 @@ the ``expert_host`` resource) and waits until all answer ``ping`` within ``timeo
 save here"), else ``expert_usage.json`` beside the model folder when it exists (saved
 back there); with neither, counts are uniform (ties broken by expert id) and nothing is
 saved. A local Ray instance advertising ``expert_hosts`` units of the resource is started
-when Ray is not initialised yet.
+when Ray is not initialised yet. With ``OffloadConfig.spare_slots`` it measures the spare
+ring's ``CostModel`` against a live host once the channels are up
+(``CostModel.measure``: a fetch, 1- and 64-row round trips, local runs) and installs it
+on every block; ``apply_expert_offload`` alone uses the ``cost`` it is given (defaults
+otherwise).
 """
 
 from __future__ import annotations
@@ -186,6 +190,10 @@ def offload_from_config(model: nn.Module, cfg, model_path: str | None, linear_ba
                                   counts=counts, timeout_s=cfg.timeout_s, spare_slots=cfg.spare_slots,
                                   channel=cfg.channel)
     handle.owns_hosts = True
+    if handle.spare is not None and handle.pool.owners:
+        cost = CostModel.measure(handle.pool, min(handle.pool.owners))
+        for block in handle.blocks:
+            block.cost = cost
     handle.usage_file = file
     handle.min_gain, handle.max_swaps = cfg.promotion_min_gain, cfg.promotion_max_swaps
     handle.save_interval_s = cfg.usage_save_interval_s

@@ -13,9 +13,12 @@ host, or the promoted one has no live holder) is skipped and the next one is tri
 
 **Where the weights come from and go.** Hosts hold every expert (tierserve.moe.host_pool:
 ``owners`` for cold ones, ``standby`` for resident ones), so a swap moves no weights to
-a host: the promoted expert is copied from its owner (``get_expert``, one Ray call with
-``timeout_s``) and built with the worker's linear backend, the same kernels the host
-and the resident experts run, so output stays bit-identical; the evicted expert's
+a host: the promoted expert is copied from its owner (``fetch_expert`` of
+tierserve.moe.expert_transit: one ``get_expert_payload`` Ray call with ``timeout_s``;
+raw arrays cross the wire from a ``"raw"`` host, the DFloat11-coded expert from a
+``"dfloat11"`` host, decoded here bit-identically; the bytes moved are added to
+``pool.stats.promotion_bytes``) and built with the worker's linear backend, the same
+kernels the host and the resident experts run, so output stays bit-identical; the evicted expert's
 module is dropped from the worker and its standby host becomes its owner. The promoted
 expert's host keeps its copy as the standby. An expert that runs on the worker after
 every host died (``HostPool.local``) is promoted by moving its module. A host that
@@ -27,6 +30,7 @@ from __future__ import annotations
 import ray
 import torch
 
+from tierserve.moe.expert_transit import fetch_expert
 from tierserve.moe.expert_weights import build_expert
 from tierserve.moe.host_pool import HostPool
 from tierserve.moe.placement import Placement, Swap, apply_swaps, plan_promotions
@@ -40,11 +44,12 @@ def _fetch(pool: HostPool, key) -> torch.nn.Module | None:
     if owner is None:
         return None
     try:
-        weights = ray.get(pool.handle(owner).get_expert.remote(*key), timeout=pool.timeout_s)
+        fetched = fetch_expert(pool.handle(owner), key, pool.timeout_s)
     except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError, KeyError) as exc:
         pool.fail(owner, f"promotion copy: {type(exc).__name__}")
         return None
-    return build_expert(weights, pool.linear_backend)
+    pool.stats.promotion_bytes.merge(fetched.bytes)
+    return build_expert(fetched.weights, pool.linear_backend)
 
 
 def apply_swap(blocks, pool: HostPool, swap: Swap) -> bool:

@@ -14,20 +14,35 @@ Defaults (used until ``CostModel.measure`` replaces them at startup): ``rtt_s`` 
 ``bandwidth_Bps`` = 5e8 (a numpy array through the object store: 16 MB in 13-49 ms),
 ``remote_token_s`` = ``local_token_s`` = 2e-5 (one token through a ~2 M-parameter
 expert at ~10 GFLOP/s, plus the 4-byte/element row transfer for remote).
-``measure`` times a ping (rtt), ``get_expert`` of one expert (bandwidth) and a local
-run of that expert at 1 and 64 rows (per-token cost; remote per-token = local +
-2 x hidden x dtype bytes / bandwidth).
+``measure(pool, key)`` (called by ``offload_from_config`` at start-up whenever spare
+slots are configured; the benchmark's ``calib+cache(meas)`` row) times the real paths
+to one cold expert: a ``fetch_expert`` of it (bandwidth: the expert's RAW bytes over the
+time of the transfer plus, on a ``"dfloat11"`` host, the decode, so it is an effective
+bandwidth in the raw bytes the dispatcher passes as ``B``); the median of 5 fused
+dispatch round trips (``HostPool.submit``/``wait``: the channel decode uses, socket or
+Ray) of 1 and of 64 rows to its host (``remote_token_s`` = the difference / 63,
+``rtt_s`` = the 1-row time minus one row); the median of 5 local runs of the fetched
+expert at 1 and 64 rows (``local_token_s`` likewise); rows in the expert's dtype.
+On the 2-core dev machine (benchmarks/offload.py) it measures a remote row far
+cheaper than a fetch (rtt ~0.2 ms over the socket, ~1e-2 s per raw expert fetched), so
+the ring is chosen only for prefills of hundreds of rows per expert; a GPU worker,
+whose local rows cost a hundredth of a host CPU's, crosses over much earlier.
 
 **Ring.** ``capacity`` slots, least-recently-used eviction (an ``OrderedDict``: a hit
 moves the key to the end, an insert beyond capacity drops the front). ``fetch(key,
 handle)`` starts a copy on a background thread (``ThreadPoolExecutor`` with one
-thread): ``ray.get(host.get_expert(layer, e))`` then ``build_expert`` with the worker's
-linear backend, so a slot computes bit-identically to the host. What overlaps on CPU:
+thread): ``fetch_expert(host, key)`` (tierserve.moe.expert_transit: one
+``get_expert_payload`` call; what crosses the wire is the host's at-rest form, raw
+arrays from a ``"raw"`` host, the DFloat11-coded expert from a ``"dfloat11"`` host,
+decoded on this thread) then ``build_expert`` with the worker's linear backend, so a
+slot computes bit-identically to the host. Counters: ``fills`` (experts inserted),
+``hits``, and ``fill_bytes`` (a ``TransitBytes``: the payload bytes of the inserted
+fills as they crossed the wire, ``.wire``, and as raw arrays, ``.raw``). What overlaps on CPU:
 the fetch is started as soon as the layer's routing is known, before the worker
 issues the other hosts' fused calls and computes its resident experts; the copy
 (network receive + object-store read, which release the GIL) runs while the main
-thread computes the resident experts and waits for the hosts; the prepacking in
-``build_expert`` competes for the same cores. Routing is only known per layer, so on a
+thread computes the resident experts and waits for the hosts; the DFloat11 decode of a
+coded expert and the prepacking in ``build_expert`` compete for the same cores. Routing is only known per layer, so on a
 CPU worker the copy cannot overlap the attention of the same layer; it overlaps the
 rest of this layer's MoE and, once in the ring, every later step is a hit. ``close()``
 stops the thread.
@@ -35,16 +50,19 @@ stops the thread.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-import ray
+import numpy as np
 import torch
 
 from tierserve.errors import InvalidParameterError
-from tierserve.moe.expert_weights import ExpertWeights, build_expert
+from tierserve.moe.expert_transit import TransitBytes, fetch_expert
+from tierserve.moe.expert_weights import build_expert, tensor_to_numpy
+from tierserve.moe.host_pool import ExpertHostError
 
 Key = tuple[int, int]
 
@@ -72,30 +90,46 @@ class CostModel:
 
     @classmethod
     @torch.inference_mode()
-    def measure(cls, host, layer: int, expert: int, linear_backend: str, repeats: int = 5) -> "CostModel":
-        """Constants measured against one live host holding ``(layer, expert)`` (module doc)."""
-        ray.get(host.ping.remote())
+    def measure(cls, pool, key: Key, repeats: int = 5) -> "CostModel":
+        """Constants measured on the live dispatch path to ``key``'s owner (module doc)."""
+        owner = pool.owner(key)
+        if owner is None:
+            raise InvalidParameterError("key", f"expert {key} has no live host to measure against")
         t0 = time.perf_counter()
-        for _ in range(repeats):
-            ray.get(host.ping.remote())
-        rtt = (time.perf_counter() - t0) / repeats
-        t0 = time.perf_counter()
-        w: ExpertWeights = ray.get(host.get_expert.remote(layer, expert))
+        w = fetch_expert(pool.handle(owner), key, pool.timeout_s).weights
         bandwidth = w.nbytes / max(time.perf_counter() - t0, 1e-6)
-        module = build_expert(w, linear_backend)
-        hidden = w.gate_up.shape[1]
-        x1, x64 = torch.randn(1, hidden), torch.randn(64, hidden)
+        module = build_expert(w, pool.linear_backend)
+        hidden, dtype = w.gate_up.shape[1], getattr(torch, w.dtype)
+        x1, x64 = torch.randn(1, hidden, dtype=dtype), torch.randn(64, hidden, dtype=dtype)
+        remote1 = _remote_seconds(pool, owner, key, x1, repeats)
+        remote64 = _remote_seconds(pool, owner, key, x64, repeats)
         module(x64)
+        local1, local64 = _local_seconds(module, x1, repeats), _local_seconds(module, x64, repeats)
+        remote_token = max((remote64 - remote1) / 63, 1e-9)
+        return cls(rtt_s=max(remote1 - remote_token, 1e-6), bandwidth_Bps=bandwidth, remote_token_s=remote_token,
+                   local_token_s=max((local64 - local1) / 63, 1e-9))
+
+
+def _remote_seconds(pool, owner: str, key: Key, x: torch.Tensor, repeats: int) -> float:
+    """Median seconds of one fused-dispatch round trip of ``x``'s rows to expert ``key`` on ``owner``."""
+    xs, ids = tensor_to_numpy(x), np.full(len(x), key[1], dtype=np.int64)
+    dtype = str(x.dtype).removeprefix("torch.")
+    times = []
+    for _ in range(repeats + 1):  # the first call builds the host's module: not timed
         t0 = time.perf_counter()
-        for _ in range(repeats):
-            module(x1)
-        t1 = time.perf_counter()
-        for _ in range(repeats):
-            module(x64)
-        t64 = time.perf_counter()
-        local = max(((t64 - t1) - (t1 - t0)) / (63 * repeats), 1e-9)
-        remote = local + 2 * hidden * 4 / bandwidth
-        return cls(rtt_s=max(rtt, 1e-6), bandwidth_Bps=bandwidth, remote_token_s=remote, local_token_s=local)
+        if pool.wait({owner: pool.submit(owner, key[0], xs, ids, dtype)}).get(owner) is None:
+            raise ExpertHostError(f"expert host {owner} failed while the cost model measured it")
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def _local_seconds(module: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        module(x)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 class SpareSlots:
@@ -107,10 +141,11 @@ class SpareSlots:
         self.capacity = capacity
         self.linear_backend = linear_backend
         self._slots: OrderedDict[Key, torch.nn.Module] = OrderedDict()
-        self._pending: dict[Key, Future] = {}
+        self._pending: dict[Key, Future] = {}  # each yields (module, TransitBytes)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spare-slots")
         self.hits = 0
         self.fills = 0
+        self.fill_bytes = TransitBytes()
 
     def __contains__(self, key: Key) -> bool:
         return key in self._slots
@@ -126,26 +161,27 @@ class SpareSlots:
         return module
 
     def fetch(self, key: Key, host) -> Future:
-        """Start copying ``key`` from ``host`` (or join the copy in flight); the future yields the module."""
+        """Start copying ``key`` from ``host`` (or join the copy in flight); pass the future to ``finish``."""
         if key in self._pending:
             return self._pending[key]
         future = self._pool.submit(self._copy, key, host)
         self._pending[key] = future
         return future
 
-    def _copy(self, key: Key, host) -> torch.nn.Module:
-        weights = ray.get(host.get_expert.remote(*key))
-        return build_expert(weights, self.linear_backend)
+    def _copy(self, key: Key, host) -> tuple[torch.nn.Module, TransitBytes]:
+        fetched = fetch_expert(host, key, None)  # finish() bounds the wait
+        return build_expert(fetched.weights, self.linear_backend), fetched.bytes
 
     def finish(self, key: Key, future: Future, timeout_s: float) -> torch.nn.Module:
         """Wait for a fetch and insert it into the ring (evicting the LRU slot); raises what the copy raised."""
         try:
-            module = future.result(timeout=timeout_s)
+            module, moved = future.result(timeout=timeout_s)
         finally:
             self._pending.pop(key, None)
         self._slots[key] = module
         self._slots.move_to_end(key)
         self.fills += 1
+        self.fill_bytes.merge(moved)
         while len(self._slots) > self.capacity:
             self._slots.popitem(last=False)
         return module
