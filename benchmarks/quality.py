@@ -25,8 +25,8 @@ steps=0`` path: zero scalings, no optimisation = truncated SVD).
 SigmaScale runs ``--sigmascale-steps`` Adam steps (default 10 to keep the
 default run short on 2 cores; the format's default is 100).
 
-Usage: python benchmarks/quality.py [--no-gemma] [--gptq] [--windows 8] [--seq-len 256]
-Writes benchmarks/results/quality.json.
+Usage: python benchmarks/quality.py [--no-gemma] [--no-smollm] [--gptq] [--windows 8] [--seq-len 256] [--out F]
+Writes benchmarks/results/quality.json (``--out``).
 """
 
 from __future__ import annotations
@@ -227,6 +227,7 @@ def main() -> None:
     p.add_argument("--no-gemma", dest="gemma", action="store_false")
     p.add_argument("--no-smollm", action="store_true")
     p.add_argument("--gptq", action="store_true", help="also MR-GPTQ (slow on CPU)")
+    p.add_argument("--out", default=RESULTS)
     args = p.parse_args()
     torch.manual_seed(0)
     load = os.getloadavg()
@@ -242,10 +243,10 @@ def main() -> None:
     if gemma:
         out["results"].append(bench_model("Gemma-3-270m (fp32 from Q4_K_M GGUF)",
                                           ensure_converted(gemma3_270m_gguf_path()), args))
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
         json.dump(out, f, indent=1)
-    print(f"\nwrote {RESULTS}")
+    print(f"\nwrote {args.out}")
 
 
 if __name__ == "__main__":
