@@ -16,13 +16,17 @@ gguf-py's ``gguf.quants.quantize(..., GGMLQuantizationType.Q4_0)`` and equality
 of ``dequantize`` (zero blocks, .5 ties, fp16 rounding of the scale, blocks whose
 extreme is negative or positive, random and real SmolLM2 weights). Layout and
 matmul paths: ``ggml_blocks.py``; the fused triton kernel: ``q4_0_triton.py``.
+Options ``imatrix=True`` (importance-weighted scale search) and ``gptq=True`` (GPTQ
+rounding) need calibration activations and still emit plain Q4_0 blocks
+(``q4_0_calibrated.py``); without them ``quantize`` is the byte-exact reference.
 """
 
 from __future__ import annotations
 
 import torch
 
-from tierserve.kernels.quant.base import register_format
+from tierserve.errors import InvalidParameterError
+from tierserve.kernels.quant.base import PackedWeight, register_format
 from tierserve.kernels.quant.ggml_blocks import (GGMLBlockFormat, fp16_bytes, fp16_from_bytes, pack_nibbles,
                                                  unpack_nibbles)
 
@@ -48,11 +52,35 @@ def q4_0_dequantize_blocks(blocks: torch.Tensor) -> torch.Tensor:
 
 @register_format
 class Q4_0Format(GGMLBlockFormat):
+    """Q4_0; ``imatrix`` / ``gptq`` choose scales and codes from calibration (q4_0_calibrated.py)."""
+
     name = "q4_0"
     ggml_type = "Q4_0"
     type_size = Q4_0_TYPE_SIZE
     quantize_blocks = staticmethod(q4_0_quantize_blocks)
     dequantize_blocks = staticmethod(q4_0_dequantize_blocks)
+
+    def __init__(self, imatrix: bool = False, gptq: bool = False):
+        self.imatrix = bool(imatrix)
+        self.gptq = bool(gptq)
+        self.needs_calibration = self.imatrix or self.gptq  # transform.quantize_model's calibration hook
+
+    def quantize(self, weight: torch.Tensor, tensor_name: str = "weight",
+                 activations: torch.Tensor | None = None) -> PackedWeight:
+        """Reference RTN (byte-exact with gguf-py); with ``imatrix``/``gptq`` the calibrated choice."""
+        if not self.needs_calibration:
+            return super().quantize(weight, tensor_name)
+        self.check_shape(tensor_name, tuple(weight.shape))
+        if activations is None:
+            raise InvalidParameterError("calibration", f"q4_0 with imatrix/gptq needs calibration activations "
+                                                       f"for {tensor_name!r}")
+        if activations.shape[-1] != weight.shape[1]:
+            raise InvalidParameterError(f"{tensor_name}.activations", f"must have {weight.shape[1]} features, "
+                                                                      f"got {activations.shape[-1]}")
+        from tierserve.kernels.quant.q4_0_calibrated import quantize_calibrated
+
+        blocks = quantize_calibrated(weight, activations, self.imatrix, self.gptq)
+        return self.from_blocks(blocks, tuple(weight.shape), tensor_name)
 
     @staticmethod
     def triton_linear():
