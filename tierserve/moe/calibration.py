@@ -12,6 +12,12 @@
   position but the last of each window, batched ``batch_size`` windows at a time.
 * ``capture_mlp_inputs``: forward pre-hooks on every layer's ``mlp`` collect the
   FFN input (the post-attention RMSNorm output) of each token, per layer.
+* ``calibration_activations``: the inputs ``[num_windows * seq_len, in]`` that
+  each named module (e.g. the linears a calibrated weight format will quantize)
+  receives while ``num_windows`` x ``seq_len`` tokens of ``novels`` (default
+  ``CALIBRATION_NOVELS``) are prefilled ``batch_size`` windows per forward
+  (``transform.capture_activations`` over ``forward_hidden``). Token ids must
+  be below the model's vocabulary size, else InvalidParameterError.
 """
 
 from __future__ import annotations
@@ -82,6 +88,24 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 8) -> float:
         total += float(nll)
         count += batch[:, 1:].numel()
     return math.exp(total / count)
+
+
+def calibration_activations(model, tokenizer, names, num_windows: int, seq_len: int, batch_size: int = 4,
+                            novels: tuple[str, ...] = CALIBRATION_NOVELS) -> dict[str, torch.Tensor]:
+    """Per module name, its inputs ``[num_windows * seq_len, in]`` over Austen calibration text."""
+    from tierserve.errors import InvalidParameterError
+    from tierserve.kernels.quant.transform import capture_activations
+
+    for field, value in (("num_windows", num_windows), ("seq_len", seq_len), ("batch_size", batch_size)):
+        if value < 1:
+            raise InvalidParameterError(field, f"must be >= 1, got {value}")
+    windows = austen_token_windows(tokenizer, novels, num_windows, seq_len)
+    vocab = model.embed_tokens.num_embeddings
+    if int(windows.max()) >= vocab:
+        raise InvalidParameterError("tokenizer", f"calibration text has token id {int(windows.max())} but the "
+                                                 f"model's vocabulary holds {vocab} ids; wrong tokenizer?")
+    return capture_activations(model, lambda m: [forward_hidden(m, windows[s:s + batch_size])
+                                                 for s in range(0, num_windows, batch_size)], names)
 
 
 @torch.inference_mode()

@@ -15,6 +15,9 @@ A quantized folder holds
 
 ``load_quantized(folder, dtype)`` builds the model from config.json, swaps each
 listed module for a ``QuantizedLinear`` of its packed tensors and loads the rest.
+A module whose format is the config's scheme gets that format built with the
+config's ``options`` (sigmascale cannot be built without ``rank``/``keep_ratio``);
+any other listed format is built with its defaults.
 Every mismatch raises ModelLoadError naming the tensor and the rule: an unknown
 scheme or module format, a listed module the model lacks or that is not a
 linear, a missing or unexpected tensor, a packed tensor whose shape/dtype is not
@@ -29,9 +32,20 @@ stay in their ggml blocks, see ``models/gguf/packed.py``), anything else plain;
 a scheme name requires a quantized folder of that scheme, or quantizes a plain
 folder at load time with ``quantize_model`` (default skip: embeddings, LM head).
 
-``quantize_checkpoint(model, out, scheme, options)`` is ``tierserve quantize``:
-load a folder or .gguf in float32, ``quantize_model``, ``save_quantized`` (with
-the source's tokenizer files, or the GGUF's tokenizer written out).
+``quantize_checkpoint(model, out, scheme, options, calib_windows=4,
+calib_seq_len=256)`` is ``tierserve quantize``: load a folder or .gguf in
+float32, ``quantize_model``, ``save_quantized`` (with the source's tokenizer
+files, or the GGUF's tokenizer written out). When the format built from
+(scheme, options) declares ``needs_calibration`` (sigmascale; mxfp4/nvfp4 with
+``gptq=True``), the inputs of every linear that will be quantized (those not
+matching ``skip``) are captured first over ``calib_windows`` x
+``calib_seq_len`` tokens of ``CALIBRATION_NOVELS`` (Austen; tokenized with the
+checkpoint's own tokenizer, the folder's or the one written out of the GGUF),
+prefilled ``CALIB_BATCH`` = 4 windows per forward
+(``moe.calibration.calibration_activations``), and passed as ``calibration=``.
+The quantization config then also records ``"calibration": {"novels",
+"windows", "seq_len"}`` (ignored by the loader). Formats without the flag get
+no calibration pass.
 """
 
 from __future__ import annotations
@@ -48,7 +62,8 @@ from torch import nn
 from tierserve.errors import InvalidParameterError, ModelLoadError
 from tierserve.kernels.quant.base import WEIGHT_FORMATS, PackedWeight, QuantizedLinear, get_format
 from tierserve.kernels.quant.embedding import QuantizedEmbedding
-from tierserve.kernels.quant.transform import DEFAULT_SKIP, QuantizeReport, quantize_model, swap_module
+from tierserve.kernels.quant.transform import (DEFAULT_SKIP, QuantizeReport, linear_modules, matches, quantize_model,
+                                              swap_module)
 from tierserve.models.arch_config import ModelArchConfig
 from tierserve.models.loader import LoadedModel, load_model
 from tierserve.models.registry import model_class
@@ -56,6 +71,7 @@ from tierserve.models.registry import model_class
 QUANT_CONFIG_FILE = "quantization_config.json"
 WEIGHTS_FILE = "model.safetensors"
 _NOT_COPIED = (".safetensors", ".gguf", ".bin", ".pt", ".pth")
+CALIB_BATCH = 4  # calibration windows per forward
 
 
 def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -73,8 +89,12 @@ def quantized_modules(model: nn.Module) -> dict[str, QuantizedLinear | Quantized
 
 
 def save_quantized(model: nn.Module, hf_config: dict, out_dir: str, scheme: str, options: dict,
-                   tokenizer_from: str | None = None) -> None:
-    """Write ``model`` (already transformed by ``quantize_model``) as a quantized folder."""
+                   tokenizer_from: str | None = None, calibration: dict | None = None) -> None:
+    """Write ``model`` (already transformed by ``quantize_model``) as a quantized folder.
+
+    ``calibration`` (e.g. ``{"novels", "windows", "seq_len"}``), when given, is recorded as is in the
+    quantization config under ``"calibration"``.
+    """
     os.makedirs(out_dir, exist_ok=True)
     modules, seen = {}, set()
     for name, m in quantized_modules(model).items():
@@ -87,7 +107,10 @@ def save_quantized(model: nn.Module, hf_config: dict, out_dir: str, scheme: str,
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(hf_config, f, indent=2)
     with open(os.path.join(out_dir, QUANT_CONFIG_FILE), "w", encoding="utf-8") as f:
-        json.dump({"scheme": scheme, "options": dict(options), "modules": modules}, f, indent=2)
+        record = {"scheme": scheme, "options": dict(options), "modules": modules}
+        if calibration is not None:
+            record["calibration"] = dict(calibration)
+        json.dump(record, f, indent=2)
     if tokenizer_from and os.path.isdir(tokenizer_from):
         for name in os.listdir(tokenizer_from):
             src = os.path.join(tokenizer_from, name)
@@ -111,7 +134,16 @@ def read_quant_config(folder: str) -> dict | None:
     return cfg
 
 
-def _packed_for(name: str, spec: dict, tensors: dict[str, torch.Tensor]) -> PackedWeight:
+def _module_format(fmt_name: str, qcfg: dict):
+    """The format a listed module was written with: built with the config's options when it is the scheme's."""
+    options = qcfg["options"] if fmt_name == qcfg["scheme"] else {}
+    try:
+        return get_format(fmt_name, **options)
+    except TypeError as exc:
+        raise ModelLoadError(f"{QUANT_CONFIG_FILE}: format {fmt_name!r} rejects options {options}: {exc}") from exc
+
+
+def _packed_for(name: str, spec: dict, tensors: dict[str, torch.Tensor], qcfg: dict) -> PackedWeight:
     fmt_name = spec.get("format")
     if fmt_name not in WEIGHT_FORMATS:
         raise ModelLoadError(f"module {name!r}: unknown weight format {fmt_name!r}; known: {sorted(WEIGHT_FORMATS)}")
@@ -124,7 +156,7 @@ def _packed_for(name: str, spec: dict, tensors: dict[str, torch.Tensor]) -> Pack
     keys.pop("bias", None)
     if not keys:
         raise ModelLoadError(f"module {name!r} is listed as {fmt_name} but the checkpoint has no {prefix}* tensors")
-    fmt = get_format(fmt_name)
+    fmt = _module_format(fmt_name, qcfg)
     expected = getattr(fmt, "expected_tensors", None)
     if expected is not None:
         want = expected(tuple(shape), meta)
@@ -143,10 +175,11 @@ def _packed_for(name: str, spec: dict, tensors: dict[str, torch.Tensor]) -> Pack
     return PackedWeight(fmt_name, (shape[0], shape[1]), keys, meta)
 
 
-def _swap_in(model: nn.Module, name: str, packed: PackedWeight, tensors: dict, dtype: torch.dtype) -> None:
+def _swap_in(model: nn.Module, name: str, packed: PackedWeight, tensors: dict, dtype: torch.dtype,
+             qcfg: dict) -> None:
     modules = dict(model.named_modules())
     old = modules.get(name)
-    fmt = get_format(packed.format)
+    fmt = _module_format(packed.format, qcfg)
     if isinstance(old, nn.Linear):
         if tuple(old.weight.shape) != packed.shape:
             raise ModelLoadError(f"module {name!r}: quantization_config says shape {list(packed.shape)} but the "
@@ -185,7 +218,7 @@ def load_quantized(folder: str, dtype: torch.dtype = torch.float32) -> LoadedMod
     arch = ModelArchConfig.from_hf(hf_config)
     model = model_class(arch.architecture)(arch, dtype)
     for name, spec in qcfg["modules"].items():
-        _swap_in(model, name, _packed_for(name, spec, tensors), tensors, dtype)
+        _swap_in(model, name, _packed_for(name, spec, tensors, qcfg), tensors, dtype, qcfg)
     _load_rest(model, tensors, set(qcfg["modules"]))
     model.eval()
     model.requires_grad_(False)
@@ -241,17 +274,54 @@ def load_for_engine(path: str, dtype: torch.dtype, quantization: str | None) -> 
     return loaded
 
 
+def _needs_calibration(scheme: str, options: dict) -> bool:
+    try:
+        fmt = get_format(scheme, **options)
+    except TypeError as exc:  # as quantize_model reports an option the format's constructor does not take
+        raise InvalidParameterError("options", f"scheme {scheme!r} rejects options {options}: {exc}") from exc
+    return bool(getattr(fmt, "needs_calibration", False))
+
+
+def _tokenizer(folder: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"calibration needs the checkpoint's tokenizer but {folder!r} has none "
+                             f"loadable: {exc}") from exc
+
+
 def quantize_checkpoint(model_path: str, out_dir: str, scheme: str, options: dict,
-                        skip: tuple[str, ...] = DEFAULT_SKIP) -> QuantizeReport:
-    """Quantize a float checkpoint (folder or .gguf) into a quantized folder; returns the transform's report."""
+                        skip: tuple[str, ...] = DEFAULT_SKIP, calib_windows: int = 4,
+                        calib_seq_len: int = 256) -> QuantizeReport:
+    """Quantize a float checkpoint (folder or .gguf) into a quantized folder; returns the transform's report.
+
+    Calibrated formats get activations of ``calib_windows`` x ``calib_seq_len`` Austen tokens (module docstring).
+    """
     if scheme not in WEIGHT_FORMATS:
         raise InvalidParameterError("scheme", f"unknown scheme {scheme!r}; known: {sorted(WEIGHT_FORMATS)}")
+    for field, value in (("calib_windows", calib_windows), ("calib_seq_len", calib_seq_len)):
+        if value < 1:
+            raise InvalidParameterError(field, f"must be >= 1, got {value}")
+    needs_calibration = _needs_calibration(scheme, options)
     loaded = load_model(model_path, torch.float32)
-    report = quantize_model(loaded.model, scheme, skip=skip, **options)
-    save_quantized(loaded.model, loaded.hf_config, out_dir, scheme, options,
-                   tokenizer_from=model_path if os.path.isdir(model_path) else None)
-    if not os.path.isdir(model_path):
+    is_folder = os.path.isdir(model_path)
+    if not is_folder:  # a .gguf: its tokenizer goes into the output folder (and serves calibration)
         from tierserve.models.gguf import write_hf_tokenizer
 
+        os.makedirs(out_dir, exist_ok=True)
         write_hf_tokenizer(model_path, out_dir)
+    calibration, record = None, None
+    if needs_calibration:
+        from tierserve.moe.calibration import CALIBRATION_NOVELS, calibration_activations
+
+        names = [n for n in linear_modules(loaded.model) if not matches(n, skip)]
+        calibration = calibration_activations(loaded.model, _tokenizer(model_path if is_folder else out_dir), names,
+                                              calib_windows, calib_seq_len, CALIB_BATCH, CALIBRATION_NOVELS)
+        record = {"novels": list(CALIBRATION_NOVELS), "windows": calib_windows, "seq_len": calib_seq_len}
+    report = quantize_model(loaded.model, scheme, skip=skip, calibration=calibration, **options)
+    del calibration  # free the activations before writing
+    save_quantized(loaded.model, loaded.hf_config, out_dir, scheme, options,
+                   tokenizer_from=model_path if is_folder else None, calibration=record)
     return report
