@@ -15,7 +15,7 @@ Defaults (used until ``CostModel.measure`` replaces them at startup): ``rtt_s`` 
 ``remote_token_s`` = ``local_token_s`` = 2e-5 (one token through a ~2 M-parameter
 expert at ~10 GFLOP/s, plus the 4-byte/element row transfer for remote).
 ``measure(pool, key)`` (called by ``offload_from_config`` at start-up whenever spare
-slots are configured; the benchmark's ``calib+cache(meas)`` row) times the real paths
+slots are configured; the benchmark's ``calibrated+cache`` row) times the real paths
 to one cold expert: a ``fetch_expert`` of it (bandwidth: the expert's RAW bytes over the
 time of the transfer plus, on a ``"dfloat11"`` host, the decode, so it is an effective
 bandwidth in the raw bytes the dispatcher passes as ``B``); the median of 5 fused
