@@ -100,3 +100,15 @@ def test_calibrated_q4_0_bad_input():
         get_format("q4_0", imatrix=True).quantize(w[:, :100], "layers.0.w", activations=x[:, :100])
     with pytest.raises(InvalidParameterError, match="calibration"):
         quantize_model(nn.Sequential(nn.Linear(128, 48)), "q4_0", skip=(), imatrix=True)
+
+
+def test_least_squares_refit_only_improves(monkeypatch):
+    import tierserve.kernels.quant.q4_0_calibrated as calibrated
+
+    w, x = _data(seed=2)
+    imp = column_importance(x)
+    refit = _weighted_block_errors(search_blocks(w, imp), w, imp)
+    monkeypatch.setattr(calibrated, "REFIT_ROUNDS", 0)
+    searched = _weighted_block_errors(search_blocks(w, imp), w, imp)
+    assert bool((refit <= searched).all())
+    assert refit.sum() < 0.97 * searched.sum()
