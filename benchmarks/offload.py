@@ -83,7 +83,6 @@ import dataclasses
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -92,10 +91,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-import numpy as np  # noqa: E402
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
+from offload_report import print_report  # noqa: E402
+from offload_rtt import round_trip  # noqa: E402
 from tierserve.config import OffloadConfig  # noqa: E402
 from tierserve.engine.llm import build_engine_config  # noqa: E402
 from tierserve.engine.llm_engine import LLMEngine  # noqa: E402
@@ -304,93 +304,6 @@ def _decode_table(path: str, layers: int, experts: int, calib_file: str, args) -
     return rows
 
 
-# ------------------------------------------------------------------ round trip
-def _round_trip(hidden: int, layer_experts: int) -> dict:
-    from tierserve.actors.expert_host import ExpertHost
-    from tierserve.moe.expert_weights import ExpertWeights
-    from tierserve.moe.socket_channel import SocketChannel
-
-    hosts = [ExpertHost.remote("auto") for _ in range(2)]
-    w = ExpertWeights(np.random.randn(2 * 64, hidden).astype(np.float32),
-                      np.random.randn(hidden, 64).astype(np.float32), "silu", "float32")
-    ray.get([h.load_experts.remote({(0, e): w for e in range(layer_experts)}) for h in hosts])
-    channels = [SocketChannel((ip, port), 30.0, bytes.fromhex(token))
-                for ip, port, token in ray.get([h.open_channel.remote() for h in hosts])]
-
-    def ray_call(hs, x, ids):
-        ray.get([h.compute.remote(0, x, ids) for h in hs])
-
-    def socket_call(chs, x, ids):
-        for ch in chs:
-            ch.send(0, x, ids, "float32")
-        for ch in chs:
-            ch.recv(time.monotonic() + 30.0)
-
-    res = {}
-    for rows in (1, 4):
-        x = np.random.randn(rows, hidden).astype(np.float32)
-        ids = np.zeros(rows, dtype=np.int64)
-        for name, call, targets in (("ray", ray_call, hosts), ("socket", socket_call, channels)):
-            for n in (1, 2):
-                times = []
-                for _ in range(110):
-                    t0 = time.perf_counter()
-                    call(targets[:n], x, ids)
-                    times.append(time.perf_counter() - t0)
-                res[f"{name}_{n}host_rows_{rows}_median_ms"] = 1e3 * statistics.median(times[10:])
-    for ch in channels:
-        ch.close()
-    for h in hosts:
-        ray.kill(h)
-    return res
-
-
-# ------------------------------------------------------------------ report
-def _print_report(rows: list[dict], compare: float, rtt: dict, reap: list[dict]) -> dict:
-    print(f"{'run':<17} {'resident':>8} {'batch':>5} {'tok/s':>8} {'kept':>6} {'left wkr':>8} {'spare':>6} "
-          f"{'act B/tok':>10} {'wt B/tok':>10} {'msg/tok':>8} {'pf left':>7} {'pf spare':>8} {'identical':>9}")
-    base = {r["batch"]: r["tok_s"] for r in rows if r["label"] == "all-resident"}
-    for r in rows:
-        print(f"{r['label']:<17} {r['fraction_resident']:>8.3f} {r['batch']:>5} {r['tok_s']:>8.2f} "
-              f"{r['tok_s'] / base[r['batch']]:>6.2f} {r['left_worker']:>8.3f} {r['spare']:>6.3f} "
-              f"{r['act_bytes_per_tok']:>10.0f} {r['weight_bytes_per_tok']:>10.0f} {r['messages_per_tok']:>8.1f} "
-              f"{r['prefill_left_worker']:>7.3f} {r['prefill_spare']:>8.3f} {str(r['identical']):>9}")
-    print(f"prefill of one {LONG_PROMPT_TOKENS}-token prompt (the spare-slot cost model's case: many rows per expert):")
-    long_base = next(r["long_prefill_s"] for r in rows if r["label"] == "all-resident" and "long_prefill_s" in r)
-    for r in rows:
-        if "long_prefill_s" in r:
-            print(f"  {r['label']:<17} {r['fraction_resident']:>6.3f} {r['long_prefill_s']:>7.3f}s "
-                  f"x{r['long_prefill_s'] / long_base:>5.2f} left {r['long_prefill_left']:.3f} "
-                  f"spare {r['long_prefill_spare']:.3f} weights {r['long_prefill_weight_bytes'] / 2**20:.1f} MiB")
-    for r in rows:
-        if r["cost_model"] and r["batch"] == BATCHES[0]:
-            print(f"  {r['label']}: measured CostModel " + ", ".join(f"{k}={v:.3g}" for k, v in r["cost_model"].items()))
-    at = {r["label"]: r for r in rows if r["batch"] == max(BATCHES) and r["residency"] == compare}
-    ratios = {}
-    naive, naive_socket = at.get("naive"), at.get("naive(socket)")
-    print(f"ratios at {compare:.0%} residency, batch {max(BATCHES)} (targets: >= 0.70 of all-resident, "
-          f">= 2.0x naive):")
-    for label in ("calibrated", "calibrated+cache", "uniform"):
-        if label not in at:
-            continue
-        vs_all = at[label]["tok_s"] / base[max(BATCHES)]
-        vs_naive = at[label]["tok_s"] / naive["tok_s"] if naive else float("nan")
-        vs_socket = at[label]["tok_s"] / naive_socket["tok_s"] if naive_socket else float("nan")
-        ratios[label] = dict(vs_all_resident=vs_all, vs_naive=vs_naive, vs_naive_socket=vs_socket)
-        print(f"  {label:<17} / all-resident {vs_all:5.2f} [{'PASS' if vs_all >= 0.70 else 'FAIL'}]   "
-              f"/ naive {vs_naive:5.2f}x [{'PASS' if vs_naive >= 2.0 else 'FAIL'}]   "
-              f"/ naive(socket) {vs_socket:5.2f}x")
-    if rtt:
-        print("ExpertHost.compute round trip, median ms (decode payloads):")
-        for k, v in rtt.items():
-            print(f"  {k:<32} {v:7.3f}")
-    if reap:
-        print("held-out perplexity after pruning (fraction of experts removed per layer):")
-        for r in reap:
-            print(f"  {r['method']:<10} {r['ratio']:>5.2f} {r['perplexity']:>10.3f}")
-    return ratios
-
-
 def _parse(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: residencies 0 and 0.25, 4 tokens")
@@ -437,7 +350,7 @@ def main(argv=None) -> int:
     cluster.wait_for_nodes()
     try:
         rows = _decode_table(path, layers, experts, calib_file, args)
-        rtt = {} if args.quick else _round_trip(hf["hidden_size"], 4)
+        rtt = {} if args.quick else round_trip(hf["hidden_size"], 4)
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -451,7 +364,7 @@ def main(argv=None) -> int:
     print(f"model: {path} ({layers} MoE layers x {experts} experts, top-{hf['num_experts_per_tok']}); "
           f"{args.tokens} decode tokens per request, worker threads {args.worker_threads}, "
           f"{'worker and hosts pinned to separate CPUs' if args.pin else 'not pinned'}")
-    ratios = _print_report(rows, args.compare_residency, rtt, reap)
+    ratios = print_report(rows, args.compare_residency, rtt, reap, BATCHES, LONG_PROMPT_TOKENS)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(dict(model=path, tokens=args.tokens, worker_threads=args.worker_threads, pinned=args.pin, quick=args.quick, rows=rows,

@@ -30,105 +30,75 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from tierserve.errors import InvalidParameterError
-from tierserve.moe.expert_transit import CodedExpert, ExpertPayload, as_weights
+from tierserve.moe.expert_transit import CodedExpert, ExpertPayload, as_weights, raw_nbytes
 from tierserve.moe.expert_weights import ExpertWeights
 
 Key = tuple[int, int]
 
 
 class ExpertStore(ABC):
+    """Experts at rest, each held as the store's payload (``encode``); subclasses say how ``put``/``get`` convert."""
+
     #: the ``host_weight_format`` name of the store
     name: str
+
+    def __init__(self):
+        self._items: dict[Key, ExpertPayload] = {}
 
     @staticmethod
     @abstractmethod
     def encode(weights: ExpertWeights) -> ExpertPayload:
         """``weights`` in this store's at-rest (and wire) form."""
 
-    @abstractmethod
-    def put(self, key: Key, payload: ExpertPayload) -> None: ...
+    def put(self, key: Key, payload: ExpertPayload) -> None:
+        """Hold ``payload`` (either form) in this store's form."""
+        self._items[key] = payload if self._holds_as_is(payload) else self.encode(as_weights(payload))
 
     @abstractmethod
-    def get(self, key: Key) -> ExpertWeights: ...
+    def _holds_as_is(self, payload: ExpertPayload) -> bool:
+        """Whether ``payload`` already is this store's form."""
 
-    @abstractmethod
-    def payload(self, key: Key) -> ExpertPayload: ...
+    def get(self, key: Key) -> ExpertWeights:
+        return as_weights(self._items[key])
 
-    @abstractmethod
-    def keys(self) -> list[Key]: ...
+    def payload(self, key: Key) -> ExpertPayload:
+        return self._items[key]
+
+    def keys(self) -> list[Key]:
+        return list(self._items)
 
     @property
-    @abstractmethod
-    def nbytes(self) -> int: ...
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self._items.values())
 
     @property
-    @abstractmethod
-    def raw_nbytes(self) -> int: ...
+    def raw_nbytes(self) -> int:
+        return sum(raw_nbytes(p) for p in self._items.values())
 
     def __contains__(self, key: Key) -> bool:
-        return key in self.keys()
+        return key in self._items
 
 
 class RawStore(ExpertStore):
     name = "raw"
 
-    def __init__(self):
-        self._w: dict[Key, ExpertWeights] = {}
-
     @staticmethod
     def encode(weights: ExpertWeights) -> ExpertWeights:
         return weights
 
-    def put(self, key: Key, payload: ExpertPayload) -> None:
-        self._w[key] = as_weights(payload)
-
-    def get(self, key: Key) -> ExpertWeights:
-        return self._w[key]
-
-    def payload(self, key: Key) -> ExpertWeights:
-        return self._w[key]
-
-    def keys(self) -> list[Key]:
-        return list(self._w)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(w.nbytes for w in self._w.values())
-
-    @property
-    def raw_nbytes(self) -> int:
-        return self.nbytes
+    def _holds_as_is(self, payload: ExpertPayload) -> bool:
+        return not isinstance(payload, CodedExpert)
 
 
 class DFloat11Store(ExpertStore):
     name = "dfloat11"
 
-    def __init__(self):
-        self._coded: dict[Key, CodedExpert] = {}
-
     @staticmethod
     def encode(weights: ExpertWeights) -> CodedExpert:
         return CodedExpert.encode(weights)  # raises InvalidParameterError host_weight_format unless bf16
 
-    def put(self, key: Key, payload: ExpertPayload) -> None:
-        self._coded[key] = payload if isinstance(payload, CodedExpert) else self.encode(payload)
-
-    def get(self, key: Key) -> ExpertWeights:
-        return self._coded[key].decode()
-
-    def payload(self, key: Key) -> CodedExpert:
-        return self._coded[key]
-
-    def keys(self) -> list[Key]:
-        return list(self._coded)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(c.nbytes for c in self._coded.values())
-
-    @property
-    def raw_nbytes(self) -> int:
-        return sum(c.raw_nbytes for c in self._coded.values())
+    def _holds_as_is(self, payload: ExpertPayload) -> bool:
+        return isinstance(payload, CodedExpert)
 
 
 HOST_WEIGHT_FORMATS: dict[str, type[ExpertStore]] = {"raw": RawStore, "dfloat11": DFloat11Store}
