@@ -126,13 +126,29 @@ def test_triton_matches_torch_reference(m, n, k, bits):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("sinq") is None,
-                    reason="the `sinq` package is not installed here: its wheel ships a top-level sitecustomize.py "
-                           "that patches transformers in every Python process, and its declared dependencies "
-                           "(datasets, lm_eval, gemlite, torchvision, torchaudio) would replace the CPU torch; "
-                           "its algorithm modules sinq.sinkhorn/sinq.dual_shift import only torch and do run on "
-                           "CPU (put the wheel's sinq/ directory on PYTHONPATH to run this comparison)")
-def test_matches_sinq_package():
+def _sinq_package_dir() -> str | None:
+    """Where the `sinq` package's modules are: importable, or the private folder scripts/test.sh unpacks.
+
+    Its wheel is not installed: it ships a top-level sitecustomize.py that patches transformers
+    in every Python process, and its declared dependencies (datasets, lm_eval, gemlite,
+    torchvision, torchaudio) would replace the CPU torch; its algorithm modules
+    sinq.sinkhorn / sinq.dual_shift import only torch and run on CPU, so scripts/test.sh
+    unpacks the wheel's sinq/ directory alone into the tierserve cache.
+    """
+    if importlib.util.find_spec("sinq") is not None:
+        return ""
+    from tierserve.models.default_model import cache_root
+
+    folder = os.path.join(cache_root(), "sinq-0.2.0")
+    return folder if os.path.isfile(os.path.join(folder, "sinq", "dual_shift.py")) else None
+
+
+@pytest.mark.skipif(_sinq_package_dir() is None,
+                    reason="neither an importable `sinq` nor the folder scripts/test.sh unpacks it into")
+def test_matches_sinq_package(monkeypatch):
+    folder = _sinq_package_dir()
+    if folder:
+        monkeypatch.syspath_prepend(folder)
     from sinq.dual_shift import tiled_quant_rectangle
 
     w = _lognormal_scaled(128, 256)
