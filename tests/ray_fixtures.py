@@ -49,6 +49,12 @@ def expert_cluster():
         c.shutdown()
 
 
+@pytest.fixture(scope="module")
+def cluster():
+    """(3-node Cluster, its two expert-host nodes) for one expert-offload test module (import it there)."""
+    yield from expert_cluster()
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """(ray module, Serve HTTP port)."""

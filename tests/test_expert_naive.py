@@ -13,19 +13,13 @@ import pytest
 import torch
 
 from model_harness import MOE_PROMPT, TINY_QWEN3_MOE, PagedRunner, tiny_moe_reference
-from ray_fixtures import expert_cluster
+from ray_fixtures import cluster  # noqa: F401  (the module-scoped 3-node cluster fixture)
 from tierserve.kernels.cpu_linear import apply_linear_backend
 from tierserve.models.loader import load_model
 from tierserve.moe.placement import plan_placement
 
 CONFIG, PROMPT = TINY_QWEN3_MOE, MOE_PROMPT
 NEW = 8
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    for c, _ in expert_cluster():
-        yield c
 
 
 @pytest.fixture(scope="module")

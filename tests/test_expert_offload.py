@@ -15,10 +15,10 @@ import torch
 from transformers import MixtralConfig, OlmoeConfig, Qwen3MoeConfig
 
 from model_harness import PagedRunner, build_and_save
-from ray_fixtures import expert_cluster
+from ray_fixtures import cluster  # noqa: F401  (the module-scoped 3-node cluster fixture)
 from tierserve.kernels.cpu_linear import apply_linear_backend
 from tierserve.models.loader import load_model
-from tierserve.moe.placement import Placement, plan_placement
+from tierserve.moe.placement import plan_placement
 
 COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, vocab_size=384, max_position_embeddings=128, initializer_range=0.1)
@@ -30,12 +30,6 @@ CONFIGS = {
 }
 PROMPT = [3, 17, 42, 99, 5, 250, 7, 31, 64, 128, 11, 300]
 NEW = 16
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    """(3-node Cluster, its two expert-host nodes): tests/ray_fixtures.py."""
-    yield from expert_cluster()
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
@@ -209,8 +203,6 @@ def _kill_and_wait(host, limit_s=60.0):
 
 def test_all_hosts_dead_computes_locally(tiny, cluster):
     """With every host gone the worker re-reads the experts from disk and runs them itself."""
-    import ray
-
     c, _ = cluster
     path, ref, ref_logits, _ = tiny
     placement, counts = _placement(ref, 0.5)
