@@ -7,11 +7,11 @@ Apps: tests/ray_fixtures.py (``strict``: API key, 2 running + 1 waiting, 32 KiB 
 from __future__ import annotations
 
 import threading
-import time
 
 import openai
 import pytest
 import requests
+from polling import wait_for
 from ray_fixtures import STRICT_KEY
 
 
@@ -171,11 +171,3 @@ def test_queue_full_is_429_with_retry_after(servers):
     assert post(url, {"prompt": "Hi", "max_tokens": 2}, headers=headers).status_code == 200
 
 
-def wait_for(cond, timeout_s: float = 30.0, show=None):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"condition not met within {timeout_s} s" + (f": {show()}" if show else ""))

@@ -17,6 +17,7 @@ import openai
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
+from polling import wait_for
 from ray_fixtures import MAIN_APP, STRICT_KEY
 
 from tierserve import SamplingParams
@@ -56,16 +57,6 @@ def scrape(base: str) -> dict[tuple, float]:
 def metric(values: dict, name: str, model: str, **labels) -> float:
     key = (name, tuple(sorted({"model_name": model, **labels}.items())))
     return values.get(key, 0.0)
-
-
-def wait_for(cond, timeout_s: float = 15.0, interval_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise AssertionError(f"condition not met within {timeout_s} s")
 
 
 def sse_events(resp):

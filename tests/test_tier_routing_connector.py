@@ -7,11 +7,11 @@ and its matches are checked against the chunk keys ``chunk_keys`` computes indep
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
 
+from polling import wait_for
 from test_kv_tiers import start_redis, stop_redis
 from tierserve.cache.kv_cache import LayerKV
 from tierserve.cache.kv_spec import KVSpec
@@ -45,16 +45,6 @@ def stored_request(rid: str, tokens: list[int], blocks: list[int]) -> Request:
     req.block_ids = blocks
     req.num_computed_tokens = len(tokens)
     return req
-
-
-def wait_for(cond, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not met within timeout")
 
 
 def test_connector_holdings_reach_the_router_and_follow_evictions(connector):
