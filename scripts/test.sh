@@ -11,7 +11,7 @@ python -c "$corpus" 2>/dev/null || { apt-get update -qq && python -c "$corpus"; 
 command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends redis-server; }
 # The Expected Attention reference test loads kvpress's press modules from a private folder (its
 # requirements pin transformers<5.3, so it cannot join this environment; tests/test_kv_compress_kvpress.py).
-kvpress_dir=$(python -c 'from tierserve.models.default_model import cache_root; print(cache_root())')/kvpress-0.5.5
+kvpress_dir=$(python -c 'from tierserve.paths import cache_root; print(cache_root())')/kvpress-0.5.5
 [ -d "$kvpress_dir/kvpress" ] || python -m pip install -q --no-deps --target "$kvpress_dir" kvpress==0.5.5
 # The SINQ reference test imports the `sinq` package's algorithm modules (plain torch) from a private
 # folder: its wheel also ships a top-level sitecustomize.py that patches transformers in every

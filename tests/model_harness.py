@@ -17,7 +17,7 @@ import random
 import torch
 from transformers import AutoModelForCausalLM
 
-from tierserve.cache.kv_cache import allocate_kv_cache
+from tierserve.kernels.kv_pages import allocate_kv_cache
 from tierserve.kernels.paged_attention import AttentionMetadata
 from tierserve.models.context import ForwardContext
 

@@ -129,7 +129,7 @@ def test_triton_decoder_equals_cpu_decoder(smollm_tensors):
 
 @pytest.mark.slow  # decodes all 120 linears per forward: ~40 s on 2 idle cores
 def test_logits_bit_identical_in_bf16(smollm_folder):
-    from tierserve.cache.kv_cache import allocate_kv_cache
+    from tierserve.kernels.kv_pages import allocate_kv_cache
     from tierserve.kernels.paged_attention import AttentionMetadata
     from tierserve.kernels.quant.base import QuantizedLinear
     from tierserve.kernels.quant.transform import quantize_model

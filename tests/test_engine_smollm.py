@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tierserve import SamplingParams
-from tierserve.cache.kv_spec import KVSpec
-from tierserve.cache.kv_cache import allocate_kv_cache
+from tierserve.kernels.kv_spec import KVSpec
+from tierserve.kernels.kv_pages import allocate_kv_cache
 from tierserve.kernels.paged_attention import AttentionMetadata
 from tierserve.models.context import ForwardContext
 from tierserve.models.loader import load_model

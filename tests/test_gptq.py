@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import tierserve.kernels.quant  # noqa: F401  (fills the registry)
-from tierserve.cache.kv_cache import allocate_kv_cache
+from tierserve.kernels.kv_pages import allocate_kv_cache
 from tierserve.errors import InvalidParameterError
 from tierserve.kernels.paged_attention import AttentionMetadata
 from tierserve.kernels.quant.base import QuantizedLinear, get_format

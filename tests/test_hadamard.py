@@ -17,7 +17,7 @@ from model_harness import PagedRunner, build_and_save
 from transformers import LlamaConfig
 
 import tierserve.kernels.quant  # noqa: F401  (fills the registry)
-from tierserve.cache.kv_cache import allocate_kv_cache
+from tierserve.kernels.kv_pages import allocate_kv_cache
 from tierserve.errors import InvalidParameterError
 from tierserve.kernels.paged_attention import AttentionMetadata
 from tierserve.kernels.quant.base import get_format

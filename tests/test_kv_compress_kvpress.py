@@ -32,7 +32,7 @@ import torch
 
 from tierserve.cache.compress.expected_attention import (averaged_rope_matrix, expected_attention_scores,
                                                           prerope_queries, query_statistics)
-from tierserve.models.default_model import cache_root
+from tierserve.paths import cache_root
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
         "must be in want of a wife. However little known the feelings or views of such a man may be.")

@@ -12,9 +12,9 @@ from tierserve.cache.compress.expected_attention import (averaged_rope_matrix, e
                                                           log_expected_scores, query_statistics)
 from tierserve.cache.compress.kv4 import PackedLayerKV, dequantize_groups, quantize_groups
 from tierserve.cache.compress.paged_eviction import value_key_ratio
-from tierserve.cache.kv_cache import allocate_kv_cache
+from tierserve.kernels.kv_pages import allocate_kv_cache
 from tierserve.cache.kv_cache_manager import KVCacheManager
-from tierserve.cache.kv_spec import KVSpec
+from tierserve.kernels.kv_spec import KVSpec
 from tierserve.config import CacheConfig, EngineConfig, KVCompressionConfig
 from tierserve.engine.request import Request
 from tierserve.errors import InvalidParameterError

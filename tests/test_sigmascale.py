@@ -48,7 +48,7 @@ def ffn_layer(smollm_folder):
     """A real FFN weight of SmolLM2 and the inputs it sees on a few English paragraphs."""
     from transformers import AutoTokenizer
 
-    from tierserve.cache.kv_cache import allocate_kv_cache
+    from tierserve.kernels.kv_pages import allocate_kv_cache
     from tierserve.kernels.paged_attention import AttentionMetadata
     from tierserve.kernels.quant.transform import capture_activations
     from tierserve.models.context import ForwardContext

@@ -137,7 +137,7 @@ def _sinq_package_dir() -> str | None:
     """
     if importlib.util.find_spec("sinq") is not None:
         return ""
-    from tierserve.models.default_model import cache_root
+    from tierserve.paths import cache_root
 
     folder = os.path.join(cache_root(), "sinq-0.2.0")
     return folder if os.path.isfile(os.path.join(folder, "sinq", "dual_shift.py")) else None

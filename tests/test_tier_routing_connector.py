@@ -13,8 +13,8 @@ import torch
 
 from polling import wait_for
 from test_kv_tiers import start_redis, stop_redis
-from tierserve.cache.kv_cache import LayerKV
-from tierserve.cache.kv_spec import KVSpec
+from tierserve.kernels.kv_pages import LayerKV
+from tierserve.kernels.kv_spec import KVSpec
 from tierserve.cache.kv_tier_config import KVTierConfig
 from tierserve.cache.lmcache_connector import KVTierConnector, chunk_keys
 from tierserve.cache.prefix_hash import hash_blocks

@@ -63,8 +63,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tierserve.cache.kv_cache import LayerKV
-from tierserve.cache.kv_spec import KVSpec
+from tierserve.kernels.kv_pages import LayerKV
+from tierserve.kernels.kv_spec import KVSpec
 from tierserve.cache.kv_tier_chunk import CorruptChunkError, record_size, verify_record, write_record
 from tierserve.cache.kv_tier_config import KVTierConfig
 from tierserve.cache.kv_tier_stats import KVTierStats

@@ -36,7 +36,7 @@ import tempfile
 
 from tierserve.data.rds import RVector, read_lazy_load_db
 from tierserve.errors import TierserveError
-from tierserve.models.default_model import cache_root
+from tierserve.paths import cache_root
 
 PACKAGE = "r-cran-janeaustenr"
 INSTALLED_DB = "/usr/lib/R/site-library/janeaustenr/data/Rdata"

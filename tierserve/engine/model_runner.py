@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tierserve.cache.kv_cache import LayerKV, allocate_kv_cache
-from tierserve.cache.kv_spec import KVSpec
+from tierserve.kernels.kv_pages import LayerKV, allocate_kv_cache
+from tierserve.kernels.kv_spec import KVSpec
 from tierserve.engine.block_table import BlockTables
 from tierserve.engine.request import Request
 from tierserve.engine.scheduler import SchedulerOutput

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from tierserve.cache.kv_cache import LayerKV
+from tierserve.kernels.kv_pages import LayerKV
 
 
 @dataclass

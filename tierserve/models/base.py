@@ -24,7 +24,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from tierserve.cache.kv_spec import KVSpec
+from tierserve.kernels.kv_spec import KVSpec
 from tierserve.errors import ModelLoadError
 from tierserve.models.arch_config import ModelArchConfig
 from tierserve.models.layers import Slot, linear

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tierserve.cache.kv_cache import LayerKV
+from tierserve.kernels.kv_pages import LayerKV
 from tierserve.kernels.paged_attention import AttentionMetadata
 
 

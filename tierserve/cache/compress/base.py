@@ -43,8 +43,8 @@ from typing import ClassVar
 
 import torch
 
-from tierserve.cache.kv_cache import allocate_kv_cache
-from tierserve.cache.kv_spec import KVSpec
+from tierserve.kernels.kv_pages import allocate_kv_cache
+from tierserve.kernels.kv_spec import KVSpec
 from tierserve.errors import InvalidParameterError
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tierserve.cache.kv_spec import KVSpec
+from tierserve.kernels.kv_spec import KVSpec
 
 
 @dataclass
