@@ -54,7 +54,7 @@ from dataclasses import dataclass
 
 from tierserve.cache.block_pool import BlockPool
 from tierserve.cache.prefix_hash import hash_block
-from tierserve.engine.request import Request
+from tierserve.step.request_view import RequestView as Request
 from tierserve.errors import InvalidParameterError
 
 HashFn = Callable[[bytes | None, Sequence[int], tuple], bytes]

@@ -45,7 +45,7 @@ from collections import deque
 from tierserve.cache.kv_cache_manager import KVCacheManager
 from tierserve.config import SchedulerConfig
 from tierserve.engine.request import Request, RequestStatus
-from tierserve.engine.scheduler_output import ScheduledRequest, SchedulerOutput
+from tierserve.step.schedule import ScheduledRequest, SchedulerOutput
 from tierserve.errors import InvalidParameterError
 
 

@@ -33,6 +33,9 @@ Every method has a no-op default: a hook overrides what it uses.
 ``stats()`` returns the hook's typed stats dataclass (or None); the engine
 facade exposes them to the server by type, not by attribute access.
 
+It lives below the engine (tierserve/step/) so that the KV tiers and eviction (cache/) and expert
+offload (offload/) implement it without importing the engine.
+
 Tests: tests/test_engine_hooks.py (a hook recording its calls sees exactly
 the order above across finish, abort and preemption; a failing hook call
 surfaces as the step's error) and every subsystem's own tests through the
@@ -43,11 +46,10 @@ from __future__ import annotations
 
 from abc import ABC
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from tierserve.engine.request import Request
-    from tierserve.engine.scheduler_output import SchedulerOutput
+from tierserve.step.request_view import RequestView as Request
+from tierserve.step.schedule import SchedulerOutput
 
 
 class StepHook(ABC):

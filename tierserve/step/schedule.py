@@ -1,4 +1,4 @@
-"""What one schedule() call decided: the dataclasses the model runner consumes (no torch)."""
+"""What one schedule() call decided: the dataclasses the model runner and the step hooks consume (no torch)."""
 
 from __future__ import annotations
 
