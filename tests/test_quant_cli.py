@@ -19,7 +19,7 @@ from model_harness import PagedRunner, build_and_save
 from transformers import AutoTokenizer, LlamaConfig
 
 from tierserve.cli import main
-from tierserve.kernels.quant.checkpoint import QUANT_CONFIG_FILE, load_quantized
+from tierserve.models.quantized_checkpoint import QUANT_CONFIG_FILE, load_quantized
 from tierserve.kernels.quant.transform import capture_activations, quantize_model
 from tierserve.models.loader import load_model
 from tierserve.moe.calibration import (CALIBRATION_NOVELS, HELDOUT_NOVELS, austen_token_windows,

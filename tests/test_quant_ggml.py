@@ -28,8 +28,9 @@ from transformers import LlamaConfig  # noqa: E402
 from tierserve.errors import InvalidParameterError, ModelLoadError  # noqa: E402
 from tierserve.kernels.quant import base  # noqa: E402
 from tierserve.kernels.quant.base import QuantizedLinear, get_format  # noqa: E402
-from tierserve.kernels.quant.checkpoint import (QUANT_CONFIG_FILE, WEIGHTS_FILE, load_for_engine,  # noqa: E402
-                                                load_quantized, quantize_checkpoint)
+from tierserve.models.quantized_checkpoint import (QUANT_CONFIG_FILE, WEIGHTS_FILE, load_for_engine,  # noqa: E402
+                                                   load_quantized)
+from tierserve.tools.quantize import quantize_checkpoint  # noqa: E402
 from tierserve.kernels.quant.embedding import QuantizedEmbedding  # noqa: E402
 from tierserve.kernels.quant.transform import capture_activations, model_nbytes, quantize_model  # noqa: E402
 from tierserve.models.gguf import read_gguf  # noqa: E402

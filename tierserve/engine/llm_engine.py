@@ -77,7 +77,7 @@ class LLMEngine:
         if config.model.quantization is None:
             loaded = load_model(self.source.weights, dtype)
         else:  # imported only when asked for: it pulls in every registered weight format
-            from tierserve.kernels.quant.checkpoint import load_for_engine
+            from tierserve.models.quantized_checkpoint import load_for_engine
 
             loaded = load_for_engine(self.source.weights, dtype, config.model.quantization)
         self.offload = None

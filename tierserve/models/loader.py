@@ -51,7 +51,7 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, packed: bool = Fal
     path = os.fspath(path)
     if packed and not path.lower().endswith(".gguf"):
         raise ModelLoadError(f"packed=True keeps a .gguf file's ggml blocks; {path!r} is not a .gguf file "
-                             f"(load a quantized folder with kernels.quant.checkpoint.load_quantized)")
+                             f"(load a quantized folder with models.quantized_checkpoint.load_quantized)")
     if os.path.isdir(path):
         hf_config = _read_config(path)
         weights = _iter_safetensors(safetensors_files(path))

@@ -1,5 +1,7 @@
 """Quantized checkpoints on disk: ``save_quantized`` / ``load_quantized``, and how the engine picks one.
 
+(The ``tierserve quantize`` command that writes them from a float checkpoint is tierserve/tools/quantize.py.)
+
 A quantized folder holds
 - ``model.safetensors``: the model's state dict under tierserve module names
   (not HF names, since fused projections such as ``qkv_proj`` are quantized as
@@ -31,21 +33,6 @@ quantization_config.json quantized, a .gguf packed (its Q4_0/Q4_1/Q8_0 tensors
 stay in their ggml blocks, see ``models/gguf/packed.py``), anything else plain;
 a scheme name requires a quantized folder of that scheme, or quantizes a plain
 folder at load time with ``quantize_model`` (default skip: embeddings, LM head).
-
-``quantize_checkpoint(model, out, scheme, options, calib_windows=4,
-calib_seq_len=256)`` is ``tierserve quantize``: load a folder or .gguf in
-float32, ``quantize_model``, ``save_quantized`` (with the source's tokenizer
-files, or the GGUF's tokenizer written out). When the format built from
-(scheme, options) declares ``needs_calibration`` (sigmascale; mxfp4/nvfp4 with
-``gptq=True``), the inputs of every linear that will be quantized (those not
-matching ``skip``) are captured first over ``calib_windows`` x
-``calib_seq_len`` tokens of ``CALIBRATION_NOVELS`` (Austen; tokenized with the
-checkpoint's own tokenizer, the folder's or the one written out of the GGUF),
-prefilled ``CALIB_BATCH`` = 4 windows per forward
-(``moe.calibration.calibration_activations``), and passed as ``calibration=``.
-The quantization config then also records ``"calibration": {"novels",
-"windows", "seq_len"}`` (ignored by the loader). Formats without the flag get
-no calibration pass.
 """
 
 from __future__ import annotations
@@ -62,8 +49,7 @@ from torch import nn
 from tierserve.errors import InvalidParameterError, ModelLoadError
 from tierserve.kernels.quant.base import WEIGHT_FORMATS, PackedWeight, QuantizedLinear, get_format
 from tierserve.kernels.quant.embedding import QuantizedEmbedding
-from tierserve.kernels.quant.transform import (DEFAULT_SKIP, QuantizeReport, linear_modules, matches, quantize_model,
-                                              swap_module)
+from tierserve.kernels.quant.transform import quantize_model, swap_module
 from tierserve.models.arch_config import ModelArchConfig
 from tierserve.models.loader import LoadedModel, load_model
 from tierserve.models.registry import model_class
@@ -71,7 +57,6 @@ from tierserve.models.registry import model_class
 QUANT_CONFIG_FILE = "quantization_config.json"
 WEIGHTS_FILE = "model.safetensors"
 _NOT_COPIED = (".safetensors", ".gguf", ".bin", ".pt", ".pth")
-CALIB_BATCH = 4  # calibration windows per forward
 
 
 def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -272,56 +257,3 @@ def load_for_engine(path: str, dtype: torch.dtype, quantization: str | None) -> 
     loaded = load_model(path, dtype)
     quantize_model(loaded.model, quantization)
     return loaded
-
-
-def _needs_calibration(scheme: str, options: dict) -> bool:
-    try:
-        fmt = get_format(scheme, **options)
-    except TypeError as exc:  # as quantize_model reports an option the format's constructor does not take
-        raise InvalidParameterError("options", f"scheme {scheme!r} rejects options {options}: {exc}") from exc
-    return bool(getattr(fmt, "needs_calibration", False))
-
-
-def _tokenizer(folder: str):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"calibration needs the checkpoint's tokenizer but {folder!r} has none "
-                             f"loadable: {exc}") from exc
-
-
-def quantize_checkpoint(model_path: str, out_dir: str, scheme: str, options: dict,
-                        skip: tuple[str, ...] = DEFAULT_SKIP, calib_windows: int = 4,
-                        calib_seq_len: int = 256) -> QuantizeReport:
-    """Quantize a float checkpoint (folder or .gguf) into a quantized folder; returns the transform's report.
-
-    Calibrated formats get activations of ``calib_windows`` x ``calib_seq_len`` Austen tokens (module docstring).
-    """
-    if scheme not in WEIGHT_FORMATS:
-        raise InvalidParameterError("scheme", f"unknown scheme {scheme!r}; known: {sorted(WEIGHT_FORMATS)}")
-    for field, value in (("calib_windows", calib_windows), ("calib_seq_len", calib_seq_len)):
-        if value < 1:
-            raise InvalidParameterError(field, f"must be >= 1, got {value}")
-    needs_calibration = _needs_calibration(scheme, options)
-    loaded = load_model(model_path, torch.float32)
-    is_folder = os.path.isdir(model_path)
-    if not is_folder:  # a .gguf: its tokenizer goes into the output folder (and serves calibration)
-        from tierserve.models.gguf import write_hf_tokenizer
-
-        os.makedirs(out_dir, exist_ok=True)
-        write_hf_tokenizer(model_path, out_dir)
-    calibration, record = None, None
-    if needs_calibration:
-        from tierserve.moe.calibration import CALIBRATION_NOVELS, calibration_activations
-
-        names = [n for n in linear_modules(loaded.model) if not matches(n, skip)]
-        calibration = calibration_activations(loaded.model, _tokenizer(model_path if is_folder else out_dir), names,
-                                              calib_windows, calib_seq_len, CALIB_BATCH, CALIBRATION_NOVELS)
-        record = {"novels": list(CALIBRATION_NOVELS), "windows": calib_windows, "seq_len": calib_seq_len}
-    report = quantize_model(loaded.model, scheme, skip=skip, calibration=calibration, **options)
-    del calibration  # free the activations before writing
-    save_quantized(loaded.model, loaded.hf_config, out_dir, scheme, options,
-                   tokenizer_from=model_path if is_folder else None, calibration=record)
-    return report

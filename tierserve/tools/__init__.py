@@ -1,0 +1,1 @@
+"""Offline model tools: quantize a checkpoint, MoEfication, REAP pruning, calibration data."""
