@@ -8,6 +8,11 @@ thread-safe deques), drained by the worker thread before each step; outputs
 are routed to per-request asyncio queues on the event loop. A consumer that
 stops iterating (a client disconnect cancels it) aborts its request, which
 frees its sequence and pages at the next step.
+
+Read-only views of the engine (``info``, ``stats``, ``drain_cache_events``,
+``tier_holdings``, ``expert_metrics``, ``kv_tier_stats``) delegate to the
+``LLMEngine`` facade; they read counters and thread-safe queues, so the event
+loop may call them while a step runs in the worker thread.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import itertools
 from collections.abc import AsyncIterator
 
 from tierserve.config import EngineConfig
+from tierserve.engine.engine_stats import EngineInfo, EngineStats
 from tierserve.engine.llm_engine import LLMEngine
 from tierserve.engine.outputs import RequestOutput
 from tierserve.errors import ContextLengthError, InvalidParameterError
@@ -25,8 +31,8 @@ from tierserve.sampling_params import SamplingParams
 
 
 class AsyncLLMEngine:
-    def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None):
-        self.engine = engine or LLMEngine(config)
+    def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None, host_launcher=None):
+        self.engine = engine or LLMEngine(config, host_launcher=host_launcher)
         self._inbox: collections.deque = collections.deque()
         self._aborts: collections.deque = collections.deque()
         self._queues: dict[str, asyncio.Queue] = {}
@@ -38,6 +44,28 @@ class AsyncLLMEngine:
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    # ----------------------------------------------------------- read-only facade
+    def info(self) -> EngineInfo:
+        return self.engine.info()
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    def record_cache_events(self) -> None:
+        self.engine.record_cache_events()
+
+    def drain_cache_events(self) -> list[tuple[str, bytes, bytes | None]]:
+        return self.engine.drain_cache_events()
+
+    def tier_holdings(self):
+        return self.engine.tier_holdings()
+
+    def expert_metrics(self):
+        return self.engine.expert_metrics()
+
+    def kv_tier_stats(self):
+        return self.engine.kv_tier_stats()
 
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:

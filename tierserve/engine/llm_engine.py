@@ -1,9 +1,20 @@
 """LLMEngine: the synchronous step loop of one replica.
 
-``step()`` is schedule -> run -> postprocess. Requests enter through
-``add_request`` (validated and tokenized there, so a bad request fails alone
-and never reaches the batch), leave when a stop rule fires or through
-``abort``. Everything a step returns is a list of RequestOutput diffs.
+``step()`` is schedule -> hooks -> run -> hooks -> postprocess. Requests
+enter through ``add_request`` (validated and tokenized there, so a bad
+request fails alone and never reaches the batch), leave when a stop rule
+fires or through ``abort``. Everything a step returns is a list of
+RequestOutput diffs.
+
+Optional subsystems join through the step-hook contract
+(tierserve/step/hooks.py), built from the config in this order: KV tiers
+(DRAM/disk/Redis chunk store, also the scheduler's external prefix source),
+KV eviction, expert offload. ``step()`` calls every hook at the same points
+and has no branch per subsystem.
+
+The server and the CLI read the engine through its methods (``info``,
+``stats``, ``drain_cache_events``, ``tier_holdings``, ``expert_metrics``,
+``kv_tier_stats``), which return typed dataclasses.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ from tierserve.cache.compress.driver import EvictionDriver
 from tierserve.cache.kv_cache_manager import KVCacheManager
 from tierserve.config import EngineConfig
 from tierserve.engine.detokenizer import IncrementalDetokenizer
+from tierserve.engine.engine_stats import EngineInfo, EngineStats
 from tierserve.engine.model_runner import ModelRunner
 from tierserve.engine.model_source import load_tokenizer, resolve_model
 from tierserve.engine.outputs import RequestOutput
@@ -29,6 +41,7 @@ from tierserve.kernels.cpu_linear import apply_linear_backend
 from tierserve.errors import ContextLengthError, InvalidParameterError
 from tierserve.models.loader import load_model
 from tierserve.sampling_params import SamplingParams
+from tierserve.step.hooks import StepHook
 
 
 @dataclass
@@ -41,8 +54,11 @@ class _Live:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig | None = None):
+    def __init__(self, config: EngineConfig | None = None, host_launcher=None):
+        """``host_launcher`` starts expert hosts for expert offload (tierserve/offload; None: local processes;
+        the Serve app and the CLI on a Ray cluster pass the Ray launcher from tierserve/actors)."""
         self.config = config = config or EngineConfig()
+        self._host_launcher = host_launcher
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
         self.source = resolve_model(config.model.model)
@@ -59,11 +75,12 @@ class LLMEngine:
         num_blocks = config.cache.num_blocks or max(1, int(config.cache.kv_cache_memory_gib * 2**30) // page_bytes)
         self.num_blocks = num_blocks
         self.kv_manager = KVCacheManager(num_blocks, spec.block_size, config.cache.enable_prefix_caching)
-        self.kv_tiers = self._build_kv_tiers(config, spec)  # [kv-tiers] None unless --kv-tiers
-        self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.max_model_len, self.kv_tiers)
         self.runner = ModelRunner(self.model, spec, num_blocks, config.scheduler.max_num_seqs, self.max_model_len,
                                   **self._kv_compression_runner_args(num_blocks))
-        self._bind_kv_compression()
+        self.kv_tiers = self._build_kv_tiers(config, spec)  # None unless --kv-tiers
+        self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.max_model_len, self.kv_tiers)
+        self.kv_evictor = self._bind_kv_compression()  # None unless an eviction method
+        self.hooks: list[StepHook] = [h for h in (self.kv_tiers, self.kv_evictor, self.offload) if h is not None]
         self.sampler = Sampler()
         self.stop_rules = StopRules.from_model(self.tokenizer, self.hf_config, self.max_model_len)
         self._live: dict[str, _Live] = {}
@@ -109,12 +126,14 @@ class LLMEngine:
         return {"kv_caches": comp.allocate_cache(num_blocks),
                 "evicted_tokens": self.kv_manager.num_evicted_tokens if comp.evicts else None}
 
-    def _bind_kv_compression(self) -> None:
-        self.kv_evictor = None
-        if self.kv_compressor is not None:
-            self.kv_compressor.bind(self.model, self.runner.kv_caches)
-            if self.kv_compressor.evicts:
-                self.kv_evictor = EvictionDriver(self.kv_compressor, self.kv_manager, self.runner.block_tables)
+    def _bind_kv_compression(self) -> EvictionDriver | None:
+        """Bind the compressor to the model and pages; an eviction method also gets its step hook."""
+        if self.kv_compressor is None:
+            return None
+        self.kv_compressor.bind(self.model, self.runner.kv_caches)
+        if not self.kv_compressor.evicts:
+            return None
+        return EvictionDriver(self.kv_compressor, self.kv_manager, self.runner.block_tables)
 
     def _max_model_len(self, model_len: int) -> int:
         wanted = self.config.model.max_model_len
@@ -168,7 +187,7 @@ class LLMEngine:
         return True
 
     def _build_kv_tiers(self, config: EngineConfig, spec):
-        """[kv-tiers] The DRAM/disk/Redis chunk store (cache/lmcache_connector.py), or None when off.
+        """The DRAM/disk/Redis chunk store (cache/tiers/), or None when off.
 
         Its keys are prefixed by a tag of everything that changes KV besides the
         tokens (model name, dtype, weight format, linear backend, KV layout), so
@@ -184,14 +203,13 @@ class LLMEngine:
 
         m = config.model
         ident = f"{self.source.name}|{m.dtype}|{m.quantization}|{m.linear_backend}|{spec}"
-        return KVTierConnector(config.kv_tiers, spec, "tierserve-" + hashlib.sha256(ident.encode()).hexdigest()[:16])
+        return KVTierConnector(config.kv_tiers, spec, "tierserve-" + hashlib.sha256(ident.encode()).hexdigest()[:16],
+                               self.runner.kv_caches)
 
     def _drop(self, request_id: str) -> None:
-        if self.kv_tiers is not None:  # [kv-tiers]
-            self.kv_tiers.forget(request_id)
         self.runner.release(request_id)
-        if self.kv_evictor is not None:
-            self.kv_evictor.release(request_id)
+        for hook in self.hooks:
+            hook.on_release(request_id)
         self._live.pop(request_id, None)
         self._requests.pop(request_id, None)
 
@@ -204,18 +222,57 @@ class LLMEngine:
     def get_request(self, request_id: str) -> Request:
         return self._requests[request_id]
 
+    # ------------------------------------------------------------------- facade
+    def info(self) -> EngineInfo:
+        return EngineInfo(self.source.name, self.max_model_len, self.config.cache.block_size, self.num_blocks)
+
+    def stats(self) -> EngineStats:
+        kv = self.kv_manager
+        return EngineStats(self.scheduler.num_running(), self.scheduler.num_waiting(), kv.usage,
+                           kv.num_free_blocks, kv.stats.queries_tokens, kv.stats.hit_tokens)
+
+    def record_cache_events(self) -> None:
+        """Start logging the device prefix cache's events (for the router's prefix tree); idempotent."""
+        self.kv_manager.pool.record_events()
+
+    def drain_cache_events(self) -> list[tuple[str, bytes, bytes | None]]:
+        """Pop the logged ``("cached", hash, parent)`` / ``("evicted", hash, None)`` events, oldest first."""
+        return self.kv_manager.pool.drain_events()
+
+    def tier_holdings(self):
+        """What the lower KV tiers hold now (cache/tiers ``TierHoldings``), or None without tiers."""
+        return self.kv_tiers.holdings() if self.kv_tiers is not None else None
+
+    def expert_metrics(self):
+        """Expert-offload counters (offload ``ExpertMetrics``), or None without offload."""
+        return self.offload.stats() if self.offload is not None else None
+
+    def kv_tier_stats(self):
+        """KV tier counters (``KVTierStats``), or None without tiers."""
+        return self.kv_tiers.stats() if self.kv_tiers is not None else None
+
     # --------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
         for rid in sched.preempted:
             self.runner.release(rid)
-        if self.kv_tiers is not None:  # [kv-tiers] chunks loaded from DRAM/disk/Redis, before the forward
-            self.kv_tiers.apply_loads(self.runner.kv_caches)
+        for hook in self.hooks:
+            hook.before_forward(sched, self._requests)
         run = self.runner.execute(sched, self._requests)
-        if self.kv_tiers is not None:  # [kv-tiers] store the chunks of prompts that finished prefill
-            self.kv_tiers.after_step(sched.scheduled, self._requests, self.runner.kv_caches)
-        if self.kv_evictor is not None:  # KV compression by block eviction, after the step's K/V exist
-            self.kv_evictor.after_step(sched, self._requests)
+        for hook in self.hooks:
+            hook.after_forward(sched, self._requests)
+        outputs = self._sample_and_postprocess(run)
+        if any(o.finished for o in outputs):
+            for hook in self.hooks:  # between steps: e.g. expert promotions by live usage
+                hook.at_request_boundary()
+        return outputs
+
+    def close(self) -> None:
+        """Release what the hooks started outside this process (expert hosts, KV tier threads); saves usage."""
+        for hook in self.hooks:
+            hook.close()
+
+    def _sample_and_postprocess(self, run) -> list[RequestOutput]:
         if not run.request_ids:
             return []
         lives = [self._live[rid] for rid in run.request_ids]
@@ -227,18 +284,7 @@ class LLMEngine:
             stop_ids=[self.stop_rules.stop_ids(lv.request.params) for lv in lives],
         )
         sampled = self.sampler(run.logits, batch)
-        outputs = [self._postprocess(lv, tok, lp)
-                   for lv, tok, lp in zip(lives, sampled.token_ids, sampled.logprobs)]
-        if self.offload is not None and any(o.finished for o in outputs):
-            self.offload.at_request_boundary()  # between steps: expert promotions by live usage
-        return outputs
-
-    def close(self) -> None:
-        """Release what the engine started outside this process (expert hosts; saves expert usage)."""
-        if self.offload is not None:
-            self.offload.close()
-        if self.kv_tiers is not None:  # [kv-tiers] LMCache's event loop thread and backends
-            self.kv_tiers.close()
+        return [self._postprocess(lv, tok, lp) for lv, tok, lp in zip(lives, sampled.token_ids, sampled.logprobs)]
 
     def _postprocess(self, live: _Live, token: int, logprobs) -> RequestOutput:
         req = live.request
@@ -253,8 +299,8 @@ class LLMEngine:
             if live.detok.stopped is None:
                 out.new_text += live.detok.flush()  # release text held back for a possible stop string
             out.finished, out.finish_reason, out.stop_reason = True, reason.value, stop_reason
-            if self.kv_tiers is not None:  # [kv-tiers] store its chunks before its blocks are freed
-                self.kv_tiers.store_request(req, self.runner.kv_caches)
+            for hook in self.hooks:  # e.g. the KV tiers store its chunks before its blocks are freed
+                hook.on_finish(req)
             self.scheduler.finish(req.request_id, reason)
             self._drop(req.request_id)
         return out

@@ -21,11 +21,13 @@ Each ``schedule()`` call fills one step under a token budget
    compute), the chunk is sized as above, and the first request whose blocks
    do not fit stops admission (no skipping ahead). A preempted request
    re-enters at the front and recomputes prompt + generated tokens (minus
-   whatever blocks the prefix cache still holds). With a KV tier connector
-   (``kv_tiers``), the tokens after the device prefix hit that the lower
-   tiers serve (``kv_tiers.match``: whole chunks, at least one token left)
-   are marked computed too and take no budget; ``kv_tiers.commit`` queues
-   their copy into the newly allocated blocks before the step's forward.
+   whatever blocks the prefix cache still holds). With an external prefix
+   source (``external``, tierserve/step/hooks.py ``ExternalPrefixSource``:
+   the KV tiers), the tokens after the device prefix hit that it serves
+   (``external.match``: whole chunks, at least one token left) are marked
+   computed too and take no budget; ``external.commit`` queues their copy
+   into the newly allocated blocks before the step's forward. Without one, a
+   null source matches nothing.
 
 ``req.num_computed_tokens`` advances at schedule time (as in vLLM v1): the
 runner computes tokens ``[start, start + num_tokens)``. A request samples iff
@@ -45,17 +47,27 @@ from collections import deque
 from tierserve.cache.kv_cache_manager import KVCacheManager
 from tierserve.config import SchedulerConfig
 from tierserve.engine.request import Request, RequestStatus
-from tierserve.step.schedule import ScheduledRequest, SchedulerOutput
 from tierserve.errors import InvalidParameterError
+from tierserve.step.hooks import ExternalPrefixSource
+from tierserve.step.schedule import ScheduledRequest, SchedulerOutput
+
+
+class NoExternalPrefix:
+    """The external prefix source of an engine without KV tiers: it never serves a token."""
+
+    def match(self, request: Request, num_device_hit: int) -> int:
+        return 0
+
+    def commit(self, request: Request, num_device_hit: int, num_external: int) -> None:
+        raise AssertionError("commit without a match")
 
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int | None = None,
-                 kv_tiers=None):
+                 external: ExternalPrefixSource | None = None):
         self.config = config
         self.kv = kv
-        #: [kv-tiers] optional KVTierConnector (cache/lmcache_connector.py): match() / commit()
-        self.kv_tiers = kv_tiers
+        self.external: ExternalPrefixSource = external if external is not None else NoExternalPrefix()
         self.max_model_len = max_model_len
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -146,7 +158,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             hit_blocks, num_hit = self.kv.get_computed_blocks(req)
-            num_ext = self.kv_tiers.match(req, num_hit) if self.kv_tiers is not None else 0  # [kv-tiers]
+            num_ext = self.external.match(req, num_hit)
             n = self._chunk(req.num_tokens - num_hit - num_ext, budget)
             new_blocks = self.kv.allocate_slots(req, num_ext + n, hit_blocks)
             if new_blocks is None:
@@ -156,8 +168,8 @@ class Scheduler:
                 req.num_cached_tokens = num_hit + num_ext
             req.status = RequestStatus.RUNNING
             req.num_computed_tokens = num_hit + num_ext
-            if num_ext:  # [kv-tiers] the connector copies those tokens' KV in before the forward
-                self.kv_tiers.commit(req, num_hit, num_ext)
+            if num_ext:  # the source copies those tokens' KV in before the forward
+                self.external.commit(req, num_hit, num_ext)
             self.running.append(req)
             scheduled.append(self._advance(req, n, hit_blocks + new_blocks, resumed=True))
             budget -= n

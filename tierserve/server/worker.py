@@ -83,9 +83,10 @@ class LLMServer:
         from tierserve.engine.async_engine import AsyncLLMEngine
         from tierserve.routing.tree_actor import get_or_create_tree_actor
 
-        self.engine = AsyncLLMEngine(engine_config)
-        core = self.engine.engine
-        self.model_name = served_model_name or core.source.name
+        host_launcher = None  # wired to the Ray launcher of tierserve/actors below
+        self.engine = AsyncLLMEngine(engine_config, host_launcher=host_launcher)
+        self._info = self.engine.info()
+        self.model_name = served_model_name or self._info.model_name
         self.capacity = engine_config.scheduler.max_num_seqs + max_waiting_requests
         self.retry_after_s = retry_after_s
         ctx = serve.get_replica_context()
@@ -95,9 +96,8 @@ class LLMServer:
         self._metrics = WorkerMetrics(self.model_name)
         self._metrics_interval_s = metrics_interval_s
         self._mirror = CacheMirror()
-        kv_tiers = core.kv_tiers
-        self._tier_mirror = TierMirror(kv_tiers.chunk_blocks) if kv_tiers is not None else None
-        core.kv_manager.pool.record_events()
+        self._tier_mirror = TierMirror(engine_config.kv_tiers.chunk_blocks) if engine_config.kv_tiers.enabled else None
+        self.engine.record_cache_events()
         self._active = 0
         self._report_wake = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -105,8 +105,7 @@ class LLMServer:
 
     # ------------------------------------------------------------------ calls
     async def info(self) -> WorkerInfo:
-        core = self.engine.engine
-        return WorkerInfo(self.model_name, core.max_model_len, core.config.cache.block_size, self.replica_id)
+        return WorkerInfo(self.model_name, self._info.max_model_len, self._info.block_size, self.replica_id)
 
     async def get_tokenizer(self):
         return self.engine.tokenizer
@@ -144,11 +143,9 @@ class LLMServer:
             self._report_wake.set()
 
     async def stats(self) -> WorkerStats:
-        core = self.engine.engine
-        kv = core.kv_manager
-        return WorkerStats(self.replica_id, self._active, core.scheduler.num_running(),
-                           core.scheduler.num_waiting(), kv.usage, kv.num_free_blocks,
-                           kv.stats.queries_tokens, kv.stats.hit_tokens)
+        s = self.engine.stats()
+        return WorkerStats(self.replica_id, self._active, s.running, s.waiting, s.kv_usage, s.num_free_blocks,
+                           s.prefix_queries, s.prefix_hits)
 
     def check_health(self) -> None:
         """Serve's health check: fail when a background task died."""
@@ -158,11 +155,10 @@ class LLMServer:
 
     # -------------------------------------------------------------- background
     async def _report_loop(self) -> None:
-        pool = self.engine.engine.kv_manager.pool
         while True:
             await self._report_wake.wait()
             self._report_wake.clear()
-            self._mirror.apply(pool.drain_events())
+            self._mirror.apply(self.engine.drain_cache_events())
             chains, evicted = self._mirror.diff()
             tiers = self._tier_diff()
             if chains or evicted or tiers is not None:
@@ -194,11 +190,9 @@ class LLMServer:
 
     async def push_metrics(self) -> None:
         s = await self.stats()
-        offload = self.engine.engine.offload
         snap = self._metrics.take(s.running, s.waiting, s.kv_usage, s.prefix_queries, s.prefix_hits,
-                                  offload.expert_metrics() if offload is not None else None)
-        kv_tiers = self.engine.engine.kv_tiers  # [kv-tiers] hits/bytes per tier, load time
-        snap.kv_tiers = kv_tiers.stats() if kv_tiers is not None else None
+                                  self.engine.expert_metrics())
+        snap.kv_tiers = self.engine.kv_tier_stats()  # hits/bytes per tier, load time (None without tiers)
         try:
             await self._board.push.remote(self.replica_id, snap)
         except Exception:

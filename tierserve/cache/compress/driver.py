@@ -1,4 +1,8 @@
-"""EvictionDriver: applies an eviction compressor after every engine step.
+"""EvictionDriver: applies an eviction compressor after every engine step (a StepHook).
+
+It joins the step loop through the step-hook contract (tierserve/step/hooks.py):
+``after_forward`` does the work below, ``on_release`` drops a finished or
+aborted request's compressor state.
 
 After the forward (the step's K/V are in the pages): let the compressor
 observe the step (``after_step``), drop the state of preempted requests, then
@@ -12,10 +16,15 @@ evicts at most once per ``block_size`` steps).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from tierserve.cache.compress.base import KVCompressor, SeqKV
+from tierserve.step.hooks import StepHook
+from tierserve.step.request_view import RequestView
+from tierserve.step.schedule import SchedulerOutput
 
 
-class EvictionDriver:
+class EvictionDriver(StepHook):
     def __init__(self, compressor: KVCompressor, kv_manager, block_tables):
         if not compressor.evicts:
             raise ValueError(f"{compressor.name} does not evict blocks")
@@ -24,7 +33,7 @@ class EvictionDriver:
         self.block_tables = block_tables
         self.num_evicted_blocks = 0
 
-    def after_step(self, sched, requests: dict) -> None:
+    def after_forward(self, sched: SchedulerOutput, requests: Mapping[str, RequestView]) -> None:
         self.compressor.after_step(sched)
         for rid in sched.preempted:
             self.compressor.release(rid)
@@ -41,5 +50,5 @@ class EvictionDriver:
                 self.block_tables.reset(sr.request_id, req.block_ids)
                 self.num_evicted_blocks += len(drop)
 
-    def release(self, request_id: str) -> None:
+    def on_release(self, request_id: str) -> None:
         self.compressor.release(request_id)
