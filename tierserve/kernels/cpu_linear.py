@@ -17,6 +17,12 @@ Both "onednn" and "auto" also swap every CPU ``QuantizedLinear`` for its
 format's fast CPU path (``kernels/quant/cpu_fast.py``: torch's int4 kernels
 for Q4_0/Q4_1/SINQ/Q8_0, row-chunked decoding of the native bytes for MXFP4/NVFP4); the
 "torch" backend keeps every layer on its reference path.
+
+On CUDA the choice is device-driven: "auto" (and "triton") also swap every
+``QuantizedLinear`` whose weights live on a CUDA device for its fused triton
+kernel module (``gpu_linear.accelerate_cuda``), so a model moved to the GPU
+needs no flag; CPU modules are untouched by that step and a model without
+CUDA quantized linears never imports triton.
 """
 
 from __future__ import annotations
@@ -79,12 +85,25 @@ def pack_linears(model: nn.Module) -> int:
     return len(packed) + _accelerate_quantized(model)
 
 
+def accelerate_cuda_quantized(model: nn.Module) -> int:
+    """Swap every CUDA QuantizedLinear for its triton kernel module; returns how many were swapped."""
+    if not any(type(m).__name__ == "QuantizedLinear" and any(b.device.type == "cuda" for b in m.buffers())
+               for m in model.modules()):
+        return 0  # CPU-only models never import triton
+    from tierserve.kernels.gpu_linear import accelerate_cuda
+
+    return accelerate_cuda(model)
+
+
 def _auto(model: nn.Module) -> int:
-    device = next(model.parameters()).device
-    return pack_linears(model) if device.type == "cpu" and onednn_available() else 0
+    first = next(model.parameters(), None)
+    on_cpu = first is not None and first.device.type == "cpu"
+    packed = pack_linears(model) if on_cpu and onednn_available() else 0
+    return packed + accelerate_cuda_quantized(model)
 
 
-LINEAR_BACKENDS = {"torch": lambda model: 0, "onednn": pack_linears, "auto": _auto}
+LINEAR_BACKENDS = {"torch": lambda model: 0, "onednn": pack_linears, "triton": accelerate_cuda_quantized,
+                   "auto": _auto}
 
 
 def apply_linear_backend(model: nn.Module, name: str) -> int:

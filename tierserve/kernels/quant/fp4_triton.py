@@ -7,16 +7,19 @@ code -> value through the 16-entry E2M1 table, scale byte -> effective fp32
 scale through a 256-entry table (E8M0 powers of two for MXFP4; E4M3 values
 divided by the global scale for NVFP4), so one kernel serves both formats.
 
-Activations: W4A16 reads ``x [M, K]`` in its dtype and computes in fp32; W4A4
-(``ACT_FP4``) reads packed activation codes ``[M, K/2]`` and fp32 per-(row,
-group) scales produced by ``FP4Format.quantize_activations``.
+Activations: W4A16 reads ``x [M, K]`` in its dtype; W4A4 (``ACT_FP4``) reads
+packed activation codes ``[M, K/2]`` and fp32 per-(row, group) scales
+produced by ``FP4Format.quantize_activations`` and decodes them the same way.
 
-Tiling: a program owns a BLOCK_M x BLOCK_N output tile and walks K in steps
-of BLOCK_K (32, a multiple of both group sizes), accumulating
-``tl.dot(a, w^T)`` in fp32 with IEEE precision (no TF32). Ragged M/N/K edges
-are masked. The torch reference is ``fp4.fp4_linear_reference``; tests compare
-them under ``TRITON_INTERPRET=1`` (atol 1e-4 + rtol 1e-4: only the summation
-order differs).
+Tiling (``tile_configs`` picks the sizes per M and shape): one program per
+(BLOCK_M rows, BLOCK_N features, contiguous K slab). Per BLOCK_K step each
+weight byte is loaded once as a ``[BLOCK_N, BLOCK_K / 2]`` tile; its low and
+high nibbles are the even and odd columns, decoded and scaled in fp32
+registers and accumulated against the even and odd activation columns
+(``packed_launch.accumulate``: fp32 multiply-adds at M = 1, ``tl.dot``
+otherwise, in the activations' dtype when they are bf16/fp16). The torch
+reference is ``fp4.fp4_linear_reference``; tests compare them
+(tests/test_fp4.py, tests/test_gpu_linear.py).
 """
 
 from __future__ import annotations
@@ -26,68 +29,69 @@ import triton
 import triton.language as tl
 
 from tierserve.kernels.quant.fp4 import ActQuant, e2m1_table
-
-BLOCK_M = 16
-BLOCK_N = 32
-BLOCK_K = 32
+from tierserve.kernels.quant.packed_launch import DOT_KINDS, accumulate, launch, store_tile
+from tierserve.kernels.quant.tile_configs import TileConfig
 
 
 @triton.jit
-def _decode_tile(q_ptr, s_ptr, lut_ptr, e2m1_ptr, rows, kk, mask, K, GROUP: tl.constexpr,
+def _decode_half(q_ptr, s_ptr, lut_ptr, e2m1_ptr, rows, c, k0, mask, K, GROUP: tl.constexpr,
                  SCALE_IS_BYTE: tl.constexpr):
-    byte = tl.load(q_ptr + rows[:, None] * (K // 2) + kk[None, :] // 2, mask=mask, other=0).to(tl.int32)
-    code = (byte >> ((kk[None, :] % 2) * 4)) & 0xF
-    val = tl.load(e2m1_ptr + code)
-    s_off = rows[:, None] * (K // GROUP) + kk[None, :] // GROUP
+    """Even and odd columns (k0 + 2c, k0 + 2c + 1) of ``rows``, decoded to fp32."""
+    r64 = rows.to(tl.int64)[:, None]
+    byte = tl.load(q_ptr + r64 * (K // 2) + (k0 // 2 + c)[None, :], mask=mask, other=0).to(tl.int32)
+    s_off = r64 * (K // GROUP) + ((k0 + 2 * c) // GROUP)[None, :]
     if SCALE_IS_BYTE:
-        sbyte = tl.load(s_ptr + s_off, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(lut_ptr + sbyte)
+        scale = tl.load(lut_ptr + tl.load(s_ptr + s_off, mask=mask, other=0).to(tl.int32))
     else:
         scale = tl.load(s_ptr + s_off, mask=mask, other=0.0)
-    return tl.where(mask, val * scale, 0.0)
+    lo = tl.load(e2m1_ptr + (byte & 0xF)) * scale
+    hi = tl.load(e2m1_ptr + (byte >> 4)) * scale
+    return tl.where(mask, lo, 0.0), tl.where(mask, hi, 0.0)
 
 
 @triton.jit
-def fp4_linear_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, lut_ptr, e2m1_ptr, b_ptr, y_ptr, M, N, K,
-                      GROUP: tl.constexpr, ACT_FP4: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    rk = tl.arange(0, BK)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        kk = k0 + rk
-        kmask = kk < K
-        w = _decode_tile(w_ptr, ws_ptr, lut_ptr, e2m1_ptr, rn, kk, (rn < N)[:, None] & kmask[None, :], K,
-                         GROUP, True)
-        amask = (rm < M)[:, None] & kmask[None, :]
+def fp4_linear_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, lut_ptr, e2m1_ptr, b_ptr, y_ptr, M, N, K, k_per_split,
+                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr,
+                      DOT_KIND: tl.constexpr, GROUP: tl.constexpr, ACT_FP4: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_start = tl.program_id(2) * k_per_split
+    c = tl.arange(0, BLOCK_K // 2)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
+        k_ok = (k0 + 2 * c) < K
+        w_lo, w_hi = _decode_half(w_ptr, ws_ptr, lut_ptr, e2m1_ptr, offs_n, c, k0,
+                                  (offs_n < N)[:, None] & k_ok[None, :], K, GROUP, True)
+        amask = (offs_m < M)[:, None] & k_ok[None, :]
         if ACT_FP4:
-            a = _decode_tile(x_ptr, xs_ptr, lut_ptr, e2m1_ptr, rm, kk, amask, K, GROUP, False)
+            a_lo, a_hi = _decode_half(x_ptr, xs_ptr, lut_ptr, e2m1_ptr, offs_m, c, k0, amask, K, GROUP, False)
         else:
-            a = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=amask, other=0.0).to(tl.float32)
-        acc += tl.dot(a, tl.trans(w), input_precision="ieee")
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
+            a = x_ptr + offs_m.to(tl.int64)[:, None] * K + (k0 + 2 * c)[None, :]
+            a_lo = tl.load(a, mask=amask, other=0.0)
+            a_hi = tl.load(a + 1, mask=amask, other=0.0)
+        acc = accumulate(acc, a_lo, w_lo, USE_DOT, DOT_KIND)
+        acc = accumulate(acc, a_hi, w_hi, USE_DOT, DOT_KIND)
+    store_tile(acc, b_ptr, y_ptr, offs_m, offs_n, M, N, HAS_BIAS, SPLIT_K)
 
 
 def fp4_linear_triton(x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor, scale_table: torch.Tensor,
-                      group: int, bias: torch.Tensor | None = None, act: ActQuant | None = None) -> torch.Tensor:
-    """Same contract as ``fp4.fp4_linear_reference``; returns float32 [M, N]."""
+                      group: int, bias: torch.Tensor | None = None, act: ActQuant | None = None, *,
+                      out_dtype: torch.dtype = torch.float32, config: TileConfig | None = None,
+                      e2m1: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as ``fp4.fp4_linear_reference`` (``y`` in ``out_dtype``, float32 by default).
+
+    ``e2m1`` is the 16-entry value table on x's device (built when not given).
+    W4A4 dots run in x's dtype like W4A16 ones (the decoded activations are
+    rounded to it when it is bf16/fp16).
+    """
     m, k = x.shape
-    n = qs.shape[0]
-    y = torch.empty(m, n, dtype=torch.float32, device=x.device)
-    e2m1 = e2m1_table(x.device)
+    e2m1 = e2m1_table(x.device) if e2m1 is None else e2m1
     lut = scale_table.float().contiguous()
     if act is None:
         a_ptr, as_ptr = x.contiguous(), lut  # as_ptr unused without ACT_FP4
     else:
         a_ptr, as_ptr = act.qs.contiguous(), act.scale.float().contiguous()
-    b = bias.float().contiguous() if bias is not None else y
-    grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N))
-    fp4_linear_kernel[grid](a_ptr, as_ptr, qs.contiguous(), scales.contiguous(), lut, e2m1, b, y, m, n, k,
-                            GROUP=group, ACT_FP4=act is not None, HAS_BIAS=bias is not None,
-                            BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K)
-    return y
+    args = (a_ptr, as_ptr, qs.contiguous(), scales.contiguous(), lut, e2m1)
+    return launch(fp4_linear_kernel, args, x, qs.shape[0], bias, out_dtype, config,
+                  dot_kind=DOT_KINDS.get(x.dtype, 0), GROUP=group, ACT_FP4=act is not None)

@@ -1,16 +1,21 @@
 """Fused Q4_0 dequantize-matmul in triton: ``y = x W^T + b`` reading ggml Q4_0 blocks directly.
 
-Grid: one program per (BLOCK_M rows of x, BLOCK_N output features). The loop
-walks in-features in steps of BLOCK_K (a multiple of 32, so a step covers whole
-ggml blocks). For each weight element (n, k) of the tile the kernel reads, from
-row n of the packed ``blocks [N, K / 32 * 18]``, block b = k // 32 at byte
-offset 18 b: the fp16 scale d (bytes 0-1, little-endian) and the code byte
-2 + k % 16, whose low nibble holds element k % 32 < 16 and high nibble the
-others. w = (q - 8) * d is formed in fp32 registers and ``tl.dot`` accumulates
-in fp32; the bias is added at the end. The torch reference is
-``Q4_0Format.linear``'s CPU path (dequantize, then F.linear); tests compare the
-two under ``TRITON_INTERPRET=1`` over M in {1, 7, 64} and N, K multiples of 32
-(including non-powers of two), atol/rtol 1e-4 relative to the output scale.
+Layout read: row n of ``blocks [N, K / 32 * 18]`` holds, per ggml block b
+(weights 32 b .. 32 b + 31), the fp16 scale d (bytes 18 b, 18 b + 1; read as
+the int16 element 9 b of the same storage) and 16 code bytes; byte j holds
+element j in its low nibble and element j + 16 in its high nibble.
+
+One program owns BLOCK_M rows of x, BLOCK_N output features and a contiguous
+K slab of ``k_per_split`` columns (``tile_configs`` picks the sizes per M and
+shape). Per BLOCK_K step it loads each code byte of its rows once, as a
+``[BLOCK_N, BLOCK_K / 2]`` tile (byte c: block c // 16, j = c % 16), forms
+the two nibble halves ``w_lo = (q_lo - 8) d`` and ``w_hi = (q_hi - 8) d`` in
+fp32 registers, gathers the matching activation columns ``32 b + j`` and
+``32 b + j + 16``, and accumulates both halves (``packed_launch.accumulate``:
+fp32 multiply-adds at M = 1, ``tl.dot`` otherwise). The torch reference is
+``Q4_0Format.linear``'s CPU path (dequantize, then F.linear); tests compare
+them (tests/test_quant_ggml.py, tests/test_gpu_linear.py) over M in
+{1, 3, 7, 16, 33, 64} and N, K multiples of 32 that are not powers of two.
 """
 
 from __future__ import annotations
@@ -19,48 +24,48 @@ import torch
 import triton
 import triton.language as tl
 
+from tierserve.kernels.quant.packed_launch import accumulate, launch, store_tile
+from tierserve.kernels.quant.tile_configs import TileConfig
+
 TYPE_SIZE = 18
 
 
 @triton.jit
-def q4_0_linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, row_bytes,
+def q4_0_linear_kernel(x_ptr, w_ptr, w16_ptr, b_ptr, y_ptr, M, N, K, k_per_split,
                        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+                       BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr,
+                       DOT_KIND: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_start = tl.program_id(2) * k_per_split
+    c = tl.arange(0, BLOCK_K // 2)
+    row = offs_n.to(tl.int64)[:, None] * (K // 32 * 18)
+    m_ok = offs_m[:, None] < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :],
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0).to(tl.float32)
-        wmask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-        block = w_ptr + offs_n[:, None] * row_bytes + (offs_k[None, :] // 32) * 18
-        d_lo = tl.load(block, mask=wmask, other=0).to(tl.uint16)
-        d_hi = tl.load(block + 1, mask=wmask, other=0).to(tl.uint16)
-        d = (d_lo | (d_hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
-        byte = tl.load(block + 2 + (offs_k[None, :] % 16), mask=wmask, other=0).to(tl.int32)
-        shift = ((offs_k[None, :] % 32) // 16) * 4
-        q = (byte >> shift) & 0xF
-        w = (q - 8).to(tl.float32) * d
-        acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
+        blk = k0 // 32 + c // 16
+        k_lo = blk * 32 + c % 16
+        wmask = (offs_n[:, None] < N) & (k_lo[None, :] < K)
+        d = tl.load(w16_ptr + row // 2 + blk[None, :] * 9, mask=wmask, other=0)
+        d = d.to(tl.float16, bitcast=True).to(tl.float32)
+        byte = tl.load(w_ptr + row + blk[None, :] * 18 + 2 + (c % 16)[None, :], mask=wmask, other=0)
+        byte = byte.to(tl.int32)
+        w_lo = ((byte & 0xF) - 8).to(tl.float32) * d
+        w_hi = ((byte >> 4) - 8).to(tl.float32) * d
+        xmask = m_ok & (k_lo[None, :] < K)
+        x_lo = tl.load(x_ptr + offs_m[:, None] * K + k_lo[None, :], mask=xmask, other=0.0)
+        x_hi = tl.load(x_ptr + offs_m[:, None] * K + k_lo[None, :] + 16, mask=xmask, other=0.0)
+        acc = accumulate(acc, x_lo, w_lo, USE_DOT, DOT_KIND)
+        acc = accumulate(acc, x_hi, w_hi, USE_DOT, DOT_KIND)
+    store_tile(acc, b_ptr, y_ptr, offs_m, offs_n, M, N, HAS_BIAS, SPLIT_K)
 
 
 def q4_0_linear_triton(x: torch.Tensor, blocks: torch.Tensor, out_features: int,
-                       bias: torch.Tensor | None = None, *, block_m: int = 16, block_n: int = 32,
-                       block_k: int = 64) -> torch.Tensor:
-    """``x [..., K] @ W^T (+ b)`` with W given as Q4_0 ``blocks [N, K / 32 * 18]`` (uint8)."""
+                       bias: torch.Tensor | None = None, *, config: TileConfig | None = None) -> torch.Tensor:
+    """``x [..., K] @ W^T (+ b)`` in x's dtype, W given as Q4_0 ``blocks [N, K / 32 * 18]`` (uint8)."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k).contiguous()
-    m = x2.shape[0]
-    y = torch.empty(m, out_features, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(out_features, block_n))
-    q4_0_linear_kernel[grid](x2, blocks, bias if bias is not None else y, y, m, out_features, k,
-                             blocks.shape[1], HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-                             BLOCK_K=block_k)
+    blocks = blocks.contiguous()
+    y = launch(q4_0_linear_kernel, (x2, blocks, blocks.view(torch.int16)), x2, out_features, bias, x.dtype,
+               config)
     return y.reshape(*lead, out_features)

@@ -1,15 +1,15 @@
 """Fused Q8_0 dequantize-matmul in triton: ``y = x W^T + b`` reading ggml Q8_0 blocks directly.
 
-Grid: one program per (BLOCK_M rows of x, BLOCK_N output features). The loop
-walks in-features in steps of BLOCK_K (a multiple of 32, so a step covers whole
-ggml blocks). For each weight element (n, k) of the tile the kernel reads, from
-row n of the packed ``blocks [N, K / 32 * 34]``, block b = k // 32 at byte
-offset 34 b: the fp16 scale d (bytes 0-1, little-endian) and the int8 code at
-byte 2 + k % 32. w = q * d is formed in fp32 registers and ``tl.dot`` accumulates
-in fp32; the bias is added at the end. The torch reference is
-``Q8_0Format.linear``'s CPU path (dequantize, then F.linear); tests compare the
-two under ``TRITON_INTERPRET=1`` over M in {1, 7, 64} and N, K multiples of 32
-(including non-powers of two), atol/rtol 1e-4 relative to the output scale.
+Layout read: row n of ``blocks [N, K / 32 * 34]`` holds, per ggml block b
+(weights 32 b .. 32 b + 31), the fp16 scale d (the int16 element 17 b of the
+same storage) and 32 int8 codes at bytes 34 b + 2 + j.
+
+Tiling as ``q4_0_triton``: one program per (BLOCK_M rows, BLOCK_N features,
+K slab); per BLOCK_K step a ``[BLOCK_N, BLOCK_K]`` tile of codes is loaded
+once, ``w = q d`` formed in fp32 registers and accumulated
+(``packed_launch.accumulate``). The torch reference is ``Q8_0Format.linear``'s
+CPU path (dequantize, then F.linear); tests compare the two
+(tests/test_quant_ggml.py, tests/test_gpu_linear.py).
 """
 
 from __future__ import annotations
@@ -18,46 +18,43 @@ import torch
 import triton
 import triton.language as tl
 
+from tierserve.kernels.quant.packed_launch import accumulate, launch, store_tile
+from tierserve.kernels.quant.tile_configs import TileConfig
+
 TYPE_SIZE = 34
 
 
 @triton.jit
-def q8_0_linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, row_bytes,
+def q8_0_linear_kernel(x_ptr, w_ptr, w16_ptr, b_ptr, y_ptr, M, N, K, k_per_split,
                        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+                       BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr,
+                       DOT_KIND: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_start = tl.program_id(2) * k_per_split
+    kk = tl.arange(0, BLOCK_K)
+    row = offs_n.to(tl.int64)[:, None] * (K // 32 * 34)
+    m_ok = offs_m[:, None] < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :],
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0).to(tl.float32)
-        wmask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-        block = w_ptr + offs_n[:, None] * row_bytes + (offs_k[None, :] // 32) * 34
-        d_lo = tl.load(block, mask=wmask, other=0).to(tl.uint16)
-        d_hi = tl.load(block + 1, mask=wmask, other=0).to(tl.uint16)
-        d = (d_lo | (d_hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
-        q = tl.load(block + 2 + (offs_k[None, :] % 32), mask=wmask, other=0).to(tl.int8, bitcast=True)
-        w = q.to(tl.float32) * d
-        acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
+        k = k0 + kk
+        blk = k // 32
+        wmask = (offs_n[:, None] < N) & (k[None, :] < K)
+        d = tl.load(w16_ptr + row // 2 + blk[None, :] * 17, mask=wmask, other=0)
+        d = d.to(tl.float16, bitcast=True).to(tl.float32)
+        q = tl.load(w_ptr + row + blk[None, :] * 34 + 2 + (k % 32)[None, :], mask=wmask, other=0)
+        w = q.to(tl.int8, bitcast=True).to(tl.float32) * d
+        x = tl.load(x_ptr + offs_m[:, None] * K + k[None, :], mask=m_ok & (k[None, :] < K), other=0.0)
+        acc = accumulate(acc, x, w, USE_DOT, DOT_KIND)
+    store_tile(acc, b_ptr, y_ptr, offs_m, offs_n, M, N, HAS_BIAS, SPLIT_K)
 
 
 def q8_0_linear_triton(x: torch.Tensor, blocks: torch.Tensor, out_features: int,
-                       bias: torch.Tensor | None = None, *, block_m: int = 16, block_n: int = 32,
-                       block_k: int = 64) -> torch.Tensor:
-    """``x [..., K] @ W^T (+ b)`` with W given as Q8_0 ``blocks [N, K / 32 * 34]`` (uint8)."""
+                       bias: torch.Tensor | None = None, *, config: TileConfig | None = None) -> torch.Tensor:
+    """``x [..., K] @ W^T (+ b)`` in x's dtype, W given as Q8_0 ``blocks [N, K / 32 * 34]`` (uint8)."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k).contiguous()
-    m = x2.shape[0]
-    y = torch.empty(m, out_features, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(out_features, block_n))
-    q8_0_linear_kernel[grid](x2, blocks, bias if bias is not None else y, y, m, out_features, k,
-                             blocks.shape[1], HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-                             BLOCK_K=block_k)
+    blocks = blocks.contiguous()
+    y = launch(q8_0_linear_kernel, (x2, blocks, blocks.view(torch.int16)), x2, out_features, bias, x.dtype,
+               config)
     return y.reshape(*lead, out_features)
