@@ -5,6 +5,11 @@ allocated once. A step writes only the blocks the scheduler appended
 (``new_block_ids``), so per-step work is O(new blocks), never O(context);
 a resumed or newly admitted request has its row rewritten from its block ids.
 Rows are recycled through a free list (plain ints).
+
+On a GPU the table lives twice: ``host`` (CPU, where the runner computes
+slot mappings from host ints without a device sync) and ``table`` (on the
+device, read by the attention kernels); every write goes to both, so the
+device receives only the appended block ids. On the CPU both are one tensor.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ import torch
 
 class BlockTables:
     def __init__(self, max_num_seqs: int, max_blocks_per_seq: int, device: str | torch.device = "cpu"):
-        self.table = torch.zeros((max_num_seqs, max_blocks_per_seq), dtype=torch.long, device=device)
+        device = torch.device(device)
+        self.host = torch.zeros((max_num_seqs, max_blocks_per_seq), dtype=torch.long)
+        self.table = self.host if device.type == "cpu" else torch.zeros_like(self.host, device=device)
         self.max_blocks_per_seq = max_blocks_per_seq
         self._free_rows = list(range(max_num_seqs - 1, -1, -1))
         self._row_of: dict[str, int] = {}
@@ -46,7 +53,10 @@ class BlockTables:
         if end > self.max_blocks_per_seq:
             raise RuntimeError(
                 f"request {request_id} needs {end} blocks, above max_blocks_per_seq={self.max_blocks_per_seq}")
-        self.table[row, n:end] = torch.tensor(new_block_ids, dtype=torch.long)
+        ids = torch.tensor(new_block_ids, dtype=torch.long)
+        self.host[row, n:end] = ids
+        if self.table is not self.host:
+            self.table[row, n:end] = ids.to(self.table.device, non_blocking=True)
         self._num_blocks[request_id] = end
 
     def release(self, request_id: str) -> None:

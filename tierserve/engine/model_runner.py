@@ -8,6 +8,17 @@ and computes logits only for the last token of requests that reach the end of
 their known tokens (those sample). The KV pages are allocated once here and
 never reallocated.
 
+Device: the model, the KV pages and the block tables live on ``device``;
+the step's token ids, positions and slots are computed on the host from host
+ints (the block tables keep a host mirror, engine/block_table.py) and sent as
+one small tensor each; the device's block table receives only appended block
+ids. Attention runs through ``attention`` (kernels/attention/registry.py:
+"torch" reference or "triton" kernels), set on every step's metadata.
+
+CUDA graphs (``cuda_graphs``, engine/cuda_graphs.py): a decode-only step of
+at most the largest captured batch replays a graph captured for its bucket;
+prefill and mixed steps run eagerly.
+
 KV compression: ``kv_caches`` may come from a storage compressor (packed
 4-bit pages), and ``evicted_tokens(request_id)`` (the KV cache manager's
 count of tokens dropped by block eviction, default none) shifts a request's
@@ -22,34 +33,56 @@ from dataclasses import dataclass
 
 import torch
 
-from tierserve.kernels.kv_pages import LayerKV, allocate_kv_cache
-from tierserve.kernels.kv_spec import KVSpec
 from tierserve.engine.block_table import BlockTables
 from tierserve.engine.request import Request
-from tierserve.engine.scheduler import SchedulerOutput
-from tierserve.kernels.paged_attention import AttentionMetadata
+from tierserve.kernels.attention.base import AttentionBackend
+from tierserve.kernels.kv_pages import LayerKV, allocate_kv_cache
+from tierserve.kernels.kv_spec import KVSpec
+from tierserve.kernels.paged_attention import AttentionMetadata, TorchAttention
 from tierserve.models.context import ForwardContext
+from tierserve.step.schedule import SchedulerOutput
 
 
 @dataclass
 class RunnerOutput:
-    """Logits ``[N, vocab]`` (fp32) for the N requests that sample, in ``request_ids`` order."""
+    """Logits ``[N, vocab]`` (fp32, on the runner's device) for the N requests that sample, in ``request_ids``
+    order."""
 
     request_ids: list[str]
     logits: torch.Tensor | None
 
 
+@dataclass
+class StepInputs:
+    """One step flattened on the host: what the forward pass needs, before it goes to the device."""
+
+    tokens: list[int]
+    positions: list[int]
+    slots: torch.Tensor          # [T] long, host
+    rows: list[int]              # block-table row per sequence
+    query_start: list[int]
+    seq_lens: list[int]
+    sample_idx: list[int]
+    sample_ids: list[str]
+
+    @property
+    def decode_only(self) -> bool:
+        return self.query_start[-1] == len(self.seq_lens)
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, spec: KVSpec, num_blocks: int, max_num_seqs: int,
                  max_model_len: int, device: str | torch.device = "cpu", kv_caches: list | None = None,
-                 evicted_tokens: Callable[[str], int] | None = None):
+                 evicted_tokens: Callable[[str], int] | None = None, attention: AttentionBackend | None = None):
         self.model = model
         self.spec = spec
         self.device = torch.device(device)
+        self.attention = attention or TorchAttention()
         self.kv_caches: list[LayerKV] = (kv_caches if kv_caches is not None
                                          else allocate_kv_cache(spec, num_blocks, self.device))
         self._evicted = evicted_tokens
         self.block_tables = BlockTables(max_num_seqs, spec.blocks_for_tokens(max_model_len), self.device)
+        self.graphs = None  # engine/cuda_graphs.DecodeGraphs, installed by the engine when enabled
 
     def release(self, request_id: str) -> None:
         self.block_tables.release(request_id)
@@ -58,11 +91,18 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput, requests: dict[str, Request]) -> RunnerOutput:
         if not out.scheduled:
             return RunnerOutput([], None)
+        step = self._flatten(out, requests)
+        if self.graphs is not None and step.decode_only and self.graphs.fits(len(step.seq_lens)):
+            logits = self.graphs.run(step, self.block_tables.table)
+            return RunnerOutput(step.sample_ids, logits)
+        return self._run_eager(step)
+
+    def _flatten(self, out: SchedulerOutput, requests: dict[str, Request]) -> StepInputs:
         tokens: list[int] = []
         positions: list[int] = []
         slot_pos: list[int] = []
-        rows: list[int] = []
         token_rows: list[int] = []
+        rows: list[int] = []
         query_start = [0]
         seq_lens: list[int] = []
         sample_idx: list[int] = []
@@ -86,22 +126,22 @@ class ModelRunner:
             if end == req.num_tokens:
                 sample_idx.append(query_start[-1] - 1)
                 sample_ids.append(sr.request_id)
-        ctx = ForwardContext(self._metadata(slot_pos, token_rows, rows, query_start, seq_lens), self.kv_caches)
-        input_ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        hidden = self.model(input_ids, pos, ctx)
-        if not sample_idx:
-            return RunnerOutput([], None)
-        if len(sample_idx) != hidden.shape[0]:
-            hidden = hidden[torch.tensor(sample_idx, dtype=torch.long, device=self.device)]
-        return RunnerOutput(sample_ids, self.model.compute_logits(hidden))
-
-    def _metadata(self, positions, token_rows, rows, query_start, seq_lens) -> AttentionMetadata:
         bs = self.spec.block_size
-        table = self.block_tables.table
-        pos = torch.tensor(positions, dtype=torch.long)
-        trow = torch.tensor(token_rows, dtype=torch.long)
-        slots = table[trow, pos // bs] * bs + pos % bs
-        width = -(-max(seq_lens) // bs)
-        step_tables = table[:, :width][torch.tensor(rows, dtype=torch.long)]
-        return AttentionMetadata(slots.to(self.device), step_tables.to(self.device), query_start, seq_lens, bs)
+        pos = torch.tensor(slot_pos, dtype=torch.long)
+        slots = self.block_tables.host[torch.tensor(token_rows, dtype=torch.long), pos // bs] * bs + pos % bs
+        return StepInputs(tokens, positions, slots, rows, query_start, seq_lens, sample_idx, sample_ids)
+
+    def _run_eager(self, step: StepInputs) -> RunnerOutput:
+        dev = self.device
+        width = -(-max(step.seq_lens) // self.spec.block_size)
+        rows = torch.tensor(step.rows, dtype=torch.long, device=dev)
+        meta = AttentionMetadata(step.slots.to(dev), self.block_tables.table[rows, :width], step.query_start,
+                                 step.seq_lens, self.spec.block_size, backend=self.attention)
+        input_ids = torch.tensor(step.tokens, dtype=torch.long, device=dev)
+        pos = torch.tensor(step.positions, dtype=torch.long, device=dev)
+        hidden = self.model(input_ids, pos, ForwardContext(meta, self.kv_caches))
+        if not step.sample_idx:
+            return RunnerOutput([], None)
+        if len(step.sample_idx) != hidden.shape[0]:
+            hidden = hidden[torch.tensor(step.sample_idx, dtype=torch.long, device=dev)]
+        return RunnerOutput(step.sample_ids, self.model.compute_logits(hidden))

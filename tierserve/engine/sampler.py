@@ -134,7 +134,7 @@ def _sample(logits: torch.Tensor, params: list[SamplingParams],
         if g is not None:
             u[i] = torch.rand(1, generator=g, dtype=torch.float64)[0]
     if default_rows:
-        u[torch.tensor(default_rows, device=dev)] = torch.rand(len(default_rows), dtype=torch.float64)
+        u[torch.tensor(default_rows, device=dev)] = torch.rand(len(default_rows), dtype=torch.float64).to(dev)
     # First index whose cdf exceeds u * total: zero-probability tokens have
     # empty intervals and are never chosen; u < 1 keeps the index in range.
     target = (u * cdf[:, -1]).unsqueeze(1)

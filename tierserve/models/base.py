@@ -15,6 +15,7 @@ Contract the engine relies on (every architecture class subclasses this):
   e.g. ``rotary_emb.inv_freq``); with tied embeddings ``lm_head.weight`` is
   skipped too, since the head is the embedding tensor.
 - ``kv_spec(block_size) -> KVSpec``.
+- ``supports_cuda_graphs()``: False when a submodule sets ``graph_capturable = False``.
 """
 
 from __future__ import annotations
@@ -41,10 +42,16 @@ class CausalLMBase(nn.Module):
             raise ModelLoadError(f"dtype {dtype} is not supported; supported: {list(_DTYPE_NAMES.values())}")
         self.cfg = cfg
         self.dtype = dtype
-        self.embed_tokens = torch.nn.utils.skip_init(nn.Embedding, cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.embed_tokens = torch.nn.utils.skip_init(nn.Embedding, cfg.vocab_size, cfg.hidden_size, dtype=dtype,
+                                                     device=torch.get_default_device())
         self.lm_head = None if cfg.tie_word_embeddings else linear(cfg.hidden_size, cfg.vocab_size, False, dtype)
         # the projection compute_logits runs: a module, so backends can swap it like any linear
         self.logits_head = TiedLMHead(self.embed_tokens) if self.lm_head is None else self.lm_head
+
+    def supports_cuda_graphs(self) -> bool:
+        """Whether a forward can be captured in a CUDA graph: no submodule declares ``graph_capturable = False``
+        (a module that synchronises with the host in its forward, e.g. MoE routing sizing expert batches)."""
+        return all(getattr(m, "graph_capturable", True) for m in self.modules())
 
     def head_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

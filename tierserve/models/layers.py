@@ -38,7 +38,8 @@ class Slot:
 
 def linear(in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> nn.Linear:
     """An uninitialised Linear (weights come from the checkpoint)."""
-    return torch.nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias, dtype=dtype)
+    return torch.nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias, dtype=dtype,
+                                    device=torch.get_default_device())  # skip_init defaults to the CPU
 
 
 def fused_slots(layer: nn.Linear, prefix: str, names: list[str], sizes: list[int]) -> dict[str, Slot]:

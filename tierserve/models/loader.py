@@ -12,7 +12,11 @@ Sources:
 
 Tensors stream one at a time (``safe_open(...).get_tensor``) and are cast while
 being copied into the model's parameters, so a bf16 checkpoint loaded as fp32
-never has a second full fp32 copy beside the model. The model is returned in
+never has a second full fp32 copy beside the model. With ``device`` (e.g.
+``cuda``) the model is built on that device and each tensor is copied straight
+into its device parameter (cast on the device), so a bf16 checkpoint served in
+bf16 on a GPU is never materialised in fp32, nor as a whole model, on the host.
+The packed GGUF path builds on the host and moves the packed model once. The model is returned in
 eval mode with ``requires_grad`` off. Which checkpoint tensors may be skipped is
 decided by the model class (``CausalLMBase.ignored_hf_suffixes``); anything else
 unknown, missing or misshapen raises ModelLoadError (see ``base.py``).
@@ -46,7 +50,8 @@ class LoadedModel:
     source: str  # SOURCE_SAFETENSORS or SOURCE_GGUF
 
 
-def load_model(path: str, dtype: torch.dtype = torch.float32, packed: bool = False) -> LoadedModel:
+def load_model(path: str, dtype: torch.dtype = torch.float32, packed: bool = False,
+               device: str | torch.device = "cpu") -> LoadedModel:
     """Load a safetensors folder or a .gguf file (see module docstring)."""
     path = os.fspath(path)
     if packed and not path.lower().endswith(".gguf"):
@@ -67,12 +72,16 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, packed: bool = Fal
         raise ModelLoadError(f"model path {path!r} is neither a folder with config.json and safetensors "
                              f"nor a .gguf file")
     arch = ModelArchConfig.from_hf(hf_config)
-    model = model_class(arch.architecture)(arch, dtype)
+    device = torch.device(device)
     if packed:
         from tierserve.models.gguf.packed import load_gguf_packed
 
+        model = model_class(arch.architecture)(arch, dtype)
         load_gguf_packed(model, gguf)
+        model.to(device)
     else:
+        with device:  # parameters are created on the device; each checkpoint tensor is copied into one
+            model = model_class(arch.architecture)(arch, dtype)
         model.load_weights(weights)
     model.eval()
     model.requires_grad_(False)

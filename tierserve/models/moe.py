@@ -57,6 +57,8 @@ def sum_slots(buf: torch.Tensor, t: int, k: int) -> torch.Tensor:
 
 
 class SparseMoeBlock(nn.Module):
+    graph_capturable = False  # expert_rows sizes each expert's batch on the host (one sync per layer)
+
     def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, renormalize: bool,
                  act: str, dtype: torch.dtype, expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
                  shared_intermediate: int = 0):
