@@ -3,6 +3,11 @@
 Triton runs in interpreter mode for the whole session (CPU tensors, no GPU here): the
 variable must be set before ANY module decorates a ``@triton.jit`` function, and which
 test module first imports a kernel depends on collection order, so it is set here.
+
+GPU tests carry the ``cuda`` marker and run compiled kernels on CUDA tensors. Triton picks
+interpreted or compiled per process (at decoration time), so they run in their own session,
+``TRITON_INTERPRET=0 python -m pytest -m cuda`` (benchmarks/device_check.sh); in any other
+session (no CUDA, or the interpreter on) they are skipped with the reason.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -51,6 +56,24 @@ def smollm_llm(smollm_folder):
     from tierserve import LLM
 
     return LLM(smollm_folder, num_blocks=512, max_num_seqs=16)
+
+
+def _cuda_skip_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "CUDA is absent"
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("0", ""):
+        return "TRITON_INTERPRET is on: run `TRITON_INTERPRET=0 python -m pytest -m cuda` for compiled kernels"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip ``cuda``-marked tests where they cannot run compiled kernels on a GPU (see module docstring)."""
+    reason = _cuda_skip_reason()
+    if reason is None:
+        return
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 # Ray + Serve session fixtures (one local cluster shared by every Ray test).
