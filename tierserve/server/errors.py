@@ -43,11 +43,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tierserve.errors import ContextLengthError, InvalidParameterError, TierserveError
+from tierserve.server.serve_options import DEFAULT_MAX_BODY_BYTES  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
-
-#: Default request body limit (4 MiB: far beyond any context this server runs).
-DEFAULT_MAX_BODY_BYTES = 4 * 2**20
 
 
 class APIError(Exception):

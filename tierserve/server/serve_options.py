@@ -1,0 +1,84 @@
+"""ServeOptions: the serving options that are not engine config, declared once for ``tierserve serve`` and Serve YAML.
+
+Each field carries its help (tierserve/config_fields.py ``option``), so the
+``serve`` command's flags (``--replicas``, ``--api-key``, ...) and the Serve
+app's ``args`` keys (server/app_args.py) are both derived from this class.
+Validated at construction; errors name the field:
+
+* ``replicas >= 1``; autoscaling when ``max_replicas`` (>= 1) is given, with
+  ``min_replicas`` (>= 0, default 1) <= ``replicas`` <= ``max_replicas``;
+  ``min_replicas`` without ``max_replicas`` is refused;
+* ``target_ongoing_requests > 0``, ``max_waiting_requests >= 1``,
+  ``retry_after_s >= 1``, ``max_body_bytes >= 1``, ``worker_cpus >= 0``,
+  ``ingress_cpus >= 0``, ``metrics_interval_s > 0``;
+* ``router`` in ``ROUTERS``; ``0 <= router_min_match_ratio <= 1``.
+
+Pure data: no Ray, no FastAPI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tierserve.config_fields import option
+from tierserve.errors import InvalidParameterError
+
+#: Default request body limit (4 MiB: far beyond any context this server runs); larger bodies get 413.
+DEFAULT_MAX_BODY_BYTES = 4 * 2**20
+#: "prefix": tierserve's prefix-aware router; "pow2": Ray Serve's default power-of-two-choices router.
+ROUTERS = ("prefix", "pow2")
+
+_MIN = {"replicas": 1, "max_waiting_requests": 1, "retry_after_s": 1, "max_body_bytes": 1,
+        "worker_cpus": 0, "ingress_cpus": 0}
+_POSITIVE = ("target_ongoing_requests", "metrics_interval_s")
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    served_model_name: str | None = option(None, "model name in the API (default: the model path)")
+    replicas: int = option(1, "LLMServer replicas (one engine each); the initial count when autoscaling")
+    min_replicas: int | None = option(None, "autoscaling: fewest replicas (default: 1)")
+    max_replicas: int | None = option(None, "enable autoscaling up to this many replicas")
+    target_ongoing_requests: float = option(16.0, "autoscaling: ongoing requests per replica to aim at")
+    max_waiting_requests: int = option(64, "requests queued per replica before it answers 429")
+    retry_after_s: int = option(1, "Retry-After seconds of 429/503 answers")
+    max_body_bytes: int = option(DEFAULT_MAX_BODY_BYTES, "largest request body accepted (413 above)")
+    api_key: str | None = option(None, "require this bearer key on /v1 (serve command: default $TIERSERVE_API_KEY)")
+    worker_cpus: float = option(1.0, "CPUs reserved per LLMServer replica")
+    ingress_cpus: float = option(0.0, "CPUs reserved per ingress replica")
+    metrics_interval_s: float = option(1.0, "seconds between two metrics pushes of a replica")
+    router: str = option("prefix", "request router (prefix: longest cached prefix, bounded by load; "
+                                   "pow2: Ray Serve's power of two choices)", choices=ROUTERS)
+    router_abs_threshold: float = option(4.0, "prefix router: the least-loaded replica wins over the best match "
+                                              "when their load gap (requests) exceeds this and the ratio below")
+    router_rel_threshold: float = option(1.5, "prefix router: ... and their load ratio exceeds this")
+    router_min_match_ratio: float = option(0.1, "prefix router: a best match below this fraction of the prompt's "
+                                                "blocks routes by load")
+
+    def __post_init__(self) -> None:
+        for name, low in _MIN.items():
+            if getattr(self, name) < low:
+                raise InvalidParameterError(name, f"must be >= {low}, got {getattr(self, name)}")
+        for name in _POSITIVE:
+            if not getattr(self, name) > 0:
+                raise InvalidParameterError(name, f"must be > 0, got {getattr(self, name)}")
+        if self.router not in ROUTERS:
+            raise InvalidParameterError("router", f"must be one of {ROUTERS}, got {self.router!r}")
+        if not 0 <= self.router_min_match_ratio <= 1:
+            raise InvalidParameterError("router_min_match_ratio",
+                                        f"must be in [0, 1], got {self.router_min_match_ratio}")
+        self._check_replica_range()
+
+    def _check_replica_range(self) -> None:
+        if self.min_replicas is not None and self.min_replicas < 0:
+            raise InvalidParameterError("min_replicas", f"must be >= 0, got {self.min_replicas}")
+        if self.max_replicas is None:
+            if self.min_replicas is not None:
+                raise InvalidParameterError("min_replicas", "needs max_replicas (autoscaling)")
+            return
+        if self.max_replicas < 1:
+            raise InvalidParameterError("max_replicas", f"must be >= 1, got {self.max_replicas}")
+        lo = self.min_replicas if self.min_replicas is not None else 1
+        if not lo <= self.replicas <= self.max_replicas:
+            raise InvalidParameterError("replicas", f"must lie in [min_replicas={lo}, "
+                                                    f"max_replicas={self.max_replicas}], got {self.replicas}")
