@@ -25,7 +25,7 @@ _DTYPES = ("float32", "bfloat16", "float16")
 #: OffloadConfig.channel: how fused dispatch messages reach expert hosts
 _CHANNELS = ("socket", "ray")
 #: OffloadConfig.host_weight_format: the keys of tierserve.offload.host_storage.HOST_WEIGHT_FORMATS
-#: (a layer above this one; tests/test_config_options.py checks the two agree)
+#: (a layer above this one; tests/test_config_fields.py checks the two agree)
 HOST_WEIGHT_FORMATS = ("raw", "dfloat11")
 
 
@@ -172,7 +172,7 @@ class OffloadConfig:
 
     resident_experts: int | None = option(None, "MoE expert offload: experts kept on the worker, summed over "
                                                 "layers (default: all, offload off)", name="resident_experts")
-    expert_hosts: int = option(2, "expert-host actors holding the cold experts (with resident_experts)",
+    expert_hosts: int = option(2, "expert hosts (processes or Ray actors) holding the cold experts",
                                name="expert_hosts")
     per_layer_floor: int = option(0, "experts kept resident in every MoE layer")
     usage_path: str | None = option(None, "expert-usage JSON ranking the experts (default: rank by id)")

@@ -28,7 +28,9 @@ from tierserve.cache.compress.base import build_compressor
 from tierserve.cache.compress.driver import EvictionDriver
 from tierserve.cache.kv_cache_manager import KVCacheManager
 from tierserve.config import EngineConfig
+from tierserve.engine.cuda_graphs import DecodeGraphs
 from tierserve.engine.detokenizer import IncrementalDetokenizer
+from tierserve.engine.device import resolve_device, resolve_dtype
 from tierserve.engine.engine_stats import EngineInfo, EngineStats
 from tierserve.engine.model_runner import ModelRunner
 from tierserve.engine.model_source import load_tokenizer, resolve_model
@@ -37,6 +39,7 @@ from tierserve.engine.request import Request, RequestStatus
 from tierserve.engine.sampler import Sampler, SamplingBatch
 from tierserve.engine.scheduler import Scheduler
 from tierserve.engine.stop_rules import StopRules
+from tierserve.kernels.attention.registry import build_attention_backend
 from tierserve.kernels.cpu_linear import apply_linear_backend
 from tierserve.errors import ContextLengthError, InvalidParameterError
 from tierserve.models.loader import load_model
@@ -62,6 +65,8 @@ class LLMEngine:
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
         self.source = resolve_model(config.model.model)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.model.dtype, self.device)
         loaded = self._build_model(config)
         self.model = loaded.model
         self.hf_config = loaded.hf_config
@@ -75,8 +80,7 @@ class LLMEngine:
         num_blocks = config.cache.num_blocks or max(1, int(config.cache.kv_cache_memory_gib * 2**30) // page_bytes)
         self.num_blocks = num_blocks
         self.kv_manager = KVCacheManager(num_blocks, spec.block_size, config.cache.enable_prefix_caching)
-        self.runner = ModelRunner(self.model, spec, num_blocks, config.scheduler.max_num_seqs, self.max_model_len,
-                                  **self._kv_compression_runner_args(num_blocks))
+        self.runner = self._build_runner(config, spec, num_blocks)
         self.kv_tiers = self._build_kv_tiers(config, spec)  # None unless --kv-tiers
         self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.max_model_len, self.kv_tiers)
         self.kv_evictor = self._bind_kv_compression()  # None unless an eviction method
@@ -90,21 +94,45 @@ class LLMEngine:
 
     def _build_model(self, config: EngineConfig):
         """Load the weights, then apply the transforms in order: expert offload, linear backend."""
-        dtype = getattr(torch, config.model.dtype)
         if config.model.quantization is None:
-            loaded = load_model(self.source.weights, dtype)
+            loaded = load_model(self.source.weights, self.dtype, device=self.device)
         else:  # imported only when asked for: it pulls in every registered weight format
             from tierserve.models.quantized_checkpoint import load_for_engine
 
-            loaded = load_for_engine(self.source.weights, dtype, config.model.quantization)
+            loaded = load_for_engine(self.source.weights, self.dtype, config.model.quantization)
+            loaded.model.to(self.device)  # packed tensors: a fraction of the float model's bytes
+        if config.offload.enabled and self.device.type != "cpu":
+            raise InvalidParameterError("device", "expert offload runs on the CPU path so far; use device='cpu' "
+                                                  f"with resident_experts (got {self.device})")
         self.offload = None
         if config.offload.enabled:  # before the linear backend: it ships plain weights to the hosts
-            from tierserve.moe.offload import offload_from_config
+            from tierserve.offload.build import offload_from_config
 
             self.offload = offload_from_config(loaded.model, config.offload, self.source.weights,
                                                config.model.linear_backend)
         apply_linear_backend(loaded.model, config.model.linear_backend)
         return loaded
+
+    def _build_runner(self, config: EngineConfig, spec, num_blocks: int) -> ModelRunner:
+        """The runner on the engine's device with its attention backend; decode CUDA graphs where they apply
+        (CUDA, triton attention, a capturable model, plain KV pages, not ``enforce_eager``): one extra KV page
+        then serves as the graphs' padding scratch."""
+        m = config.model
+        name = m.attention_backend if m.attention_backend != "auto" else (
+            "triton" if self.device.type == "cuda" else "torch")
+        attention = build_attention_backend(name)
+        graphs = (self.device.type == "cuda" and not m.enforce_eager and name == "triton"
+                  and self.kv_compressor is None and self.model.supports_cuda_graphs())
+        pages = num_blocks + 1 if graphs else num_blocks
+        runner = ModelRunner(self.model, spec, pages, config.scheduler.max_num_seqs, self.max_model_len,
+                             device=self.device, attention=attention, **self._kv_compression_runner_args(num_blocks))
+        if graphs:
+            runner.graphs = DecodeGraphs(self.model, runner.kv_caches, attention, spec.block_size,
+                                         runner.block_tables.max_blocks_per_seq, self.max_model_len,
+                                         scratch_block=num_blocks, max_num_seqs=config.scheduler.max_num_seqs,
+                                         device=self.device)
+            runner.graphs.capture()
+        return runner
 
     def _check_eviction_supported(self, arch) -> None:
         """Eviction shifts slots against positions; a sliding window counts slots, so it would see the wrong
@@ -123,7 +151,7 @@ class LLMEngine:
         comp = self.kv_compressor
         if comp is None:
             return {}
-        return {"kv_caches": comp.allocate_cache(num_blocks),
+        return {"kv_caches": comp.allocate_cache(num_blocks, self.device),
                 "evicted_tokens": self.kv_manager.num_evicted_tokens if comp.evicts else None}
 
     def _bind_kv_compression(self) -> EvictionDriver | None:
@@ -199,10 +227,10 @@ class LLMEngine:
             raise InvalidParameterError("kv_tiers", "cannot be combined with kv_compression (yet)")
         import hashlib
 
-        from tierserve.cache.lmcache_connector import KVTierConnector
+        from tierserve.cache.tiers.connector import KVTierConnector
 
         m = config.model
-        ident = f"{self.source.name}|{m.dtype}|{m.quantization}|{m.linear_backend}|{spec}"
+        ident = f"{self.source.name}|{self.dtype}|{m.quantization}|{m.linear_backend}|{spec}"
         return KVTierConnector(config.kv_tiers, spec, "tierserve-" + hashlib.sha256(ident.encode()).hexdigest()[:16],
                                self.runner.kv_caches)
 
