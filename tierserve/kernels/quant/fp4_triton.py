@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from tierserve.kernels.quant.fp4 import ActQuant, e2m1_table
-from tierserve.kernels.quant.packed_launch import DOT_KINDS, accumulate, launch, store_tile
+from tierserve.kernels.quant.packed_launch import accumulate, dot_kind, launch, store_tile
 from tierserve.kernels.quant.tile_configs import TileConfig
 
 
@@ -94,4 +94,4 @@ def fp4_linear_triton(x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor, s
         a_ptr, as_ptr = act.qs.contiguous(), act.scale.float().contiguous()
     args = (a_ptr, as_ptr, qs.contiguous(), scales.contiguous(), lut, e2m1)
     return launch(fp4_linear_kernel, args, x, qs.shape[0], bias, out_dtype, config,
-                  dot_kind=DOT_KINDS.get(x.dtype, 0), GROUP=group, ACT_FP4=act is not None)
+                  kind=dot_kind(x.dtype, x.device), GROUP=group, ACT_FP4=act is not None)

@@ -13,6 +13,9 @@ it to ``accumulate``:
   is rounded to the activations' dtype, exactly as the torch reference
   ``F.linear(x, dequantize(W).to(x.dtype))`` rounds it, and the product runs
   on tensor cores; ``DOT_KIND = 0`` (fp32 activations) is an IEEE fp32 dot.
+  Off CUDA (the triton interpreter, whose bf16 ``tl.dot`` returns garbage in
+  triton 3.9) bf16 runs as ``DOT_KIND = 3``: inputs rounded to bf16, products
+  (exact in fp32) summed by an IEEE fp32 dot -- the same rounding as on the GPU.
 
 ``store_tile``: with one K split the program adds the bias and writes y in
 its dtype; with ``SPLIT_K > 1`` it writes its fp32 partial to
@@ -37,6 +40,13 @@ import triton.language as tl
 from tierserve.kernels.quant.tile_configs import DEFAULT_NUM_SMS, TileConfig, choose_tiles
 
 DOT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+BF16_EMULATED = 3
+
+
+def dot_kind(dtype: torch.dtype, device: torch.device) -> int:
+    """The ``DOT_KIND`` for activations of ``dtype`` on ``device`` (module docstring)."""
+    kind = DOT_KINDS.get(dtype, 0)
+    return BF16_EMULATED if kind == DOT_KINDS[torch.bfloat16] and device.type != "cuda" else kind
 REDUCE_BLOCK = 1024
 
 
@@ -48,6 +58,10 @@ def accumulate(acc, x, w, USE_DOT: tl.constexpr, DOT_KIND: tl.constexpr):
             acc += tl.dot(x.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)))
         elif DOT_KIND == 2:
             acc += tl.dot(x.to(tl.float16), tl.trans(w.to(tl.float16)))
+        elif DOT_KIND == 3:  # bf16 inputs, products formed in fp32 (exact): the interpreter's bf16 dot
+            xr = x.to(tl.bfloat16).to(tl.float32)
+            wr = w.to(tl.bfloat16).to(tl.float32)
+            acc += tl.dot(xr, tl.trans(wr), input_precision="ieee")
         else:
             acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
     else:
@@ -102,13 +116,13 @@ def num_sms(device: torch.device) -> int:
 
 
 def launch(kernel: Callable, weight_args: tuple, x2: torch.Tensor, n: int, bias: torch.Tensor | None,
-           out_dtype: torch.dtype, config: TileConfig | None = None, dot_kind: int | None = None,
+           out_dtype: torch.dtype, config: TileConfig | None = None, kind: int | None = None,
            **constexprs) -> torch.Tensor:
     """Run ``kernel[grid](*weight_args, b, y, M, N, K, k_per_split, ...)``; returns y ``[M, N]`` in out_dtype.
 
     ``weight_args`` are the format's pointers (activation pointers included);
-    ``constexprs`` its own compile-time parameters; ``dot_kind`` defaults to
-    the activations' dtype (``DOT_KINDS``).
+    ``constexprs`` its own compile-time parameters; ``kind`` (DOT_KIND)
+    defaults to ``dot_kind`` of the activations' dtype.
     """
     m, k = x2.shape
     cfg = config or choose_tiles(m, n, k, num_sms(x2.device))
@@ -118,7 +132,7 @@ def launch(kernel: Callable, weight_args: tuple, x2: torch.Tensor, n: int, bias:
     if m == 0:
         return y
     target = y if grid[2] == 1 else torch.empty(grid[2], m, n, dtype=torch.float32, device=x2.device)
-    kind = DOT_KINDS.get(x2.dtype, 0) if dot_kind is None else dot_kind
+    kind = dot_kind(x2.dtype, x2.device) if kind is None else kind
     kernel[grid](*weight_args, bias if bias is not None else y, target, m, n, k, k_split,
                  HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                  SPLIT_K=grid[2], USE_DOT=cfg.use_dot, DOT_KIND=kind, num_warps=cfg.num_warps,

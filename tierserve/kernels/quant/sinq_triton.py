@@ -6,8 +6,8 @@ and SINQ tile), ``s_col`` fp16 ``[K]``.
 
 One program owns BLOCK_M rows of x, BLOCK_N output features and a contiguous
 K slab (``tile_configs`` picks the sizes per M and shape). Per BLOCK_K step it
-scales the activation tile by the column scales (``x s_col``, fp32, then back
-to x's dtype for a tensor-core dot), unpacks the codes of a ``[BLOCK_N,
+scales the activation tile by the column scales (``x s_col`` in fp32, rounded
+to x's dtype only for a tensor-core dot), unpacks the codes of a ``[BLOCK_N,
 BLOCK_K]`` weight tile, forms ``(Q - z[n, t]) s_row[n, t]`` in fp32 and
 accumulates (``packed_launch.accumulate``). Same name and semantics as the
 torch reference ``tierserve.kernels.quant.sinq.sinq_linear`` (float32
@@ -50,7 +50,7 @@ def _sinq_linear_kernel(x_ptr, q_ptr, s_ptr, z_ptr, c_ptr, b_ptr, y_ptr, M, N, K
         t_off = n64 * n_tiles + (k // GROUP)[None, :]
         z = tl.load(z_ptr + t_off, mask=wmask, other=0.0).to(tl.float32)
         s = tl.load(s_ptr + t_off, mask=wmask, other=0.0).to(tl.float32)
-        acc = accumulate(acc, xs.to(x.dtype), (q - z) * s, USE_DOT, DOT_KIND)
+        acc = accumulate(acc, xs, (q - z) * s, USE_DOT, DOT_KIND)
     store_tile(acc, b_ptr, y_ptr, offs_m, offs_n, M, N, HAS_BIAS, SPLIT_K)
 
 
