@@ -21,6 +21,14 @@ A cache object with a ``gather(table) -> (keys, values)`` method (packed
 4-bit pages, tierserve/cache/compress/kv4.py) is read through it, so a
 storage format dequantizes inside the gather; plain ``LayerKV`` pages are
 indexed directly.
+
+``paged_decode`` (decode-only steps) and ``paged_prefill`` (any mix of query
+lengths) are the attend-only halves, same-named with the triton kernels in
+``kernels/attention/paged_decode_triton.py`` and ``paged_prefill_triton.py``,
+whose tests use them as the oracle. ``TorchAttention`` is this file as an
+``AttentionBackend`` (``kernels/attention/base.py``); ``AttentionMetadata.backend``
+holds the step's backend (default: this one) and the models call
+``meta.backend.forward(...)``.
 """
 
 from __future__ import annotations
@@ -30,7 +38,17 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from tierserve.kernels.attention.base import AttentionBackend
 from tierserve.kernels.kv_pages import LayerKV
+
+
+class TorchAttention(AttentionBackend):
+    """The torch reference as a backend: ``paged_attention`` below (gather + SDPA)."""
+
+    name = "torch"
+
+    def forward(self, q, k, v, kv, meta, scale, sliding_window=None, logit_softcap=None):
+        return paged_attention(q, k, v, kv, meta, scale, sliding_window, logit_softcap)
 
 
 @dataclass
@@ -40,6 +58,9 @@ class AttentionMetadata:
     ``query_start`` (B+1 host ints) splits the flattened T tokens by sequence;
     ``seq_lens`` (B host ints) is each sequence's context length after this
     step; ``block_tables`` is ``[B, max_blocks]`` long (rows padded with 0).
+    ``backend`` is the attention implementation the models call for this step
+    (``kernels/attention/registry.py`` builds one by name; default the torch
+    reference).
     """
 
     slot_mapping: torch.Tensor
@@ -47,6 +68,7 @@ class AttentionMetadata:
     query_start: list[int]
     seq_lens: list[int]
     block_size: int
+    backend: AttentionBackend = field(default_factory=TorchAttention)
     _masks: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -74,6 +96,15 @@ class AttentionMetadata:
         return cls(torch.tensor(slots, dtype=torch.long, device=device), bt.to(device),
                    starts, list(seq_lens), block_size)
 
+    def device_ints(self, name: str, device) -> torch.Tensor:
+        """``query_start`` or ``seq_lens`` as an int32 tensor on ``device`` (memoised per step)."""
+        key = (name, str(device))
+        t = self._masks.get(key)
+        if t is None:
+            t = torch.tensor(getattr(self, name), dtype=torch.int32, device=device)
+            self._masks[key] = t
+        return t
+
     def decode_mask(self, width: int, sliding_window: int | None, device) -> torch.Tensor:
         """[B, 1, 1, width] bool: key j valid for sequence b (memoised per step)."""
         key = (width, sliding_window)
@@ -95,7 +126,19 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: Layer
     """Write k/v into the pages, then attend. Returns ``[T, Hq, D]``."""
     kv.write(meta.slot_mapping, k, v)
     if meta.decode_only:
-        return _decode_batch(q, kv, meta, scale, sliding_window, logit_softcap)
+        return paged_decode(q, kv, meta, scale, sliding_window, logit_softcap)
+    return paged_prefill(q, kv, meta, scale, sliding_window, logit_softcap)
+
+
+def paged_decode(q: torch.Tensor, kv, meta: AttentionMetadata, scale: float, sliding_window: int | None = None,
+                 logit_softcap: float | None = None) -> torch.Tensor:
+    """Attend a decode-only step (one query per sequence, ``q [B, Hq, D]``) over the pages as written."""
+    return _decode_batch(q, kv, meta, scale, sliding_window, logit_softcap)
+
+
+def paged_prefill(q: torch.Tensor, kv, meta: AttentionMetadata, scale: float, sliding_window: int | None = None,
+                  logit_softcap: float | None = None) -> torch.Tensor:
+    """Attend any step (chunked prefill, prefix hits, decode rows) over the pages as written; one SDPA per sequence."""
     out = torch.empty_like(q)
     for i, seq_len in enumerate(meta.seq_lens):
         lo, hi = meta.query_start[i], meta.query_start[i + 1]

@@ -9,8 +9,12 @@ One ``qkv_proj`` Linear holds HF's q_proj, k_proj and v_proj stacked by rows
     clip_qkv c          : q, k, v clamped to [-c, c] (OLMoE)
     qk_norm "per_head"  : RMSNorm over each head's D features (Qwen3, Gemma3)
     q, k = RoPE(q, k, positions)
-    o = paged_attention(q, k, v, kv_cache[layer], scale, sliding_window, logit_softcap)
+    o = attn.backend.forward(q, k, v, kv_cache[layer], attn, scale, sliding_window, logit_softcap)
     return o_proj(o)
+
+``attn.backend`` (an ``AttentionBackend`` on the step's ``AttentionMetadata``:
+the torch reference by default, or the triton kernels) is the one place the
+attention implementation is chosen.
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tierserve.kernels.paged_attention import paged_attention
 from tierserve.models.arch_config import ModelArchConfig
 from tierserve.models.context import ForwardContext
 from tierserve.models.layers import RMSNorm, Slot, fused_slots, linear, linear_slots
@@ -64,8 +67,8 @@ class Attention(nn.Module):
         if self.qk_norm == "per_head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = paged_attention(q, k, v, ctx.kv_caches[self.layer_idx], ctx.attn, scale=self.scale,
-                              sliding_window=self.sliding_window, logit_softcap=self.softcap)
+        out = ctx.attn.backend.forward(q, k, v, ctx.kv_caches[self.layer_idx], ctx.attn, scale=self.scale,
+                                       sliding_window=self.sliding_window, logit_softcap=self.softcap)
         return self.o_proj(out.reshape(t, self.q_size))
 
     def hf_slots(self, prefix: str) -> dict[str, Slot]:
