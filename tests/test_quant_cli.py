@@ -22,7 +22,7 @@ from tierserve.cli import main
 from tierserve.models.quantized_checkpoint import QUANT_CONFIG_FILE, load_quantized
 from tierserve.kernels.quant.transform import capture_activations, quantize_model
 from tierserve.models.loader import load_model
-from tierserve.moe.calibration import (CALIBRATION_NOVELS, HELDOUT_NOVELS, austen_token_windows,
+from tierserve.tools.calibration import (CALIBRATION_NOVELS, HELDOUT_NOVELS, austen_token_windows,
                                        calibration_activations, forward_hidden)
 
 LINEARS = [f"layers.{i}.{p}" for i in range(2)
