@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tierserve.config import KVCompressionConfig  # noqa: E402
 from tierserve.engine.llm import build_engine_config  # noqa: E402
 from tierserve.engine.llm_engine import LLMEngine  # noqa: E402
-from tierserve.moe.calibration import HELDOUT_NOVELS, austen_token_windows  # noqa: E402
+from tierserve.tools.calibration import HELDOUT_NOVELS, austen_token_windows  # noqa: E402
 from tierserve.sampling_params import SamplingParams  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "kv_quality.json")

@@ -39,7 +39,7 @@ budget ``round(L * E * r)``):
   ``calibrated+cache`` (``--cache-slots`` spare slots, default 16; the engine measures
   its ``CostModel`` against a live host at start-up, the constants are printed);
 * ``naive`` at ``--compare-residency``: uniform placement, no cache, and the
-  per-expert dispatch of tierserve/moe/naive_dispatch.py (one blocking host call per
+  per-expert dispatch of tierserve/offload/naive_dispatch.py (one blocking host call per
   (layer, cold expert with routed rows)) as plain Ray actor calls (numpy through Ray:
   what a first offload on Ray does), and ``naive(socket)``: the same per-expert calls
   over tierserve's socket channel (the fused path's channel), to separate what fusion
@@ -68,7 +68,7 @@ Also: one ``ExpertHost.compute`` round trip (decode payloads of 1 and 4 rows) ov
 plain Ray call and the socket channel, to one and both hosts. ``--reap``
 (off by default): held-out Austen perplexity (``--reap-windows`` x 256 tokens of the
 held-out novels) of the unpruned model and of REAP / frequency / random pruning at
-ratios 0.25 and 0.5 (tierserve.moe.reap, one calibration of ``--calib-windows``
+ratios 0.25 and 0.5 (tierserve.tools.reap, one calibration of ``--calib-windows``
 windows shared by REAP and frequency). ``--quick``: residencies 0 and 0.25, 4 tokens,
 2 calibration windows, no round-trip table (a smoke run; numbers are not meaningful).
 Writes benchmarks/results/offload.json (``--out``).
@@ -96,6 +96,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from offload_report import print_report  # noqa: E402
 from offload_rtt import round_trip  # noqa: E402
+from tierserve.actors.ray_launcher import RayHostLauncher  # noqa: E402
 from tierserve.config import OffloadConfig  # noqa: E402
 from tierserve.engine.llm import build_engine_config  # noqa: E402
 from tierserve.engine.llm_engine import LLMEngine  # noqa: E402
@@ -153,9 +154,9 @@ def _calibrate(path: str, usage_file: str, windows: int, seq_len: int = 256) -> 
 
     from tierserve.kernels.cpu_linear import apply_linear_backend
     from tierserve.models.loader import load_model
-    from tierserve.moe.calibration import CALIBRATION_NOVELS, austen_token_windows, forward_logits
-    from tierserve.moe.usage import ExpertUsage
-    from tierserve.moe.usage_hook import attach_usage_recorder, moe_blocks
+    from tierserve.tools.calibration import CALIBRATION_NOVELS, austen_token_windows, forward_logits
+    from tierserve.offload.usage import ExpertUsage
+    from tierserve.offload.usage_hook import attach_usage_recorder, moe_blocks
 
     model = load_model(path).model
     apply_linear_backend(model, "auto")
@@ -224,7 +225,7 @@ def _long_prefill(engine: LLMEngine, path: str) -> dict:
     """Prefill of one ``LONG_PROMPT_TOKENS``-token held-out Austen prompt: seconds, where its cold rows ran."""
     from transformers import AutoTokenizer
 
-    from tierserve.moe.calibration import HELDOUT_NOVELS, austen_token_windows
+    from tierserve.tools.calibration import HELDOUT_NOVELS, austen_token_windows
 
     prompt = austen_token_windows(AutoTokenizer.from_pretrained(path), HELDOUT_NOVELS, 1, LONG_PROMPT_TOKENS)
     before = _snapshot(engine.offload)
@@ -245,20 +246,20 @@ def _pin(engine: LLMEngine) -> None:
     cpus = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {cpus[0]})
     if engine.offload is not None:
-        for host in engine.offload.pool.hosts.values():
-            os.sched_setaffinity(ray.get(host.stats.remote())["pid"], set(cpus[1:]))
+        for transport in engine.offload.pool.transports.values():
+            os.sched_setaffinity(transport.stats().pid, set(cpus[1:]))
 
 
 def _engine_run(path: str, run: Run | None, budget: int, layers: int, usage_file: str, tokens: int,
                 threads: int, pin: bool) -> dict:
     """One engine (None: all-resident), warm-up, then batch 1 and batch 8; a row per batch size."""
-    from tierserve.moe.naive_dispatch import use_naive_dispatch
+    from tierserve.offload.naive_dispatch import use_naive_dispatch
 
     config = build_engine_config(path, num_blocks=128, max_num_seqs=max(BATCHES), max_model_len=512,
                                  enable_prefix_caching=False, num_threads=threads)
     if run is not None:
         config = dataclasses.replace(config, offload=_offload_config(run, budget, layers, usage_file))
-    engine = LLMEngine(config)
+    engine = LLMEngine(config, host_launcher=RayHostLauncher())  # the hosts: ExpertHost actors on the cluster
     try:
         if pin:
             _pin(engine)
@@ -332,7 +333,7 @@ def main(argv=None) -> int:
     if args.random:
         path = _random_moe(tempfile.mkdtemp(prefix="moe-rand-"))
     else:
-        from tierserve.moe.moefy import ensure_moe_model
+        from tierserve.tools.moefy import ensure_moe_model
 
         path = ensure_moe_model()
     with open(os.path.join(path, "config.json")) as f:

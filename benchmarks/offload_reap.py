@@ -1,9 +1,9 @@
 """The pruning table of benchmarks/offload.py ``--reap``: held-out perplexity of the MoE after expert pruning.
 
 Saliency is collected once on ``calib_windows`` x 256 tokens of the calibration
-novels (tierserve.moe.calibration); each method (``reap``: S_j = mean over routed
+novels (tierserve.tools.calibration); each method (``reap``: S_j = mean over routed
 tokens of g_j(x) * ||f_j(x)||, ``frequency``: routed-token counts, ``random``)
-removes ``ratio`` of each layer's experts (tierserve.moe.reap.prune), and the
+removes ``ratio`` of each layer's experts (tierserve.tools.reap.prune), and the
 pruned checkpoint is evaluated on ``eval_windows`` held-out windows.
 """
 
@@ -22,8 +22,8 @@ def reap_table(path: str, calib_windows: int, eval_windows: int, seq_len: int = 
 
     from tierserve.kernels.cpu_linear import apply_linear_backend
     from tierserve.models.loader import load_model
-    from tierserve.moe.calibration import CALIBRATION_NOVELS, HELDOUT_NOVELS, austen_token_windows, perplexity
-    from tierserve.moe.reap import collect_saliency, prune
+    from tierserve.tools.calibration import CALIBRATION_NOVELS, HELDOUT_NOVELS, austen_token_windows, perplexity
+    from tierserve.tools.reap import collect_saliency, prune
 
     tok = AutoTokenizer.from_pretrained(path)
     heldout = austen_token_windows(tok, HELDOUT_NOVELS, eval_windows, seq_len)

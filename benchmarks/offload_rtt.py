@@ -4,7 +4,7 @@ Two ExpertHost actors (on the running Ray cluster) each load ``layer_experts`` r
 fp32 experts (64 wide) of layer 0; one decode-sized payload (1 and 4 rows) goes to one
 and to both hosts, 110 times per variant, median of the last 100, in milliseconds:
 ``ray_{n}host_rows_{r}_median_ms`` (``ray.get`` of ``compute.remote`` calls) and
-``socket_{n}host_rows_{r}_median_ms`` (tierserve.moe.socket_channel, sends then reads).
+``socket_{n}host_rows_{r}_median_ms`` (tierserve.offload.socket_channel, sends then reads).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import ray
 
 def round_trip(hidden: int, layer_experts: int) -> dict:
     from tierserve.actors.expert_host import ExpertHost
-    from tierserve.moe.expert_weights import ExpertWeights
-    from tierserve.moe.socket_channel import SocketChannel
+    from tierserve.offload.expert_weights import ExpertWeights
+    from tierserve.offload.socket_channel import SocketChannel
 
     hosts = [ExpertHost.remote("auto") for _ in range(2)]
     w = ExpertWeights(np.random.randn(2 * 64, hidden).astype(np.float32),

@@ -47,7 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tierserve.kernels.quant  # noqa: E402,F401  (fills the registry)
 from tierserve.kernels.quant.transform import model_nbytes, quantize_model  # noqa: E402
 from tierserve.models.loader import load_model  # noqa: E402
-from tierserve.moe.calibration import (CALIBRATION_NOVELS, HELDOUT_NOVELS, austen_token_windows,  # noqa: E402
+from tierserve.tools.calibration import (CALIBRATION_NOVELS, HELDOUT_NOVELS, austen_token_windows,  # noqa: E402
                                        calibration_activations, forward_logits)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "quality.json")

@@ -81,8 +81,8 @@ def tiny_moe_reference(path: str, seed: int, new_tokens: int):
 
     from tierserve.kernels.cpu_linear import apply_linear_backend
     from tierserve.models.loader import load_model
-    from tierserve.moe.usage import ExpertUsage
-    from tierserve.moe.usage_hook import attach_usage_recorder
+    from tierserve.offload.usage import ExpertUsage
+    from tierserve.offload.usage_hook import attach_usage_recorder
 
     cfg = TINY_QWEN3_MOE
     build_and_save(Qwen3MoeConfig(**cfg), path, seed=seed, noise=0.2)

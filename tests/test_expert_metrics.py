@@ -7,7 +7,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tierserve.errors import InvalidParameterError
-from tierserve.moe.usage import ExpertMetrics, ExpertUsage
+from tierserve.offload.usage import ExpertMetrics, ExpertUsage
 from tierserve.server.metrics import MetricsBoard, WorkerMetrics, render_prometheus
 
 
@@ -40,7 +40,7 @@ def test_no_expert_families_without_offload():
 
 
 def test_usage_file_counts_are_checked_against_the_model(tmp_path):
-    from tierserve.moe.offload import load_counts
+    from tierserve.offload.apply import load_counts
 
     path = str(tmp_path / "usage.json")
     assert load_counts(path, [3, 3]) == [[0, 0, 0], [0, 0, 0]]  # missing: uniform

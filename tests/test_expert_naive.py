@@ -1,4 +1,4 @@
-"""The naive per-expert dispatch baseline (tierserve/moe/naive_dispatch.py) on a tiny Qwen3-MoE.
+"""The naive per-expert dispatch baseline (tierserve/offload/naive_dispatch.py) on a tiny Qwen3-MoE.
 
 Runs on the simulated 3-node cluster of tests/ray_fixtures.py (a head + 2 nodes with
 ``{"expert_host": 1}``), shut down at the end of the module. Checks, against the
@@ -16,7 +16,7 @@ from model_harness import MOE_PROMPT, TINY_QWEN3_MOE, PagedRunner, tiny_moe_refe
 from ray_fixtures import cluster  # noqa: F401  (the module-scoped 3-node cluster fixture)
 from tierserve.kernels.cpu_linear import apply_linear_backend
 from tierserve.models.loader import load_model
-from tierserve.moe.placement import plan_placement
+from tierserve.offload.placement import plan_placement
 
 CONFIG, PROMPT = TINY_QWEN3_MOE, MOE_PROMPT
 NEW = 8
@@ -32,22 +32,18 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hosts(cluster):
-    import ray
+    from tierserve.actors.ray_launcher import RayHostLauncher
+    from tierserve.offload.launcher import HostSpec
 
-    from tierserve.moe.offload import start_expert_hosts
-
-    hosts = start_expert_hosts(2, "auto")
-    yield hosts
-    for h in hosts.values():
-        ray.kill(h)
+    launcher = RayHostLauncher()
+    yield launcher.launch(2, HostSpec("auto"))
+    launcher.shutdown()
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.25])
 def test_naive_dispatch_is_bit_identical_one_call_per_expert(tiny, hosts, fraction):
-    import ray
-
-    from tierserve.moe.naive_dispatch import NaiveMoeBlock, use_naive_dispatch
-    from tierserve.moe.offload import apply_expert_offload
+    from tierserve.offload.apply import apply_expert_offload
+    from tierserve.offload.naive_dispatch import NaiveMoeBlock, use_naive_dispatch
 
     path, ref_logits, ref_tokens, prefill_counts = tiny
     zeros = [[0] * 8 for _ in range(2)]
@@ -58,21 +54,21 @@ def test_naive_dispatch_is_bit_identical_one_call_per_expert(tiny, hosts, fracti
     apply_linear_backend(model, "auto")
     use_naive_dispatch(handle)
     assert all(type(b) is NaiveMoeBlock for b in handle.blocks)
-    for h in hosts.values():
-        ray.get(h.reset_stats.remote())
+    for t in hosts.values():
+        t.reset_stats()
     assert torch.equal(PagedRunner(model).step(PROMPT), ref_logits)
     # one message per (layer, cold expert the prefill routed rows to), each holding just its rows
     for layer in range(2):
         cold = [e for e in placement.cold(layer) if prefill_counts[layer][e] > 0]
-        assert handle.stats.messages.get(layer, 0) == len(cold)
-        assert handle.stats.bytes.get(layer, 0) == 4 * CONFIG["hidden_size"] * sum(
+        assert handle.pool.stats.messages.get(layer, 0) == len(cold)
+        assert handle.pool.stats.bytes.get(layer, 0) == 4 * CONFIG["hidden_size"] * sum(
             prefill_counts[layer][e] for e in cold)
         assert handle.blocks[layer].counters.remote_rows == sum(prefill_counts[layer][e] for e in cold)
-    host_calls = sum(sum(ray.get(h.stats.remote())["calls"].values()) for h in hosts.values())
-    assert host_calls == sum(handle.stats.messages.values())
-    assert sum(b.counters.bytes_received for b in handle.blocks) == sum(handle.stats.bytes.values())
+    host_calls = sum(sum(t.stats().calls.values()) for t in hosts.values())
+    assert host_calls == sum(handle.pool.stats.messages.values())
+    assert sum(b.counters.bytes_received for b in handle.blocks) == sum(handle.pool.stats.bytes.values())
     assert PagedRunner(model).greedy(PROMPT, NEW) == ref_tokens
-    assert not handle.stats.failures
+    assert not handle.pool.stats.failures
     handle.close()
 
 
@@ -80,7 +76,7 @@ def test_naive_switch_rejects_other_blocks(tiny):
     from types import SimpleNamespace
 
     from tierserve.errors import InvalidParameterError
-    from tierserve.moe.naive_dispatch import use_naive_dispatch
+    from tierserve.offload.naive_dispatch import use_naive_dispatch
 
     with pytest.raises(InvalidParameterError, match="handle"):
         use_naive_dispatch(SimpleNamespace(blocks=[torch.nn.Linear(2, 2)]))

@@ -18,7 +18,7 @@ from model_harness import PagedRunner, build_and_save
 from ray_fixtures import cluster  # noqa: F401  (the module-scoped 3-node cluster fixture)
 from tierserve.kernels.cpu_linear import apply_linear_backend
 from tierserve.models.loader import load_model
-from tierserve.moe.placement import plan_placement
+from tierserve.offload.placement import plan_placement
 
 COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, vocab_size=384, max_position_embeddings=128, initializer_range=0.1)
@@ -44,7 +44,7 @@ def tiny(request, tmp_path_factory):
 
 
 def _offloaded(path, placement, hosts, **kw):
-    from tierserve.moe.offload import apply_expert_offload
+    from tierserve.offload.apply import apply_expert_offload
 
     model = load_model(path).model
     handle = apply_expert_offload(model, placement, hosts, model_path=path, linear_backend="auto", **kw)
@@ -53,7 +53,7 @@ def _offloaded(path, placement, hosts, **kw):
 
 
 def _placement(ref, fraction):
-    from tierserve.moe.offload import moe_blocks
+    from tierserve.offload.apply import moe_blocks
 
     counts = [[(e * 7 + j * 3) % 5 for e in range(b.num_experts)] for j, (_, b) in enumerate(moe_blocks(ref))]
     total = sum(len(r) for r in counts)
@@ -61,51 +61,75 @@ def _placement(ref, fraction):
 
 
 @pytest.fixture(scope="module")
-def hosts(cluster):
-    from tierserve.moe.offload import start_expert_hosts
+def launcher(cluster):
+    """Two ExpertHost actors (RayHostLauncher), one per expert-host node, for the whole module."""
+    from tierserve.actors.ray_launcher import RayHostLauncher
+    from tierserve.offload.launcher import HostSpec
 
-    hosts = start_expert_hosts(2, "auto")
-    import ray
+    launcher = RayHostLauncher()
+    transports = launcher.launch(2, HostSpec("auto"))
+    assert len({t.stats().node for t in transports.values()}) == 2  # one per node
+    yield launcher
+    launcher.shutdown()
 
-    assert len({ray.get(h.ping.remote()) for h in hosts.values()}) == 2  # one per node
-    return hosts
+
+@pytest.fixture
+def hosts(launcher):
+    """A socket transport per module host (a fresh connection per test)."""
+    from tierserve.actors.ray_launcher import transports_for
+
+    return transports_for(launcher.actors, "socket", 30.0)
 
 
 @pytest.mark.parametrize("channel", ["socket", "ray"])
 @pytest.mark.parametrize("fraction", [0.0, 0.5, 0.75])
-def test_offloaded_is_bit_identical(tiny, hosts, fraction, channel):
-    """Both fused-dispatch channels (direct TCP socket, plain actor calls) give the resident bits."""
-    import ray
+def test_offloaded_is_bit_identical(tiny, launcher, fraction, channel):
+    """Both fused-dispatch transports (direct TCP socket, plain actor calls) give the resident bits."""
+    import time
+
+    import numpy as np
+
+    from tierserve.actors.ray_launcher import transports_for
+    from tierserve.actors.ray_transport import RayTransport
+    from tierserve.offload.socket_transport import SocketTransport
+    from tierserve.offload.transport import HostCallError
 
     path, ref, ref_logits, ref_tokens = tiny
     placement, counts = _placement(ref, fraction)
-    for h in hosts.values():
-        ray.get(h.reset_stats.remote())
-    model, handle = _offloaded(path, placement, hosts, counts=counts, channel=channel)
-    assert set(handle.pool.channels) == (set(hosts) if channel == "socket" else set())
+    hosts = transports_for(launcher.actors, channel, 30.0)
+    for t in hosts.values():
+        t.reset_stats()
+    model, handle = _offloaded(path, placement, hosts, counts=counts)
+    kind = SocketTransport if channel == "socket" else RayTransport
+    assert all(type(t) is kind for t in handle.pool.transports.values())
     assert torch.equal(PagedRunner(model).step(PROMPT), ref_logits)
     assert PagedRunner(model).greedy(PROMPT, NEW) == ref_tokens
-    sent = sum(handle.stats.messages.values())
+    sent = sum(handle.pool.stats.messages.values())
     assert sent > 0
-    # every message reached a host's compute, whichever channel carried it
-    assert sum(sum(ray.get(h.stats.remote())["calls"].values()) for h in hosts.values()) == sent
-    assert not handle.stats.failures
+    # every message reached a host's compute, whichever transport carried it
+    assert sum(sum(t.stats().calls.values()) for t in hosts.values()) == sent
+    assert not handle.pool.stats.failures
     handle.close()
-    assert not handle.pool.channels
+    if channel == "socket":  # closed: a further call fails instead of reaching the host
+        call = hosts["host0"].submit(0, np.zeros((1, 64), np.float32), np.zeros(1, np.int64), "float32")
+        with pytest.raises(HostCallError):
+            call.result(time.monotonic() + 5)
 
 
-def test_unknown_channel_is_rejected(tiny, hosts):
+def test_unknown_channel_is_rejected(launcher):
+    from tierserve.actors.ray_launcher import transports_for
     from tierserve.errors import InvalidParameterError
+    from tierserve.offload.launcher import HostSpec, ProcessHostLauncher
 
-    path, ref, _, _ = tiny
-    placement, counts = _placement(ref, 0.5)
     with pytest.raises(InvalidParameterError, match="channel"):
-        _offloaded(path, placement, hosts, counts=counts, channel="grpc")
+        HostSpec(channel="grpc")
+    with pytest.raises(InvalidParameterError, match="channel"):
+        transports_for(launcher.actors, "grpc", 5.0)
+    with pytest.raises(InvalidParameterError, match="channel"):  # plain processes serve the socket only
+        ProcessHostLauncher().launch(2, HostSpec(channel="ray"))
 
 
 def test_fused_dispatch_messages_and_bytes(tiny, hosts):
-    import ray
-
     path, ref, _, _ = tiny
     placement, counts = _placement(ref, 0.5)
     model, handle = _offloaded(path, placement, hosts, counts=counts)
@@ -123,33 +147,35 @@ def test_fused_dispatch_messages_and_bytes(tiny, hosts):
     hidden = model.cfg.hidden_size
     tokens = PROMPT
     for _ in range(4):  # the prefill, then 3 decode steps
-        for h in hosts.values():
-            ray.get(h.reset_stats.remote())
+        for t in hosts.values():
+            t.reset_stats()
         logits = runner.step(tokens)
-        host_stats = {name: ray.get(h.stats.remote()) for name, h in hosts.items()}
+        host_stats = {name: t.stats() for name, t in hosts.items()}
         for layer, ids in seen.items():
             rows_per_host = {}
             for e in ids.reshape(-1).tolist():
                 if (layer, e) in owner:
                     rows_per_host[owner[(layer, e)]] = rows_per_host.get(owner[(layer, e)], 0) + 1
-            assert sorted(handle.stats.last[layer]) == sorted(rows_per_host.items())
+            assert sorted(handle.pool.stats.last[layer]) == sorted(rows_per_host.items())
             for name, st in host_stats.items():
-                assert st["calls"].get(layer, 0) == (1 if name in rows_per_host else 0)
-                assert st["bytes"].get(layer, 0) == rows_per_host.get(name, 0) * hidden * 4
+                assert st.calls.get(layer, 0) == (1 if name in rows_per_host else 0)
+                assert st.bytes.get(layer, 0) == rows_per_host.get(name, 0) * hidden * 4
         tokens = [int(logits[-1].argmax())]
 
 
 def _extra_host(c):
-    """A fresh node with the resource and the ExpertHost placed on it (the shared hosts fill the others)."""
+    """A fresh node with the resource and the ExpertHost placed on it (the shared hosts fill the others);
+    (node, actor, its socket transport)."""
     import ray
 
     from tierserve.actors.expert_host import ExpertHost
+    from tierserve.actors.ray_launcher import transports_for
 
     node = c.add_node(num_cpus=1, resources={"expert_host": 1}, object_store_memory=80 * 2**20)
     c.wait_for_nodes()
     host = ExpertHost.remote("auto")
     assert ray.get(host.ping.remote(), timeout=60) == node.node_id
-    return node, host
+    return node, host, transports_for({"extra": host}, "socket", 30.0)["extra"]
 
 
 def test_host_death_mid_generation(tiny, cluster, hosts):
@@ -159,7 +185,7 @@ def test_host_death_mid_generation(tiny, cluster, hosts):
     c, _ = cluster
     path, ref, _, ref_tokens = tiny
     placement, counts = _placement(ref, 0.25)
-    node, victim_host = _extra_host(c)
+    node, _, victim_host = _extra_host(c)
     all_hosts = {**hosts, "victim": victim_host}
     model, handle = _offloaded(path, placement, all_hosts, counts=counts, timeout_s=20.0)
     assert handle.shards["victim"]
@@ -175,7 +201,7 @@ def test_host_death_mid_generation(tiny, cluster, hosts):
             logits = runner.step([out[-1]])
     assert out == ref_tokens
     assert time.monotonic() - t0 < 120
-    assert handle.stats.failures and handle.stats.failures[0].startswith("victim")
+    assert handle.pool.stats.failures and handle.pool.stats.failures[0].startswith("victim")
     assert handle.pool.alive == set(hosts)
     assert set(handle.pool.owners) == set(placement.cold_keys())
     assert "victim" not in handle.pool.owners.values()
@@ -187,7 +213,7 @@ def _kill_and_wait(host, limit_s=60.0):
 
     import ray
 
-    pid = ray.get(host.stats.remote())["pid"]
+    pid = ray.get(host.stats.remote()).pid
     ray.kill(host)
     t0 = time.monotonic()
     while time.monotonic() - t0 < limit_s:
@@ -206,8 +232,8 @@ def test_all_hosts_dead_computes_locally(tiny, cluster):
     c, _ = cluster
     path, ref, ref_logits, _ = tiny
     placement, counts = _placement(ref, 0.5)
-    node, host = _extra_host(c)
-    model, handle = _offloaded(path, placement, {"only": host}, counts=counts, timeout_s=10.0)
+    node, host, transport = _extra_host(c)
+    model, handle = _offloaded(path, placement, {"only": transport}, counts=counts, timeout_s=10.0)
     _kill_and_wait(host)
     assert torch.equal(PagedRunner(model).step(PROMPT), ref_logits)
     assert handle.pool.alive == set()
@@ -216,7 +242,7 @@ def test_all_hosts_dead_computes_locally(tiny, cluster):
 
 
 def test_spare_slots_prefill_fetch_is_bit_identical(tiny, hosts):
-    from tierserve.moe.spare_slots import CostModel
+    from tierserve.offload.spare_slots import CostModel
 
     path, ref, ref_logits, ref_tokens = tiny
     placement, counts = _placement(ref, 0.5)
@@ -236,8 +262,8 @@ def test_spare_slots_prefill_fetch_is_bit_identical(tiny, hosts):
 
 @pytest.mark.slow  # ~50 s on the loaded 2-core machine (two 135M models, 120 experts shipped)
 def test_real_moe_offloaded_is_bit_identical(hosts):
-    """The MoEfied SmolLM2 (tierserve/moe/moefy.py) at 50% residency over the 2 hosts."""
-    from tierserve.moe.moefy import ensure_moe_model
+    """The MoEfied SmolLM2 (tierserve/tools/moefy.py) at 50% residency over the 2 hosts."""
+    from tierserve.tools.moefy import ensure_moe_model
 
     path = ensure_moe_model()
     ref = load_model(path).model
@@ -250,7 +276,7 @@ def test_real_moe_offloaded_is_bit_identical(hosts):
     model, handle = _offloaded(path, placement, hosts, counts=counts)
     assert torch.equal(PagedRunner(model).step(prompt), ref_logits)
     assert PagedRunner(model).greedy(prompt, NEW) == ref_tokens
-    assert len(set(ref_tokens)) > 3 and not handle.stats.failures
+    assert len(set(ref_tokens)) > 3 and not handle.pool.stats.failures
 
 
 def test_socket_channel_serves_only_the_token_holder():
@@ -259,7 +285,9 @@ def test_socket_channel_serves_only_the_token_holder():
 
     import numpy as np
 
-    from tierserve.moe.socket_channel import SocketChannel, start_server
+    from types import SimpleNamespace
+
+    from tierserve.offload.socket_channel import SocketChannel, start_server
 
     calls = []
 
@@ -267,7 +295,7 @@ def test_socket_channel_serves_only_the_token_holder():
         calls.append(layer)
         return x * 2
 
-    ip, port, token = start_server("127.0.0.1", compute)
+    ip, port, token = start_server("127.0.0.1", SimpleNamespace(compute=compute))
     intruder = socket.create_connection((ip, port), timeout=5)
     intruder.sendall(b"\0" * 32)
     intruder.settimeout(5)

@@ -21,10 +21,10 @@ from model_harness import MOE_PROMPT, TINY_QWEN3_MOE, PagedRunner, tiny_moe_refe
 from ray_fixtures import cluster  # noqa: F401  (the module-scoped 3-node cluster fixture)
 from tierserve.kernels.cpu_linear import apply_linear_backend
 from tierserve.models.loader import load_model
-from tierserve.moe.placement import Placement, plan_placement
-from tierserve.moe.spare_slots import CostModel
-from tierserve.moe.usage import ExpertUsage, usage_path
-from tierserve.moe.usage_hook import attach_usage_recorder
+from tierserve.offload.placement import Placement, plan_placement
+from tierserve.offload.spare_slots import CostModel
+from tierserve.offload.usage import ExpertUsage, usage_path
+from tierserve.offload.usage_hook import attach_usage_recorder
 
 CONFIG, PROMPT = TINY_QWEN3_MOE, MOE_PROMPT
 NEW = 12
@@ -46,16 +46,23 @@ def _pid_gone(pid: int) -> bool:
         return True
 
 
-def _kill_hosts(hosts, limit_s=60.0):
-    import ray
+def _start_hosts(n=2, **spec):
+    """(RayHostLauncher, its transports by name) for ``n`` ExpertHost actors; ``spec``: HostSpec fields."""
+    from tierserve.actors.ray_launcher import RayHostLauncher
+    from tierserve.offload.launcher import HostSpec
 
+    launcher = RayHostLauncher()
+    return launcher, launcher.launch(n, HostSpec("auto", **spec))
+
+
+def _kill_hosts(launcher, hosts, limit_s=60.0):
     pids = []
-    for h in hosts.values():
+    for t in hosts.values():
         try:
-            pids.append(ray.get(h.stats.remote(), timeout=5)["pid"])
+            pids.append(t.stats(5.0).pid)
         except Exception:  # already dead (failed over)
             pass
-        ray.kill(h)
+    launcher.shutdown()
     t0 = time.monotonic()
     while not all(_pid_gone(p) for p in pids):
         assert time.monotonic() - t0 < limit_s, "killed expert hosts still running"
@@ -63,7 +70,7 @@ def _kill_hosts(hosts, limit_s=60.0):
 
 
 def _offloaded(path, placement, hosts, dtype=torch.float32, **kw):
-    from tierserve.moe.offload import apply_expert_offload
+    from tierserve.offload.apply import apply_expert_offload
 
     model = load_model(path, dtype).model
     handle = apply_expert_offload(model, placement, hosts, model_path=path, linear_backend="auto", **kw)
@@ -74,6 +81,7 @@ def _offloaded(path, placement, hosts, dtype=torch.float32, **kw):
 def test_engine_offload_usage_file_promotions_and_metrics(cluster, tiny, smollm_folder, tmp_path):
     """LLMEngine with OffloadConfig: placement from the usage file beside the model, greedy output equal to
     the all-resident engine across promotions, usage saved back on close, expert metrics rendered."""
+    from tierserve.actors.ray_launcher import RayHostLauncher
     from tierserve.config import CacheConfig, EngineConfig, ModelConfig, OffloadConfig, SchedulerConfig
     from tierserve.engine.llm_engine import LLMEngine
     from tierserve.sampling_params import SamplingParams
@@ -107,7 +115,8 @@ def test_engine_offload_usage_file_promotions_and_metrics(cluster, tiny, smollm_
 
     cfg = OffloadConfig(resident_experts=6, expert_hosts=2, per_layer_floor=1, timeout_s=20.0,
                         promotion_min_gain=1, promotion_max_swaps=2, spare_slots=2)
-    engine = LLMEngine(EngineConfig(model=model_cfg, scheduler=sched, cache=cache, offload=cfg))
+    engine = LLMEngine(EngineConfig(model=model_cfg, scheduler=sched, cache=cache, offload=cfg),
+                       host_launcher=RayHostLauncher())
     handle = engine.offload
     try:
         # spare slots configured: the engine measured the ring's cost model on the live path, one for all blocks
@@ -122,7 +131,7 @@ def test_engine_offload_usage_file_promotions_and_metrics(cluster, tiny, smollm_
         assert run(engine) == expected
         assert handle.promotions > 0  # the live traffic disagrees with the file's ranking
         assert [sorted(map(int, b.experts)) for b in handle.blocks] == [list(r) for r in handle.placement.resident]
-        metrics = handle.expert_metrics()
+        metrics = handle.stats()
         assert metrics.tokens == ref_usage.as_metrics()
         assert (metrics.resident, metrics.offloaded, metrics.promotions) == (6, 10, handle.promotions)
     finally:
@@ -152,14 +161,13 @@ def _samples(text: str, name: str) -> dict:
 
 def test_promotion_swaps_exactly_and_stays_bit_identical(cluster, tiny):
     """Hand-built counts decide the swaps whatever the live traffic adds (70 per layer and run, 2 runs)."""
-    from tierserve.moe.offload import start_expert_hosts
 
     path, _, ref_logits, ref_tokens, ref_usage = tiny
     assert [sum(row) for row in ref_usage.counts] == [70, 70]  # (12 + 12 + 11 tokens) x top-2: bound used below
     placement = Placement(((0, 1, 2, 3), (0, 1, 2, 3)), (8, 8))
     base = [[300, 200, 100, 0, 0, 900, 0, 0],      # (5 for 3): gain 900 +- 56
             [700, 600, 800, 900, 0, 0, 2000, 1400]]  # (6 for 1): ~1400, (7 for 0): 700 +- 140
-    hosts = start_expert_hosts(2, "auto")
+    launcher, hosts = _start_hosts()
     try:
         model, handle = _offloaded(path, placement, hosts, counts=base)
         handle.min_gain, handle.max_swaps = 500, 2
@@ -179,33 +187,29 @@ def test_promotion_swaps_exactly_and_stays_bit_identical(cluster, tiny):
         assert handle.at_request_boundary() == []
         assert handle.promotions == 3
         assert torch.equal(PagedRunner(model).step(PROMPT), ref_logits)
-        assert not handle.stats.failures
+        assert not handle.pool.stats.failures
         handle.close()
     finally:
-        _kill_hosts(hosts)
+        _kill_hosts(launcher, hosts)
 
 
 @pytest.mark.parametrize("channel", ["socket", "ray"])
 def test_hung_host_is_failed_over(cluster, tiny, channel):
     """A host stopped with SIGSTOP never answers: after timeout_s it is treated as dead, its experts
     are reloaded on the survivor and the output is identical (no hang), over either channel."""
-    import ray
-
-    from tierserve.moe.offload import start_expert_hosts
-
     path, _, ref_logits, ref_tokens, _ = tiny
     placement = plan_placement([[0] * 8, [0] * 8], 6, 1)
-    hosts = start_expert_hosts(2, "auto")
-    pid = ray.get(hosts["host1"].stats.remote())["pid"]
+    launcher, hosts = _start_hosts(channel=channel, timeout_s=2.0)
+    pid = hosts["host1"].stats().pid
     try:
-        model, handle = _offloaded(path, placement, hosts, timeout_s=2.0, channel=channel)
+        model, handle = _offloaded(path, placement, hosts, timeout_s=2.0)
         assert handle.shards["host1"]
         os.kill(pid, signal.SIGSTOP)
         t0 = time.monotonic()
         assert torch.equal(PagedRunner(model).step(PROMPT), ref_logits)
         assert PagedRunner(model).greedy(PROMPT, NEW) == ref_tokens
         assert time.monotonic() - t0 < 60
-        assert [f.split(":")[0] for f in handle.stats.failures] == ["host1"]
+        assert [f.split(":")[0] for f in handle.pool.stats.failures] == ["host1"]
         assert handle.pool.alive == {"host0"}
         assert set(handle.pool.owners.values()) == {"host0"} and set(handle.pool.owners) == set(placement.cold_keys())
         assert set(handle.pool.standby.values()) == {"host0"}
@@ -216,15 +220,12 @@ def test_hung_host_is_failed_over(cluster, tiny, channel):
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-        _kill_hosts(hosts)
+        _kill_hosts(launcher, hosts)
 
 
 def test_dfloat11_hosts_are_bit_identical_and_smaller(cluster, tiny):
     """bf16 experts held DFloat11-coded on the hosts: same logits/tokens as bf16 all-resident, fewer bytes,
     and a promotion copies the decoded (bit-identical) weights."""
-    import ray
-
-    from tierserve.moe.offload import start_expert_hosts
 
     path = tiny[0]
     ref = load_model(path, torch.bfloat16).model
@@ -232,7 +233,7 @@ def test_dfloat11_hosts_are_bit_identical_and_smaller(cluster, tiny):
     ref_logits, ref_tokens = PagedRunner(ref).step(PROMPT), PagedRunner(ref).greedy(PROMPT, NEW)
     placement = Placement(((0, 1, 2, 3), (0, 1, 2, 3)), (8, 8))
     base = [[0, 0, 0, 0, 0, 900, 0, 0], [0] * 8]
-    hosts = start_expert_hosts(2, "auto", weight_format="dfloat11")
+    launcher, hosts = _start_hosts(weight_format="dfloat11")
     try:
         model, handle = _offloaded(path, placement, hosts, torch.bfloat16, counts=base)
         assert next(model.parameters()).dtype == torch.bfloat16
@@ -241,26 +242,24 @@ def test_dfloat11_hosts_are_bit_identical_and_smaller(cluster, tiny):
         handle.min_gain, handle.max_swaps = 500, 1
         assert [(s.layer, s.promote) for s in handle.at_request_boundary()] == [(0, 5)]
         assert torch.equal(PagedRunner(model).step(PROMPT), ref_logits)
-        stats = [ray.get(h.stats.remote()) for h in hosts.values()]
-        raw = sum(s["raw_weight_bytes"] for s in stats)
-        held = sum(s["weight_bytes"] for s in stats)
+        stats = [t.stats() for t in hosts.values()]
+        raw = sum(s.raw_weight_bytes for s in stats)
+        held = sum(s.weight_bytes for s in stats)
         assert raw == 16 * 3 * 48 * 64 * 2  # every expert of both layers, bf16: gate_up [96, 64] + down [64, 48]
         assert held < 0.85 * raw
         print(f"DFloat11 expert hosts: {held} bytes at rest vs {raw} bf16 ({held / raw:.3f})")
         handle.close()
     finally:
-        _kill_hosts(hosts)
+        _kill_hosts(launcher, hosts)
 
 
 def test_dfloat11_transit_moves_coded_bytes(cluster, tiny):
     """dfloat11 hosts send experts CODED: spare-slot fills, a promotion and a failover reload move exactly
     the coded sizes (each expert encoded independently here), decoded bit-identically (logits equal to the
     bf16 all-resident model throughout)."""
-    import ray
-
-    from tierserve.moe.expert_transit import CodedExpert
-    from tierserve.moe.expert_weights import ExpertWeights
-    from tierserve.moe.offload import moe_blocks, start_expert_hosts
+    from tierserve.offload.apply import moe_blocks
+    from tierserve.offload.expert_transit import CodedExpert
+    from tierserve.offload.expert_weights import ExpertWeights
 
     path = tiny[0]
     ref = load_model(path, torch.bfloat16).model
@@ -271,7 +270,7 @@ def test_dfloat11_transit_moves_coded_bytes(cluster, tiny):
     apply_linear_backend(ref, "auto")
     ref_logits, ref_tokens = PagedRunner(ref).step(PROMPT), PagedRunner(ref).greedy(PROMPT, NEW)
     placement = Placement(((0, 1, 2, 3), (0, 1, 2, 3)), (8, 8))
-    hosts = start_expert_hosts(2, "auto", weight_format="dfloat11")
+    launcher, hosts = _start_hosts(weight_format="dfloat11")
     try:
         # a ring as large as the cold set: nothing is evicted, so every fill is a distinct key still held
         model, handle = _offloaded(path, placement, hosts, torch.bfloat16, counts=[[0, 0, 0, 0, 0, 900, 0, 0],
@@ -292,7 +291,7 @@ def test_dfloat11_transit_moves_coded_bytes(cluster, tiny):
 
         handle.min_gain, handle.max_swaps = 500, 1
         assert [(s.layer, s.promote) for s in handle.at_request_boundary()] == [(0, 5)]
-        moved = handle.stats.promotion_bytes
+        moved = handle.pool.stats.promotion_bytes
         assert (moved.count, moved.wire, moved.raw) == (1, coded[(0, 5)], raw)
         assert torch.equal(PagedRunner(model).step(PROMPT), ref_logits)
 
@@ -300,11 +299,11 @@ def test_dfloat11_transit_moves_coded_bytes(cluster, tiny):
         lost = sorted(k for k, h in [*pool.owners.items(), *pool.standby.items()] if h == "host1")
         assert lost
         pool.fail("host1", "test")  # the failover path wait() takes: kill, re-read from disk, reload
-        reloaded = handle.stats.reload_bytes
+        reloaded = handle.pool.stats.reload_bytes
         assert (reloaded.count, reloaded.wire, reloaded.raw) == (len(lost), sum(coded[k] for k in lost),
                                                                  len(lost) * raw)
-        survivor = ray.get(hosts["host0"].stats.remote())
-        assert survivor["weight_bytes"] == sum(coded.values()) and survivor["raw_weight_bytes"] == 16 * raw
+        survivor = hosts["host0"].stats()
+        assert survivor.weight_bytes == sum(coded.values()) and survivor.raw_weight_bytes == 16 * raw
         assert set(pool.owners.values()) == {"host0"} and set(pool.standby.values()) == {"host0"}
         assert torch.equal(PagedRunner(model).step(PROMPT), ref_logits)
         assert PagedRunner(model).greedy(PROMPT, NEW) == ref_tokens
@@ -312,4 +311,4 @@ def test_dfloat11_transit_moves_coded_bytes(cluster, tiny):
               f"{moved.wire}/{moved.raw} B, reload {reloaded.wire}/{reloaded.raw} B (coded/raw)")
         handle.close()
     finally:
-        _kill_hosts(hosts)
+        _kill_hosts(launcher, hosts)

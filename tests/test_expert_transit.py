@@ -1,6 +1,6 @@
-"""Expert weights in transit (tierserve/moe/expert_transit.py, tierserve/moe/host_storage.py), without Ray.
+"""Expert weights in transit (tierserve/offload/expert_transit.py, tierserve/offload/host_storage.py), without Ray.
 
-Real weights: experts of the MoEfied SmolLM2 (tierserve/moe/moefy.py) read straight from
+Real weights: experts of the MoEfied SmolLM2 (tierserve/tools/moefy.py) read straight from
 its safetensors file and cast to bf16 (``w1`` and ``w3`` stacked as ``gate_up``, ``w2`` as
 ``down``); the reference is those bf16 tensors. The payload goes through ``pickle`` (what
 Ray does with a non-numpy object) between the store and the receiver. The Ray paths (spare
@@ -18,9 +18,9 @@ import torch
 from safetensors import safe_open
 
 from tierserve.errors import InvalidParameterError
-from tierserve.moe.expert_transit import CodedExpert, TransitBytes, as_weights
-from tierserve.moe.expert_weights import ExpertWeights, numpy_to_tensor, tensor_to_numpy
-from tierserve.moe.host_storage import make_store, wire_payload
+from tierserve.offload.expert_transit import CodedExpert, TransitBytes, as_weights
+from tierserve.offload.expert_weights import ExpertWeights, numpy_to_tensor, tensor_to_numpy
+from tierserve.offload.host_storage import make_store, wire_payload
 
 #: (layer, expert) of the MoEfied SmolLM2 read for the tests: first, middle and last layer.
 KEYS = [(0, 0), (15, 3), (29, 7)]
@@ -29,7 +29,7 @@ KEYS = [(0, 0), (15, 3), (29, 7)]
 @pytest.fixture(scope="module")
 def real_experts() -> dict[tuple[int, int], dict[str, torch.Tensor]]:
     """bf16 ``gate_up`` [384, 576] and ``down`` [576, 192] tensors of KEYS."""
-    from tierserve.moe.moefy import ensure_moe_model
+    from tierserve.tools.moefy import ensure_moe_model
 
     out = {}
     with safe_open(os.path.join(ensure_moe_model(), "model.safetensors"), framework="pt") as f:

@@ -1,4 +1,4 @@
-"""Expert usage statistics (tierserve.moe.usage) and the route recorder transform (usage_hook)."""
+"""Expert usage statistics (tierserve.offload.usage) and the route recorder transform (usage_hook)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from transformers import MixtralConfig
 from model_harness import PagedRunner, build_and_save
 from tierserve.errors import InvalidParameterError
 from tierserve.models.loader import load_model
-from tierserve.moe.usage import ExpertUsage, usage_path
-from tierserve.moe.usage_hook import attach_usage_recorder, moe_blocks
+from tierserve.offload.usage import ExpertUsage, usage_path
+from tierserve.offload.usage_hook import attach_usage_recorder, moe_blocks
 
 
 def test_record_rank_save_load(tmp_path):

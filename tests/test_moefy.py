@@ -1,4 +1,4 @@
-"""MoEfication of SmolLM2 into a Mixtral-format MoE (tierserve.moe.moefy)."""
+"""MoEfication of SmolLM2 into a Mixtral-format MoE (tierserve.tools.moefy)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from tierserve.models.loader import load_model
-from tierserve.moe.calibration import HELDOUT_NOVELS, austen_token_windows, capture_mlp_inputs, forward_logits
-from tierserve.moe.clustering import balanced_kmeans
-from tierserve.moe.moefy import MoefyConfig, ensure_moe_model, moefy
+from tierserve.tools.calibration import HELDOUT_NOVELS, austen_token_windows, capture_mlp_inputs, forward_logits
+from tierserve.tools.clustering import balanced_kmeans
+from tierserve.tools.moefy import MoefyConfig, ensure_moe_model, moefy
 
 TINY = dict(calib_windows=2, seq_len=64, kmeans_iters=3)
 

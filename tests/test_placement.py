@@ -8,7 +8,7 @@ import random
 import pytest
 
 from tierserve.errors import InvalidParameterError
-from tierserve.moe.placement import (Placement, Swap, apply_swaps, plan_placement, plan_promotions,
+from tierserve.offload.placement import (Placement, Swap, apply_swaps, plan_placement, plan_promotions,
                                      shard_cold)
 
 

@@ -1,4 +1,4 @@
-"""REAP expert pruning (tierserve.moe.reap), checks from TECHNIQUES.md."""
+"""REAP expert pruning (tierserve.tools.reap), checks from TECHNIQUES.md."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from transformers import AutoTokenizer, MixtralConfig
 from model_harness import build_and_save
 from tierserve.errors import InvalidParameterError
 from tierserve.models.loader import load_model
-from tierserve.moe.calibration import (CALIBRATION_NOVELS, HELDOUT_NOVELS, austen_token_windows,
+from tierserve.tools.calibration import (CALIBRATION_NOVELS, HELDOUT_NOVELS, austen_token_windows,
                                        capture_mlp_inputs, forward_logits, perplexity)
-from tierserve.moe.reap import ReapAccumulator, collect_saliency, prune, prune_checkpoint, select_pruned
+from tierserve.tools.reap import ReapAccumulator, collect_saliency, prune, prune_checkpoint, select_pruned
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_real_moe_pruning_beats_random(tmp_path):
     the mean ||f_j||, which SmolLM2's rare massive-activation tokens (FFN outputs up to ~1.4e4)
     dominate; frequency is the better signal here. That ordering is printed, not asserted.
     """
-    from tierserve.moe.moefy import ensure_moe_model
+    from tierserve.tools.moefy import ensure_moe_model
 
     folder = ensure_moe_model()
     tok = AutoTokenizer.from_pretrained(folder)

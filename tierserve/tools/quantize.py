@@ -70,7 +70,7 @@ def quantize_checkpoint(model_path: str, out_dir: str, scheme: str, options: dic
         write_hf_tokenizer(model_path, out_dir)
     calibration, record = None, None
     if needs_calibration:
-        from tierserve.moe.calibration import CALIBRATION_NOVELS, calibration_activations
+        from tierserve.tools.calibration import CALIBRATION_NOVELS, calibration_activations
 
         names = [n for n in linear_modules(loaded.model) if not matches(n, skip)]
         calibration = calibration_activations(loaded.model, _tokenizer(model_path if is_folder else out_dir), names,

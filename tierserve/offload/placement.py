@@ -1,7 +1,7 @@
 """Expert placement: which experts stay resident on the worker, which hosts hold the cold ones.
 
 Pure bookkeeping over ints (no torch). Inputs are usage counts ``counts[layer][expert]``
-(how often live traffic routed a token to that expert, see ``tierserve.moe.usage``).
+(how often live traffic routed a token to that expert, see ``tierserve.offload.usage``).
 
 **Ranking.** Within a layer experts are ranked by ``(-count, expert_id)``: highest
 count first, ties to the lower expert id.

@@ -42,7 +42,7 @@ import tempfile
 import torch
 
 from tierserve.errors import InvalidParameterError
-from tierserve.moe.usage_hook import moe_blocks
+from tierserve.offload.usage_hook import moe_blocks
 
 METHODS = ("reap", "frequency", "random")
 _EXPERT_RE = re.compile(r"^(model\.layers\.(\d+)\.block_sparse_moe\.)experts\.(\d+)\.(.*)$")
@@ -85,7 +85,7 @@ class ReapAccumulator:
 @torch.inference_mode()
 def collect_saliency(model, windows: torch.Tensor, batch_size: int = 8) -> ReapAccumulator:
     """Run ``windows [B, L]`` through ``model`` and accumulate REAP statistics of every MoE block."""
-    from tierserve.moe.calibration import forward_hidden
+    from tierserve.tools.calibration import forward_hidden
 
     blocks = moe_blocks(model)
     if not blocks:
@@ -189,7 +189,7 @@ def prune(in_folder: str, out_folder: str, method: str, ratio: float, calib_wind
     from transformers import AutoTokenizer
 
     from tierserve.models.loader import load_model
-    from tierserve.moe.calibration import CALIBRATION_NOVELS, austen_token_windows
+    from tierserve.tools.calibration import CALIBRATION_NOVELS, austen_token_windows
 
     if acc is None and method != "random":
         model = load_model(in_folder).model

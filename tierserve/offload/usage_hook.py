@@ -19,7 +19,7 @@ import torch
 
 from tierserve.errors import InvalidParameterError
 from tierserve.models.moe import SparseMoeBlock
-from tierserve.moe.usage import ExpertUsage
+from tierserve.offload.usage import ExpertUsage
 
 
 @dataclass

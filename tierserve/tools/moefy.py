@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from tierserve.errors import InvalidParameterError
-from tierserve.moe.clustering import balanced_kmeans
+from tierserve.tools.clustering import balanced_kmeans
 
 MOEFY_VERSION = 1
 RIDGE = 1e-3
@@ -183,7 +183,7 @@ def moefy(dense_folder: str, out_dir: str, cfg: MoefyConfig = MoefyConfig()) -> 
     from transformers import AutoTokenizer
 
     from tierserve.models.loader import load_model, safetensors_files
-    from tierserve.moe.calibration import CALIBRATION_NOVELS, austen_token_windows, capture_mlp_inputs
+    from tierserve.tools.calibration import CALIBRATION_NOVELS, austen_token_windows, capture_mlp_inputs
 
     torch.manual_seed(cfg.seed)
     loaded = load_model(dense_folder)

@@ -2,7 +2,7 @@
 
 An expert crosses the wire (host -> worker for spare-slot fills, promotions and the
 cost model's bandwidth probe; worker -> host for failover reloads) as an
-``ExpertPayload``, in the form the host keeps it at rest (tierserve.moe.host_storage):
+``ExpertPayload``, in the form the host keeps it at rest (tierserve.offload.host_storage):
 
 * ``ExpertWeights``: the raw arrays (``host_weight_format="raw"``), 2 bytes per bf16
   weight, 4 per fp32 one;
@@ -13,10 +13,10 @@ cost model's bandwidth probe; worker -> host for failover reloads) as an
   its store already holds (no re-encoding); the receiver decodes it with
   ``decode_block`` into weights bit-identical to the bf16 arrays that were coded.
 
-``fetch_expert(host, key, timeout_s)`` is the one worker-side path for all the
-host -> worker copies: one ``ExpertHost.get_expert_payload`` Ray call (``timeout_s``
-None: wait as long as the caller's own deadline allows), then the decode on the
-calling thread (for spare slots that is the ring's background thread). It returns a
+``fetch_expert(transport, key, timeout_s)`` is the one worker-side path for all the
+host -> worker copies: one ``get_expert_payload`` call on the host's
+``ExpertTransport`` (tierserve.offload.transport; ``timeout_s`` None: the transport's
+default), then the decode on the calling thread (for spare slots that is the ring's background thread). It returns a
 :class:`FetchedExpert`: the weights ready for ``build_expert`` and the payload's
 :class:`TransitBytes` (bytes on the wire, and what the same expert takes as raw arrays).
 
@@ -24,25 +24,24 @@ Decoding costs CPU: the numpy DFloat11 decoder takes 11-90 ms per MoEfied SmolLM
 expert (663 KB of bf16) on the 2-core dev machine, up to ~0.5 s while it runs
 benchmarks (encoding: 17-50 ms), far more than the ~0.4 ms the ~190 KB it saves take
 at the default 5e8 B/s. ``CostModel.measure``
-(tierserve.moe.spare_slots) therefore times the whole ``fetch_expert`` (transfer +
+(tierserve.offload.spare_slots) therefore times the whole ``fetch_expert`` (transfer +
 decode) and converts it into an effective bandwidth in RAW bytes, the unit the
 dispatcher's fetch-or-remote decision uses.
 
 ``TransitBytes`` is a plain counter (``wire``, ``raw``, ``count``), added to once per
 payload moved: ``SpareSlots.fill_bytes`` (fills), ``PoolStats.promotion_bytes`` and
-``PoolStats.reload_bytes`` (tierserve.moe.host_pool).
+``PoolStats.reload_bytes`` (tierserve.offload.host_pool).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import ray
 import torch
 
 from tierserve.errors import InvalidParameterError
 from tierserve.kernels.quant.dfloat11 import DF11Block, decode_block, encode_block
-from tierserve.moe.expert_weights import ExpertWeights, numpy_to_tensor, tensor_to_numpy
+from tierserve.offload.expert_weights import ExpertWeights, numpy_to_tensor, tensor_to_numpy
 
 Key = tuple[int, int]
 
@@ -117,12 +116,12 @@ class FetchedExpert:
     bytes: TransitBytes
 
 
-def fetch_expert(host, key: Key, timeout_s: float | None) -> FetchedExpert:
-    """Copy expert ``key`` from ``host`` as it holds it and decode it here (module doc).
+def fetch_expert(transport, key: Key, timeout_s: float | None) -> FetchedExpert:
+    """Copy expert ``key`` from the host behind ``transport`` as it holds it and decode it here (module doc).
 
-    Raises what ``ray.get`` raises (``RayError``, ``GetTimeoutError``; a ``KeyError`` from a
-    host that does not hold ``key`` arrives as a ``RayTaskError`` subclass of it)."""
-    payload: ExpertPayload = ray.get(host.get_expert_payload.remote(*key), timeout=timeout_s)
+    Raises ``HostCallError`` (tierserve.offload.transport) when the copy fails, a host that
+    does not hold ``key`` included."""
+    payload: ExpertPayload = transport.get_expert_payload(key, timeout_s)
     moved = TransitBytes()
     moved.add(payload)
     return FetchedExpert(as_weights(payload), moved)

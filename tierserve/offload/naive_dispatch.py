@@ -1,11 +1,12 @@
 """NaiveMoeBlock: the per-expert remote-call baseline of expert offload (for benchmarks/offload.py).
 
 What a straightforward offload does, kept as a real dispatch mode so the fused
-dispatcher (tierserve.moe.dispatch) can be measured against it. Per forward (one
+dispatcher (tierserve.offload.dispatch) can be measured against it. Per forward (one
 MoE layer, one step) with tokens ``x [T, hidden]``:
 
 1. route exactly as ``SparseMoeBlock.route``;
-2. walk the experts with routed rows in ascending expert id (``expert_rows``); a
+2. walk the experts with routed rows in ascending expert id (``group_rows`` of
+   tierserve.offload.dispatch_plan); a
    resident expert (or one the pool rebuilt on the worker after a failover) runs
    locally; every other expert gets ITS OWN blocking remote call to its host
    (``HostPool.submit`` + ``HostPool.wait`` of one message holding only that expert's
@@ -21,7 +22,7 @@ whatever the handle was built with; the benchmark's baseline ranks experts by id
 (``remote_rows``, ``bytes_received``); ``HostPool.stats.messages`` counts one message
 per (layer, remote expert with rows) per step.
 
-``use_naive_dispatch(handle)`` switches every block of an ``OffloadHandle`` to this
+``use_naive_dispatch(handle)`` switches every block of an ``OffloadHook`` to this
 forward in place (the class of each block is replaced by this subclass, which adds
 no state), so the usage recorder and the handle's bookkeeping stay attached.
 """
@@ -31,9 +32,10 @@ from __future__ import annotations
 import torch
 
 from tierserve.errors import InvalidParameterError
-from tierserve.models.moe import expert_rows, sum_slots
-from tierserve.moe.dispatch import OffloadedMoeBlock
-from tierserve.moe.expert_weights import numpy_to_tensor, tensor_to_numpy
+from tierserve.models.moe import sum_slots
+from tierserve.offload.dispatch import OffloadedMoeBlock
+from tierserve.offload.dispatch_plan import group_rows
+from tierserve.offload.expert_weights import numpy_to_tensor, tensor_to_numpy
 
 
 class NaiveMoeBlock(OffloadedMoeBlock):
@@ -49,7 +51,8 @@ class NaiveMoeBlock(OffloadedMoeBlock):
         def put(rows: torch.Tensor, y: torch.Tensor) -> None:
             buf.index_copy_(0, rows, y * flat_w.index_select(0, rows))
 
-        for e, rows in expert_rows(ids, self.num_experts):
+        for group in group_rows(ids.tolist(), self.num_experts):
+            e, rows = group.expert, torch.tensor(group.rows, dtype=torch.long)
             key = (self.layer, e)
             module = self.experts[str(e)] if str(e) in self.experts else self.pool.local.get(key)
             if module is not None:
@@ -61,7 +64,7 @@ class NaiveMoeBlock(OffloadedMoeBlock):
             self.counters.remote_rows += len(rows)
             y = self.pool.wait({owner: self.pool.submit(owner, self.layer, xs, eids, dtype)}).get(owner)
             if y is None:  # the host failed and was failed over: re-dispatch to the new owner
-                self._run_groups([(e, rows)], x, k, put)
+                self._run_groups([group], x, put)
                 continue
             self.counters.bytes_received += int(y.nbytes)
             put(rows, numpy_to_tensor(y, x.dtype))
@@ -72,7 +75,7 @@ class NaiveMoeBlock(OffloadedMoeBlock):
 
 
 def use_naive_dispatch(handle) -> None:
-    """Switch every ``OffloadedMoeBlock`` of ``handle`` (an OffloadHandle) to the naive forward, in place."""
+    """Switch every ``OffloadedMoeBlock`` of ``handle`` (an OffloadHook) to the naive forward, in place."""
     for block in handle.blocks:
         if not isinstance(block, OffloadedMoeBlock):
             raise InvalidParameterError("handle", f"blocks must be OffloadedMoeBlock, got {type(block).__name__}")

@@ -11,7 +11,7 @@ tokens on one expert (prefill), and computed on its host otherwise (decode: n is
 A slot already holding the expert always wins (cost ``n * local_token_s``).
 Defaults (used until ``CostModel.measure`` replaces them at startup): ``rtt_s`` =
 1.1e-3 (the median actor round trip measured on the 2-core dev machine),
-``bandwidth_Bps`` = 5e8 (a numpy array through the object store: 16 MB in 13-49 ms),
+``bandwidth_Bps`` = 5e8 (a numpy array through Ray's object store: 16 MB in 13-49 ms),
 ``remote_token_s`` = ``local_token_s`` = 2e-5 (one token through a ~2 M-parameter
 expert at ~10 GFLOP/s, plus the 4-byte/element row transfer for remote).
 ``measure(pool, key)`` (called by ``offload_from_config`` at start-up whenever spare
@@ -19,7 +19,7 @@ slots are configured; the benchmark's ``calibrated+cache`` row) times the real p
 to one cold expert: a ``fetch_expert`` of it (bandwidth: the expert's RAW bytes over the
 time of the transfer plus, on a ``"dfloat11"`` host, the decode, so it is an effective
 bandwidth in the raw bytes the dispatcher passes as ``B``); the median of 5 fused
-dispatch round trips (``HostPool.submit``/``wait``: the channel decode uses, socket or
+dispatch round trips (``HostPool.submit``/``wait``: the transport decode uses, socket or
 Ray) of 1 and of 64 rows to its host (``remote_token_s`` = the difference / 63,
 ``rtt_s`` = the 1-row time minus one row); the median of 5 local runs of the fetched
 expert at 1 and 64 rows (``local_token_s`` likewise); rows in the expert's dtype.
@@ -30,17 +30,17 @@ whose local rows cost a hundredth of a host CPU's, crosses over much earlier.
 
 **Ring.** ``capacity`` slots, least-recently-used eviction (an ``OrderedDict``: a hit
 moves the key to the end, an insert beyond capacity drops the front). ``fetch(key,
-handle)`` starts a copy on a background thread (``ThreadPoolExecutor`` with one
-thread): ``fetch_expert(host, key)`` (tierserve.moe.expert_transit: one
-``get_expert_payload`` call; what crosses the wire is the host's at-rest form, raw
-arrays from a ``"raw"`` host, the DFloat11-coded expert from a ``"dfloat11"`` host,
+transport)`` starts a copy on a background thread (``ThreadPoolExecutor`` with one
+thread): ``fetch_expert(transport, key)`` (tierserve.offload.expert_transit: one
+``get_expert_payload`` call on the host's transport; what crosses the wire is the
+host's at-rest form, raw arrays from a ``"raw"`` host, the DFloat11-coded expert from a ``"dfloat11"`` host,
 decoded on this thread) then ``build_expert`` with the worker's linear backend, so a
 slot computes bit-identically to the host. Counters: ``fills`` (experts inserted),
 ``hits``, and ``fill_bytes`` (a ``TransitBytes``: the payload bytes of the inserted
 fills as they crossed the wire, ``.wire``, and as raw arrays, ``.raw``). What overlaps on CPU:
 the fetch is started as soon as the layer's routing is known, before the worker
 issues the other hosts' fused calls and computes its resident experts; the copy
-(network receive + object-store read, which release the GIL) runs while the main
+(network receive, which releases the GIL) runs while the main
 thread computes the resident experts and waits for the hosts; the DFloat11 decode of a
 coded expert and the prepacking in ``build_expert`` compete for the same cores. Routing is only known per layer, so on a
 CPU worker the copy cannot overlap the attention of the same layer; it overlaps the
@@ -60,9 +60,9 @@ import numpy as np
 import torch
 
 from tierserve.errors import InvalidParameterError
-from tierserve.moe.expert_transit import TransitBytes, fetch_expert
-from tierserve.moe.expert_weights import build_expert, tensor_to_numpy
-from tierserve.moe.host_pool import ExpertHostError
+from tierserve.offload.expert_transit import TransitBytes, fetch_expert
+from tierserve.offload.expert_weights import build_expert, tensor_to_numpy
+from tierserve.offload.host_pool import ExpertHostError
 
 Key = tuple[int, int]
 
@@ -96,7 +96,7 @@ class CostModel:
         if owner is None:
             raise InvalidParameterError("key", f"expert {key} has no live host to measure against")
         t0 = time.perf_counter()
-        w = fetch_expert(pool.handle(owner), key, pool.timeout_s).weights
+        w = fetch_expert(pool.transport(owner), key, pool.timeout_s).weights
         bandwidth = w.nbytes / max(time.perf_counter() - t0, 1e-6)
         module = build_expert(w, pool.linear_backend)
         hidden, dtype = w.gate_up.shape[1], getattr(torch, w.dtype)
@@ -160,16 +160,17 @@ class SpareSlots:
             self.hits += 1
         return module
 
-    def fetch(self, key: Key, host) -> Future:
-        """Start copying ``key`` from ``host`` (or join the copy in flight); pass the future to ``finish``."""
+    def fetch(self, key: Key, transport) -> Future:
+        """Start copying ``key`` from the host behind ``transport`` (or join the copy in flight); pass the
+        future to ``finish``."""
         if key in self._pending:
             return self._pending[key]
-        future = self._pool.submit(self._copy, key, host)
+        future = self._pool.submit(self._copy, key, transport)
         self._pending[key] = future
         return future
 
-    def _copy(self, key: Key, host) -> tuple[torch.nn.Module, TransitBytes]:
-        fetched = fetch_expert(host, key, None)  # finish() bounds the wait
+    def _copy(self, key: Key, transport) -> tuple[torch.nn.Module, TransitBytes]:
+        fetched = fetch_expert(transport, key, None)  # the transport's own timeout; finish() bounds the wait
         return build_expert(fetched.weights, self.linear_backend), fetched.bytes
 
     def finish(self, key: Key, future: Future, timeout_s: float) -> torch.nn.Module:

@@ -1,18 +1,26 @@
-"""OffloadHandle: the live state of an offloaded model — placement, hosts, usage, promotions.
+"""OffloadHook: the live state of an offloaded model — placement, hosts, usage, promotions.
 
-``apply_expert_offload`` returns it; the engine keeps it as ``LLMEngine.offload``.
+``apply_expert_offload`` (tierserve.offload.apply) returns it, fully built by
+``offload_from_config`` (tierserve.offload.build). It is the expert-offload
+``StepHook`` (tierserve.step.hooks): the engine calls ``at_request_boundary()``
+between steps after a step in which a request finished, ``stats()`` for the
+``ExpertMetrics`` its replica exports, and ``close()`` once.
 
 Usage. ``base`` holds the counts the placement was computed from (the usage file
 loaded at start, or zeros), ``live`` the counts recorded since (a route recorder,
-tierserve.moe.usage_hook, on every offloaded block). ``counts()`` = base + live
-drives promotions and is what ``save_usage`` writes (JSON, tierserve.moe.usage):
+tierserve.offload.usage_hook, on every offloaded block). ``counts()`` = base + live
+drives promotions and is what ``save_usage`` writes (JSON, tierserve.offload.usage):
 on ``close()`` and, at request boundaries, whenever ``save_interval_s`` seconds
 passed since the last save (``usage_file`` None: never saved). Metrics export the
 live counts only (a Prometheus counter starting at 0 with the replica).
 
 Request boundaries. ``at_request_boundary()`` (between engine steps) applies up to
-``max_swaps`` promotions with count gain >= ``min_gain`` (tierserve.moe.promotion)
+``max_swaps`` promotions with count gain >= ``min_gain`` (tierserve.offload.promotion)
 and updates ``placement``; ``promotions`` counts the swaps applied so far.
+
+Closing. ``close()`` saves the usage, closes the hosts' transports and the spare ring,
+and, when a launcher is attached (``launcher``: the hook was built by
+``offload_from_config``, which started the hosts), shuts the hosts down. Idempotent.
 """
 
 from __future__ import annotations
@@ -21,20 +29,20 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import ray
-
-from tierserve.moe.host_pool import HostPool
-from tierserve.moe.placement import Placement, Swap
-from tierserve.moe.promotion import promote
-from tierserve.moe.spare_slots import SpareSlots
-from tierserve.moe.usage import ExpertMetrics, ExpertUsage
-from tierserve.moe.usage_hook import UsageRecorderHandle
+from tierserve.offload.host_pool import HostPool
+from tierserve.offload.launcher import HostLauncher
+from tierserve.offload.placement import Placement, Swap
+from tierserve.offload.promotion import promote
+from tierserve.offload.spare_slots import SpareSlots
+from tierserve.offload.usage import ExpertMetrics, ExpertUsage
+from tierserve.offload.usage_hook import UsageRecorderHandle
+from tierserve.step.hooks import StepHook
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class OffloadHandle:
+@dataclass(eq=False)
+class OffloadHook(StepHook):
     placement: Placement
     shards: dict[str, list[tuple[int, int]]]  # cold experts per host at offload time
     pool: HostPool
@@ -43,7 +51,7 @@ class OffloadHandle:
     base: list[list[int]]
     live: ExpertUsage
     recorder: UsageRecorderHandle | None = None
-    owns_hosts: bool = False  # started by offload_from_config: close() kills them
+    launcher: HostLauncher | None = None  # started the hosts (offload_from_config): close() shuts them down
     usage_file: str | None = None
     min_gain: int = 64
     max_swaps: int = 0
@@ -51,10 +59,6 @@ class OffloadHandle:
     swaps: list[Swap] = field(default_factory=list)
     _last_save: float = field(default_factory=time.monotonic)
     _closed: bool = False
-
-    @property
-    def stats(self):
-        return self.pool.stats
 
     @property
     def promotions(self) -> int:
@@ -87,13 +91,18 @@ class OffloadHandle:
             logger.warning("could not save expert usage to %s: %s", path, exc)
         self._last_save = time.monotonic()
 
-    def expert_metrics(self) -> ExpertMetrics:
+    def stats(self) -> ExpertMetrics:
+        """The replica's expert metrics: live counts, resident/offloaded experts, promotions."""
         return ExpertMetrics(tokens=self.live.as_metrics(), resident=self.placement.num_resident,
                              offloaded=sum(self.placement.num_experts) - self.placement.num_resident,
                              promotions=self.promotions)
 
+    def expert_metrics(self) -> ExpertMetrics:
+        """Same as ``stats()`` (what the server reads today)."""
+        return self.stats()
+
     def close(self) -> None:
-        """Save the usage, close channels and the spare ring, kill hosts this handle started. Idempotent."""
+        """Save the usage, close transports and the spare ring, shut down hosts it started (module doc)."""
         if self._closed:
             return
         self._closed = True
@@ -101,6 +110,5 @@ class OffloadHandle:
         self.pool.close()
         if self.spare is not None:
             self.spare.close()
-        if self.owns_hosts:
-            for h in self.pool.hosts.values():
-                ray.kill(h)
+        if self.launcher is not None:
+            self.launcher.shutdown()

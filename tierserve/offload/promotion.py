@@ -1,20 +1,20 @@
 """Runtime promotions: make a hot cold expert resident on the worker, evict a cold resident one.
 
-Called only at request boundaries (``OffloadHandle.at_request_boundary``, which the
+Called only at request boundaries (``OffloadHook.at_request_boundary``, which the
 engine calls between steps after a step in which requests finished): no forward is in
 flight, so swapping modules cannot mix two placements inside one step.
 
-**Which swaps.** ``plan_promotions`` (tierserve.moe.placement) over the live counts
+**Which swaps.** ``plan_promotions`` (tierserve.offload.placement) over the live counts
 (the usage loaded at start plus the traffic recorded since): per layer the i-th hottest
 cold expert is paired with the i-th coldest resident one; a pair swaps when its count
 gain is at least ``min_gain``; at most ``max_swaps`` swaps per boundary, best gains first.
 A candidate whose weights cannot be reached (its evicted expert has no live standby
 host, or the promoted one has no live holder) is skipped and the next one is tried.
 
-**Where the weights come from and go.** Hosts hold every expert (tierserve.moe.host_pool:
+**Where the weights come from and go.** Hosts hold every expert (tierserve.offload.host_pool:
 ``owners`` for cold ones, ``standby`` for resident ones), so a swap moves no weights to
 a host: the promoted expert is copied from its owner (``fetch_expert`` of
-tierserve.moe.expert_transit: one ``get_expert_payload`` Ray call with ``timeout_s``;
+tierserve.offload.expert_transit: one ``get_expert_payload`` call on its transport with ``timeout_s``;
 raw arrays cross the wire from a ``"raw"`` host, the DFloat11-coded expert from a
 ``"dfloat11"`` host, decoded here bit-identically; the bytes moved are added to
 ``pool.stats.promotion_bytes``) and built with the worker's linear backend, the same
@@ -27,13 +27,13 @@ fails the copy is failed over (``HostPool.fail``) and the swap is skipped.
 
 from __future__ import annotations
 
-import ray
 import torch
 
-from tierserve.moe.expert_transit import fetch_expert
-from tierserve.moe.expert_weights import build_expert
-from tierserve.moe.host_pool import HostPool
-from tierserve.moe.placement import Placement, Swap, apply_swaps, plan_promotions
+from tierserve.offload.expert_transit import fetch_expert
+from tierserve.offload.expert_weights import build_expert
+from tierserve.offload.host_pool import HostPool
+from tierserve.offload.placement import Placement, Swap, apply_swaps, plan_promotions
+from tierserve.offload.transport import HostCallError
 
 
 def _fetch(pool: HostPool, key) -> torch.nn.Module | None:
@@ -44,8 +44,8 @@ def _fetch(pool: HostPool, key) -> torch.nn.Module | None:
     if owner is None:
         return None
     try:
-        fetched = fetch_expert(pool.handle(owner), key, pool.timeout_s)
-    except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError, KeyError) as exc:
+        fetched = fetch_expert(pool.transport(owner), key, pool.timeout_s)
+    except HostCallError as exc:
         pool.fail(owner, f"promotion copy: {type(exc).__name__}")
         return None
     pool.stats.promotion_bytes.merge(fetched.bytes)

@@ -1,6 +1,6 @@
 """One expert's weights as numpy buffers, the module that runs them, and re-reading them from disk.
 
-An expert is a ``GatedMLP``: ``down(act(gate_up(x)[:I]) * gate_up(x)[I:])``. Across Ray
+An expert is a ``GatedMLP``: ``down(act(gate_up(x)[:I]) * gate_up(x)[I:])``. To a host
 it travels as :class:`ExpertWeights` (two numpy arrays; bf16/fp16 as their raw 16-bit
 patterns, since numpy has no bfloat16). ``build_expert`` turns them back into a
 ``GatedMLP`` and applies the SAME linear backend (``apply_linear_backend``) the worker

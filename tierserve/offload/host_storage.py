@@ -1,7 +1,7 @@
 """How an ExpertHost keeps expert weights at rest, and what it sends: raw arrays, or DFloat11-coded (lossless).
 
 ``ExpertStore`` contract: ``put(key, payload)`` stores one expert, given as
-``ExpertWeights`` or as a ``CodedExpert`` (tierserve.moe.expert_transit);
+``ExpertWeights`` or as a ``CodedExpert`` (tierserve.offload.expert_transit);
 ``get(key)`` returns weights bit-identical to the ones put; ``payload(key)`` returns
 the expert as held at rest (what crosses the wire when a worker copies it);
 ``nbytes`` is what the store holds at rest; ``raw_nbytes`` what the same experts take
@@ -30,8 +30,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from tierserve.errors import InvalidParameterError
-from tierserve.moe.expert_transit import CodedExpert, ExpertPayload, as_weights, raw_nbytes
-from tierserve.moe.expert_weights import ExpertWeights
+from tierserve.offload.expert_transit import CodedExpert, ExpertPayload, as_weights, raw_nbytes
+from tierserve.offload.expert_weights import ExpertWeights
 
 Key = tuple[int, int]
 

@@ -1,9 +1,9 @@
 """``tierserve moefy`` and ``tierserve prune``: argparse wiring for the offline MoE tools.
 
 * ``moefy --model IN --out OUT --experts E --top-k K [--calib-windows N --seq-len L --seed S --router fit|zero]``
-  (``IN`` defaults to the embedded SmolLM2-135M-Instruct; see ``tierserve.moe.moefy``);
+  (``IN`` defaults to the embedded SmolLM2-135M-Instruct; see ``tierserve.tools.moefy``);
 * ``prune --method reap|frequency|random --ratio R --model IN --out OUT [--calib-windows N --seq-len L --seed S]``
-  (see ``tierserve.moe.reap``).
+  (see ``tierserve.tools.reap``).
 Each prints a one-line JSON summary.
 """
 
@@ -37,7 +37,7 @@ def add_moe_parsers(sub) -> None:
 
 def _moefy(args: argparse.Namespace) -> int:
     from tierserve.models.default_model import ensure_default_model
-    from tierserve.moe.moefy import MoefyConfig, moefy
+    from tierserve.tools.moefy import MoefyConfig, moefy
 
     cfg = MoefyConfig(num_experts=args.experts, top_k=args.top_k, calib_windows=args.calib_windows,
                       seq_len=args.seq_len, seed=args.seed, router=args.router)
@@ -50,7 +50,7 @@ def _moefy(args: argparse.Namespace) -> int:
 
 
 def _prune(args: argparse.Namespace) -> int:
-    from tierserve.moe.reap import prune
+    from tierserve.tools.reap import prune
 
     record = prune(args.model, args.out, args.method, args.ratio, args.calib_windows, args.seq_len, args.seed)
     print(json.dumps({"out": args.out, "method": args.method, "ratio": args.ratio,

@@ -1,1 +1,0 @@
-"""Mixture-of-Experts tooling: MoEfication, expert usage statistics, placement, REAP pruning."""
