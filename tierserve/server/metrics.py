@@ -27,7 +27,7 @@ Exposed names (label ``model_name``): ``tierserve:time_to_first_token_seconds``,
 ``tierserve:prompt_tokens_total``, ``tierserve:generation_tokens_total``,
 ``tierserve:prefix_cache_queries_total``, ``tierserve:prefix_cache_hits_total``,
 ``tierserve:request_success_total`` (counters; the prefix-cache pair in tokens).
-With MoE expert offload (``MetricsSnapshot.experts``, tierserve/moe/usage.py
+With MoE expert offload (``MetricsSnapshot.experts``, tierserve/offload/usage.py
 ``ExpertMetrics``, summed over replicas): ``tierserve:expert_tokens_total``
 (labels ``model_name``, ``layer``, ``expert``: routed (token, slot) assignments),
 ``tierserve:experts_resident`` / ``tierserve:experts_offloaded`` (gauges) and
@@ -47,7 +47,7 @@ import time
 from dataclasses import dataclass, field
 
 from tierserve.cache.kv_tier_stats import KVTierStats
-from tierserve.moe.usage import ExpertMetrics
+from tierserve.offload.usage import ExpertMetrics
 
 #: Histogram bucket upper bounds in seconds (+Inf is implicit).
 TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
