@@ -1,0 +1,94 @@
+"""The engine on CUDA against the CPU fp32 path (``cuda`` marker: skipped without a GPU; run by
+benchmarks/device_check.sh). The CPU twin of the triton path is tests/test_engine_triton_attention.py.
+
+Model: a random-weight Llama (4 layers, hidden 256, GQA 8/2, vocab 1024) with a word tokenizer, built here.
+- bf16 on CUDA vs fp32 on the CPU, one prefill of 24 tokens: the relative L2 error of the last logits is
+  bounded by 8 * 2^-8 * sqrt(layers) = 0.0625: bf16 keeps 8 mantissa bits (unit roundoff 2^-9, a factor 2
+  for the weights' and the activations' rounding), the error of a residual stream grows like the square root
+  of the number of layers it passes, and a factor 4 covers the amplification by the norms and the softmax.
+- fp32 on CUDA (triton attention, CUDA graphs, the eager path) vs fp32 on the CPU: greedy tokens identical.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from model_harness import build_and_save
+from tierserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from tierserve.engine.llm_engine import LLMEngine
+from tierserve.sampling_params import SamplingParams
+from tierserve.tools.random_model import word_tokenizer
+
+pytestmark = pytest.mark.cuda
+LAYERS = 4
+PROMPTS = [[(7 * i + 3) % 1000 + 1 for i in range(24)], [(11 * i + 5) % 1000 + 1 for i in range(40)], [9, 8, 7]]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("tiny_llama_cuda"))
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=LAYERS, num_attention_heads=8,
+                      num_key_value_heads=2, vocab_size=1024, max_position_embeddings=512)
+    build_and_save(cfg, path, seed=3)
+    word_tokenizer(cfg.vocab_size).save_pretrained(path)
+    return path
+
+
+def _engine(folder, device, dtype, eager=False) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=ModelConfig(model=folder, dtype=dtype, enforce_eager=eager), device=device,
+                                  cache=CacheConfig(num_blocks=64, block_size=16),
+                                  scheduler=SchedulerConfig(max_num_seqs=8)))
+
+
+def _prefill_logits(eng: LLMEngine, prompt: list[int]) -> torch.Tensor:
+    from tierserve.engine.model_runner import ModelRunner
+
+    captured = {}
+    execute = ModelRunner.execute
+
+    def spy(self, out, requests):
+        run = execute(self, out, requests)
+        captured.setdefault("logits", run.logits.float().cpu())
+        return run
+
+    eng.runner.execute = spy.__get__(eng.runner)
+    eng.add_request(prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+    while eng.has_unfinished():
+        eng.step()
+    return captured["logits"][0]
+
+
+def _greedy(eng: LLMEngine) -> list[list[int]]:
+    ids = [eng.add_request(p, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)) for p in PROMPTS]
+    out = {i: [] for i in ids}
+    while eng.has_unfinished():
+        for o in eng.step():
+            out[o.request_id].extend(o.new_token_ids)
+    return [out[i] for i in ids]
+
+
+def test_bf16_cuda_logits_within_bf16_bound_of_cpu_fp32(tiny_llama):
+    cpu = _prefill_logits(_engine(tiny_llama, "cpu", "float32"), PROMPTS[0])
+    gpu = _prefill_logits(_engine(tiny_llama, "cuda", "bfloat16"), PROMPTS[0])
+    rel = float((gpu - cpu).norm() / cpu.norm())
+    assert rel <= 8 * 2 ** -8 * math.sqrt(LAYERS), rel
+
+
+def test_fp32_cuda_greedy_tokens_equal_cpu(tiny_llama):
+    cpu = _greedy(_engine(tiny_llama, "cpu", "float32"))
+    graphs = _engine(tiny_llama, "cuda", "float32")
+    assert graphs.runner.graphs is not None  # decode steps replay CUDA graphs
+    assert _greedy(graphs) == cpu
+    assert _greedy(_engine(tiny_llama, "cuda", "float32", eager=True)) == cpu
+
+
+def test_weights_and_pages_live_on_the_device(tiny_llama):
+    eng = _engine(tiny_llama, "cuda", "bfloat16")
+    assert {p.device.type for p in eng.model.parameters()} == {"cuda"}
+    assert {p.dtype for p in eng.model.parameters()} == {torch.bfloat16}
+    assert eng.runner.kv_caches[0].k.is_cuda and eng.runner.block_tables.table.is_cuda
+    assert not eng.runner.block_tables.host.is_cuda
