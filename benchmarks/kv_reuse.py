@@ -67,8 +67,8 @@ def child_store(model: str | None, url: str, ids: list[int], chunk_blocks: int) 
     script = textwrap.dedent(f"""
         import dataclasses, sys, time
         sys.path.insert(0, {ROOT!r})
-        from tierserve.cache.kv_tier_config import KVTierConfig
-        from tierserve.cache.lmcache_connector import chunk_keys
+        from tierserve.cache.tiers.chunk import chunk_keys
+        from tierserve.cache.tiers.config import KVTierConfig
         from tierserve.engine.llm import build_engine_config
         from tierserve.engine.llm_engine import LLMEngine
         from tierserve.sampling_params import SamplingParams
@@ -79,8 +79,8 @@ def child_store(model: str | None, url: str, ids: list[int], chunk_blocks: int) 
         while eng.has_unfinished():
             eng.step()
         c = eng.kv_tiers
-        keys = [c.tiers.key(k) for k in chunk_keys({ids!r}, 16, {chunk_blocks})]
-        while not all(c.tiers.contains("redis", k) for k in keys):
+        keys = chunk_keys({ids!r}, 16, {chunk_blocks})
+        while not all(c.backend("redis").contains(k) for k in keys):
             time.sleep(0.05)
         eng.close()
     """)
@@ -98,8 +98,8 @@ def main() -> None:
 
     from test_kv_tiers import drop, start_redis, stop_redis, wait_stored
 
-    from tierserve.cache.kv_tier_config import KVTierConfig
-    from tierserve.cache.lmcache_connector import chunk_keys
+    from tierserve.cache.tiers.chunk import chunk_keys
+    from tierserve.cache.tiers.config import KVTierConfig
     from tierserve.engine.llm import build_engine_config
     from tierserve.engine.llm_engine import LLMEngine
 
@@ -114,7 +114,7 @@ def main() -> None:
         doc = doc_ids(eng, 0, args.doc_tokens)
         asks = [doc + eng.tokenize(" Question: " + q) for q in QUESTIONS]
         all_tiers = ("dram", "disk", "redis")
-        keys = [conn.tiers.key(k) for k in chunk_keys(doc, 16, args.chunk_blocks)]
+        keys = chunk_keys(doc, 16, args.chunk_blocks)
         ttft(eng, asks[0])  # warm-up (also stores the chunks)
         results: dict[str, list[float]] = {m: [] for m in ("recompute", "dram", "disk", "redis", "cross_process")}
         for r in range(args.repeats):

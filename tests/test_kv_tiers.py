@@ -1,4 +1,4 @@
-"""Tiered KV store (cache/lmcache_connector.py over LMCache backends) on the real SmolLM2.
+"""Tiered KV store (cache/tiers/connector.py over LMCache backends) on the real SmolLM2.
 
 One engine with all three tiers (dram, disk, redis; chunks of 2 blocks = 32
 tokens) and device prefix caching off, so every reuse comes from a lower
@@ -21,9 +21,8 @@ import time
 import pytest
 import torch
 
-from tierserve.cache.kv_tier_chunk import CorruptChunkError, record_size, verify_record, write_record
-from tierserve.cache.kv_tier_config import KVTierConfig
-from tierserve.cache.lmcache_connector import chunk_keys
+from tierserve.cache.tiers.chunk import CorruptChunkError, chunk_keys, record_size, verify_record, write_record
+from tierserve.cache.tiers.config import KVTierConfig
 from tierserve.errors import InvalidParameterError
 from tierserve.sampling_params import SamplingParams
 
@@ -92,25 +91,25 @@ def first_token_logits(engine, ids: list[int], max_tokens: int = 2) -> tuple[tor
     return captured[0], list(req.output_token_ids)
 
 
-def wait_stored(conn, ids: list[int], tiers: tuple[str, ...], timeout: float = 20.0) -> list:
-    """LMCache keys of the prompt's chunks, once every tier in ``tiers`` holds them (async writes)."""
-    keys = [conn.tiers.key(k) for k in chunk_keys(ids, conn.spec.block_size, conn.chunk_blocks)]
+def wait_stored(conn, ids: list[int], tiers: tuple[str, ...], timeout: float = 20.0) -> list[bytes]:
+    """Chunk keys of the prompt's chunks, once every tier in ``tiers`` holds them (async writes)."""
+    keys = chunk_keys(ids, conn.spec.block_size, conn.chunk_blocks)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if all(conn.tiers.contains(t, k) for t in tiers for k in keys):
+        if all(conn.backend(t).contains(k) for t in tiers for k in keys):
             return keys
         time.sleep(0.05)
-    missing = {t: sum(not conn.tiers.contains(t, k) for k in keys) for t in tiers}
+    missing = {t: sum(not conn.backend(t).contains(k) for k in keys) for t in tiers}
     raise AssertionError(f"chunks not stored in {tiers} within {timeout} s: missing {missing}, {conn.stats()}")
 
 
 def drop(conn, keys, tiers: tuple[str, ...]) -> None:
     for t in tiers:
         for k in keys:
-            conn.tiers.remove(t, k)
+            conn.backend(t).remove(k)
     for k in keys:
         for t in tiers:
-            assert not conn.tiers.contains(t, k)
+            assert not conn.backend(t).contains(k)
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +204,7 @@ def test_corrupted_disk_chunk_is_recomputed(engine):
     keys = wait_stored(conn, ids, ("dram", "disk", "redis"))
     drop(conn, keys, ("dram", "redis"))
     disk = conn.config.disk_path
-    files = [os.path.join(disk, k.to_string() + ".pt") for k in keys]
+    files = [os.path.join(disk, conn.runtime.key(k).to_string() + ".pt") for k in keys]
     assert all(os.path.exists(f) for f in files)
     with open(files[1], "r+b") as f:  # flip one payload byte of chunk 1
         f.seek(os.path.getsize(files[1]) // 2)

@@ -29,8 +29,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 KEYS_SCRIPT = textwrap.dedent("""
     import json, torch
-    from tierserve.cache.lmcache_connector import chunk_keys
-    from tierserve.cache.lmcache_tiers import lmcache_key
+    from tierserve.cache.tiers.chunk import chunk_keys
+    from tierserve.cache.tiers.lmcache_runtime import lmcache_key
     keys = chunk_keys(list(range(7, 7 + 100)), 16, 2)
     print(json.dumps([lmcache_key("tierserve-x", torch.float32, k).to_string() for k in keys]))
 """)
@@ -39,7 +39,7 @@ ENGINE_A = textwrap.dedent("""
     import dataclasses, sys, torch
     sys.path.insert(0, {tests!r})
     from test_kv_tiers import first_token_logits
-    from tierserve.cache.kv_tier_config import KVTierConfig
+    from tierserve.cache.tiers.config import KVTierConfig
     from tierserve.engine.llm import build_engine_config
     from tierserve.engine.llm_engine import LLMEngine
     cfg = build_engine_config({model!r}, num_blocks=64, enable_prefix_caching=False, num_threads=2)
@@ -50,9 +50,9 @@ ENGINE_A = textwrap.dedent("""
     import time
     deadline = time.monotonic() + 20
     conn = eng.kv_tiers
-    from tierserve.cache.lmcache_connector import chunk_keys
-    keys = [conn.tiers.key(k) for k in chunk_keys({ids!r}, 16, 2)]
-    while not all(conn.tiers.contains("redis", k) for k in keys):
+    from tierserve.cache.tiers.chunk import chunk_keys
+    keys = chunk_keys({ids!r}, 16, 2)
+    while not all(conn.backend("redis").contains(k) for k in keys):
         assert time.monotonic() < deadline, "chunks not in redis"
         time.sleep(0.05)
     torch.save({{"logits": logits, "tokens": tokens}}, {out!r})
@@ -69,8 +69,8 @@ def _run(script: str, seed: str) -> str:
 
 
 def test_chunk_keys_identical_across_pythonhashseed():
-    from tierserve.cache.lmcache_connector import chunk_keys
-    from tierserve.cache.lmcache_tiers import lmcache_key
+    from tierserve.cache.tiers.chunk import chunk_keys
+    from tierserve.cache.tiers.lmcache_runtime import lmcache_key
 
     here = [lmcache_key("tierserve-x", torch.float32, k).to_string() for k in chunk_keys(list(range(7, 107)), 16, 2)]
     a = json.loads(_run(KEYS_SCRIPT, "1").strip().splitlines()[-1])
@@ -80,9 +80,10 @@ def test_chunk_keys_identical_across_pythonhashseed():
 
 
 def test_second_process_served_from_redis_equals_recompute(smollm_folder, tmp_path):
-    from tierserve.cache.kv_tier_config import KVTierConfig
+    from tierserve.cache.tiers.config import KVTierConfig
     from tierserve.engine.llm import build_engine_config
     from tierserve.engine.llm_engine import LLMEngine
+    from tierserve.engine.scheduler import NoExternalPrefix
 
     proc, url = start_redis()
     try:
@@ -96,12 +97,16 @@ def test_second_process_served_from_redis_equals_recompute(smollm_folder, tmp_pa
                            * 2)[:100]
         # this process's own full recompute, with the tiers detached (nothing looked up or stored), in
         # the same two forwards as the load path (96 tokens, then 4): same GEMM shapes, same rounding
-        conn, eng.kv_tiers, eng.scheduler.kv_tiers = eng.kv_tiers, None, None
+        conn, hooks, external = eng.kv_tiers, list(eng.hooks), eng.scheduler.external
+        eng.hooks[:] = [h for h in hooks if h is not conn]
+        eng.scheduler.external = NoExternalPrefix()
         sched_cfg = eng.scheduler.config
         eng.scheduler.config = dataclasses.replace(sched_cfg, long_prefill_token_threshold=96)
         own_ref, own_tokens = first_token_logits(eng, ids)
+        assert conn.stats().lookups == 0 and conn.stats().bytes_stored["redis"] == 0  # really detached
         eng.scheduler.config = sched_cfg
-        eng.kv_tiers = eng.scheduler.kv_tiers = conn
+        eng.hooks[:] = hooks
+        eng.scheduler.external = external
         out = str(tmp_path / "a.pt")
         _run(ENGINE_A.format(tests=os.path.join(ROOT, "tests"), model=smollm_folder, url=url, ids=ids, out=out),
              "77")

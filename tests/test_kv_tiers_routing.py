@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tierserve.cache.kv_tier_stats import KVTierStats
+from tierserve.cache.tiers.stats import KVTierStats
 from tierserve.errors import InvalidParameterError
 from tierserve.routing.policy import KV_TIER_WEIGHTS, PrefixAwarePolicy, ReplicaLoad
 

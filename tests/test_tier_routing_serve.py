@@ -11,7 +11,7 @@ import pytest
 import ray
 
 from router_stub import stub_router_app
-from tierserve.cache.lmcache_connector import chunk_keys
+from tierserve.cache.tiers.chunk import chunk_keys
 from tierserve.cache.prefix_hash import hash_blocks
 from tierserve.routing.serve_router import routing_kwargs
 from tierserve.routing.tier_index import TierDiff

@@ -14,7 +14,7 @@ Algorithm of ``PrefixAwarePolicy.choose`` (every comparison is exact):
    partial matches in ``lower_tier_matches``; a tier without a weight is an
    error, not silently ignored.
    ``KV_TIER_WEIGHTS`` are the weights for the KV tiers of
-   cache/lmcache_connector.py: device 1.0, dram 0.8, disk 0.5, redis 0.3. A
+   cache/tiers/connector.py: device 1.0, dram 0.8, disk 0.5, redis 0.3. A
    lower-tier block saves its prefill minus its load, so its weight is about
    ``1 - TTFT(hit) / TTFT(recompute)`` of benchmarks/kv_reuse.py, rounded
    down for the tier's variance (Redis crosses the network and is shared by

@@ -1,6 +1,6 @@
 """Which replica can load which KV chunk from a lower tier (DRAM, disk, Redis): the router's view.
 
-A lower-tier chunk (cache/lmcache_connector.py) is ``chunk_blocks``
+A lower-tier chunk (cache/tiers/connector.py) is ``chunk_blocks``
 consecutive blocks; its key is the chained block hash of its *last* block, so
 chunk ``j`` of a request is held iff the request's block hash
 ``hashes[(j + 1) * chunk_blocks - 1]`` is a held key, and a held key covers
@@ -30,7 +30,7 @@ Matching (``lower_tier_matches``, pure): for replica ``r`` with ``d`` device
 blocks matched (prefix_tree.py), the connector would load chunks
 ``j = d // chunk_blocks, d // chunk_blocks + 1, ...`` each from the first
 tier in the order dram > disk > redis that holds it, and stop at the first
-chunk no tier holds (lmcache_connector.py ``match``). The blocks of chunk
+chunk no tier holds (cache/tiers/connector.py ``match``). The blocks of chunk
 ``j`` beyond what is already covered (``(j + 1) * cb - max(d, j * cb)``) are
 credited to the tier that serves it. The result ``{tier: {replica: blocks}}``
 therefore never double counts a block: device blocks are counted once by the
@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 from tierserve.cache.prefix_hash import HASH_BYTES
 from tierserve.errors import InvalidParameterError
 
-#: Lower tiers in lookup order (fastest first), as in cache/kv_tier_config.py TIER_ORDER.
+#: Lower tiers in lookup order (fastest first), as in cache/tiers/config.py TIER_ORDER.
 LOWER_TIERS = ("dram", "disk", "redis")
 #: Tiers held per replica; the rest (``redis``) are shared by every replica.
 LOCAL_TIERS = ("dram", "disk")

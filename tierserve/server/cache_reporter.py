@@ -25,12 +25,13 @@ producing a ``TierDiff`` (routing/tier_index.py) that travels in the same
 ``report`` call as ``tiers=``:
 
 * dram / disk: ``diff(snapshots, ...)`` takes the chunk keys each local tier
-  holds *now* (``KVTierConnector.held_chunks``, read from LMCache's own
-  index, so LRU evictions show up) and reports the set difference with what
-  it reported before: added = now - reported, evicted = reported - now.
-* redis (shared): the connector's drained events (``drain_redis_events``:
+  holds *now* (``TierHoldings.held`` from ``KVTierConnector.holdings()``,
+  cache/tiers/connector.py, read from LMCache's own index, so LRU evictions
+  show up) and reports the set difference with what it reported before:
+  added = now - reported, evicted = reported - now.
+* redis (shared): the connector's drained events (``TierHoldings.shared_events``:
   the last event per key), keys it put into, found in or loaded from Redis
-  (added) and keys a lookup did not find while Redis was up (evicted).
+  (added) and keys Redis did not have while it was up (evicted).
 
 A ``TierMirror`` diff is committed by ``ack()`` once the tree actor accepted
 the report; an unacknowledged (failed) report is re-sent by the next diff.

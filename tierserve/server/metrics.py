@@ -32,7 +32,7 @@ With MoE expert offload (``MetricsSnapshot.experts``, tierserve/offload/usage.py
 (labels ``model_name``, ``layer``, ``expert``: routed (token, slot) assignments),
 ``tierserve:experts_resident`` / ``tierserve:experts_offloaded`` (gauges) and
 ``tierserve:expert_promotions_total`` (counter).
-With KV tiers (``MetricsSnapshot.kv_tiers``, cache/kv_tier_stats.py, summed over
+With KV tiers (``MetricsSnapshot.kv_tiers``, cache/tiers/stats.py, summed over
 replicas), counters labelled ``model_name`` and ``tier``:
 ``tierserve:kv_tier_hits_total``, ``tierserve:kv_tier_hit_tokens_total``,
 ``tierserve:kv_tier_bytes_loaded_total``, ``tierserve:kv_tier_bytes_stored_total``,
@@ -46,7 +46,7 @@ import bisect
 import time
 from dataclasses import dataclass, field
 
-from tierserve.cache.kv_tier_stats import KVTierStats
+from tierserve.cache.tiers.stats import KVTierStats
 from tierserve.offload.usage import ExpertMetrics
 
 #: Histogram bucket upper bounds in seconds (+Inf is implicit).

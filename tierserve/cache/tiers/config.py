@@ -2,10 +2,11 @@
 
 The tiers hold whole KV *chunks* (``chunk_blocks`` consecutive full blocks of
 one token prefix) below the engine's device pages; see
-tierserve/cache/lmcache_connector.py for the algorithm. ``tiers`` lists the
+tierserve/cache/tiers/connector.py for the algorithm. ``tiers`` lists the
 tiers in lookup order (empty: tiered store off); the order is always the
 canonical one ``dram > disk > redis`` (faster first), whatever order the
 caller wrote, so a lookup takes a chunk from the fastest tier that has it.
+Each name is a backend in tiers/registry.py ``TIER_BACKENDS``.
 
 Limits (checked in ``__post_init__``, errors name the field):
 
@@ -27,7 +28,7 @@ Pure data: no torch, no lmcache import.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tierserve.errors import InvalidParameterError
 
@@ -37,14 +38,16 @@ TIER_ORDER = ("dram", "disk", "redis")
 
 @dataclass(frozen=True)
 class KVTierConfig:
-    tiers: tuple[str, ...] = ()
-    chunk_blocks: int = 16
-    dram_gib: float = 1.0
-    disk_gib: float = 4.0
-    disk_path: str | None = None
-    redis_url: str | None = None
-    redis_timeout_s: float = 0.5
-    redis_retry_s: float = 5.0
+    # metadata: the option help and choices of CLI flags and Serve keys (tierserve/config_fields.py)
+    tiers: tuple[str, ...] = field(default=(), metadata={"help": "lower KV tiers, e.g. dram,disk,redis (default: off)",
+                                                         "choices": TIER_ORDER})
+    chunk_blocks: int = field(default=16, metadata={"help": "KV blocks per stored chunk"})
+    dram_gib: float = field(default=1.0, metadata={"help": "DRAM tier size (GiB)"})
+    disk_gib: float = field(default=4.0, metadata={"help": "disk tier size (GiB)"})
+    disk_path: str | None = field(default=None, metadata={"help": "disk tier folder"})
+    redis_url: str | None = field(default=None, metadata={"help": "redis tier, redis://host:port shared by replicas"})
+    redis_timeout_s: float = field(default=0.5, metadata={"help": "socket timeout of every Redis call (s)"})
+    redis_retry_s: float = field(default=5.0, metadata={"help": "seconds a failed Redis tier is skipped"})
 
     def __post_init__(self) -> None:
         tiers = tuple(self.tiers)

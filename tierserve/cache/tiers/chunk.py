@@ -1,7 +1,13 @@
-"""The self-checking byte record of one KV chunk, as stored in every lower tier.
+"""A KV chunk's key and its self-checking byte record, as stored in every lower tier.
 
 A chunk is the K and V of ``num_tokens`` consecutive tokens (whole blocks) in
-every layer. Its record is a fixed 104-byte header followed by the payload:
+every layer. With ``chunk_blocks`` blocks per chunk, chunk ``j`` of a token
+sequence covers blocks ``[j * chunk_blocks, (j + 1) * chunk_blocks)``; its key
+(``chunk_keys``) is the chained SHA-256 block hash (cache/prefix_hash.py) of
+its last block, so equal keys mean equal token prefixes, in any process. Only
+whole chunks have keys.
+
+Its record is a fixed 104-byte header followed by the payload:
 
     offset  size  field
     0       8     magic  b"TSKVCK01"
@@ -22,6 +28,10 @@ key is detected, and the caller recomputes that chunk instead of using it.
 BLAKE3 (the ``blake3`` package, already an LMCache dependency) hashes at
 ~3.8 GB/s on one core here, against ~1.1 GB/s for SHA-256, so checking a
 12 MB SmolLM2 chunk costs ~3 ms. Pure bytes: no torch.
+
+Tests: tests/test_kv_tiers.py (every corrupted byte, truncation, wrong key and
+layout is rejected), tests/test_tier_routing_connector.py (chunk keys equal the
+block hashes of each chunk's last block).
 """
 
 from __future__ import annotations
@@ -29,6 +39,8 @@ from __future__ import annotations
 import struct
 
 import blake3
+
+from tierserve.cache.prefix_hash import hash_block
 
 MAGIC = b"TSKVCK01"
 HEADER_BYTES = 104
@@ -43,6 +55,17 @@ class CorruptChunkError(ValueError):
     def __init__(self, reason: str):
         super().__init__(f"corrupt KV chunk: {reason}")
         self.reason = reason
+
+
+def chunk_keys(token_ids: list[int], block_size: int, chunk_blocks: int) -> list[bytes]:
+    """Keys of the whole chunks of ``token_ids``: the chained block hash of each chunk's last block."""
+    keys, parent = [], None
+    num_blocks = (len(token_ids) // (block_size * chunk_blocks)) * chunk_blocks
+    for b in range(num_blocks):
+        parent = hash_block(parent, token_ids[b * block_size:(b + 1) * block_size], ())
+        if (b + 1) % chunk_blocks == 0:
+            keys.append(parent)
+    return keys
 
 
 def record_size(payload_bytes: int) -> int:
