@@ -52,7 +52,7 @@ def _decode_half(q_ptr, s_ptr, lut_ptr, e2m1_ptr, rows, c, k0, mask, K, GROUP: t
 @triton.jit
 def fp4_linear_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, lut_ptr, e2m1_ptr, b_ptr, y_ptr, M, N, K, k_per_split,
                       HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr,
+                      BLOCK_K: tl.constexpr, SPLIT_K, USE_DOT: tl.constexpr,
                       DOT_KIND: tl.constexpr, GROUP: tl.constexpr, ACT_FP4: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)

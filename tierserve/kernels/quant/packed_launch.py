@@ -25,7 +25,8 @@ config (``tile_configs.choose_tiles`` with the device's multiprocessor count
 unless one is given), allocates, runs the format's kernel on the grid
 ``(M tiles, N tiles, K splits)`` and reduces. Every format kernel takes its
 own pointers first, then ``b_ptr, y_ptr, M, N, K, k_per_split`` and the
-constexprs ``HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, USE_DOT, DOT_KIND``.
+constexprs ``HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, DOT_KIND`` (``SPLIT_K`` is a
+runtime argument, so one compiled kernel per M bucket serves every shape).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def accumulate(acc, x, w, USE_DOT: tl.constexpr, DOT_KIND: tl.constexpr):
 
 
 @triton.jit
-def store_tile(acc, b_ptr, y_ptr, offs_m, offs_n, M, N, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+def store_tile(acc, b_ptr, y_ptr, offs_m, offs_n, M, N, HAS_BIAS: tl.constexpr, SPLIT_K):
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if SPLIT_K == 1:
         if HAS_BIAS:
@@ -82,12 +83,11 @@ def store_tile(acc, b_ptr, y_ptr, offs_m, offs_n, M, N, HAS_BIAS: tl.constexpr, 
 
 
 @triton.jit
-def _splitk_reduce_kernel(p_ptr, b_ptr, y_ptr, MN, N, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          BLOCK: tl.constexpr):
+def _splitk_reduce_kernel(p_ptr, b_ptr, y_ptr, MN, N, SPLIT, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in tl.static_range(SPLIT):
+    for s in range(SPLIT):
         acc += tl.load(p_ptr + s * MN + offs, mask=mask, other=0.0)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)

@@ -29,7 +29,7 @@ TYPE_SIZE = 20
 @triton.jit
 def q4_1_linear_kernel(x_ptr, w_ptr, w16_ptr, b_ptr, y_ptr, M, N, K, k_per_split,
                        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr,
+                       BLOCK_K: tl.constexpr, SPLIT_K, USE_DOT: tl.constexpr,
                        DOT_KIND: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
