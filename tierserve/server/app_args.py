@@ -28,7 +28,7 @@ def _split(value: Any) -> Any:
 
 
 class _AppArgsBase(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())  # "model" and any "model_*" option
 
     def engine_config(self) -> EngineConfig:
         return build_config(EngineConfig, {o.name: getattr(self, o.name) for o in options(EngineConfig)})
