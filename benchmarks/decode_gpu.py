@@ -74,10 +74,7 @@ def step_bytes(cfg, batch: int, context: int) -> float:
     return 2.0 * (layers * (attn + mlp) + emb + layers * kv)
 
 
-def bench_hf(folder, batch, prompt_len, new_tokens, vocab, device) -> float:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device).eval()
+def bench_hf(model, batch, prompt_len, new_tokens, vocab, device) -> float:
     gen = torch.Generator().manual_seed(batch)
     x = torch.randint(0, vocab - 1, (batch, prompt_len), generator=gen).to(device)
     mask = torch.ones_like(x)
@@ -93,8 +90,6 @@ def bench_hf(folder, batch, prompt_len, new_tokens, vocab, device) -> float:
 
     run(2)  # warm-up
     t1, tn = run(1), run(new_tokens)
-    del model
-    torch.cuda.empty_cache()
     return batch * (new_tokens - 1) / max(tn - t1, 1e-9)
 
 
@@ -146,13 +141,16 @@ def main() -> int:
         cfg = shape_config(shape, layers)
         with tempfile.TemporaryDirectory() as tmp:
             folder = save_random_model(shape, tmp, num_layers=layers, device="cuda")
+            from transformers import AutoModelForCausalLM
+
+            hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device).eval()
             engine = engine_for(folder, max(batches), args.prompt_len, args.new_tokens)
             graphs = engine.runner.graphs
             for batch in batches:
                 ours = bench_ours(engine, batch, args.prompt_len, args.new_tokens, cfg.vocab_size)
                 context = args.prompt_len + args.new_tokens / 2
                 roof = batch / (step_bytes(cfg, batch, context) / (bw * 1e9))
-                hf = bench_hf(folder, batch, args.prompt_len, args.new_tokens, cfg.vocab_size, device)
+                hf = bench_hf(hf_model, batch, args.prompt_len, args.new_tokens, cfg.vocab_size, device)
                 rows.append(dict(shape=shape, layers=cfg.num_hidden_layers, batch=batch, tierserve_tok_s=ours,
                                  hf_tok_s=hf, ratio_vs_hf=ours / hf, roofline_tok_s=roof,
                                  pct_roofline=100 * ours / roof, cuda_graphs=graphs is not None))
@@ -166,7 +164,7 @@ def main() -> int:
                 print(f"{shape}: CUDA graphs vs eager at batch 1: {graph_rate:.0f} vs {eager:.0f} tok/s "
                       f"= {graph_rate / eager:.2f}x")
             engine.close()
-            del engine
+            del engine, hf_model
             torch.cuda.empty_cache()
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "decode_gpu.json"), "w") as f:

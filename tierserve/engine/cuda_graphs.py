@@ -73,9 +73,8 @@ class DecodeGraphs:
 
     def _forward(self, batch: int) -> torch.Tensor:
         meta = AttentionMetadata(self.slots[:batch], self.tables[:batch], list(range(batch + 1)),
-                                 [self.max_model_len] * batch, self.block_size, backend=self.attention)
-        meta.seq_lens_t = self.seq_lens[:batch]
-        meta.query_start_t = self.query_start[: batch + 1]
+                                 [self.max_model_len] * batch, self.block_size, backend=self.attention,
+                                 seq_lens_t=self.seq_lens[:batch], query_start_t=self.query_start[: batch + 1])
         hidden = self.model(self.input_ids[:batch], self.positions[:batch], ForwardContext(meta, self.kv_caches))
         return self.model.compute_logits(hidden)
 

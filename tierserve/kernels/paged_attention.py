@@ -69,6 +69,10 @@ class AttentionMetadata:
     seq_lens: list[int]
     block_size: int
     backend: AttentionBackend = field(default_factory=TorchAttention)
+    #: device copies of ``seq_lens`` / ``query_start`` (int32) a caller already holds, e.g. a CUDA graph's
+    #: static buffers; None: built from the host lists on first use (``device_ints``)
+    seq_lens_t: torch.Tensor | None = None
+    query_start_t: torch.Tensor | None = None
     _masks: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -98,6 +102,9 @@ class AttentionMetadata:
 
     def device_ints(self, name: str, device) -> torch.Tensor:
         """``query_start`` or ``seq_lens`` as an int32 tensor on ``device`` (memoised per step)."""
+        given = getattr(self, f"{name}_t")
+        if given is not None:
+            return given
         key = (name, str(device))
         t = self._masks.get(key)
         if t is None:

@@ -22,7 +22,7 @@ Background tasks (started in the async ``__init__``, cancelled by ``__del__``/``
   (``report(replica_id, added_chains, evicted)``). Wake-ups that arrive
   while a report is in flight coalesce into the next one. With KV tiers on,
   the same call carries ``tiers=TierDiff`` from a ``TierMirror`` over the
-  connector's ``held_chunks()`` and ``drain_redis_events()``; the metrics
+  engine's ``tier_holdings()`` (held chunk keys, drained Redis events); the metrics
   pusher also wakes it every ``metrics_interval_s``, because disk and Redis
   writes finish asynchronously after the request's last token (so the
   router's view of a replica's tiers lags by at most one interval plus a
@@ -174,9 +174,9 @@ class LLMServer:
         """Lower-tier chunks gained/lost since the last report (None: no change or tiers off)."""
         if self._tier_mirror is None:
             return None
-        connector = self.engine.engine.kv_tiers
         try:
-            return self._tier_mirror.diff(connector.held_chunks(), connector.drain_redis_events())
+            holdings = self.engine.tier_holdings()
+            return self._tier_mirror.diff(holdings.held, holdings.shared_events)
         except Exception:  # a routing hint: never fail a request over it
             logger.exception("KV tier holdings report failed")
             return None
