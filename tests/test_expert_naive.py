@@ -31,13 +31,22 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def hosts(cluster):
+def launcher(cluster):
     from tierserve.actors.ray_launcher import RayHostLauncher
     from tierserve.offload.launcher import HostSpec
 
     launcher = RayHostLauncher()
-    yield launcher.launch(2, HostSpec("auto"))
+    launcher.launch(2, HostSpec("auto"))
+    yield launcher
     launcher.shutdown()
+
+
+@pytest.fixture
+def hosts(launcher):
+    """Socket transports to the module's two hosts, connected for one test (the hook closes them)."""
+    from tierserve.actors.ray_launcher import transports_for
+
+    return transports_for(launcher.actors, "socket", 30.0)
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.25])
