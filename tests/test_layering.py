@@ -18,11 +18,13 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "tierserve"
 
 #: bottom to top; parts in one tuple are one layer (they may not import each other)
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "paths", "data", "sampling_params", "step"),
+    ("errors",),
+    ("paths",),
+    ("data", "sampling_params", "step"),
     ("kernels",),
     ("cache",),
-    ("config",),
     ("config_fields",),
+    ("config",),
     ("models",),
     ("offload",),
     ("engine",),
