@@ -76,7 +76,7 @@ def _decode_split_kernel(q_ptr, kc, ks, kz, vc, vs, vz, table_ptr, seq_lens_ptr,
         tok = t0 + tl.arange(0, TILE_N)
         tok_mask = (tok >= lo) & (tok < end)
         k = load_page_tile(kc, ks, kz, table_row, tok, tok_mask, h, offs_d, d_mask, s_blk, s_tok, s_head,
-                           z_blk, z_tok, z_head, q.dtype, BLOCK_SIZE, QUANT_GROUP)
+                           z_blk, z_tok, z_head, q.dtype, TILE_N, BLOCK_D, BLOCK_SIZE, QUANT_GROUP)
         s = tl.dot(qd, tl.trans(dot_operand(k, q.dtype, UPCAST)), input_precision=DOT_PRECISION) * scale
         if HAS_SOFTCAP:
             s = soft_cap(s, softcap)
@@ -86,7 +86,7 @@ def _decode_split_kernel(q_ptr, kc, ks, kz, vc, vs, vz, table_ptr, seq_lens_ptr,
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use[:, None])
         v = load_page_tile(vc, vs, vz, table_row, tok, tok_mask, h, offs_d, d_mask, s_blk, s_tok, s_head,
-                           z_blk, z_tok, z_head, q.dtype, BLOCK_SIZE, QUANT_GROUP)
+                           z_blk, z_tok, z_head, q.dtype, TILE_N, BLOCK_D, BLOCK_SIZE, QUANT_GROUP)
         acc = acc * alpha[:, None] + tl.dot(dot_operand(p, q.dtype, UPCAST), dot_operand(v, q.dtype, UPCAST),
                                           input_precision=DOT_PRECISION)
         l_i = l_i * alpha + tl.sum(p, 1)

@@ -68,6 +68,10 @@ def page_view(kv) -> PageView:
         _same_layout(f"kv.v_packed.{name}", t, ref)
     _same_layout("kv.k_packed.zero", packed_v.zero, packed_k.scale)
     _same_layout("kv.v_packed.scale", packed_v.scale, packed_k.scale)
+    dim, group = 2 * packed_k.codes.shape[-1], int(kv.group)
+    if dim & (dim - 1) or dim % group:
+        raise InvalidParameterError("kv_group_size", f"int4 pages need a power-of-two head_dim divisible by the "
+                                                     f"group size; head_dim {dim}, group size {group}")
     return PageView(packed_k.codes, packed_v.codes, packed_k.scale, packed_k.zero, packed_v.scale, packed_v.zero,
                     int(kv.group), kv.rotation)
 
