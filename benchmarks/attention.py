@@ -27,7 +27,8 @@ large ones reach ~3.2 TB/s, two thirds of HBM. The kv4 kernel reads 3.2x
 fewer bytes but is bound by the in-register dequantization (1.6x slower than
 plain bf16 pages at batch 128, 4k).
 
-Usage: python benchmarks/attention.py [--reps 20]; writes benchmarks/results/attention.json.
+Usage: python benchmarks/attention.py [--reps 20] [--out DIR]; writes DIR/attention.json
+(default benchmarks/results/).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "attention.json")
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 HQ, HKV, DIM, BLOCK = 32, 8, 128, 16
 BATCHES = (1, 8, 32, 128)
 CONTEXTS = (1024, 4096)
@@ -120,6 +121,7 @@ def run(reps: int) -> list[dict]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--out", default=RESULTS_DIR, help="folder for attention.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("CUDA is absent: the triton attention kernels are GPU-only (under TRITON_INTERPRET=1 their CPU "
@@ -127,11 +129,12 @@ def main() -> int:
         return 0
     print(f"{torch.cuda.get_device_name()}: Hq {HQ}, Hkv {HKV}, head_dim {DIM}, bf16, block_size {BLOCK}")
     rows = run(args.reps)
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as f:
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "attention.json")
+    with open(path, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "shape": dict(hq=HQ, hkv=HKV, dim=DIM, block=BLOCK),
                    "rows": rows}, f, indent=1)
-    print(f"wrote {RESULTS}")
+    print(f"wrote {path}")
     return 0
 
 
