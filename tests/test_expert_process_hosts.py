@@ -161,9 +161,16 @@ def test_offload_from_config_default_launcher(tiny, tmp_path):
 
 
 def test_control_channel_refuses_foreign_pickles():
-    from tierserve.offload.socket_channel import loads
+    from tierserve.offload.socket_channel import dumps, loads
 
     assert loads(pickle.dumps({(0, 1): [1, 2]})) == {(0, 1): [1, 2]}
+    # torch tensors (inside DFloat11-coded experts) travel as numpy arrays, bit-exact, bf16 included
+    t = torch.randn(5, 3).to(torch.bfloat16)
+    back = loads(dumps({"w": t, "i": torch.arange(4, dtype=torch.int64)}))
+    assert back["w"].dtype == torch.bfloat16 and torch.equal(back["w"].view(torch.int16), t.view(torch.int16))
+    assert torch.equal(back["i"], torch.arange(4))
+    with pytest.raises(pickle.UnpicklingError, match="not allowed"):
+        loads(pickle.dumps(t))  # torch's own reduction is not accepted
     with pytest.raises(pickle.UnpicklingError, match="not allowed"):
         loads(pickle.dumps(os.system))
 

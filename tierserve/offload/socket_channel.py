@@ -29,9 +29,11 @@ Wire format (little endian), one request and one reply per call:
   [rows, hidden] output in ``x``'s numpy dtype, the pickled control result, or a utf-8
   error message.
 
-Control payloads (expert weights: numpy arrays and tierserve dataclasses) are
-unpickled on both sides by a restricted unpickler that resolves only ``numpy`` and
-``tierserve`` names, so a peer cannot make the other side import or call anything else.
+Control payloads (expert weights: numpy arrays and tierserve dataclasses; the torch
+tensors inside a DFloat11 ``CodedExpert`` are pickled as numpy arrays plus their dtype
+name, ``dumps``) are unpickled on both sides by a restricted unpickler that resolves
+only ``numpy`` and ``tierserve`` names, so a peer cannot make the other side import or
+call anything else.
 
 The host runs the very same ``ExpertHostCore.compute`` on the received arrays, so the
 outputs are bit-identical whichever transport carries them. Failure contract (worker
@@ -53,8 +55,10 @@ import threading
 import time
 
 import numpy as np
+import torch
 
 from tierserve.errors import InvalidParameterError
+from tierserve.offload.expert_weights import numpy_to_tensor, tensor_to_numpy
 from tierserve.offload.transport import HostCallError
 
 _OP = struct.Struct("<B")
@@ -77,6 +81,25 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if module == "numpy" or module.startswith(("numpy.", "tierserve.")):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed on the expert-host channel")
+
+
+class _Pickler(pickle.Pickler):
+    def reducer_override(self, obj):
+        if isinstance(obj, torch.Tensor):
+            return tensor_from_numpy, (tensor_to_numpy(obj.cpu()), str(obj.dtype).removeprefix("torch."))
+        return NotImplemented
+
+
+def tensor_from_numpy(a: np.ndarray, dtype: str) -> torch.Tensor:
+    """A CPU tensor from its pickled numpy form (16-bit floats travel as their int16 bit patterns)."""
+    return numpy_to_tensor(a, getattr(torch, dtype))
+
+
+def dumps(obj) -> bytes:
+    """Pickle a control payload, torch tensors as numpy arrays (module doc)."""
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=5).dump(obj)
+    return buf.getvalue()
 
 
 def loads(data: bytes):
@@ -132,7 +155,7 @@ class SocketChannel:
 
     def call(self, method: str, *args, timeout_s: float | None = None):
         """Run control ``method(*args)`` on the host and return its result (module doc)."""
-        body = pickle.dumps((method, args), protocol=5)
+        body = dumps((method, args))
         try:
             self.sock.settimeout(self.timeout_s if timeout_s is None else timeout_s)
             self.sock.sendall(_OP.pack(OP_CONTROL) + _LEN.pack(len(body)) + body)
@@ -199,7 +222,7 @@ def _answer(conn: socket.socket, host) -> bytes:
         method, args = loads(bytes(_recv_exact(conn, n)))
         if method not in CONTROL_METHODS:
             raise ValueError(f"unknown control method {method!r}")
-        body = pickle.dumps(getattr(host, method)(*args), protocol=5)
+        body = dumps(getattr(host, method)(*args))
     except ChannelError:
         raise
     except Exception as exc:
