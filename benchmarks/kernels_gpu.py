@@ -23,6 +23,15 @@ write of 1 GiB) is measured once and printed beside the table. Targets
 reported, not asserted: Q4_0 and NVFP4 W4A16 at M = 1 at least 2.5x faster
 than bf16.
 
+Measured on one H200 (torch 2.11, triton 3.6; whole run 46 s; copy 2.7 TB/s):
+every packed format is SLOWER than bf16 today. M = 1: q4_0 0.27-0.72x bf16
+(8-45 us, 74-221 GB/s), nvfp4 0.14-0.50x, q8_0 0.26-0.71x, sinq 0.07-0.39x;
+M = 16/128 FP4 is 0.02-0.15x, nvfp4 W4A4 1.5-2.7 ms (eager torch activation
+quantization), dfloat11 66-446 us (the decode). The 2.5x target is not met:
+the kernels issue one gather load per code byte and per scale (no vector
+loads across ggml's 18-byte blocks); a one-time repack into separate
+contiguous code and scale planes is the next step.
+
 Usage: python benchmarks/kernels_gpu.py [--reps 10] [--out DIR]; writes
 DIR/kernels_gpu.json (default benchmarks/results). Without CUDA it says so
 and exits 0.
