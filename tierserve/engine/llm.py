@@ -19,7 +19,9 @@ def build_engine_config(model: str | None = None, **options) -> EngineConfig:
     (tierserve/config.py), so this accepts exactly those and raises
     InvalidParameterError naming an unknown one. ``resident_experts`` (None:
     every expert resident) turns on MoE expert offload over ``expert_hosts``
-    ExpertHost actors; ``kv_tiers`` takes ``"dram,disk"`` or a tuple.
+    expert hosts (local processes; pass ``host_launcher`` to ``LLM`` for others,
+    e.g. tierserve.actors.ray_launcher.RayHostLauncher on a Ray cluster);
+    ``kv_tiers`` takes ``"dram,disk"`` or a tuple.
     """
     return build_config(EngineConfig, {"model": model, **options})
 
@@ -27,8 +29,9 @@ def build_engine_config(model: str | None = None, **options) -> EngineConfig:
 class LLM:
     """``LLM(model=...).generate(prompts, params)``: all prompts run together, continuously batched."""
 
-    def __init__(self, model: str | None = None, *, config: EngineConfig | None = None, **kwargs):
-        self.engine = LLMEngine(config or build_engine_config(model, **kwargs))
+    def __init__(self, model: str | None = None, *, config: EngineConfig | None = None, host_launcher=None,
+                 **kwargs):
+        self.engine = LLMEngine(config or build_engine_config(model, **kwargs), host_launcher=host_launcher)
 
     @property
     def tokenizer(self):

@@ -109,7 +109,7 @@ class LLMEngine:
             from tierserve.offload.build import offload_from_config
 
             self.offload = offload_from_config(loaded.model, config.offload, self.source.weights,
-                                               config.model.linear_backend)
+                                               config.model.linear_backend, self._host_launcher)
         apply_linear_backend(loaded.model, config.model.linear_backend)
         return loaded
 

@@ -31,7 +31,7 @@ as usual in Ray Serve.
 ``resident_experts`` (None: all resident) turns on MoE expert offload in every
 replica: each replica's engine keeps that many experts and spreads the rest
 over ``expert_hosts`` ExpertHost actors (placed on nodes with the
-``expert_host`` resource, tierserve/moe/offload.py). A dense model with
+``expert_host`` resource, tierserve/actors/ray_launcher.py). A dense model with
 ``resident_experts`` set is rejected when the replica loads it.
 """
 

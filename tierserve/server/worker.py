@@ -83,7 +83,10 @@ class LLMServer:
         from tierserve.engine.async_engine import AsyncLLMEngine
         from tierserve.routing.tree_actor import get_or_create_tree_actor
 
-        host_launcher = None  # wired to the Ray launcher of tierserve/actors below
+        from tierserve.actors.ray_launcher import RayHostLauncher
+
+        # expert hosts of an offloading replica are Ray actors on the cluster's expert_host nodes
+        host_launcher = RayHostLauncher() if engine_config.offload.enabled else None
         self.engine = AsyncLLMEngine(engine_config, host_launcher=host_launcher)
         self._info = self.engine.info()
         self.model_name = served_model_name or self._info.model_name
