@@ -163,3 +163,17 @@ def test_bad_serve_flags_name_the_flag(argv, flag, capsys):
 def test_generate_keeps_its_sampling_seed_apart_from_the_engine_seed():
     args = _build_parser().parse_args(["generate", "hi", "--seed", "3", "--engine-seed", "5"])
     assert args.sampling_seed == 3 and build_engine_config(None, **_engine_kwargs(args)).seed == 5
+
+
+def test_gpu_flags_reach_engine_and_replica_options():
+    """--device and --attention-backend reach the engine config; --worker-gpus reserves GPUs for each replica."""
+    args = _build_parser().parse_args(["serve", "--device", "cuda:0", "--attention-backend", "triton",
+                                       "--enforce-eager", "--worker-gpus", "1"])
+    a = AppArgs.model_validate(serve_args(args, api_key=None))
+    cfg = a.engine_config()
+    assert (cfg.device, cfg.model.attention_backend, cfg.model.enforce_eager) == ("cuda:0", "triton", True)
+    assert a.serve_options().worker_gpus == 1
+    with pytest.raises(ValidationError, match="device"):
+        AppArgs.model_validate({"device": "tpu"})
+    with pytest.raises(ValidationError, match="worker_gpus"):
+        AppArgs.model_validate({"worker_gpus": -1})

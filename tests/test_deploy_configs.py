@@ -121,9 +121,9 @@ def test_serve_args_are_app_args(which):
     a = AppArgs.model_validate(app["args"])
     engine, serving = a.engine_config(), a.serve_options()
     assert engine.model.model == app["args"]["model"] and serving.replicas == app["args"]["replicas"]
-    assert engine.offload.enabled and engine.offload.resident_experts == app["args"]["resident_experts"]
-    assert engine.offload.channel == app["args"]["offload_channel"]
+    assert engine.device == app["args"]["device"] == "auto"  # replicas run on the GPU Ray assigns them
     server = next(d for d in app["deployments"] if d["name"] == "LLMServer")
+    assert server["ray_actor_options"]["num_gpus"] == 1
     assert server["max_ongoing_requests"] == engine.scheduler.max_num_seqs + serving.max_waiting_requests + 1
     with pytest.raises(ValidationError, match="not_an_option"):
         AppArgs.model_validate({**app["args"], "not_an_option": 1})

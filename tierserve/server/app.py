@@ -81,7 +81,7 @@ def build_app(args: dict | None = None):
         name="LLMServer",
         max_ongoing_requests=max_num_seqs + a.max_waiting_requests + 1,
         max_queued_requests=4 * (max_num_seqs + a.max_waiting_requests),
-        ray_actor_options={"num_cpus": a.worker_cpus},
+        ray_actor_options={"num_cpus": a.worker_cpus, "num_gpus": a.worker_gpus},
         request_router_config=_router_config(a, engine_config.kv_tiers.tiers),
         health_check_period_s=10,
         **scaling,

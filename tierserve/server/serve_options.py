@@ -9,7 +9,7 @@ Validated at construction; errors name the field:
   ``min_replicas`` (>= 0, default 1) <= ``replicas`` <= ``max_replicas``;
   ``min_replicas`` without ``max_replicas`` is refused;
 * ``target_ongoing_requests > 0``, ``max_waiting_requests >= 1``,
-  ``retry_after_s >= 1``, ``max_body_bytes >= 1``, ``worker_cpus >= 0``,
+  ``retry_after_s >= 1``, ``max_body_bytes >= 1``, ``worker_cpus >= 0``, ``worker_gpus >= 0``,
   ``ingress_cpus >= 0``, ``metrics_interval_s > 0``;
 * ``router`` in ``ROUTERS``; ``0 <= router_min_match_ratio <= 1``.
 
@@ -29,7 +29,7 @@ DEFAULT_MAX_BODY_BYTES = 4 * 2**20
 ROUTERS = ("prefix", "pow2")
 
 _MIN = {"replicas": 1, "max_waiting_requests": 1, "retry_after_s": 1, "max_body_bytes": 1,
-        "worker_cpus": 0, "ingress_cpus": 0}
+        "worker_cpus": 0, "worker_gpus": 0, "ingress_cpus": 0}
 _POSITIVE = ("target_ongoing_requests", "metrics_interval_s")
 
 
@@ -45,6 +45,8 @@ class ServeOptions:
     max_body_bytes: int = option(DEFAULT_MAX_BODY_BYTES, "largest request body accepted (413 above)")
     api_key: str | None = option(None, "require this bearer key on /v1 (serve command: default $TIERSERVE_API_KEY)")
     worker_cpus: float = option(1.0, "CPUs reserved per LLMServer replica")
+    worker_gpus: float = option(0.0, "GPUs reserved per LLMServer replica (the engine's device auto then runs on "
+                                     "the one Ray assigns)")
     ingress_cpus: float = option(0.0, "CPUs reserved per ingress replica")
     metrics_interval_s: float = option(1.0, "seconds between two metrics pushes of a replica")
     router: str = option("prefix", "request router (prefix: longest cached prefix, bounded by load; "
