@@ -274,8 +274,8 @@ class EngineConfig:
     kv_compression: KVCompressionConfig = field(default_factory=KVCompressionConfig, metadata={"prefix": "kv_"})
     kv_tiers: KVTierConfig = field(default_factory=KVTierConfig,  # [kv-tiers] off while tiers == ()
                                    metadata={"prefix": "kv_"})
-    seed: int = option(0, "engine-wide seed (not read by the engine yet: requests are seeded "
-                                "through their own sampling seed)", flag="engine_seed")
+    seed: int = option(0, "seed of the engine's generator, which samples every request that has no seed of its "
+                          "own (a request's own seed keeps its tokens independent of the batch)", flag="engine_seed")
     num_threads: int | None = option(None, "torch intra-op threads", flag="threads")
     device: str = option("auto", "where the engine runs: auto (cuda when present, else cpu), cpu, cuda, cuda:N")
 

@@ -89,6 +89,7 @@ class LLMEngine:
         self.stop_rules = StopRules.from_model(self.tokenizer, self.hf_config, self.max_model_len)
         self._live: dict[str, _Live] = {}
         self._requests: dict[str, Request] = {}
+        self._generator = torch.Generator().manual_seed(config.seed)  # requests without a seed of their own
         self._arrivals = itertools.count()
         self._ids = itertools.count()
 
@@ -306,7 +307,7 @@ class LLMEngine:
         lives = [self._live[rid] for rid in run.request_ids]
         batch = SamplingBatch(
             params=[lv.request.params for lv in lives],
-            generators=[lv.generator for lv in lives],
+            generators=[lv.generator or self._generator for lv in lives],
             prompt_token_ids=[lv.request.prompt_token_ids for lv in lives],
             output_token_ids=[lv.request.output_token_ids for lv in lives],
             stop_ids=[self.stop_rules.stop_ids(lv.request.params) for lv in lives],
