@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tierserve.cache.tiers.config import KVTierConfig  # [kv-tiers] DRAM/disk/Redis chunk store
+from tierserve.cache.tiers.config import KVTierConfig  # DRAM/disk/Redis chunk store
 from tierserve.config_fields import option
 from tierserve.errors import InvalidParameterError
 
@@ -272,7 +272,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     offload: OffloadConfig = field(default_factory=OffloadConfig, metadata={"prefix": "offload_"})
     kv_compression: KVCompressionConfig = field(default_factory=KVCompressionConfig, metadata={"prefix": "kv_"})
-    kv_tiers: KVTierConfig = field(default_factory=KVTierConfig,  # [kv-tiers] off while tiers == ()
+    kv_tiers: KVTierConfig = field(default_factory=KVTierConfig,  # off while tiers == ()
                                    metadata={"prefix": "kv_"})
     seed: int = option(0, "seed of the engine's generator, which samples every request that has no seed of its "
                           "own (a request's own seed keeps its tokens independent of the batch)", flag="engine_seed")

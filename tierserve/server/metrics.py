@@ -111,7 +111,7 @@ class MetricsSnapshot:
     kv_usage: float = 0.0
     num_replicas: int = 1
     experts: ExpertMetrics | None = None  # replicas with MoE expert offload
-    kv_tiers: KVTierStats | None = None  # [kv-tiers] replicas with DRAM/disk/Redis KV tiers
+    kv_tiers: KVTierStats | None = None  # replicas with DRAM/disk/Redis KV tiers
 
     def add(self, other: MetricsSnapshot) -> None:
         """Sum ``other`` into self; KV usage becomes the replica-weighted mean."""
@@ -129,7 +129,7 @@ class MetricsSnapshot:
             if self.experts is None:
                 self.experts = ExpertMetrics()
             self.experts.add(other.experts)
-        if other.kv_tiers is not None:  # [kv-tiers]
+        if other.kv_tiers is not None:
             if self.kv_tiers is None:
                 self.kv_tiers = KVTierStats()
             self.kv_tiers.add(other.kv_tiers)
@@ -265,7 +265,7 @@ def render_prometheus(snapshots: list[MetricsSnapshot]) -> bytes:
 
 
 def _kv_tier_families(per_model: dict[str, KVTierStats]):
-    """[kv-tiers] Counters per model and tier: chunks served, bytes loaded/stored, corrupt chunks, failures."""
+    """KV tiers: counters per model and tier: chunks served, bytes loaded/stored, corrupt chunks, failures."""
     if not per_model:
         return
     from prometheus_client.core import CounterMetricFamily
