@@ -1,4 +1,4 @@
-"""PrefixAwarePolicy: exact replica choices for given prefixes and loads."""
+"""Routing policies: PrefixAwarePolicy and CostAwarePolicy (Router v2), exact replica choices for given prefixes and loads."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ import pytest
 from tierserve.cache.prefix_hash import hash_blocks
 from tierserve.errors import InvalidParameterError
 from tierserve.routing import (
+    CostAwarePolicy,
     PrefixAwarePolicy,
     PrefixTree,
     ReplicaLoad,
     RouteDecision,
     make_policy,
 )
+from tierserve.routing.policy import KV_TIER_WEIGHTS
 
 
 def loads(**kw):
@@ -184,3 +186,112 @@ def test_policy_and_tree_import_neither_torch_nor_ray():
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'ray')); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------------------------------- Router v2
+
+
+def test_cost_policy_defaults_are_the_documented_ones():
+    p = CostAwarePolicy()
+    assert (p.block_size, p.token_budget, p.max_num_seqs, p.decode_weight, p.tier_weights) == \
+        (16, 2048, 64, 8.0, {"device": 1.0})
+    assert make_policy("cost_aware").decode_weight == 8.0
+
+
+def test_cost_is_prefill_left_plus_queued_work_over_capacity():
+    p = CostAwarePolicy()
+    # 10-block request, 4 cached, 100 queued prompt tokens, 16 of 64 slots taken:
+    # (16 * 6 + 100) / 2048 + 8 * 16 / 64 = 196/2048 + 2
+    assert p.cost(ReplicaLoad("a", 16, pending_prefill_tokens=100), 4.0, 10) == 196 / 2048 + 2.0
+    # A replica reporting its own capacity is normalised by it.
+    assert p.cost(ReplicaLoad("a", 16, 100, max_num_seqs=32, token_budget=512), 4.0, 10) == 196 / 512 + 4.0
+
+
+def test_hot_replica_keeps_a_long_match_until_three_requests_more_and_loses_at_four():
+    # Module doc example: 55 cached blocks save 880 tokens; each request in flight costs 256.
+    p = CostAwarePolicy()
+    for k, winner in [(0, "hot"), (1, "hot"), (3, "hot"), (4, "idle"), (9, "idle")]:
+        d = p.choose({"hot": 55}, loads(hot=k, idle=0), num_request_blocks=60)
+        assert d.replica_id == winner, k
+    d = p.choose({"hot": 55}, loads(hot=3, idle=0), num_request_blocks=60)
+    assert d == RouteDecision("hot", 55, 55.0, "prefix", 80 / 2048 + 3 / 8)
+    d = p.choose({"hot": 55}, loads(hot=4, idle=0), num_request_blocks=60)
+    assert d == RouteDecision("idle", 0, 0.0, "least_loaded", 960 / 2048)
+
+
+def test_short_shared_header_never_outweighs_one_request_in_flight():
+    p = CostAwarePolicy()
+    d = p.choose({"a": 2}, loads(a=1, b=0), num_request_blocks=50)
+    assert (d.replica_id, d.reason) == ("b", "least_loaded")
+    # Both idle: the header is a free win.
+    assert p.choose({"a": 2}, loads(a=0, b=0), num_request_blocks=50).replica_id == "a"
+
+
+def test_queued_prefill_moves_a_request_off_a_replica_before_its_queue_grows():
+    # Same ongoing count (1 each); a holds 20 blocks but has 1000 prompt tokens waiting to prefill.
+    p = CostAwarePolicy()
+    hot = ReplicaLoad("a", 1, pending_prefill_tokens=1000)
+    idle = ReplicaLoad("b", 1, pending_prefill_tokens=0)
+    # a: (16*10 + 1000)/2048 ; b: 16*30/2048 -> 1160 > 480: b.
+    assert p.choose({"a": 20}, [hot, idle], num_request_blocks=30) == \
+        RouteDecision("b", 0, 0.0, "least_loaded", 480 / 2048 + 1 / 8)
+    # With 300 queued tokens a wins: 460 < 480.
+    d = p.choose({"a": 20}, [ReplicaLoad("a", 1, pending_prefill_tokens=300), idle], num_request_blocks=30)
+    assert (d.replica_id, d.reason, d.cost) == ("a", "prefix", 460 / 2048 + 1 / 8)
+
+
+def test_capacity_normalises_load():
+    # Same 8 requests in flight: on a replica with 128 slots they weigh half as much as on one with 64.
+    p = CostAwarePolicy(decode_weight=8.0)
+    big = ReplicaLoad("big", 8, max_num_seqs=128)
+    small = ReplicaLoad("small", 6)  # 64 slots (policy default)
+    # big: 8*8/128 = 0.5 ; small: 8*6/64 = 0.75 -> big, despite more requests.
+    assert p.choose({}, [big, small], num_request_blocks=4).replica_id == "big"
+    # A larger token budget halves the prefill term: 2048 tokens of queue at 4096 budget cost 0.5.
+    wide = ReplicaLoad("wide", 0, pending_prefill_tokens=2048, token_budget=4096)
+    narrow = ReplicaLoad("narrow", 0, pending_prefill_tokens=1536)
+    assert p.choose({}, [wide, narrow], num_request_blocks=4).replica_id == "wide"
+
+
+def test_cost_policy_lower_tiers_and_no_match():
+    p = CostAwarePolicy(tier_weights=KV_TIER_WEIGHTS)
+    # a: 10 blocks in DRAM (score 8.0); b: 6 device blocks (6.0); idle both: a (less work left).
+    d = p.choose({"b": 6}, loads(a=0, b=0), lower_tier_matches={"dram": {"a": 10}}, num_request_blocks=12)
+    assert (d.replica_id, d.score, d.matched_blocks, d.reason) == ("a", 8.0, 0, "prefix")
+    assert d.cost == 16 * 4 / 2048
+    # 9 device blocks beat it.
+    assert p.choose({"b": 9}, loads(a=0, b=0), lower_tier_matches={"dram": {"a": 10}},
+                    num_request_blocks=12).replica_id == "b"
+    # No match anywhere: least loaded, then lowest id.
+    assert p.choose({}, loads(c=1, b=1, a=2), num_request_blocks=5) == \
+        RouteDecision("b", 0, 0.0, "no_match", 80 / 2048 + 1 / 8)
+    with pytest.raises(InvalidParameterError) as e:
+        CostAwarePolicy().choose({}, loads(a=0), lower_tier_matches={"dram": {"a": 1}})
+    assert e.value.field == "lower_tier_matches"
+
+
+def test_cost_choice_does_not_depend_on_request_length():
+    p = CostAwarePolicy()
+    cases = [({"a": 7, "b": 3}, loads(a=2, b=0, c=1)), ({"a": 30}, loads(a=2, b=0)), ({}, loads(a=1, b=0))]
+    for matches, ls in cases:
+        chosen = {p.choose(matches, ls, num_request_blocks=n).replica_id for n in (None, 30, 31, 100)}
+        assert len(chosen) == 1, (matches, chosen)
+    # rank orders every replica once, cheapest first (a: 16*0 + 1 req = 0.125; c: 16*30/2048 + 0.125;
+    # b: 16*30/2048 + 0 -> b 0.234, c 0.359).
+    assert [d.replica_id for d in p.rank({"a": 30}, loads(a=1, b=0, c=1), num_request_blocks=30)] == \
+        ["a", "b", "c"]
+
+
+def test_cost_policy_validation_names_the_field():
+    for kwargs, field in [({"block_size": 0}, "block_size"), ({"token_budget": 0}, "token_budget"),
+                          ({"max_num_seqs": 1.5}, "max_num_seqs"), ({"decode_weight": -1.0}, "decode_weight"),
+                          ({"decode_weight": math.inf}, "decode_weight"),
+                          ({"tier_weights": {"dram": math.nan}}, "tier_weights")]:
+        with pytest.raises(InvalidParameterError) as e:
+            CostAwarePolicy(**kwargs)
+        assert e.value.field == field
+    for kwargs, field in [({"pending_prefill_tokens": -1}, "pending_prefill_tokens"),
+                          ({"max_num_seqs": 0}, "max_num_seqs"), ({"token_budget": 0}, "token_budget")]:
+        with pytest.raises(InvalidParameterError) as e:
+            ReplicaLoad("a", 0, **kwargs)
+        assert e.value.field == field

@@ -117,6 +117,24 @@ def test_chunked_prefill_under_budget_then_decode():
     assert sched.kv.num_free_blocks == 16 and r.status is RequestStatus.FINISHED_LENGTH
 
 
+
+def test_pending_prefill_tokens_count_prompt_left_of_waiting_and_running():
+    # The router's queued-prefill load (routing/policy.py CostAwarePolicy): prompt tokens without KV yet.
+    sched = make_sched(num_blocks=16, budget=8)
+    sched.add_request(make_req("a", range(20), max_tokens=3))
+    sched.add_request(make_req("b", range(100, 106), max_tokens=3))
+    assert sched.num_pending_prefill_tokens() == 26
+    eng = SimEngine(sched)
+    eng.step()                                   # a: 8 of 20 prompt tokens computed, b waits (budget 8)
+    assert sched.num_pending_prefill_tokens() == 12 + 6
+    eng.step()
+    eng.step()                                   # a: its last 4 prompt tokens; b admitted with the other 4
+    assert sched.get("b").num_computed_tokens == 4
+    assert sched.num_pending_prefill_tokens() == 2
+    eng.step()                                   # a decodes, b's last 2 prompt tokens
+    assert sched.num_pending_prefill_tokens() == 0
+
+
 def test_decode_and_prefill_mixed_in_one_step():
     sched = make_sched(num_blocks=16, budget=8)
     sched.add_request(make_req("a", range(5), max_tokens=4))

@@ -30,3 +30,5 @@ class EngineStats:
     num_free_blocks: int
     prefix_queries: int
     prefix_hits: int
+    #: prompt tokens of waiting and running requests not prefilled yet (Scheduler.num_pending_prefill_tokens)
+    pending_prefill_tokens: int = 0

@@ -258,7 +258,8 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         kv = self.kv_manager
         return EngineStats(self.scheduler.num_running(), self.scheduler.num_waiting(), kv.usage,
-                           kv.num_free_blocks, kv.stats.queries_tokens, kv.stats.hit_tokens)
+                           kv.num_free_blocks, kv.stats.queries_tokens, kv.stats.hit_tokens,
+                           self.scheduler.num_pending_prefill_tokens())
 
     def record_cache_events(self) -> None:
         """Start logging the device prefix cache's events (for the router's prefix tree); idempotent."""

@@ -122,6 +122,11 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
+    def num_pending_prefill_tokens(self) -> int:
+        """Prompt tokens of waiting and running requests whose KV is not computed yet (the router's load)."""
+        return sum(max(0, r.num_prompt_tokens - r.num_computed_tokens)
+                   for r in (*self.waiting, *self.running))
+
     # -- scheduling -------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:

@@ -6,6 +6,7 @@ Import the Ray pieces from their modules (``tierserve.routing.serve_router``,
 
 from tierserve.routing.policy import (
     POLICIES,
+    CostAwarePolicy,
     PrefixAwarePolicy,
     ReplicaLoad,
     RouteDecision,
@@ -17,6 +18,7 @@ from tierserve.routing.tier_index import TierDiff, TierIndex, lower_tier_matches
 
 __all__ = [
     "POLICIES",
+    "CostAwarePolicy",
     "PrefixAwarePolicy",
     "PrefixTree",
     "ReplicaLoad",

@@ -55,9 +55,62 @@ only the absolute threshold bounds it. ``abs_threshold = 0`` and
 choice rejects the request: it applies ``choose`` to the replicas not yet
 ranked, repeatedly (O(n^2) for n replicas; n is a few dozen at most).
 
+Router v2: ``CostAwarePolicy`` (registry name ``"cost_aware"``) scores each
+replica by the work the request would cost it, Dynamo/llm-d style, in units of
+one step's token budget (roughly: engine steps of delay), and picks the
+cheapest:
+
+    cost(r) = (new_tokens(r) + pending_prefill_tokens(r)) / token_budget(r)
+              + decode_weight * ongoing_requests(r) / max_num_seqs(r)
+    new_tokens(r) = block_size * (n - score(r))
+
+* ``score(r)`` is the weighted prefix score of step 1 above (device blocks
+  1.0, lower tiers at ``tier_weights``), so a DRAM block still costs
+  ``0.2 * block_size`` tokens of work; ``n`` is the request's length in blocks
+  (``num_request_blocks``; without it, the best score among the candidates:
+  the cost *differences*, hence the choice, do not depend on ``n`` as long as
+  ``n >=`` every score, which the policy enforces).
+* ``pending_prefill_tokens(r)``: prompt tokens already queued on the replica
+  and not prefilled yet (waiting requests and unfinished chunked prefills,
+  ``EngineStats.pending_prefill_tokens``, reported by the replica). They run
+  before the new request's prefill under the same token budget.
+* ``ongoing_requests(r) / max_num_seqs(r)``: the fraction of the replica's
+  sequence slots taken (requests running or queued there, Serve's count).
+  Every one of them adds a decode token to each step until it finishes, and a
+  replica with all slots taken makes the request wait for one to free.
+* Capacity: ``token_budget`` (the scheduler's ``max_num_batched_tokens``) and
+  ``max_num_seqs`` of the replica when it reports them, else the policy's
+  (the deployment's engine config; every replica of a deployment shares it).
+
+Constants (constructor arguments):
+
+* ``block_size = 16`` tokens per KV block: the engine default; the Serve app
+  passes its engine's.
+* ``token_budget = 2048`` and ``max_num_seqs = 64``: SchedulerConfig defaults,
+  the capacity of a replica that reported none; the app passes its own.
+* ``decode_weight = 8.0``: a full batch of running requests weighs 8 step
+  budgets of prefill, so each request in flight counts as
+  ``8 * 2048 / 64 = 256`` tokens of work with the defaults, about the
+  answers' length in benchmarks/serve.py (the decode tokens it still adds to
+  the replica's batches). Consequence: a cached match keeps a request on its
+  replica only while it saves more than 256 tokens (16 blocks) per extra
+  request in flight there. A follow-up turn with 55 cached blocks (880
+  tokens) stays on a replica with up to 3 more requests in flight than an
+  idle one and moves at 4; a shared 2-block header never outweighs one
+  request. ``decode_weight = 0`` is pure prefix-work routing (queued prefill
+  still counts), a huge one is least-loaded.
+
+Ties on cost go to the lower (ongoing_requests, replica_id). Reason of a
+decision: ``"no_match"`` when no candidate scores > 0, ``"prefix"`` when the
+chosen replica has the best score, ``"least_loaded"`` when load outweighed a
+better match elsewhere. ``RouteDecision.cost`` carries the chosen cost.
+
 Tests (tests/test_routing_policy.py) check exact choices: which replica for
 which prefix and load, both thresholds at and just past their boundaries,
-tie-breaks, tier weights and the full ranking.
+tie-breaks, tier weights and the full ranking; for ``CostAwarePolicy`` the
+cost formula against hand-computed values, the crossover points of the
+example above, queued prefill, per-replica capacity, lower tiers, and that
+the choice does not depend on ``n``.
 """
 
 from __future__ import annotations
@@ -85,6 +138,11 @@ class ReplicaLoad:
 
     replica_id: str
     ongoing_requests: int
+    #: prompt tokens queued on the replica, not prefilled yet (what it last reported; 0 if unknown)
+    pending_prefill_tokens: int = 0
+    #: the replica's capacity when it reported it (None: the policy's)
+    max_num_seqs: int | None = None
+    token_budget: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.replica_id, str) or not self.replica_id:
@@ -92,6 +150,13 @@ class ReplicaLoad:
         if self.ongoing_requests < 0:
             raise InvalidParameterError(
                 "ongoing_requests", f"must be >= 0, got {self.ongoing_requests} for {self.replica_id}")
+        if self.pending_prefill_tokens < 0:
+            raise InvalidParameterError(
+                "pending_prefill_tokens", f"must be >= 0, got {self.pending_prefill_tokens} for {self.replica_id}")
+        for name in ("max_num_seqs", "token_budget"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise InvalidParameterError(name, f"must be >= 1, got {value} for {self.replica_id}")
 
 
 @dataclass(frozen=True)
@@ -108,6 +173,8 @@ class RouteDecision:
     matched_blocks: int
     score: float
     reason: str
+    #: the chosen replica's cost (CostAwarePolicy; None for policies without one)
+    cost: float | None = None
 
 
 class RouterPolicy(ABC):
@@ -150,10 +217,7 @@ class PrefixAwarePolicy(RouterPolicy):
             raise InvalidParameterError("rel_threshold", f"must be >= 1.0, got {rel_threshold}")
         if not 0 <= min_match_ratio <= 1:
             raise InvalidParameterError("min_match_ratio", f"must lie in [0, 1], got {min_match_ratio}")
-        weights = dict(tier_weights) if tier_weights is not None else {DEVICE_TIER: 1.0}
-        for tier, w in weights.items():
-            if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
-                raise InvalidParameterError("tier_weights", f"weight of tier {tier!r} must be finite and >= 0, got {w!r}")
+        weights = _check_weights(tier_weights)
         self.abs_threshold = abs_threshold
         self.rel_threshold = rel_threshold
         self.tier_weights = weights
@@ -162,13 +226,7 @@ class PrefixAwarePolicy(RouterPolicy):
     def score(self, replica_id: str, matches: Mapping[str, int],
               lower_tier_matches: Mapping[str, Mapping[str, int]] | None = None) -> float:
         """Weighted prefix score of one replica (module doc, step 1)."""
-        total = self.tier_weights.get(DEVICE_TIER, 0.0) * matches.get(replica_id, 0)
-        for tier, per_replica in (lower_tier_matches or {}).items():
-            if tier not in self.tier_weights:
-                raise InvalidParameterError(
-                    "lower_tier_matches", f"tier {tier!r} has no weight; known tiers: {sorted(self.tier_weights)}")
-            total += self.tier_weights[tier] * per_replica.get(replica_id, 0)
-        return total
+        return prefix_score(self.tier_weights, replica_id, matches, lower_tier_matches)
 
     def choose(self, matches: Mapping[str, int], loads: Sequence[ReplicaLoad],
                lower_tier_matches: Mapping[str, Mapping[str, int]] | None = None,
@@ -194,8 +252,53 @@ class PrefixAwarePolicy(RouterPolicy):
         return RouteDecision(replica_id=rid, matched_blocks=matches.get(rid, 0), score=scores[rid], reason=reason)
 
 
+class CostAwarePolicy(RouterPolicy):
+    """Router v2: the replica the request costs least, prefill left plus queued work over capacity (module doc)."""
+
+    def __init__(self, block_size: int = 16, token_budget: int = 2048, max_num_seqs: int = 64,
+                 decode_weight: float = 8.0, tier_weights: Mapping[str, float] | None = None):
+        for name, value in (("block_size", block_size), ("token_budget", token_budget),
+                            ("max_num_seqs", max_num_seqs)):
+            if not (isinstance(value, int) and value >= 1):
+                raise InvalidParameterError(name, f"must be an int >= 1, got {value!r}")
+        if not (math.isfinite(decode_weight) and decode_weight >= 0):
+            raise InvalidParameterError("decode_weight", f"must be finite and >= 0, got {decode_weight}")
+        self.block_size = block_size
+        self.token_budget = token_budget
+        self.max_num_seqs = max_num_seqs
+        self.decode_weight = decode_weight
+        self.tier_weights = _check_weights(tier_weights)
+
+    def cost(self, load: ReplicaLoad, score: float, num_request_blocks: float) -> float:
+        """Work the request would cost ``load``'s replica, in step budgets (module doc, Router v2)."""
+        budget = load.token_budget or self.token_budget
+        seqs = load.max_num_seqs or self.max_num_seqs
+        new_tokens = self.block_size * (num_request_blocks - score)
+        return ((new_tokens + load.pending_prefill_tokens) / budget
+                + self.decode_weight * load.ongoing_requests / seqs)
+
+    def choose(self, matches: Mapping[str, int], loads: Sequence[ReplicaLoad],
+               lower_tier_matches: Mapping[str, Mapping[str, int]] | None = None,
+               num_request_blocks: int | None = None) -> RouteDecision:
+        _check_loads(loads)
+        scores = {r.replica_id: prefix_score(self.tier_weights, r.replica_id, matches, lower_tier_matches)
+                  for r in loads}
+        best_score = max(scores.values())
+        n = max(num_request_blocks or 0, best_score)
+        costs = {r.replica_id: self.cost(r, scores[r.replica_id], n) for r in loads}
+        chosen = min(loads, key=lambda r: (costs[r.replica_id], r.ongoing_requests, r.replica_id))
+        rid = chosen.replica_id
+        if best_score <= 0:
+            reason = REASON_NO_MATCH
+        elif scores[rid] == best_score:
+            reason = REASON_PREFIX
+        else:
+            reason = REASON_LEAST_LOADED
+        return RouteDecision(rid, matches.get(rid, 0), scores[rid], reason, costs[rid])
+
+
 #: Policies by name, for configs (``request_router_kwargs: {policy: ...}``).
-POLICIES: dict[str, type[RouterPolicy]] = {"prefix_aware": PrefixAwarePolicy}
+POLICIES: dict[str, type[RouterPolicy]] = {"prefix_aware": PrefixAwarePolicy, "cost_aware": CostAwarePolicy}
 
 
 def make_policy(name: str, **kwargs) -> RouterPolicy:
@@ -214,3 +317,23 @@ def _check_loads(loads: Sequence[ReplicaLoad]) -> None:
         if r.replica_id in seen:
             raise InvalidParameterError("loads", f"replica {r.replica_id!r} appears twice")
         seen.add(r.replica_id)
+
+
+def prefix_score(tier_weights: Mapping[str, float], replica_id: str, matches: Mapping[str, int],
+                 lower_tier_matches: Mapping[str, Mapping[str, int]] | None = None) -> float:
+    """Weighted prefix score of one replica (module doc, step 1); a tier without a weight raises."""
+    total = tier_weights.get(DEVICE_TIER, 0.0) * matches.get(replica_id, 0)
+    for tier, per_replica in (lower_tier_matches or {}).items():
+        if tier not in tier_weights:
+            raise InvalidParameterError(
+                "lower_tier_matches", f"tier {tier!r} has no weight; known tiers: {sorted(tier_weights)}")
+        total += tier_weights[tier] * per_replica.get(replica_id, 0)
+    return total
+
+
+def _check_weights(tier_weights: Mapping[str, float] | None) -> dict[str, float]:
+    weights = dict(tier_weights) if tier_weights is not None else {DEVICE_TIER: 1.0}
+    for tier, w in weights.items():
+        if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
+            raise InvalidParameterError("tier_weights", f"weight of tier {tier!r} must be finite and >= 0, got {w!r}")
+    return weights
