@@ -13,7 +13,10 @@ A weight ``W [out, in]`` (``in`` a multiple of the group size g) is, in order:
    scales fixed (``gptq.py``, static order). Option ``gptq=True`` sets
    ``needs_calibration`` so ``transform.quantize_model`` passes each linear's
    captured inputs as ``quantize(weight, name, activations=X)``; the Hessian
-   is ``2 X^T X / n`` (rotated by R when ``hadamard``).
+   is ``2 X^T X / n`` (rotated by R when ``hadamard``). Option ``qronos=True``
+   (exclusive with ``gptq``) rounds by Qronos instead (``qronos.py``): the
+   calibration then passes ``PairedInputs`` (float and quantized-model inputs,
+   ``tools/sequential_calibration.py``) and both moments are rotated by R.
 
 Packed tensors: ``qs`` uint8 [out, in/2] (two codes per byte, low nibble
 first), ``scales`` uint8 [out, in/g] (the scale bytes), and for NVFP4
@@ -44,6 +47,7 @@ from tierserve.kernels.quant.fp4 import (ActQuant, dequantize_groups, fake_quant
 from tierserve.kernels.quant.gptq import GPTQ_BLOCK, GPTQ_DAMP, gptq_quantize, hessian_from_inputs
 from tierserve.kernels.quant.hadamard import block_hadamard, rotate_hessian
 from tierserve.kernels.quant.mse_scale import mse_scale_search
+from tierserve.kernels.quant.qronos import paired_inputs, qronos_moments, qronos_quantize
 
 
 class FP4Format(WeightFormat):
@@ -51,12 +55,17 @@ class FP4Format(WeightFormat):
 
     group_size: ClassVar[int]
 
-    def __init__(self, hadamard: bool = False, mse: bool = False, act_quant: bool = False, gptq: bool = False):
+    def __init__(self, hadamard: bool = False, mse: bool = False, act_quant: bool = False, gptq: bool = False,
+                 qronos: bool = False):
         self.hadamard = bool(hadamard)
         self.mse = bool(mse)
         self.act_quant = bool(act_quant)
         self.gptq = bool(gptq)
-        self.needs_calibration = self.gptq  # transform.quantize_model's calibration hook
+        self.qronos = bool(qronos)
+        if self.gptq and self.qronos:
+            raise InvalidParameterError("options", "gptq and qronos are alternative roundings; set one of them")
+        self.needs_calibration = self.gptq or self.qronos  # transform.quantize_model's calibration hook
+        self.paired_calibration = self.qronos  # calibration must give PairedInputs (tools/sequential_calibration)
 
     # -- scale codec (subclass) -------------------------------------------------
     @abstractmethod
@@ -112,6 +121,10 @@ class FP4Format(WeightFormat):
     def quantize(self, weight: torch.Tensor, tensor_name: str = "weight",
                  activations: torch.Tensor | None = None) -> PackedWeight:
         """RTN quantization; with ``gptq`` the calibration ``activations [tokens, in]`` drive MR-GPTQ."""
+        if self.qronos:
+            pair = paired_inputs(activations, tensor_name, weight.shape[1])
+            hessian, cross = qronos_moments(pair)
+            return self.quantize_calibrated(weight, hessian, tensor_name, cross=cross)
         if self.gptq:
             if activations is None:
                 raise InvalidParameterError("calibration", f"{self.name} with gptq needs calibration activations "
@@ -122,14 +135,22 @@ class FP4Format(WeightFormat):
         return self._pack(w, byte, scale, gscale)
 
     def quantize_calibrated(self, weight: torch.Tensor, hessian: torch.Tensor, tensor_name: str = "weight",
-                            block: int = GPTQ_BLOCK, damp: float = GPTQ_DAMP) -> PackedWeight:
-        """MR-GPTQ: scales fixed from the (rotated) weight, then GPTQ rounding against ``hessian [in, in]``."""
+                            block: int = GPTQ_BLOCK, damp: float = GPTQ_DAMP,
+                            cross: torch.Tensor | None = None) -> PackedWeight:
+        """MR-GPTQ: scales fixed from the (rotated) weight, then GPTQ rounding against ``hessian [in, in]``.
+
+        With ``cross`` (``2 X^T X~ / n``; ``hessian`` is then ``2 X~^T X~ / n``) the rounding is Qronos.
+        """
         w, gscale = self._prepare(weight, tensor_name)
         if tuple(hessian.shape) != (w.shape[1], w.shape[1]):
             raise InvalidParameterError(f"{tensor_name}.hessian", f"must be [{w.shape[1]}, {w.shape[1]}], "
                                         f"got {list(hessian.shape)}")
+        if cross is not None and tuple(cross.shape) != tuple(hessian.shape):
+            raise InvalidParameterError(f"{tensor_name}.cross", f"must be {list(hessian.shape)}, "
+                                        f"got {list(cross.shape)}")
         if self.hadamard:
             hessian = rotate_hessian(hessian.double(), self.group_size)
+            cross = None if cross is None else rotate_hessian(cross.double(), self.group_size)
         byte, scale = self._scales(w, gscale)
         col_scale = scale.reshape(w.shape[0], -1)
         g = self.group_size
@@ -138,7 +159,10 @@ class FP4Format(WeightFormat):
             s = col_scale[:, j // g]
             return fake_quantize_groups(col[:, None], s)[:, 0]
 
-        q = gptq_quantize(w, hessian, quantize_column, block=block, damp=damp)
+        if cross is None:
+            q = gptq_quantize(w, hessian, quantize_column, block=block, damp=damp)
+        else:
+            q = qronos_quantize(w, hessian, cross, quantize_column, block=block, damp=damp)
         return self._pack(q, byte, scale, gscale)
 
     def _gscale(self, packed: PackedWeight) -> torch.Tensor | None:

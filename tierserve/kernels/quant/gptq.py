@@ -56,6 +56,15 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, quantizer: Column
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     u = _inverse_cholesky(h, damp)
+    return gptq_rounds(w, u, quantizer, block).float()
+
+
+def gptq_rounds(w: torch.Tensor, u: torch.Tensor, quantizer: ColumnQuantizer, block: int = GPTQ_BLOCK,
+                first: int = 0) -> torch.Tensor:
+    """Step 4 on float64 ``w [out, n]`` with ``u [n, n]`` = chol(H^-1) upper; column i is quantizer column first + i.
+
+    ``w`` is updated in place; returns the rounded columns (float64, shape of ``w``).
+    """
     cols = w.shape[1]
     q = torch.zeros_like(w)
     for start in range(0, cols, block):
@@ -65,10 +74,10 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, quantizer: Column
         ub = u[start:end, start:end]
         for i in range(end - start):
             col = wb[:, i]
-            qc = quantizer(col.float(), start + i).double()
+            qc = quantizer(col.float(), first + start + i).double()
             q[:, start + i] = qc
             e = (col - qc) / ub[i, i]
             wb[:, i:] -= e[:, None] * ub[i, i:][None, :]
             err[:, i] = e
         w[:, end:] -= err @ u[start:end, end:]
-    return q.float()
+    return q

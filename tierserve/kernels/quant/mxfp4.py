@@ -61,14 +61,14 @@ def e8m0_decode(byte: torch.Tensor) -> torch.Tensor:
 
 @register_format
 class MXFP4Format(FP4Format):
-    """MXFP4 weights; options ``hadamard``, ``mse``, ``act_quant`` (W4A4), ``gptq``, ``scale_rule``."""
+    """MXFP4 weights; options ``hadamard``, ``mse``, ``act_quant`` (W4A4), ``gptq``, ``qronos``, ``scale_rule``."""
 
     name: ClassVar[str] = "mxfp4"
     group_size: ClassVar[int] = MX_GROUP
 
     def __init__(self, hadamard: bool = False, mse: bool = False, act_quant: bool = False, gptq: bool = False,
-                 scale_rule: str = "nonclipping"):
-        super().__init__(hadamard=hadamard, mse=mse, act_quant=act_quant, gptq=gptq)
+                 scale_rule: str = "nonclipping", qronos: bool = False):
+        super().__init__(hadamard=hadamard, mse=mse, act_quant=act_quant, gptq=gptq, qronos=qronos)
         if scale_rule not in SCALE_RULES:
             raise InvalidParameterError("scale_rule", f"must be one of {list(SCALE_RULES)}, got {scale_rule!r}")
         self.scale_rule = scale_rule

@@ -72,7 +72,7 @@ def nv_global_scale(amax_tensor: torch.Tensor) -> torch.Tensor:
 
 @register_format
 class NVFP4Format(FP4Format):
-    """NVFP4 weights; options ``hadamard``, ``mse``, ``act_quant`` (W4A4), ``gptq``."""
+    """NVFP4 weights; options ``hadamard``, ``mse``, ``act_quant`` (W4A4), ``gptq``, ``qronos``."""
 
     name: ClassVar[str] = "nvfp4"
     group_size: ClassVar[int] = NV_GROUP

@@ -17,7 +17,7 @@ of ``dequantize`` (zero blocks, .5 ties, fp16 rounding of the scale, blocks whos
 extreme is negative or positive, random and real SmolLM2 weights). Layout and
 matmul paths: ``ggml_blocks.py``; the fused triton kernel: ``q4_0_triton.py``.
 Options ``imatrix=True`` (importance-weighted scale search) and ``gptq=True`` (GPTQ
-rounding) need calibration activations and still emit plain Q4_0 blocks
+rounding) or ``qronos=True`` (Qronos rounding, qronos.py) need calibration activations and still emit plain Q4_0 blocks
 (``q4_0_calibrated.py``); without them ``quantize`` is the byte-exact reference.
 """
 
@@ -60,10 +60,14 @@ class Q4_0Format(GGMLBlockFormat):
     quantize_blocks = staticmethod(q4_0_quantize_blocks)
     dequantize_blocks = staticmethod(q4_0_dequantize_blocks)
 
-    def __init__(self, imatrix: bool = False, gptq: bool = False):
+    def __init__(self, imatrix: bool = False, gptq: bool = False, qronos: bool = False):
         self.imatrix = bool(imatrix)
         self.gptq = bool(gptq)
-        self.needs_calibration = self.imatrix or self.gptq  # transform.quantize_model's calibration hook
+        self.qronos = bool(qronos)
+        if self.gptq and self.qronos:
+            raise InvalidParameterError("options", "gptq and qronos are alternative roundings; set one of them")
+        self.needs_calibration = self.imatrix or self.gptq or self.qronos  # transform.quantize_model's hook
+        self.paired_calibration = self.qronos  # calibration must give PairedInputs (tools/sequential_calibration)
 
     def quantize(self, weight: torch.Tensor, tensor_name: str = "weight",
                  activations: torch.Tensor | None = None) -> PackedWeight:
@@ -71,6 +75,12 @@ class Q4_0Format(GGMLBlockFormat):
         if not self.needs_calibration:
             return super().quantize(weight, tensor_name)
         self.check_shape(tensor_name, tuple(weight.shape))
+        reference = None
+        if self.qronos:
+            from tierserve.kernels.quant.qronos import paired_inputs
+
+            pair = paired_inputs(activations, tensor_name, weight.shape[1])
+            activations, reference = pair.quant_inputs, pair.float_inputs
         if activations is None:
             raise InvalidParameterError("calibration", f"q4_0 with imatrix/gptq needs calibration activations "
                                                        f"for {tensor_name!r}")
@@ -79,7 +89,7 @@ class Q4_0Format(GGMLBlockFormat):
                                                                       f"got {activations.shape[-1]}")
         from tierserve.kernels.quant.q4_0_calibrated import quantize_calibrated
 
-        blocks = quantize_calibrated(weight, activations, self.imatrix, self.gptq)
+        blocks = quantize_calibrated(weight, activations, self.imatrix, self.gptq or self.qronos, reference)
         return self.from_blocks(blocks, tuple(weight.shape), tensor_name)
 
     @staticmethod

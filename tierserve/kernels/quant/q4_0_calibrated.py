@@ -31,6 +31,9 @@ are fixed first (searched when ``imatrix``, else RTN's fp16 ``d``), then the col
 rounded in order with the reference rounding at those scales and each column's error is
 fed forward with the inverse Hessian of ``X``. The result is re-encoded exactly (every
 value is ``(q - 8) * d``). SmolLM2: 76.0 (RTN scales), 68.3 (searched scales).
+**Qronos** (``qronos=True``): the same with ``reference`` = the float model's inputs X
+(``activations`` are then the quantized model's inputs X~, which also drive the
+importance): rounding by ``qronos.qronos_quantize``.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import torch
 from tierserve.kernels.quant.ggml_blocks import BLOCK, fp16_bytes, pack_nibbles, unpack_nibbles
 from tierserve.kernels.quant.gptq import gptq_quantize, hessian_from_inputs
 from tierserve.kernels.quant.q4_0 import q4_0_dequantize_blocks, q4_0_quantize_blocks
+from tierserve.kernels.quant.qronos import PairedInputs, qronos_moments, qronos_quantize
 
 #: Scale factors tried after the RTN block (``d = fp16(m * s / -8)``): 0.600 ... 1.150, step 0.025.
 SEARCH_FACTORS = tuple(round(0.6 + 0.025 * i, 3) for i in range(23))
@@ -100,8 +104,12 @@ def _refit(blocks: torch.Tensor, x: torch.Tensor, imp: torch.Tensor, error: torc
     return blocks
 
 
-def gptq_blocks(weight: torch.Tensor, activations: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """GPTQ rounding at the fp16 scales of ``blocks`` (Q4_0 bytes of ``weight``); new Q4_0 blocks."""
+def gptq_blocks(weight: torch.Tensor, activations: torch.Tensor, blocks: torch.Tensor,
+                reference: torch.Tensor | None = None) -> torch.Tensor:
+    """GPTQ rounding at the fp16 scales of ``blocks`` (Q4_0 bytes of ``weight``); new Q4_0 blocks.
+
+    With ``reference`` (the float model's inputs; ``activations`` are the quantized model's) Qronos rounding.
+    """
     out, cols = weight.shape
     per_row = cols // BLOCK
     d = blocks.reshape(-1, blocks.shape[-1] // per_row)[:, :2].contiguous().view(torch.float16).float()
@@ -111,7 +119,11 @@ def gptq_blocks(weight: torch.Tensor, activations: torch.Tensor, blocks: torch.T
         dj = d[:, j // BLOCK]
         return (_codes(col, dj).float() - 8.0) * dj
 
-    q = gptq_quantize(weight.detach().float(), hessian_from_inputs(activations), quantize_column)
+    if reference is None:
+        q = gptq_quantize(weight.detach().float(), hessian_from_inputs(activations), quantize_column)
+    else:
+        hessian, cross = qronos_moments(PairedInputs(reference, activations))
+        q = qronos_quantize(weight.detach().float(), hessian, cross, quantize_column)
     dd = d.repeat_interleave(BLOCK, dim=1)
     codes = torch.where(dd == 0, torch.full_like(q, 8.0), torch.round(q / torch.where(dd == 0, 1.0, dd)) + 8.0)
     flat = codes.reshape(-1, BLOCK).to(torch.uint8)
@@ -119,11 +131,11 @@ def gptq_blocks(weight: torch.Tensor, activations: torch.Tensor, blocks: torch.T
 
 
 def quantize_calibrated(weight: torch.Tensor, activations: torch.Tensor, imatrix: bool,
-                        gptq: bool) -> torch.Tensor:
+                        gptq: bool, reference: torch.Tensor | None = None) -> torch.Tensor:
     """Q4_0 blocks of ``weight [out, in]`` from calibration ``activations [tokens, in]`` (module doc)."""
     if imatrix:
         blocks = search_blocks(weight, column_importance(activations))
     else:
         out, cols = weight.shape
         blocks = q4_0_quantize_blocks(weight.detach().float().reshape(-1, BLOCK)).reshape(out, -1)
-    return gptq_blocks(weight, activations, blocks) if gptq else blocks
+    return gptq_blocks(weight, activations, blocks, reference) if gptq else blocks
