@@ -304,9 +304,27 @@ def test_smollm_q4_0_checkpoint_generates(smollm_folder, tmp_path):
                                     reduction="batchmean").item()
     agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
     print(f"SmolLM2 q4_0 checkpoint vs fp32: max |logit diff| {diff:.3f}, KL {kl:.4f}, top-1 agreement {agree:.2f}")
-    # measured: max diff 11.7, KL 0.49, agreement 0.47 (symmetric Q4_0 over SmolLM2's asymmetric Q4_1 grid);
-    # broken packing gives KL in the several-nats range
-    assert 0 < kl < 1.0 and agree >= 0.3
+    # The independent oracle: the float model with every quantized weight replaced by gguf-py's Q4_0
+    # round trip. Both compute in float32 from the same dequantized weights, so they differ by summation
+    # order only: 2 sqrt(K) u32 per linear (K <= 1536: 4.6e-6 of its magnitude) carried through 30 layers.
+    oracle = load_model(smollm_folder).model
+    dense_params = dict(oracle.named_parameters())
+    n_quant = 0
+    for name, mod in quant.named_modules():
+        if isinstance(mod, QuantizedLinear):
+            w = dense_params[name + ".weight"].detach()
+            blocks = gguf_quantize(w.numpy(), GGMLQuantizationType.Q4_0)
+            with torch.no_grad():
+                w.copy_(torch.from_numpy(gguf_dequantize(blocks, GGMLQuantizationType.Q4_0)).reshape(w.shape))
+            n_quant += 1
+    assert n_quant == 30 * 4  # qkv, o, gate_up, down of every layer
+    want = PagedRunner(oracle).step(seq)
+    rel = (got - want).abs().max().item() / want.abs().max().item()
+    print(f"checkpoint vs gguf-py Q4_0 oracle: relative max |logit diff| {rel:.2e}")
+    assert rel <= 1e-4, rel  # measured 0 (same order); a wrong code or scale moves logits by > 1e-2
+    # quality against fp32, measured: max diff 11.7, KL 0.49, agreement 0.47 (symmetric Q4_0 over SmolLM2's
+    # asymmetric Q4_1 grid). The oracle fixes the values; these bounds sit 1.3x / 0.85x from the measurements.
+    assert 0.3 < kl < 0.65 and agree >= 0.4, (kl, agree)
     lossless = load_model(smollm_folder).model  # q4_1 re-quantizes the Q4_1 grid exactly
     quantize_model(lossless, "q4_1")
     assert torch.equal(PagedRunner(lossless).step(seq), ref)
