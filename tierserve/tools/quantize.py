@@ -13,7 +13,11 @@ prefilled ``CALIB_BATCH`` = 4 windows per forward
 (``tools.calibration.calibration_activations``), and passed as ``calibration=``.
 The quantization config then also records ``"calibration": {"novels",
 "windows", "seq_len"}`` (ignored by the loader). Formats without the flag get
-no calibration pass.
+no calibration pass. A format that also declares ``paired_calibration``
+(``qronos=true``) gets a ``tools.sequential_calibration.SequentialCalibration``
+over the same windows instead: the float inputs X captured first, and each
+linear's inputs X~ re-captured from the model with every earlier linear already
+quantized, just before that linear is quantized.
 """
 
 from __future__ import annotations
@@ -32,12 +36,13 @@ from tierserve.models.quantized_checkpoint import save_quantized
 CALIB_BATCH = 4  # calibration windows per forward
 
 
-def _needs_calibration(scheme: str, options: dict) -> bool:
+def _needs_calibration(scheme: str, options: dict) -> tuple[bool, bool]:
+    """(needs calibration, needs the paired sequential calibration) of the format built from the options."""
     try:
         fmt = get_format(scheme, **options)
     except TypeError as exc:  # as quantize_model reports an option the format's constructor does not take
         raise InvalidParameterError("options", f"scheme {scheme!r} rejects options {options}: {exc}") from exc
-    return bool(getattr(fmt, "needs_calibration", False))
+    return bool(getattr(fmt, "needs_calibration", False)), bool(getattr(fmt, "paired_calibration", False))
 
 
 def _tokenizer(folder: str):
@@ -60,7 +65,7 @@ def quantize_checkpoint(model_path: str, out_dir: str, scheme: str, options: dic
     for field, value in (("calib_windows", calib_windows), ("calib_seq_len", calib_seq_len)):
         if value < 1:
             raise InvalidParameterError(field, f"must be >= 1, got {value}")
-    needs_calibration = _needs_calibration(scheme, options)
+    needs_calibration, paired = _needs_calibration(scheme, options)
     loaded = load_model(model_path, torch.float32)
     is_folder = os.path.isdir(model_path)
     if not is_folder:  # a .gguf: its tokenizer goes into the output folder (and serves calibration)
@@ -73,8 +78,15 @@ def quantize_checkpoint(model_path: str, out_dir: str, scheme: str, options: dic
         from tierserve.tools.calibration import CALIBRATION_NOVELS, calibration_activations
 
         names = [n for n in linear_modules(loaded.model) if not matches(n, skip)]
-        calibration = calibration_activations(loaded.model, _tokenizer(model_path if is_folder else out_dir), names,
-                                              calib_windows, calib_seq_len, CALIB_BATCH, CALIBRATION_NOVELS)
+        tokenizer = _tokenizer(model_path if is_folder else out_dir)
+        if paired:
+            from tierserve.tools.sequential_calibration import SequentialCalibration
+
+            calibration = SequentialCalibration.from_text(loaded.model, tokenizer, names, calib_windows,
+                                                          calib_seq_len, CALIB_BATCH, CALIBRATION_NOVELS)
+        else:
+            calibration = calibration_activations(loaded.model, tokenizer, names, calib_windows, calib_seq_len,
+                                                  CALIB_BATCH, CALIBRATION_NOVELS)
         record = {"novels": list(CALIBRATION_NOVELS), "windows": calib_windows, "seq_len": calib_seq_len}
     report = quantize_model(loaded.model, scheme, skip=skip, calibration=calibration, **options)
     del calibration  # free the activations before writing
