@@ -11,8 +11,10 @@ the same options a Serve YAML's ``args:`` takes.
 ``tierserve quantize --scheme S --model IN --out OUT [--option KEY=VALUE ...]
 [--calib-windows N] [--calib-seq-len L]`` writes a quantized folder
 (``tools/quantize.py`` ``quantize_checkpoint``). Schemes that need
-calibration (sigmascale; mxfp4/nvfp4 with ``--option gptq=true``) are
-calibrated on N x L tokens of Austen text (default 4 x 256; both must be >= 1).
+calibration (sigmascale; mxfp4/nvfp4/q4_0 with ``--option gptq=true`` or
+``--option qronos=true``, the latter calibrated sequentially on the partially
+quantized model, tools/sequential_calibration.py) are calibrated on N x L
+tokens of Austen text (default 4 x 256; both must be >= 1).
 
 ``tierserve serve [--model ...] [--replicas N] [--host 127.0.0.1] [--port 8000]
 [--address auto|HOST:PORT] [--api-key KEY]`` runs the OpenAI-compatible server
@@ -83,7 +85,7 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="extra format option (value parsed as JSON, else kept as a string)")
     quant.add_argument("--calib-windows", type=int, default=4, metavar="N",
                        help="calibration windows of Austen text (only for schemes that need calibration: "
-                            "sigmascale, gptq=true options); default 4")
+                            "sigmascale, gptq=true / qronos=true options); default 4")
     quant.add_argument("--calib-seq-len", type=int, default=256, metavar="L",
                        help="tokens per calibration window (only for schemes that need calibration); default 256")
     quant.set_defaults(func=_quantize)
