@@ -109,10 +109,12 @@ def test_kv4_logits_close_to_fp32(smollm_folder, prompts, baseline):
     p = torch.log_softmax(base[:2], -1)
     q = torch.log_softmax(got[:2], -1)
     kl = (p.exp() * (p - q)).sum(-1)
-    # measured: 0.016 (full sentence) and 0.21 (the 97-token prompt, cut mid-sentence: a flat,
-    # sensitive distribution); fp32 KV gives exactly 0
-    assert kl[0] < 0.05 and kl[1] < 0.4, kl
-    assert base[0].argmax() == got[0].argmax()
-    # greedy continuations mostly agree (4-bit KV is lossy: allow a late divergence)
     agree = sum(a == b for a, b in zip(tokens[0], baseline[0][0]))
-    assert agree >= 8, (tokens[0], baseline[0][0])
+    print(f"kv4 vs fp32 KV: first-step KL {kl.tolist()}, greedy agreement {agree}/12")
+    # measured: 0.016 (full sentence) and 0.21 (the 97-token prompt, cut mid-sentence: a flat,
+    # sensitive distribution); fp32 KV gives exactly 0. The per-element error of the 4-bit pages is bounded
+    # exactly in test_kv_compress_units.py; here the bounds sit 1.5x above the measured KLs
+    assert kl[0] < 0.025 and kl[1] < 0.32, kl
+    assert base[0].argmax() == got[0].argmax()
+    # greedy continuations: measured 12 of 12 equal; allow one late divergence (4-bit KV is lossy)
+    assert agree >= 11, (tokens[0], baseline[0][0])
