@@ -20,9 +20,16 @@ being quantized. ``SequentialCalibration`` is the ``calibration=`` callable of
   same windows through the model as it is at that moment (every earlier linear
   already a QuantizedLinear) with a forward pre-hook on the asked module that
   records its input ``X~`` and stops the forward there (nothing after it can
-  change that input), so a call costs a forward up to that module: about
-  (number of linears / 2) full forwards for the whole model. Its ``X`` is
-  handed over and dropped (peak memory: all ``X`` of the float pass, as GPTQ).
+  change that input). Its ``X`` is handed over and dropped (peak memory: all
+  ``X`` of the float pass, as GPTQ).
+* Resuming: for a module of decoder layer i (name ``layers.<i>.…`` in a model
+  whose ``layers`` is a ModuleList of layers that take the hidden state first
+  and return it, as every decoder model here), the hidden states entering
+  layer i are cached per batch once all earlier layers are quantized (they no
+  longer change), and the cut forwards replay them: layers < i return the
+  cached state instead of computing (an instance ``forward`` that is removed
+  afterwards), so the whole calibration costs about three full forwards
+  instead of one per linear. Other modules get whole cut forwards.
 * Calls must follow ``names`` in order (each name at most once): a call out of
   order would pair ``X~`` with a model whose earlier layers are not all
   quantized, so it raises InvalidParameterError naming the expected module.
@@ -61,6 +68,7 @@ class SequentialCalibration:
         self._float = dict(float_inputs)
         self._order = list(names)
         self._next = 0
+        self._resume: tuple[int, list[torch.Tensor]] | None = None  # (decoder layer i, its inputs per batch)
 
     @classmethod
     def from_text(cls, model: torch.nn.Module, tokenizer, names: list[str], num_windows: int, seq_len: int,
@@ -80,22 +88,45 @@ class SequentialCalibration:
 
     @torch.inference_mode()
     def quantized_inputs(self, name: str) -> torch.Tensor:
-        """``[num_windows * seq_len, in]``: the input of ``name`` in the model as it is now (forwards cut there)."""
+        """``[num_windows * seq_len, in]``: the input of ``name`` in the model as it is now (see the module doc)."""
         module = dict(self.model.named_modules())[name]
+        layer = self._layer_of(name)
+        replay = 0
+        if layer is not None:
+            if self._resume is None or self._resume[0] != layer:
+                start, hidden = self._resume if self._resume is not None and self._resume[0] < layer else (0, None)
+                self._resume = (layer, self._cut_forward(self.model.layers[layer], start, hidden))
+            replay = layer
+        return torch.cat(self._cut_forward(module, replay, self._resume[1] if replay else None))
+
+    def _layer_of(self, name: str) -> int | None:
+        layers = getattr(self.model, "layers", None)
+        parts = name.split(".")
+        if isinstance(layers, torch.nn.ModuleList) and len(parts) > 2 and parts[0] == "layers" and parts[1].isdigit():
+            return int(parts[1])
+        return None
+
+    def _cut_forward(self, module: torch.nn.Module, replay: int,
+                     hidden: list[torch.Tensor] | None) -> list[torch.Tensor]:
+        """Per batch of windows, the input of ``module``; decoder layers ``< replay`` return ``hidden[batch]``."""
         seen: list[torch.Tensor] = []
 
         def hook(_mod, args):
-            seen.append(args[0].detach().reshape(-1, args[0].shape[-1]).clone())
+            seen.append(args[0].detach().clone())
             raise _StopForward
 
         handle = module.register_forward_pre_hook(hook)
+        replaced = list(self.model.layers[:replay]) if replay else []
         try:
-            for start in range(0, self.windows.shape[0], self.batch_size):
+            for b, start in enumerate(range(0, self.windows.shape[0], self.batch_size)):
+                for layer in replaced:  # an instance attribute shadows the class's forward until deleted
+                    layer.forward = lambda h, *args, _b=b, **kwargs: hidden[_b]
                 try:
                     forward_hidden(self.model, self.windows[start:start + self.batch_size])
                 except _StopForward:
                     pass
         finally:
             handle.remove()
-        return torch.cat(seen)
-
+            for layer in replaced:
+                layer.__dict__.pop("forward", None)
+        return [x.reshape(-1, x.shape[-1]) for x in seen]
