@@ -20,6 +20,7 @@ import time
 
 import pytest
 import torch
+from polling import wait_for
 
 from tierserve.cache.tiers.chunk import CorruptChunkError, chunk_keys, record_size, verify_record, write_record
 from tierserve.cache.tiers.config import KVTierConfig
@@ -119,8 +120,7 @@ def redis_url():
     stop_redis(proc)
 
 
-@pytest.fixture(scope="module")
-def engine(smollm_folder, redis_url, tmp_path_factory):
+def build_tiered_engine(smollm_folder: str, url: str, disk_path: str):
     from tierserve.engine.llm import build_engine_config
     from tierserve.engine.llm_engine import LLMEngine
 
@@ -128,11 +128,30 @@ def engine(smollm_folder, redis_url, tmp_path_factory):
     cfg = build_engine_config(smollm_folder, num_blocks=128, enable_prefix_caching=False, max_num_seqs=4,
                               long_prefill_token_threshold=96)
     tiers = KVTierConfig(tiers=("dram", "disk", "redis"), chunk_blocks=CHUNK_BLOCKS, dram_gib=0.25, disk_gib=0.25,
-                         disk_path=str(tmp_path_factory.mktemp("kvdisk")), redis_url=redis_url[1],
-                         redis_timeout_s=0.5, redis_retry_s=1.0)
-    eng = LLMEngine(dataclasses.replace(cfg, kv_tiers=tiers))
+                         disk_path=disk_path, redis_url=url, redis_timeout_s=0.5, redis_retry_s=1.0)
+    return LLMEngine(dataclasses.replace(cfg, kv_tiers=tiers))
+
+
+@pytest.fixture(scope="module")
+def engine(smollm_folder, redis_url, tmp_path_factory):
+    eng = build_tiered_engine(smollm_folder, redis_url[1], str(tmp_path_factory.mktemp("kvdisk")))
     yield eng
     eng.close()
+
+
+@pytest.fixture
+def own_redis_engine(smollm_folder, tmp_path):
+    """(redis-server process, engine) private to one test: it may stop or kill that server without
+    touching the module's server, so the tests of this module pass in any order."""
+    proc, url = start_redis()
+    eng = None
+    try:
+        eng = build_tiered_engine(smollm_folder, url, str(tmp_path / "kvdisk"))
+        yield proc, eng
+    finally:
+        if eng is not None:
+            eng.close()
+        stop_redis(proc)
 
 
 def prompt(engine, salt: str) -> list[int]:
@@ -221,8 +240,8 @@ def test_corrupted_disk_chunk_is_recomputed(engine):
     # (a truncated record is rejected by verify_record: test_chunk_record_detects_every_corruption)
 
 
-def test_redis_slow_then_killed_mid_run_requests_complete(engine, redis_url):
-    proc, _ = redis_url
+def test_redis_slow_then_killed_mid_run_requests_complete(own_redis_engine):
+    proc, engine = own_redis_engine
     conn = engine.kv_tiers
     ids = prompt(engine, "[redis-down]")
     ref, ref_tokens = first_token_logits(engine, ids)
@@ -231,18 +250,19 @@ def test_redis_slow_then_killed_mid_run_requests_complete(engine, redis_url):
 
     proc.send_signal(signal.SIGSTOP)  # slow: every call times out
     before = conn.stats()
-    t0 = time.monotonic()
     got, tokens = first_token_logits(engine, ids)
-    assert time.monotonic() - t0 < 30
     after = conn.stats()
-    assert after.failures["redis"] > before.failures["redis"]
+    # a hung server costs a bounded number of timed-out calls, whatever the machine's speed: at most one per
+    # chunk lookup and one per chunk store (3 chunks); how many of them the open breaker skips depends on
+    # the clock (measured 3 on 2 cores), so only the bound is asserted
+    assert 1 <= after.failures["redis"] - before.failures["redis"] <= 2 * 3
     assert after.hits["redis"] == before.hits["redis"]
     assert (got - ref).abs().max().item() <= 1e-5 and tokens == ref_tokens
 
     proc.send_signal(signal.SIGCONT)
     proc.kill()  # down: connections refused
     proc.wait(timeout=10)
-    time.sleep(conn.config.redis_retry_s + 0.1)  # the breaker lets redis be tried again
+    wait_for(conn.backend("redis").available, timeout_s=30)  # the breaker lets redis be tried again
     drop(conn, keys, ("dram", "disk"))
     before = conn.stats()
     outs = [first_token_logits(engine, ids) for _ in range(2)]
