@@ -66,8 +66,20 @@ def _cuda_skip_reason() -> str | None:
     return None
 
 
+def _cluster_modules_first(items) -> None:
+    """Move the modules using the simulated expert cluster (``cluster`` fixture, tests/ray_fixtures.py) to the
+    front, keeping every other order: that cluster is its own Ray instance and cannot share a process with the
+    session's Ray + Serve, so it must be done before any test starts the latter, whatever order the test files
+    were given in (reversed, a subset, or by name)."""
+    first = {item.module.__name__ for item in items
+             if "cluster" in getattr(item, "fixturenames", ()) and getattr(item, "module", None) is not None}
+    items.sort(key=lambda item: 0 if getattr(getattr(item, "module", None), "__name__", None) in first else 1)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Skip ``cuda``-marked tests where they cannot run compiled kernels on a GPU (see module docstring)."""
+    """Order the expert-cluster modules first; skip ``cuda``-marked tests where they cannot run compiled
+    kernels on a GPU (see module docstring)."""
+    _cluster_modules_first(items)
     reason = _cuda_skip_reason()
     if reason is None:
         return

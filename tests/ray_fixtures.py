@@ -10,7 +10,8 @@ tests/conftest.py so pytest sees the fixtures.
 ``expert_cluster()``: the simulated 3-node cluster of the expert-offload tests
 (a head with 1 CPU, two nodes with 1 CPU and the ``expert_host`` resource each),
 connected for the duration of a module fixture; it cannot share a process with
-``ray_session``, so those modules run before the Serve tests (alphabetical order).
+``ray_session``, so those modules run before the Serve tests (tests/conftest.py moves them to the front of any
+collection order).
 """
 
 from __future__ import annotations
