@@ -60,6 +60,22 @@ def _placement(ref, fraction):
     return plan_placement(counts, round(total * fraction), 0), counts
 
 
+@pytest.fixture
+def offloaded():
+    """``_offloaded``, closing every handle it made when the test ends, passed or failed (transports,
+    spare ring, usage file; ``close`` is idempotent, so a test may close one itself)."""
+    handles = []
+
+    def make(*args, **kw):
+        model, handle = _offloaded(*args, **kw)
+        handles.append(handle)
+        return model, handle
+
+    yield make
+    for handle in handles:
+        handle.close()
+
+
 @pytest.fixture(scope="module")
 def launcher(cluster):
     """Two ExpertHost actors (RayHostLauncher), one per expert-host node, for the whole module."""
@@ -83,7 +99,7 @@ def hosts(launcher):
 
 @pytest.mark.parametrize("channel", ["socket", "ray"])
 @pytest.mark.parametrize("fraction", [0.0, 0.5, 0.75])
-def test_offloaded_is_bit_identical(tiny, launcher, fraction, channel):
+def test_offloaded_is_bit_identical(tiny, launcher, fraction, channel, offloaded):
     """Both fused-dispatch transports (direct TCP socket, plain actor calls) give the resident bits."""
     import time
 
@@ -99,7 +115,7 @@ def test_offloaded_is_bit_identical(tiny, launcher, fraction, channel):
     hosts = transports_for(launcher.actors, channel, 30.0)
     for t in hosts.values():
         t.reset_stats()
-    model, handle = _offloaded(path, placement, hosts, counts=counts)
+    model, handle = offloaded(path, placement, hosts, counts=counts)
     kind = SocketTransport if channel == "socket" else RayTransport
     assert all(type(t) is kind for t in handle.pool.transports.values())
     assert torch.equal(PagedRunner(model).step(PROMPT), ref_logits)
@@ -129,10 +145,10 @@ def test_unknown_channel_is_rejected(launcher):
         ProcessHostLauncher().launch(2, HostSpec(channel="ray"))
 
 
-def test_fused_dispatch_messages_and_bytes(tiny, hosts):
+def test_fused_dispatch_messages_and_bytes(tiny, hosts, offloaded):
     path, ref, _, _ = tiny
     placement, counts = _placement(ref, 0.5)
-    model, handle = _offloaded(path, placement, hosts, counts=counts)
+    model, handle = offloaded(path, placement, hosts, counts=counts)
     owner = {key: h for h, keys in handle.shards.items() for key in keys}
     seen = {}
 
@@ -178,21 +194,18 @@ def _extra_host(c):
     return node, host, transports_for({"extra": host}, "socket", 30.0)["extra"]
 
 
-def test_host_death_mid_generation(tiny, cluster, hosts):
+def test_host_death_mid_generation(tiny, cluster, hosts, offloaded):
     """Remove a node mid-generation: its experts are reloaded from disk elsewhere, output identical."""
-    import time
-
     c, _ = cluster
     path, ref, _, ref_tokens = tiny
     placement, counts = _placement(ref, 0.25)
     node, _, victim_host = _extra_host(c)
     all_hosts = {**hosts, "victim": victim_host}
-    model, handle = _offloaded(path, placement, all_hosts, counts=counts, timeout_s=20.0)
+    model, handle = offloaded(path, placement, all_hosts, counts=counts, timeout_s=20.0)
     assert handle.shards["victim"]
     runner = PagedRunner(model)
     out = []
     logits = runner.step(PROMPT)
-    t0 = time.monotonic()
     for i in range(NEW):
         out.append(int(logits[-1].argmax()))
         if i == 4:
@@ -200,8 +213,9 @@ def test_host_death_mid_generation(tiny, cluster, hosts):
         if len(out) < NEW:
             logits = runner.step([out[-1]])
     assert out == ref_tokens
-    assert time.monotonic() - t0 < 120
-    assert handle.pool.stats.failures and handle.pool.stats.failures[0].startswith("victim")
+    # the dead host is dropped at its first failed call, whatever the machine's speed: one failure, no retries
+    print(f"failures: {handle.pool.stats.failures}")
+    assert len(handle.pool.stats.failures) == 1 and handle.pool.stats.failures[0].startswith("victim")
     assert handle.pool.alive == set(hosts)
     assert set(handle.pool.owners) == set(placement.cold_keys())
     assert "victim" not in handle.pool.owners.values()
@@ -227,13 +241,13 @@ def _kill_and_wait(host, limit_s=60.0):
     pytest.fail(f"the killed host (pid {pid}) is still running after {limit_s}s")
 
 
-def test_all_hosts_dead_computes_locally(tiny, cluster):
+def test_all_hosts_dead_computes_locally(tiny, cluster, offloaded):
     """With every host gone the worker re-reads the experts from disk and runs them itself."""
     c, _ = cluster
     path, ref, ref_logits, _ = tiny
     placement, counts = _placement(ref, 0.5)
     node, host, transport = _extra_host(c)
-    model, handle = _offloaded(path, placement, {"only": transport}, counts=counts, timeout_s=10.0)
+    model, handle = offloaded(path, placement, {"only": transport}, counts=counts, timeout_s=10.0)
     _kill_and_wait(host)
     assert torch.equal(PagedRunner(model).step(PROMPT), ref_logits)
     assert handle.pool.alive == set()
@@ -241,12 +255,12 @@ def test_all_hosts_dead_computes_locally(tiny, cluster):
     c.remove_node(node)
 
 
-def test_spare_slots_prefill_fetch_is_bit_identical(tiny, hosts):
+def test_spare_slots_prefill_fetch_is_bit_identical(tiny, hosts, offloaded):
     from tierserve.offload.spare_slots import CostModel
 
     path, ref, ref_logits, ref_tokens = tiny
     placement, counts = _placement(ref, 0.5)
-    model, handle = _offloaded(path, placement, hosts, counts=counts, spare_slots=4)
+    model, handle = offloaded(path, placement, hosts, counts=counts, spare_slots=4)
     nbytes = handle.blocks[0].expert_bytes
     # fetch when 3+ rows hit a cold expert: remote = 1 + n, fetch = bytes/bw + ~0 = 2.5
     cost = CostModel(rtt_s=1.0, bandwidth_Bps=nbytes / 2.5, remote_token_s=1.0, local_token_s=1e-9)
@@ -261,7 +275,7 @@ def test_spare_slots_prefill_fetch_is_bit_identical(tiny, hosts):
 
 
 @pytest.mark.slow  # ~50 s on the loaded 2-core machine (two 135M models, 120 experts shipped)
-def test_real_moe_offloaded_is_bit_identical(hosts):
+def test_real_moe_offloaded_is_bit_identical(hosts, offloaded):
     """The MoEfied SmolLM2 (tierserve/tools/moefy.py) at 50% residency over the 2 hosts."""
     from tierserve.tools.moefy import ensure_moe_model
 
@@ -273,7 +287,7 @@ def test_real_moe_offloaded_is_bit_identical(hosts):
     ref_tokens = PagedRunner(ref).greedy(prompt, NEW)
     placement, counts = _placement(ref, 0.5)
     del ref
-    model, handle = _offloaded(path, placement, hosts, counts=counts)
+    model, handle = offloaded(path, placement, hosts, counts=counts)
     assert torch.equal(PagedRunner(model).step(prompt), ref_logits)
     assert PagedRunner(model).greedy(prompt, NEW) == ref_tokens
     assert len(set(ref_tokens)) > 3 and not handle.pool.stats.failures
