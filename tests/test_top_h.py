@@ -1,5 +1,7 @@
-"""Top-H: uniform-count property, monotonicity in alpha, loop == vectorised,
-and an independent re-derivation of the reference's stopping rule."""
+"""Top-H: uniform-count property, monotonicity in alpha, and both implementations of the module (the loop
+``top_h_keep_count_reference`` and the vectorised ``top_h_keep_counts``) against two references written
+here: a brute force over every prefix length (entropy terms re-summed from scratch with ``math.fsum``) and
+a transcription of the paper code's stopping rule (renormalised prefix entropy)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,17 @@ from tierserve.engine.top_h import (
     top_h_keep_count_reference,
     top_h_keep_counts,
 )
+
+
+def _brute_force_keep(probs, alpha: float) -> int:
+    """The largest k <= n = min(100, V) whose k most likely tokens (all with p > 0) have entropy terms
+    S(k) = -sum p log2 p <= alpha S(n) (relative slack 1e-6, the module's documented tie rule), at least 1.
+    Every prefix is summed from scratch (no running sum, no early stop)."""
+    top = sorted((float(p) for p in probs), reverse=True)[:TOP_H_TOP_N]
+    terms = [-p * math.log2(p) if p > 0 else 0.0 for p in top]
+    tau = alpha * math.fsum(terms)
+    fits = [k for k in range(1, len(top) + 1) if top[k - 1] > 0 and math.fsum(terms[:k]) <= tau * (1 + 1e-6)]
+    return max(fits, default=1)
 
 
 def _uniform_logits(m: int, vocab: int) -> torch.Tensor:
@@ -40,6 +53,7 @@ def test_uniform_keeps_floor_alpha_m(m, alpha):
     expected = max(1, math.floor(Fraction(str(alpha)) * m))
     logits = _uniform_logits(m, vocab=300)
     probs = torch.softmax(logits, dim=-1)
+    assert _brute_force_keep(probs.tolist(), alpha) == expected
     assert top_h_keep_count_reference(probs, alpha) == expected
     got = top_h_keep_counts(_sorted_probs(logits)[None], torch.tensor([alpha]))
     assert got.tolist() == [expected]
@@ -53,7 +67,8 @@ def test_uniform_small_vocab_uses_whole_vocab():
     # V < 100: n = V.
     for m in (1, 4, 9):
         logits = torch.zeros(m)
-        assert top_h_keep_count_reference(torch.softmax(logits, -1), 0.5) == max(1, m // 2)
+        probs = torch.softmax(logits, -1)
+        assert top_h_keep_count_reference(probs, 0.5) == _brute_force_keep(probs.tolist(), 0.5) == max(1, m // 2)
 
 
 def _reference_rule(probs: list[float], alpha: float) -> int:
@@ -83,7 +98,8 @@ def test_matches_reference_rule_on_peaked_distributions(seed):
     logits = torch.randn(vocab, generator=g, dtype=torch.float64) * (1 + seed)
     probs = torch.softmax(logits, dim=-1)
     for alpha in (0.1, 0.4, 0.8):
-        assert top_h_keep_count_reference(probs, alpha) == _reference_rule(probs.tolist(), alpha)
+        want = _brute_force_keep(probs.tolist(), alpha)
+        assert top_h_keep_count_reference(probs, alpha) == _reference_rule(probs.tolist(), alpha) == want
 
 
 def test_kept_set_grows_weakly_with_alpha():
@@ -110,17 +126,19 @@ def test_vectorised_equals_loop():
     alpha = torch.rand(rows, generator=g, dtype=torch.float64).clamp(min=0.02)
     probs = torch.softmax(logits, dim=-1)
     counts = top_h_keep_counts(_sorted_probs(logits), alpha)
-    expected = [top_h_keep_count_reference(probs[i], float(alpha[i])) for i in range(rows)]
+    expected = [_brute_force_keep(probs[i].tolist(), float(alpha[i])) for i in range(rows)]
     assert counts.tolist() == expected
+    assert [top_h_keep_count_reference(probs[i], float(alpha[i])) for i in range(rows)] == expected
     assert counts[3] == 1
     assert len(set(expected)) > 5
 
 
 def test_filter_keeps_most_likely_prefix():
     logits = torch.tensor([[0.0, 5.0, 1.0, 4.9, -2.0, 3.0]])
-    out = top_h_filter(logits, torch.tensor([0.5]))[0]
+    out = top_h_filter(logits, torch.tensor([0.95]))[0]
     kept = torch.isfinite(out).nonzero().flatten().tolist()
-    n = top_h_keep_count_reference(torch.softmax(logits[0], -1), 0.5)
+    n = _brute_force_keep(torch.softmax(logits[0], -1).tolist(), 0.95)
+    assert n == 3  # a real cut (alpha 0.5 keeps only the top-1)
     order = torch.argsort(logits[0], descending=True).tolist()
     assert sorted(kept) == sorted(order[:n])
     assert torch.equal(out[torch.isfinite(out)], logits[0][torch.isfinite(out)])
