@@ -44,6 +44,18 @@ step 4 passes them as ``lower_tier_matches`` to a policy built with
 routing/policy.py). Replicas report their tier chunks with their device diff
 (server/cache_reporter.py ``TierMirror``).
 
+Router v2 (``policy="cost_aware"``, the app's ``router: cost``): step 4 uses
+``CostAwarePolicy`` (routing/policy.py) built with the deployment's
+``block_size``, ``token_budget``, ``max_num_seqs`` and ``decode_weight``;
+each candidate's ``ReplicaLoad`` then also carries what the replica last
+reported through Serve's routing stats (``RunningReplica.routing_stats``,
+filled by the worker's ``record_routing_stats``, polled every
+``request_routing_stats_period_s``; keys ``ROUTING_STATS_KEYS``): its queued
+prompt tokens not prefilled yet, its ``max_num_seqs`` and token budget. A
+replica that has not reported yet counts 0 queued tokens and the policy's
+capacity. Requests in flight come from Serve's queue-length cache as above
+(fresher than any report).
+
 When Serve reports a replica dead, the router asks the tree actor to forget
 it (fire and forget).
 
@@ -64,7 +76,7 @@ from ray.serve.request_router import PendingRequest, RequestRouter, RunningRepli
 
 from tierserve.cache.prefix_hash import HASH_BYTES, hash_blocks
 from tierserve.errors import InvalidParameterError
-from tierserve.routing.policy import KV_TIER_WEIGHTS, PrefixAwarePolicy, ReplicaLoad
+from tierserve.routing.policy import KV_TIER_WEIGHTS, ReplicaLoad, make_policy
 from tierserve.routing.tier_index import LOWER_TIERS
 from tierserve.routing.tree_actor import PrefixMatch, get_or_create_tree_actor
 
@@ -72,6 +84,28 @@ logger = logging.getLogger(__name__)
 
 #: Keyword argument carrying the request's chained block hashes.
 PREFIX_HASHES_KWARG = "prefix_block_hashes"
+#: Keys of a replica's routing stats (``record_routing_stats``), as ``ReplicaLoad`` fields.
+ROUTING_STATS_KEYS = ("pending_prefill_tokens", "max_num_seqs", "token_budget")
+#: Router policies this adapter runs (``request_router_kwargs: {policy: ...}``).
+ROUTER_POLICIES = ("prefix_aware", "cost_aware")  # the registry names of routing/policy.py POLICIES
+
+
+def routing_stats(pending_prefill_tokens: int, max_num_seqs: int, token_budget: int) -> dict[str, int]:
+    """A replica's routing stats: what ``CostAwarePolicy`` needs of it (module doc, Router v2)."""
+    return dict(zip(ROUTING_STATS_KEYS, (int(pending_prefill_tokens), int(max_num_seqs), int(token_budget))))
+
+
+def replica_load(replica_id: str, ongoing_requests: int, stats: dict | None) -> ReplicaLoad:
+    """The policy's view of one replica: Serve's in-flight count plus its last routing stats (if valid)."""
+    stats = stats or {}
+    values = {k: stats.get(k) for k in ROUTING_STATS_KEYS}
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values.values()):
+        return ReplicaLoad(replica_id, ongoing_requests)
+    try:
+        return ReplicaLoad(replica_id, ongoing_requests, **values)
+    except InvalidParameterError as exc:
+        logger.warning("ignoring routing stats of %s: %s", replica_id, exc)
+        return ReplicaLoad(replica_id, ongoing_requests)
 
 
 def routing_kwargs(token_ids: Sequence[int], block_size: int, extra: tuple = ()) -> dict[str, list[bytes]]:
@@ -99,7 +133,9 @@ class PrefixAwareRequestRouter(RequestRouter):
 
     def initialize_state(self, abs_threshold: float = 4, rel_threshold: float = 1.5,
                          match_timeout_s: float = 0.1, max_blocks_per_replica: int | None = None,
-                         tree_actor=None, min_match_ratio: float = 0.1, kv_tiers: Sequence[str] = ()) -> None:
+                         tree_actor=None, min_match_ratio: float = 0.1, kv_tiers: Sequence[str] = (),
+                         policy: str = "prefix_aware", block_size: int = 16, token_budget: int = 2048,
+                         max_num_seqs: int = 64, decode_weight: float = 8.0) -> None:
         """Called by Serve with ``request_router_kwargs``; ``tree_actor`` overrides the named actor."""
         if not match_timeout_s > 0:
             raise InvalidParameterError("match_timeout_s", f"must be > 0, got {match_timeout_s}")
@@ -107,9 +143,16 @@ class PrefixAwareRequestRouter(RequestRouter):
         if unknown:
             raise InvalidParameterError("kv_tiers", f"unknown tier {unknown[0]!r}; choose from {LOWER_TIERS}")
         self._kv_tiers = tuple(kv_tiers)
-        self._policy = PrefixAwarePolicy(abs_threshold=abs_threshold, rel_threshold=rel_threshold,
-                                         min_match_ratio=min_match_ratio,
-                                         tier_weights=KV_TIER_WEIGHTS if self._kv_tiers else None)
+        weights = KV_TIER_WEIGHTS if self._kv_tiers else None
+        policy_kwargs = {
+            "prefix_aware": {"abs_threshold": abs_threshold, "rel_threshold": rel_threshold,
+                             "min_match_ratio": min_match_ratio},
+            "cost_aware": {"block_size": block_size, "token_budget": token_budget,
+                           "max_num_seqs": max_num_seqs, "decode_weight": decode_weight},
+        }
+        if policy not in policy_kwargs:
+            raise InvalidParameterError("policy", f"must be one of {ROUTER_POLICIES}, got {policy!r}")
+        self._policy = make_policy(policy, tier_weights=weights, **policy_kwargs[policy])
         self._match_timeout_s = match_timeout_s
         if tree_actor is None:
             tree_actor = get_or_create_tree_actor(
@@ -127,7 +170,7 @@ class PrefixAwareRequestRouter(RequestRouter):
             hashes = []
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         found = await self._lookup(hashes, list(by_id)) if hashes else PrefixMatch()
-        loads = [ReplicaLoad(rid, self._ongoing(r)) for rid, r in by_id.items()]
+        loads = [replica_load(rid, self._ongoing(r), getattr(r, "routing_stats", None)) for rid, r in by_id.items()]
         ranked = self._policy.rank(found.device, loads, found.lower or None, num_request_blocks=len(hashes))
         return [[by_id[d.replica_id]] for d in ranked]
 

@@ -9,11 +9,20 @@ EngineConfig, ServeOptions and two deployments:
 * ``LLMServer`` (worker.py): one engine per replica. ``replicas`` fixed
   replicas, or autoscaling when ``max_replicas`` is given (``min_replicas``
   .. ``max_replicas``, starting at ``replicas``, scaling on
-  ``target_ongoing_requests`` per replica). Its handle calls are routed by
+  ``target_ongoing_requests`` per replica with ``autoscaler: requests``,
+  or with ``autoscaler: llm`` on KV-cache usage, waiting requests and TTFT
+  against the ``autoscale_*`` targets: the custom Serve policy
+  ``LLMAutoscalingPolicy`` of server/autoscaling.py, which applies its own
+  hysteresis and delays, so Serve's ``upscale_delay_s`` / ``downscale_delay_s``
+  are set to 0). Its handle calls are routed by
   ``PrefixAwareRequestRouter`` (longest cached prefix, bounded by load;
   ``router_abs_threshold`` / ``router_rel_threshold`` / ``router_min_match_ratio``; with ``kv_tiers``
   it also counts a lower-tier KV hit as a weighted partial match, routing/tier_index.py) when ``router`` is
-  ``"prefix"`` (the default), or by Ray Serve's default power-of-two-choices
+  ``"prefix"`` (the default), by the same router running Router v2 when it is
+  ``"cost"`` (routing/policy.py ``CostAwarePolicy``: the work the request
+  would cost each replica, its capacity taken from this engine config,
+  ``router_decode_weight``; replicas report their queued prefill every
+  ``ROUTING_STATS_PERIOD_S``), or by Ray Serve's default power-of-two-choices
   router when it is ``"pow2"`` (the baseline of benchmarks/serve.py). ``max_ongoing_requests``
   is ``max_num_seqs + max_waiting_requests + 1`` so that the worker itself
   sees the request that overflows its queue and answers 429.
@@ -37,10 +46,14 @@ over ``expert_hosts`` ExpertHost actors (placed on nodes with the
 
 from __future__ import annotations
 
-from ray import serve
-from ray.serve.config import AutoscalingConfig, RequestRouterConfig
+from dataclasses import asdict
 
+from ray import serve
+from ray.serve.config import AutoscalingConfig, AutoscalingPolicy, RequestRouterConfig
+
+from tierserve.config import EngineConfig
 from tierserve.server.app_args import AppArgs
+from tierserve.server.autoscaling import POLICY_PATH
 from tierserve.server.ingress import IngressSettings, OpenAIIngress
 from tierserve.server.serve_options import ServeOptions
 from tierserve.server.worker import LLMServer
@@ -50,11 +63,22 @@ __all__ = ["AppArgs", "build_app", "delete_app"]
 ROUTER_CLASS = "tierserve.routing.serve_router.PrefixAwareRequestRouter"
 #: Ray Serve's own default request router (ray/serve/_private/constants.py: DEFAULT_REQUEST_ROUTER_PATH).
 POW2_ROUTER_CLASS = "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter"
+#: Seconds between two routing-stats pulls of a replica by Serve (the cost router's queued-prefill view).
+ROUTING_STATS_PERIOD_S = 1.0
 
 
-def _router_config(a: ServeOptions, kv_tiers: tuple[str, ...]) -> RequestRouterConfig:
-    """The LLMServer deployment's request router: prefix-aware, or Serve's power-of-two baseline."""
+def _router_config(a: ServeOptions, engine_config: EngineConfig) -> RequestRouterConfig:
+    """The LLMServer deployment's request router: prefix-aware, Router v2, or Serve's power-of-two baseline."""
+    kv_tiers = engine_config.kv_tiers.tiers
+    sched = engine_config.scheduler
     routers = {
+        "cost": lambda: RequestRouterConfig(
+            request_router_class=ROUTER_CLASS,
+            request_routing_stats_period_s=ROUTING_STATS_PERIOD_S,
+            request_router_kwargs={"policy": "cost_aware", "block_size": engine_config.cache.block_size,
+                                   "token_budget": sched.max_num_batched_tokens,
+                                   "max_num_seqs": sched.max_num_seqs,
+                                   "decode_weight": a.router_decode_weight, "kv_tiers": list(kv_tiers)}),
         "prefix": lambda: RequestRouterConfig(
             request_router_class=ROUTER_CLASS,
             request_router_kwargs={"abs_threshold": a.router_abs_threshold,
@@ -74,15 +98,13 @@ def build_app(args: dict | None = None):
     max_num_seqs = engine_config.scheduler.max_num_seqs
     scaling: dict = {"num_replicas": a.replicas}
     if a.max_replicas is not None:
-        scaling = {"autoscaling_config": AutoscalingConfig(
-            min_replicas=a.min_replicas if a.min_replicas is not None else 1, initial_replicas=a.replicas,
-            max_replicas=a.max_replicas, target_ongoing_requests=a.target_ongoing_requests)}
+        scaling = {"autoscaling_config": autoscaling_config(a)}
     worker = serve.deployment(LLMServer).options(
         name="LLMServer",
         max_ongoing_requests=max_num_seqs + a.max_waiting_requests + 1,
         max_queued_requests=4 * (max_num_seqs + a.max_waiting_requests),
         ray_actor_options={"num_cpus": a.worker_cpus, "num_gpus": a.worker_gpus},
-        request_router_config=_router_config(a, engine_config.kv_tiers.tiers),
+        request_router_config=_router_config(a, engine_config),
         health_check_period_s=10,
         **scaling,
     ).bind(engine_config, a.served_model_name, a.max_waiting_requests, a.retry_after_s, a.metrics_interval_s)
@@ -91,6 +113,21 @@ def build_app(args: dict | None = None):
         name="OpenAIIngress", max_ongoing_requests=4 * (max_num_seqs + a.max_waiting_requests),
         ray_actor_options={"num_cpus": a.ingress_cpus})
     return ingress.bind(worker, settings)
+
+
+def autoscaling_config(a: ServeOptions) -> AutoscalingConfig:
+    """LLMServer's autoscaling (``max_replicas`` set): Serve's request-count policy or the LLM-aware one."""
+    bounds = {"min_replicas": a.min_replicas if a.min_replicas is not None else 1,
+              "initial_replicas": a.replicas, "max_replicas": a.max_replicas,
+              "target_ongoing_requests": a.target_ongoing_requests}
+    configs = {
+        "requests": lambda: AutoscalingConfig(**bounds),
+        # the policy applies its own delays (server/autoscaling.py): Serve's are 0 so they do not add up
+        "llm": lambda: AutoscalingConfig(
+            **bounds, upscale_delay_s=0, downscale_delay_s=0,
+            policy=AutoscalingPolicy(policy_function=POLICY_PATH, policy_kwargs=asdict(a.autoscale_targets()))),
+    }
+    return configs[a.autoscaler]()
 
 
 def delete_app(name: str) -> None:

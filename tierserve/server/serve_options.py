@@ -11,7 +11,9 @@ Validated at construction; errors name the field:
 * ``target_ongoing_requests > 0``, ``max_waiting_requests >= 1``,
   ``retry_after_s >= 1``, ``max_body_bytes >= 1``, ``worker_cpus >= 0``, ``worker_gpus >= 0``,
   ``ingress_cpus >= 0``, ``metrics_interval_s > 0``;
-* ``router`` in ``ROUTERS``; ``0 <= router_min_match_ratio <= 1``.
+* ``router`` in ``ROUTERS``; ``0 <= router_min_match_ratio <= 1``; ``router_decode_weight >= 0``;
+* ``autoscaler`` in ``AUTOSCALERS``; ``llm`` needs ``max_replicas``; its targets and delays
+  (``autoscale_*``) are checked by server/autoscaling.py ``AutoscaleTargets``.
 
 Pure data: no Ray, no FastAPI.
 """
@@ -22,11 +24,19 @@ from dataclasses import dataclass
 
 from tierserve.config_fields import option
 from tierserve.errors import InvalidParameterError
+from tierserve.server.autoscaling import AutoscaleTargets
 
 #: Default request body limit (4 MiB: far beyond any context this server runs); larger bodies get 413.
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
-#: "prefix": tierserve's prefix-aware router; "pow2": Ray Serve's default power-of-two-choices router.
-ROUTERS = ("prefix", "pow2")
+#: "prefix": tierserve's prefix-aware router; "cost": its Router v2 (work a request costs each replica,
+#: routing/policy.py CostAwarePolicy); "pow2": Ray Serve's default power-of-two-choices router.
+ROUTERS = ("prefix", "cost", "pow2")
+#: "requests": Serve's target_ongoing_requests; "llm": KV usage, waiting requests and TTFT (server/autoscaling.py).
+AUTOSCALERS = ("requests", "llm")
+#: ServeOptions field -> AutoscaleTargets field.
+_AUTOSCALE_TARGETS = {"autoscale_target_kv_usage": "target_kv_usage", "autoscale_target_waiting": "target_waiting",
+                      "autoscale_target_ttft_s": "target_ttft_s", "autoscale_upscale_delay_s": "upscale_delay_s",
+                      "autoscale_downscale_delay_s": "downscale_delay_s"}
 
 _MIN = {"replicas": 1, "max_waiting_requests": 1, "retry_after_s": 1, "max_body_bytes": 1,
         "worker_cpus": 0, "worker_gpus": 0, "ingress_cpus": 0}
@@ -56,6 +66,18 @@ class ServeOptions:
     router_rel_threshold: float = option(1.5, "prefix router: ... and their load ratio exceeds this")
     router_min_match_ratio: float = option(0.1, "prefix router: a best match below this fraction of the prompt's "
                                                 "blocks routes by load")
+    router_decode_weight: float = option(8.0, "cost router: weight of a replica's requests in flight over its "
+                                              "max_num_seqs, in step budgets of prefill (routing/policy.py)")
+    autoscaler: str = option("requests", "autoscaling signal (requests: Serve's target_ongoing_requests; llm: KV "
+                                         "usage, waiting requests and TTFT against the targets below)",
+                             choices=AUTOSCALERS)
+    autoscale_target_kv_usage: float = option(0.8, "llm autoscaler: KV-cache usage per replica to aim at")
+    autoscale_target_waiting: float = option(2.0, "llm autoscaler: waiting requests per replica to aim at")
+    autoscale_target_ttft_s: float = option(2.0, "llm autoscaler: mean time to first token to aim at")
+    autoscale_upscale_delay_s: float = option(30.0, "llm autoscaler: seconds a scale-up must be wanted before it "
+                                                    "happens")
+    autoscale_downscale_delay_s: float = option(300.0, "llm autoscaler: seconds a scale-down must be wanted "
+                                                       "before it happens")
 
     def __post_init__(self) -> None:
         for name, low in _MIN.items():
@@ -69,7 +91,25 @@ class ServeOptions:
         if not 0 <= self.router_min_match_ratio <= 1:
             raise InvalidParameterError("router_min_match_ratio",
                                         f"must be in [0, 1], got {self.router_min_match_ratio}")
+        if not self.router_decode_weight >= 0:
+            raise InvalidParameterError("router_decode_weight", f"must be >= 0, got {self.router_decode_weight}")
         self._check_replica_range()
+        self._check_autoscaler()
+
+    def autoscale_targets(self) -> AutoscaleTargets:
+        """The llm autoscaler's targets and delays (``autoscale_*``)."""
+        try:
+            return AutoscaleTargets(**{t: getattr(self, o) for o, t in _AUTOSCALE_TARGETS.items()})
+        except InvalidParameterError as exc:
+            name = next(o for o, t in _AUTOSCALE_TARGETS.items() if t == exc.field)
+            raise InvalidParameterError(name, exc.detail) from None
+
+    def _check_autoscaler(self) -> None:
+        if self.autoscaler not in AUTOSCALERS:
+            raise InvalidParameterError("autoscaler", f"must be one of {AUTOSCALERS}, got {self.autoscaler!r}")
+        if self.autoscaler == "llm" and self.max_replicas is None:
+            raise InvalidParameterError("autoscaler", "llm needs max_replicas (autoscaling)")
+        self.autoscale_targets()
 
     def _check_replica_range(self) -> None:
         if self.min_replicas is not None and self.min_replicas < 0:

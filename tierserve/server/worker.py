@@ -29,6 +29,16 @@ Background tasks (started in the async ``__init__``, cancelled by ``__del__``/``
   report round trip).
 * metrics pusher: every ``metrics_interval_s`` it pushes a ``MetricsSnapshot``
   to the app's ``MetricsBoard`` (see metrics.py).
+
+Serve pulls two more reports from the replica:
+
+* ``record_routing_stats`` (every ``request_routing_stats_period_s`` of the
+  router config): the load the cost-aware router needs
+  (routing/policy.py ``CostAwarePolicy``): prompt tokens queued and not
+  prefilled yet, and the replica's capacity (``max_num_seqs``, token budget).
+* ``record_autoscaling_stats`` (every autoscaling metrics interval): the
+  signals of ``LLMAutoscalingPolicy`` (autoscaling.py): KV usage, waiting
+  requests and the mean TTFT of the first tokens since the previous record.
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ from dataclasses import dataclass
 from tierserve.config import EngineConfig
 from tierserve.engine.outputs import RequestOutput
 from tierserve.sampling_params import SamplingParams
+from tierserve.server.autoscaling import SIGNAL_KV_USAGE, SIGNAL_TTFT_S, SIGNAL_WAITING
 from tierserve.server.cache_reporter import CacheMirror, TierMirror
 from tierserve.errors import TierserveError
 from tierserve.server.errors import QueueFullError, to_api_error
@@ -91,6 +102,8 @@ class LLMServer:
         self._info = self.engine.info()
         self.model_name = served_model_name or self._info.model_name
         self.capacity = engine_config.scheduler.max_num_seqs + max_waiting_requests
+        self._sched_config = engine_config.scheduler
+        self._ttft_seen = (0.0, 0)  # TTFT histogram (total, count) at the last autoscaling record
         self.retry_after_s = retry_after_s
         ctx = serve.get_replica_context()
         self.replica_id = ctx.replica_id.unique_id
@@ -149,6 +162,22 @@ class LLMServer:
         s = self.engine.stats()
         return WorkerStats(self.replica_id, self._active, s.running, s.waiting, s.kv_usage, s.num_free_blocks,
                            s.prefix_queries, s.prefix_hits)
+
+    async def record_routing_stats(self) -> dict[str, int]:
+        """Load and capacity for the cost-aware router (Serve polls it; routing/serve_router.py reads it)."""
+        from tierserve.routing.serve_router import routing_stats
+
+        return routing_stats(self.engine.stats().pending_prefill_tokens, self._sched_config.max_num_seqs,
+                             self._sched_config.max_num_batched_tokens)
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Signals of the LLM autoscaling policy (server/autoscaling.py), polled by Serve."""
+        s = self.engine.stats()
+        ttft = self._metrics.snapshot.ttft
+        total, count = ttft.total - self._ttft_seen[0], ttft.count - self._ttft_seen[1]
+        self._ttft_seen = (ttft.total, ttft.count)
+        return {SIGNAL_KV_USAGE: float(s.kv_usage), SIGNAL_WAITING: float(s.waiting),
+                SIGNAL_TTFT_S: total / count if count else 0.0}
 
     def check_health(self) -> None:
         """Serve's health check: fail when a background task died."""
