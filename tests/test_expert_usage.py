@@ -47,15 +47,25 @@ def test_recorder_counts_routes_and_keeps_outputs(tmp_path):
     model = load_model(str(tmp_path)).model
     tokens = list(range(3, 20))
     plain = PagedRunner(model).step(tokens)
-    # independent reference: route() of each block on its own inputs
-    expected = ExpertUsage(2, 4)
+    # independent reference: each block's routing decisions computed here from its router logits (Mixtral:
+    # softmax over the gate's logits, top-2; softmax is monotone, so the 2 largest logits, in float64)
     seen = []
     hooks = [b.register_forward_pre_hook(lambda m, a: seen.append((m, a[0]))) for b in moe_blocks(model)]
     PagedRunner(model).step(tokens)
     for h in hooks:
         h.remove()
-    for layer, (block, x) in enumerate(seen):
-        expected.record(layer, block.route(x)[1].reshape(-1).tolist())
+    assert len(seen) == 2
+    want_counts = []
+    for block, x in seen:
+        logits = x.reshape(-1, x.shape[-1]).double() @ block.gate.weight.double().t()  # [T, 4]
+        ordered = torch.sort(logits, dim=-1, descending=True)
+        assert bool((ordered.values[:, 1] - ordered.values[:, 2] > 1e-6).all())  # no near-tie at the cut
+        chosen = ordered.indices[:, :2].reshape(-1)
+        want_counts.append(torch.bincount(chosen, minlength=4).tolist())
+    expected = ExpertUsage(2, 4)
+    for layer, counts in enumerate(want_counts):
+        expected.record_counts(layer, counts)
+    assert all(min(c) < max(c) for c in want_counts)  # uneven use: a wrong expert id would show
     usage = ExpertUsage(2, 4)
     handle = attach_usage_recorder(model, usage)
     recorded = PagedRunner(model).step(tokens)
