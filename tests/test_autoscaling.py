@@ -79,6 +79,20 @@ def test_dead_band_and_direction_change_restart_the_clock():
     assert (n, st) == (2, ScaleState(-1, 500.0))
 
 
+def test_replicas_still_starting_are_held_not_cancelled():
+    # Serve's target is 3, one replica runs (two start): the burst goes on -> keep 3 (not 1, which
+    # would stop the starting ones); a larger burst raises it, from the running count's view.
+    burst = [sig(waiting=10)]                                    # pressure 5
+    assert decide(burst, 1, 1, 8, ScaleState(), 0.0, T, target_replicas=3) == (3, ScaleState(1, 0.0))
+    assert decide(burst, 1, 1, 8, ScaleState(1, 0.0), 10.0, T, target_replicas=3) == (5, ScaleState())
+    assert decide(burst, 1, 1, 4, ScaleState(), 0.0, T, target_replicas=4) == (4, ScaleState())
+    # a dead band or no signals hold the target too
+    assert decide([sig(kv=0.4)], 1, 1, 8, ScaleState(), 0.0, T, target_replicas=3) == (3, ScaleState())
+    assert decide([], 1, 1, 8, ScaleState(), 0.0, T, target_replicas=3) == (3, ScaleState())
+    # scaling down steps from the target, one replica at a time
+    assert decide([sig()], 1, 1, 8, ScaleState(-1, 0.0), 60.0, T, target_replicas=3) == (2, ScaleState())
+
+
 def test_out_of_bounds_goes_to_the_bound_at_once_and_no_signal_holds():
     busy = [sig(waiting=20)]
     assert decide(busy, 9, 1, 4, ScaleState(1, 5.0), now=5.0, targets=T) == (4, ScaleState())
@@ -110,8 +124,9 @@ def test_validation_names_the_field():
         assert e.value.field == field
 
 
-def ctx(replicas, metrics, state=None, now=0.0, lo=1, hi=8):
+def ctx(replicas, metrics, state=None, now=0.0, lo=1, hi=8, target=None):
     return SimpleNamespace(running_replicas=replicas, current_num_replicas=len(replicas), aggregated_metrics=metrics,
+                           target_num_replicas=len(replicas) if target is None else target,
                            policy_state=state or {}, current_time=now, capacity_adjusted_min_replicas=lo,
                            capacity_adjusted_max_replicas=hi)
 
@@ -127,6 +142,9 @@ def test_serve_adapter_reads_aggregated_metrics_and_keeps_its_state():
     partial = {"kv_usage": {"r1": 0.2}, "waiting": {"r1": 5.0}}
     assert policy(ctx(["r1", "r2"], partial, now=0.0))[0] == 2
     assert policy(ctx(["r1"], None, now=0.0))[0] == 1
+    # while the 4 start, the same burst keeps the target at 4
+    assert policy(ctx(["r1", "r2"], metrics, now=70.0, target=4)) == (
+        4, {"tierserve_scale_direction": 0, "tierserve_scale_since": None})
 
 
 def test_app_builds_the_llm_autoscaling_config_and_serve_loads_the_policy():

@@ -29,13 +29,19 @@ Pressure (``pressure``), with the targets of ``AutoscaleTargets``::
 1.0 means "at target"; replicas that served no first token in the window do
 not dilute the TTFT mean (an idle replica next to a slow one does not hide it).
 
-Decision (``decide``, pure; ``n`` = running replicas, ``[lo, hi]`` the bounds):
+Decision (``decide``, pure; ``n`` = running replicas, whose signals these
+are; ``t`` = Serve's current target, which differs from ``n`` while replicas
+start or stop; ``[lo, hi]`` the bounds). The answer is a new target, and
+"hold" answers ``t``, never ``n`` (answering ``n`` while new replicas start
+would cancel them):
 
-1. ``n`` outside ``[lo, hi]``: go to the nearest bound at once (no delay).
+1. ``t`` outside ``[lo, hi]``: go to the nearest bound at once (no delay).
 2. ``pressure > UPSCALE_AT`` (1.0): want ``min(hi, ceil(n * pressure))``, the
-   count that brings the pressure back to target if load spreads evenly.
-3. ``pressure < DOWNSCALE_AT`` (0.5): want ``max(lo, n - 1)``: one replica at a
-   time, since each removal drops a replica's warm prefix cache. Hysteresis:
+   count that brings the pressure back to target if load spreads evenly; only
+   a want above ``t`` is a change (replicas already starting count).
+3. ``pressure < DOWNSCALE_AT`` (0.5): want ``max(lo, t - 1)``: one replica at a
+   time, since each removal drops a replica's warm prefix cache. Hysteresis
+   (steady state, ``t = n``):
    with ``n - 1 >= 1`` replicas left, the KV and waiting terms (totals spread
    over one replica fewer) become ``n * p / (n - 1)``, which stays
    ``<= 1.0 = UPSCALE_AT`` for ``p < 0.5`` and every ``n >= 2``, so a
@@ -56,8 +62,10 @@ only ones. No signal from any running replica (all starting): hold.
 
 Tests (tests/test_autoscaling.py): pressure and every decision branch with
 exact numbers, the delay clock (restart on direction change, exact expiry),
-the hysteresis property over a grid, the Ray adapter on a hand-built context,
-and the app's autoscaling config built from ``autoscaler: llm``.
+the hysteresis property over a grid, holding the target while new replicas
+start, the Ray adapter on a hand-built context, and the app's autoscaling
+config built from ``autoscaler: llm``; tests/test_autoscaling_serve.py runs
+the policy in a real Serve deployment (a burst scales up, idleness down).
 """
 
 from __future__ import annotations
@@ -137,28 +145,34 @@ def pressure(signals: Sequence[ReplicaSignals], targets: AutoscaleTargets) -> fl
 
 
 def decide(signals: Sequence[ReplicaSignals], num_replicas: int, min_replicas: int, max_replicas: int,
-           state: ScaleState, now: float, targets: AutoscaleTargets) -> tuple[int, ScaleState]:
-    """Replica count to run now and the next state (module doc, steps 1-4). Pure."""
+           state: ScaleState, now: float, targets: AutoscaleTargets,
+           target_replicas: int | None = None) -> tuple[int, ScaleState]:
+    """The new target replica count and the next state (module doc, steps 1-4). Pure.
+
+    ``num_replicas`` run and sent ``signals``; ``target_replicas`` is Serve's current target
+    (default: ``num_replicas``, the steady state).
+    """
     if not 0 <= min_replicas <= max_replicas:
         raise InvalidParameterError("min_replicas", f"must lie in [0, max_replicas={max_replicas}], got {min_replicas}")
-    if num_replicas < min_replicas or num_replicas > max_replicas:
-        return min(max(num_replicas, min_replicas), max_replicas), ScaleState()
+    target = num_replicas if target_replicas is None else target_replicas
+    if target < min_replicas or target > max_replicas:
+        return min(max(target, min_replicas), max_replicas), ScaleState()
     if not signals:
-        return num_replicas, ScaleState()
+        return target, ScaleState()
     p = pressure(signals, targets)
-    want = num_replicas
+    want = target
     if p > UPSCALE_AT:
-        want = min(max_replicas, math.ceil(num_replicas * p))
+        want = max(target, min(max_replicas, math.ceil(num_replicas * p)))
     elif p < DOWNSCALE_AT:
-        want = max(min_replicas, num_replicas - 1)
-    if want == num_replicas:
-        return num_replicas, ScaleState()
-    direction = 1 if want > num_replicas else -1
+        want = max(min_replicas, target - 1)
+    if want == target:
+        return target, ScaleState()
+    direction = 1 if want > target else -1
     since = state.since if state.direction == direction and state.since is not None else now
     delay = targets.upscale_delay_s if direction > 0 else targets.downscale_delay_s
     if now - since >= delay:
         return want, ScaleState()
-    return num_replicas, ScaleState(direction, since)
+    return target, ScaleState(direction, since)
 
 
 def signals_from_metrics(metrics: Mapping[str, Mapping[object, float]] | None,
@@ -189,5 +203,6 @@ class LLMAutoscalingPolicy:
         now = ctx.current_time if ctx.current_time is not None else time.time()
         signals = signals_from_metrics(ctx.aggregated_metrics, ctx.running_replicas)
         lo, hi = ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas
-        num, nxt = decide(signals, ctx.current_num_replicas, lo, hi, state, now, self.targets)
+        num, nxt = decide(signals, ctx.current_num_replicas, lo, hi, state, now, self.targets,
+                          target_replicas=ctx.target_num_replicas)
         return num, {_STATE_DIRECTION: nxt.direction, _STATE_SINCE: nxt.since}
