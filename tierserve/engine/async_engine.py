@@ -9,6 +9,14 @@ are routed to per-request asyncio queues on the event loop. A consumer that
 stops iterating (a client disconnect cancels it) aborts its request, which
 frees its sequence and pages at the next step.
 
+Failures. An exception raised inside a step is delivered to every request
+the engine holds (each is aborted, its pages freed) and the loop goes on
+with the next step. ``close()`` lets a running step finish (the worker
+thread is never abandoned mid-step), stops the loop, aborts every request
+still in flight and ends each waiting ``generate`` with
+``RuntimeError("AsyncLLMEngine is closed")``, then closes the engine.
+Tests: tests/test_engine_stops.py.
+
 Read-only views of the engine (``info``, ``stats``, ``drain_cache_events``,
 ``tier_holdings``, ``expert_metrics``, ``kv_tier_stats``) delegate to the
 ``LLMEngine`` facade; they read counters and thread-safe queues, so the event
@@ -115,7 +123,7 @@ class AsyncLLMEngine:
             self._wake.set()
 
     async def _loop(self) -> None:
-        while True:
+        while not self._closed:
             self._wake.clear()
             if not (self._inbox or self._aborts or self.engine.has_unfinished()):
                 await self._wake.wait()
@@ -157,12 +165,16 @@ class AsyncLLMEngine:
             self._deliver(rid, exc)
 
     async def close(self) -> None:
+        """Stop the loop after its current step, end every request in flight with an error, close the engine."""
         self._closed = True
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            self._poke()
+            await self._task  # the loop exits at its next check; a running step completes first
             self._task = None
+        self._inbox.clear()
+        closed = RuntimeError("AsyncLLMEngine is closed")
+        for rid in list(self._queues):
+            if rid in self.engine.request_ids():
+                self.engine.abort(rid)  # no step runs now: the loop has exited
+            self._deliver(rid, closed)
         await asyncio.to_thread(self.engine.close)  # expert hosts, usage file, KV tier backends
