@@ -263,6 +263,38 @@ class KVCompressionConfig:
             raise InvalidParameterError("kv_interval", f"must be >= 1, got {self.interval}")
 
 
+#: SpeculativeConfig.method: "none" and the names in tierserve.engine.spec_decode.registry.PROPOSERS
+#: (a layer above this one; tests/test_spec_engine.py checks the two agree)
+SPECULATIVE_METHODS = ("none", "ngram")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (tierserve/engine/spec_decode/); off while ``method`` is "none".
+
+    ``method`` "ngram": prompt lookup over the request's own tokens, longest
+    n-gram first with n in [``prompt_lookup_min``, ``prompt_lookup_max``].
+    ``num_speculative_tokens``: drafts verified per request and step (1..16).
+    """
+
+    method: str = option("none", "speculative decoding: none, or ngram (prompt lookup)", name="speculative",
+                         choices=SPECULATIVE_METHODS)
+    num_speculative_tokens: int = option(4, "speculative decoding: draft tokens verified per step (1..16)")
+    prompt_lookup_max: int = option(4, "ngram: longest n-gram matched")
+    prompt_lookup_min: int = option(1, "ngram: shortest n-gram matched")
+
+    def __post_init__(self) -> None:
+        _check_choice("speculative", self.method, SPECULATIVE_METHODS)
+        if not 1 <= self.num_speculative_tokens <= 16:
+            raise InvalidParameterError("num_speculative_tokens",
+                                        f"must be in 1..16, got {self.num_speculative_tokens}")
+        if self.prompt_lookup_min < 1:
+            raise InvalidParameterError("prompt_lookup_min", f"must be >= 1, got {self.prompt_lookup_min}")
+        if self.prompt_lookup_max < self.prompt_lookup_min:
+            raise InvalidParameterError("prompt_lookup_max", f"must be >= prompt_lookup_min = "
+                                        f"{self.prompt_lookup_min}, got {self.prompt_lookup_max}")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """The whole engine. ``prefix`` metadata: what the flat option names of a sub-config start with."""
@@ -274,6 +306,7 @@ class EngineConfig:
     kv_compression: KVCompressionConfig = field(default_factory=KVCompressionConfig, metadata={"prefix": "kv_"})
     kv_tiers: KVTierConfig = field(default_factory=KVTierConfig,  # off while tiers == ()
                                    metadata={"prefix": "kv_"})
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     seed: int = option(0, "seed of the engine's generator, which samples every request that has no seed of its "
                           "own (a request's own seed keeps its tokens independent of the batch)", flag="engine_seed")
     num_threads: int | None = option(None, "torch intra-op threads", flag="threads")

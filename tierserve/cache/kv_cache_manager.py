@@ -32,6 +32,10 @@ full, so a decode step hashes at most one block (block_size tokens) however
 long the context is. The full-prompt hash happens once per admission (at the
 lookup). ``hash_fn`` is injectable (tests count its calls).
 
+Rollback (``truncate``, speculative decoding): a request whose drafts were
+rejected goes back to fewer computed tokens; the blocks past the new end are
+freed tail first (O(blocks freed)).
+
 KV compression by eviction (``evict_blocks``, used by
 tierserve/cache/compress/driver.py): dropping whole blocks from a request's
 table leaves ``num_computed_tokens`` (real positions) unchanged and counts
@@ -144,6 +148,28 @@ class KVCacheManager:
         self._hashes.pop(req.request_id, None)
         self._num_registered.pop(req.request_id, None)
         self._evicted.pop(req.request_id, None)
+
+    def truncate(self, req: Request, num_tokens: int) -> list[int]:
+        """Roll ``req`` back to ``num_tokens`` computed tokens (speculative drafts rejected).
+
+        Sets ``num_computed_tokens`` and frees, tail first, the blocks past
+        ``ceil(num_tokens / block_size)``; returns their ids. The freed blocks
+        were never registered in the prefix cache (only blocks full of known
+        tokens are, and the rollback keeps every known token's KV but the last).
+        """
+        if not 0 < num_tokens <= req.num_computed_tokens:
+            raise InvalidParameterError("num_tokens", f"must be in [1, {req.num_computed_tokens}] for request "
+                                                      f"{req.request_id}, got {num_tokens}")
+        keep = -(-(num_tokens - self._evicted.get(req.request_id, 0)) // self.block_size)
+        if keep < self._num_registered.get(req.request_id, 0):
+            raise ValueError(f"request {req.request_id}: truncating to {num_tokens} tokens would free "
+                             f"prefix-cached blocks")
+        freed = req.block_ids[keep:]
+        if freed:
+            self.pool.free(reversed(freed))
+            del req.block_ids[keep:]
+        req.num_computed_tokens = num_tokens
+        return freed
 
     # -- eviction (KV compression) ------------------------------------------------------------
 

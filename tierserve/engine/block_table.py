@@ -59,6 +59,14 @@ class BlockTables:
             self.table[row, n:end] = ids.to(self.table.device, non_blocking=True)
         self._num_blocks[request_id] = end
 
+    def truncate(self, request_id: str, num_blocks: int) -> None:
+        """Keep the first ``num_blocks`` blocks of a request's row (speculative rollback); later entries are
+        stale and overwritten by the next append."""
+        if not 0 <= num_blocks <= self._num_blocks[request_id]:
+            raise ValueError(f"request {request_id} holds {self._num_blocks[request_id]} blocks, cannot keep "
+                             f"{num_blocks}")
+        self._num_blocks[request_id] = num_blocks
+
     def release(self, request_id: str) -> None:
         row = self._row_of.pop(request_id, None)
         if row is not None:

@@ -38,6 +38,8 @@ from tierserve.engine.outputs import RequestOutput
 from tierserve.engine.request import Request, RequestStatus
 from tierserve.engine.sampler import Sampler, SamplingBatch
 from tierserve.engine.scheduler import Scheduler
+from tierserve.engine.spec_decode.decoder import SpecDecoder
+from tierserve.engine.spec_decode.stats import SpecDecodeStats
 from tierserve.engine.stop_rules import StopRules
 from tierserve.kernels.attention.registry import build_attention_backend
 from tierserve.kernels.cpu_linear import apply_linear_backend
@@ -86,6 +88,8 @@ class LLMEngine:
         self.kv_evictor = self._bind_kv_compression()  # None unless an eviction method
         self.hooks: list[StepHook] = [h for h in (self.kv_tiers, self.kv_evictor, self.offload) if h is not None]
         self.sampler = Sampler()
+        self.spec = SpecDecoder(config.speculative, self.max_model_len)  # proposes nothing unless --speculative
+        self._check_speculative_supported()
         self.stop_rules = StopRules.from_model(self.tokenizer, self.hf_config, self.max_model_len)
         self._live: dict[str, _Live] = {}
         self._requests: dict[str, Request] = {}
@@ -146,6 +150,13 @@ class LLMEngine:
                 "kv_compression", f"{self.config.kv_compression.method} evicts KV blocks, which sliding-window "
                 f"attention does not support; this model has {len(sliding)} sliding-window layers "
                 f"(window {arch.sliding_window}); use kv4 or none")
+
+    def _check_speculative_supported(self) -> None:
+        """Rejected drafts roll back by token count; evicted blocks shift slots against positions, so the two
+        do not compose yet: refuse the combination."""
+        if self.spec.proposer is not None and self.kv_compressor is not None and self.kv_compressor.evicts:
+            raise InvalidParameterError("speculative", f"cannot be combined with the KV eviction method "
+                                                       f"{self.config.kv_compression.method} (yet)")
 
     def _kv_compression_runner_args(self, num_blocks: int) -> dict:
         """Packed pages from a storage compressor; the evicted-token count for an eviction compressor."""
@@ -277,6 +288,10 @@ class LLMEngine:
         """Expert-offload counters (offload ``ExpertMetrics``), or None without offload."""
         return self.offload.stats() if self.offload is not None else None
 
+    def spec_decode_stats(self) -> SpecDecodeStats:
+        """Speculative-decoding counters: drafts proposed and accepted (all zero when off)."""
+        return self.spec.stats()
+
     def kv_tier_stats(self):
         """KV tier counters (``KVTierStats``), or None without tiers."""
         return self.kv_tiers.stats() if self.kv_tiers is not None else None
@@ -291,7 +306,7 @@ class LLMEngine:
         run = self.runner.execute(sched, self._requests)
         for hook in self.hooks:
             hook.after_forward(sched, self._requests)
-        outputs = self._sample_and_postprocess(run)
+        outputs = self._sample_and_postprocess(sched, run)
         if any(o.finished for o in outputs):
             for hook in self.hooks:  # between steps: e.g. expert promotions by live usage
                 hook.at_request_boundary()
@@ -302,35 +317,67 @@ class LLMEngine:
         for hook in self.hooks:
             hook.close()
 
-    def _sample_and_postprocess(self, run) -> list[RequestOutput]:
+    def _sample_and_postprocess(self, sched, run) -> list[RequestOutput]:
+        """Sample one token per plain row; verify the drafts of requests that had some (spec_decode/)."""
         if not run.request_ids:
             return []
         lives = [self._live[rid] for rid in run.request_ids]
-        batch = SamplingBatch(
+        drafts = {s.request_id: s.spec_token_ids for s in sched.scheduled if s.spec_token_ids}
+        num_rows = run.num_rows or [1] * len(lives)
+        first = list(itertools.accumulate(num_rows, initial=0))
+        plain = [i for i, lv in enumerate(lives) if lv.request.request_id not in drafts]
+        results: list = [None] * len(lives)
+        if plain:
+            logits = run.logits if len(plain) == len(lives) else run.logits[
+                torch.tensor([first[i] for i in plain], device=run.logits.device)]
+            sampled = self.sampler(logits, self._sampling_batch([lives[i] for i in plain]))
+            for i, tok, lp in zip(plain, sampled.token_ids, sampled.logprobs):
+                results[i] = ([tok], [lp], False)
+        for i, lv in enumerate(lives):
+            if results[i] is None:
+                req = lv.request
+                v = self.spec.verify(self.sampler, run.logits[first[i]:first[i + 1]], drafts[req.request_id],
+                                     req, lv.generator, self.stop_rules.stop_ids(req.params))
+                results[i] = (v.token_ids, v.logprobs, True)
+        return [self._postprocess(lv, *res) for lv, res in zip(lives, results)]
+
+    def _sampling_batch(self, lives: list[_Live]) -> SamplingBatch:
+        return SamplingBatch(
             params=[lv.request.params for lv in lives],
-            generators=[lv.generator or self._generator for lv in lives],
+            generators=[lv.generator for lv in lives],
             prompt_token_ids=[lv.request.prompt_token_ids for lv in lives],
             output_token_ids=[lv.request.output_token_ids for lv in lives],
             stop_ids=[self.stop_rules.stop_ids(lv.request.params) for lv in lives],
         )
-        sampled = self.sampler(run.logits, batch)
-        return [self._postprocess(lv, tok, lp) for lv, tok, lp in zip(lives, sampled.token_ids, sampled.logprobs)]
 
-    def _postprocess(self, live: _Live, token: int, logprobs) -> RequestOutput:
+    def _postprocess(self, live: _Live, tokens: list[int], logprobs: list, verified: bool) -> RequestOutput:
+        """Append ``tokens`` until a stop rule fires; after a verification, roll the rejected drafts' KV back;
+        propose the next step's drafts for a request that continues."""
         req = live.request
-        req.append_output(token)
-        text = live.detok.add(token)
-        reason, stop_reason = self.stop_rules.check(req, token, live.detok.stopped)
-        out = RequestOutput(req.request_id, [token], text, new_logprobs=[logprobs] if logprobs else [],
+        text, reason, stop_reason, emitted = "", None, None, []
+        for token, lp in zip(tokens, logprobs):
+            req.append_output(token)
+            emitted.append((token, lp))
+            text += live.detok.add(token)
+            reason, stop_reason = self.stop_rules.check(req, token, live.detok.stopped)
+            if reason is not None:
+                break
+        if verified:  # keep the KV of the accepted drafts (all but the newest token have KV), free the rest
+            self.scheduler.rollback(req.request_id, req.num_tokens - 1)
+            self.runner.truncate(req.request_id, len(req.block_ids))
+        out = RequestOutput(req.request_id, [t for t, _ in emitted], text,
+                            new_logprobs=[lp for _, lp in emitted if lp],
                             num_prompt_tokens=req.num_prompt_tokens,
                             num_output_tokens=len(req.output_token_ids),
                             num_cached_tokens=req.num_cached_tokens)
-        if reason is not None:
-            if live.detok.stopped is None:
-                out.new_text += live.detok.flush()  # release text held back for a possible stop string
-            out.finished, out.finish_reason, out.stop_reason = True, reason.value, stop_reason
-            for hook in self.hooks:  # e.g. the KV tiers store its chunks before its blocks are freed
-                hook.on_finish(req)
-            self.scheduler.finish(req.request_id, reason)
-            self._drop(req.request_id)
+        if reason is None:
+            req.spec_token_ids = self.spec.propose(req)
+            return out
+        if live.detok.stopped is None:
+            out.new_text += live.detok.flush()  # release text held back for a possible stop string
+        out.finished, out.finish_reason, out.stop_reason = True, reason.value, stop_reason
+        for hook in self.hooks:  # e.g. the KV tiers store its chunks before its blocks are freed
+            hook.on_finish(req)
+        self.scheduler.finish(req.request_id, reason)
+        self._drop(req.request_id)
         return out

@@ -5,7 +5,10 @@ one batch (continuous batching: decodes and prefill chunks together), derives
 positions, the slot of each token (``table[row, pos // bs] * bs + pos % bs``)
 and the step's block tables from persistent per-request rows, runs the model,
 and computes logits only for the last token of requests that reach the end of
-their known tokens (those sample). The KV pages are allocated once here and
+their known tokens (those sample). A request verifying speculative drafts
+(``ScheduledRequest.spec_token_ids``) runs its last known token and the
+drafts, and gets logits for all of them (``RunnerOutput.num_rows``); such a
+step has more than one token per sequence, so it always runs eagerly. The KV pages are allocated once here and
 never reallocated.
 
 Device: the model, the KV pages and the block tables live on ``device``;
@@ -45,11 +48,12 @@ from tierserve.step.schedule import SchedulerOutput
 
 @dataclass
 class RunnerOutput:
-    """Logits ``[N, vocab]`` (fp32, on the runner's device) for the N requests that sample, in ``request_ids``
-    order."""
+    """Logits (fp32, on the runner's device) for the requests that sample, in ``request_ids`` order:
+    one row each, or ``num_rows[i]`` consecutive rows for request ``i`` (1 + its verified drafts)."""
 
     request_ids: list[str]
     logits: torch.Tensor | None
+    num_rows: list[int] | None = None
 
 
 @dataclass
@@ -64,6 +68,7 @@ class StepInputs:
     seq_lens: list[int]
     sample_idx: list[int]
     sample_ids: list[str]
+    num_rows: list[int] | None = None  # logits rows per sampling sequence when some verify drafts
 
     @property
     def decode_only(self) -> bool:
@@ -87,6 +92,10 @@ class ModelRunner:
     def release(self, request_id: str) -> None:
         self.block_tables.release(request_id)
 
+    def truncate(self, request_id: str, num_blocks: int) -> None:
+        """The request's block table keeps its first ``num_blocks`` blocks (speculative rollback)."""
+        self.block_tables.truncate(request_id, num_blocks)
+
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, requests: dict[str, Request]) -> RunnerOutput:
         if not out.scheduled:
@@ -107,6 +116,7 @@ class ModelRunner:
         seq_lens: list[int] = []
         sample_idx: list[int] = []
         sample_ids: list[str] = []
+        num_rows: list[int] = []
         for sr in out.scheduled:
             req = requests[sr.request_id]
             if sr.resumed or sr.request_id not in self.block_tables:
@@ -116,20 +126,24 @@ class ModelRunner:
                 self.block_tables.append(sr.request_id, sr.new_block_ids)
             end = sr.start + sr.num_tokens
             off = self._evicted(sr.request_id) if self._evicted is not None else 0
-            tokens.extend(req.token_ids(sr.start, end))
+            drafts = sr.spec_token_ids
+            tokens.extend(req.token_ids(sr.start, end - len(drafts)))
+            tokens.extend(drafts)
             positions.extend(range(sr.start, end))
             slot_pos.extend(range(sr.start - off, end - off))
             token_rows.extend([row] * sr.num_tokens)
             rows.append(row)
             query_start.append(query_start[-1] + sr.num_tokens)
             seq_lens.append(end - off)
-            if end == req.num_tokens:
-                sample_idx.append(query_start[-1] - 1)
+            if end == req.num_tokens + len(drafts):  # the last known token and each draft predict one
+                sample_idx.extend(range(query_start[-1] - 1 - len(drafts), query_start[-1]))
                 sample_ids.append(sr.request_id)
+                num_rows.append(1 + len(drafts))
         bs = self.spec.block_size
         pos = torch.tensor(slot_pos, dtype=torch.long)
         slots = self.block_tables.host[torch.tensor(token_rows, dtype=torch.long), pos // bs] * bs + pos % bs
-        return StepInputs(tokens, positions, slots, rows, query_start, seq_lens, sample_idx, sample_ids)
+        return StepInputs(tokens, positions, slots, rows, query_start, seq_lens, sample_idx, sample_ids,
+                          num_rows if len(sample_idx) != len(sample_ids) else None)
 
     def _run_eager(self, step: StepInputs) -> RunnerOutput:
         dev = self.device
@@ -144,4 +158,4 @@ class ModelRunner:
             return RunnerOutput([], None)
         if len(step.sample_idx) != hidden.shape[0]:
             hidden = hidden[torch.tensor(step.sample_idx, dtype=torch.long, device=dev)]
-        return RunnerOutput(step.sample_ids, self.model.compute_logits(hidden))
+        return RunnerOutput(step.sample_ids, self.model.compute_logits(hidden), step.num_rows)

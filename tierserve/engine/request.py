@@ -29,6 +29,8 @@ class Request:
     ``block_ids`` is the request's block table (owned by the KV cache manager).
     ``num_cached_tokens`` is how many prompt tokens were served from the
     prefix cache at admission (for metrics). ``arrival`` orders FCFS.
+    ``spec_token_ids``: speculative drafts for the next step; they are not
+    part of ``num_tokens`` until verified and appended.
     """
 
     request_id: str
@@ -41,6 +43,8 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     block_ids: list[int] = field(default_factory=list)
     num_preemptions: int = 0
+    #: drafts proposed for the next step (speculative decoding); the scheduler decides whether to verify them
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

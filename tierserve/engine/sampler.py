@@ -86,17 +86,7 @@ class Sampler:
             return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(params))
 
         raw = logits
-        work = logits.float()
-        if mask_rows:
-            work = mask_stop_ids(work, mask_rows, stop_ids)
-        if penal_rows:
-            idx = torch.tensor(penal_rows, device=work.device)
-            work = work.clone()
-            work[idx] = apply_penalties(
-                work[idx], [params[i] for i in penal_rows],
-                [batch.prompt_token_ids[i] for i in penal_rows],
-                [batch.output_token_ids[i] for i in penal_rows])
-
+        work = self._process(logits, batch, mask_rows, penal_rows)
         tokens = work.argmax(dim=-1)
         sample_rows = [i for i, p in enumerate(params) if not p.greedy]
         if sample_rows:
@@ -113,19 +103,48 @@ class Sampler:
             logprobs[i] = lp
         return SamplerOutput(token_list, logprobs)
 
+    def target_probs(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """float64 [B, V]: the distribution each row's token would be drawn from by ``__call__``.
+
+        Stages 1-7 as for sampling; a greedy row gets the point mass at its
+        argmax. Speculative verification (tierserve/engine/spec_decode) checks
+        drafts against it.
+        """
+        params = batch.params
+        mask_rows = min_tokens_rows(params, batch.output_token_ids, batch.stop_ids or None)
+        penal_rows = [i for i, p in enumerate(params) if needs_penalties(p)]
+        work = self._process(logits, batch, mask_rows, penal_rows)
+        probs = torch.zeros(work.shape, dtype=torch.float64, device=work.device)
+        probs.scatter_(1, work.argmax(dim=-1, keepdim=True), 1.0)
+        sample_rows = [i for i, p in enumerate(params) if not p.greedy]
+        if sample_rows:
+            idx = torch.tensor(sample_rows, device=work.device)
+            probs[idx] = _filtered_probs(work[idx], [params[i] for i in sample_rows])
+        return probs
+
+    @staticmethod
+    def _process(logits: torch.Tensor, batch: SamplingBatch, mask_rows: list[int],
+                 penal_rows: list[int]) -> torch.Tensor:
+        """Stages 1-2: the min_tokens mask and the penalties, on an fp32 copy where they apply."""
+        params = batch.params
+        work = logits.float()
+        if mask_rows:
+            work = mask_stop_ids(work, mask_rows, batch.stop_ids)
+        if penal_rows:
+            idx = torch.tensor(penal_rows, device=work.device)
+            work = work.clone()
+            work[idx] = apply_penalties(
+                work[idx], [params[i] for i in penal_rows],
+                [batch.prompt_token_ids[i] for i in penal_rows],
+                [batch.output_token_ids[i] for i in penal_rows])
+        return work
+
 
 def _sample(logits: torch.Tensor, params: list[SamplingParams],
             generators: list[torch.Generator | None]) -> torch.Tensor:
     """One token per row of penalised logits [R, V] (all rows non-greedy)."""
     dev = logits.device
-    temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)
-    scaled = logits / temps.unsqueeze(1)
-    trunc_rows = [i for i, p in enumerate(params) if needs_truncation(p)]
-    if trunc_rows:
-        idx = torch.tensor(trunc_rows, device=dev)
-        keep = truncation_mask(scaled[idx], [params[i] for i in trunc_rows])
-        scaled[idx] = scaled[idx].masked_fill(~keep, float("-inf"))
-    probs = torch.softmax(scaled.double(), dim=-1)
+    probs = _filtered_probs(logits, params)
     cdf = torch.cumsum(probs, dim=-1)
 
     u = torch.empty(len(params), dtype=torch.float64, device=dev)
@@ -140,3 +159,16 @@ def _sample(logits: torch.Tensor, params: list[SamplingParams],
     target = (u * cdf[:, -1]).unsqueeze(1)
     tokens = torch.searchsorted(cdf, target, right=True).squeeze(1)
     return tokens.clamp(max=logits.shape[1] - 1)
+
+
+def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Stages 3-7 for non-greedy rows: temperature, truncation, softmax (float64) [R, V]."""
+    dev = logits.device
+    temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)
+    scaled = logits / temps.unsqueeze(1)
+    trunc_rows = [i for i, p in enumerate(params) if needs_truncation(p)]
+    if trunc_rows:
+        idx = torch.tensor(trunc_rows, device=dev)
+        keep = truncation_mask(scaled[idx], [params[i] for i in trunc_rows])
+        scaled[idx] = scaled[idx].masked_fill(~keep, float("-inf"))
+    return torch.softmax(scaled.double(), dim=-1)

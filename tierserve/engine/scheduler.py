@@ -35,6 +35,16 @@ runner computes tokens ``[start, start + num_tokens)``. A request samples iff
 appends the sampled token, so the next step schedules exactly that one token.
 Finished requests are reported by the engine through ``finish``.
 
+Speculative decoding: a running request with exactly one token left to
+compute (decoding) and drafts in ``req.spec_token_ids`` is scheduled for
+``1 + d`` tokens, ``d = min(len(drafts), budget - 1)`` (the drafts trimmed to
+the budget), its blocks allocated for all of them; if they do not fit it is
+scheduled without drafts (drafts never cause a preemption).
+``ScheduledRequest.spec_token_ids`` carries the drafts to the runner and the
+engine, and an undo log entry (computed tokens and block count before the
+step; O(1) per request) lets ``rollback`` return the request to the
+computed tokens the verification kept, freeing only blocks past them.
+
 Capacity: ``add_request`` rejects a request whose prompt + max_tokens - 1
 tokens (the most it can ever have computed) need more blocks than the whole
 pool, so a request running alone always fits and preemption cannot livelock.
@@ -72,6 +82,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._requests: dict[str, Request] = {}
+        #: speculative decoding's undo log: request id -> (computed tokens, blocks) before this step's drafts
+        self._undo: dict[str, tuple[int, int]] = {}
 
     # -- request lifecycle ------------------------------------------------------------------
 
@@ -146,7 +158,10 @@ class Scheduler:
             if n <= 0:
                 i += 1
                 continue
-            new_blocks = self.kv.allocate_slots(req, n)
+            drafts, new_blocks = self._allocate_drafts(req, budget)
+            n += len(drafts)
+            if not drafts:
+                new_blocks = self.kv.allocate_slots(req, n)
             while new_blocks is None:
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -154,10 +169,37 @@ class Scheduler:
                 if victim is req:
                     return budget
                 new_blocks = self.kv.allocate_slots(req, n)
-            scheduled.append(self._advance(req, n, new_blocks, resumed=False))
+            scheduled.append(self._advance(req, n, new_blocks, resumed=False, drafts=drafts))
             budget -= n
             i += 1
         return budget
+
+    def _allocate_drafts(self, req: Request, budget: int) -> tuple[tuple[int, ...], list[int] | None]:
+        """A decoding request's drafts that fit the budget, with their blocks allocated (and the undo log
+        entry written); ``((), None)`` when it has none or they do not fit (drafts never preempt)."""
+        if req.num_tokens - req.num_computed_tokens != 1 or not req.spec_token_ids:
+            return (), None
+        drafts = tuple(req.spec_token_ids[:budget - 1])
+        if not drafts:
+            return (), None
+        num_blocks = len(req.block_ids)
+        new_blocks = self.kv.allocate_slots(req, 1 + len(drafts))
+        if new_blocks is None:
+            return (), None
+        self._undo[req.request_id] = (req.num_computed_tokens, num_blocks)
+        return drafts, new_blocks
+
+    def rollback(self, request_id: str, num_computed_tokens: int) -> list[int]:
+        """After verification: ``request_id`` keeps the KV of ``num_computed_tokens`` tokens; the blocks past
+        them are freed (their ids returned). Only a request scheduled with drafts this step, by the undo log."""
+        start, num_blocks = self._undo.pop(request_id)
+        req = self.get(request_id)
+        if num_computed_tokens <= start:
+            raise InvalidParameterError("num_computed_tokens", f"must be > {start} (the verified token's "
+                                                               f"position) for {request_id}, got {num_computed_tokens}")
+        freed = self.kv.truncate(req, num_computed_tokens)
+        assert len(req.block_ids) >= num_blocks, "rollback freed blocks held before the step"
+        return freed
 
     def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -185,13 +227,15 @@ class Scheduler:
         return min(n, threshold) if threshold > 0 else n
 
     @staticmethod
-    def _advance(req: Request, n: int, new_blocks: list[int], resumed: bool) -> ScheduledRequest:
+    def _advance(req: Request, n: int, new_blocks: list[int], resumed: bool,
+                 drafts: tuple[int, ...] = ()) -> ScheduledRequest:
         start = req.num_computed_tokens
         req.num_computed_tokens = start + n
-        return ScheduledRequest(req.request_id, start, n, tuple(new_blocks), resumed)
+        return ScheduledRequest(req.request_id, start, n, tuple(new_blocks), resumed, drafts)
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
+        req.spec_token_ids = []
         req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
@@ -204,4 +248,5 @@ class Scheduler:
             self.waiting.remove(req)
         self.kv.free(req)
         req.status = status
+        self._undo.pop(req.request_id, None)
         del self._requests[req.request_id]

@@ -17,6 +17,12 @@ class ScheduledRequest:
     the runner drops any state it kept for the request and rebuilds its block
     table from ``new_block_ids``. The request samples a token this step iff
     ``start + num_tokens`` equals its token count at schedule time.
+
+    ``spec_token_ids`` (speculative decoding): draft tokens verified this
+    step. They follow the request's known tokens and are counted in
+    ``num_tokens``: the runner computes the last known token and the drafts
+    (``1 + len(spec_token_ids)`` tokens, their KV included) and returns
+    logits for all of them; the engine then rolls the rejected drafts back.
     """
 
     request_id: str
@@ -24,6 +30,7 @@ class ScheduledRequest:
     num_tokens: int
     new_block_ids: tuple[int, ...]
     resumed: bool
+    spec_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,8 @@
+"""Speculative decoding: proposers draft tokens, the engine verifies them in one forward pass.
+
+* ``proposer``: the ``Proposer`` contract; ``registry``: name -> proposer class.
+* ``ngram``: prompt lookup over the request's own tokens (no model).
+* ``rejection``: the speculative-sampling acceptance rule (function level).
+* ``verifier``: one request's verified logits rows -> the tokens it emits.
+* ``decoder``: what the engine holds: proposals per request, verification, counters.
+"""

@@ -1,0 +1,58 @@
+"""SpecDecoder: the engine's speculative-decoding part: proposals per request, verification, counters.
+
+After a request samples and does not finish, the engine asks ``propose``
+for drafts for its next step; the scheduler budgets ``1 + len(drafts)``
+tokens for it (tierserve/engine/scheduler.py) and the runner returns logits
+for all those positions; ``verify`` turns them into emitted tokens
+(verifier.py) and counts them (stats.py).
+
+Limits: at most ``num_speculative_tokens`` drafts, and never more than can be
+emitted: ``max_tokens - outputs - 1`` (a verification emits up to one token
+more than its drafts) and ``max_model_len - 1 - tokens`` (a step never
+computes a position the context cannot hold). So the KV a request may need
+never exceeds what ``Scheduler.add_request`` checked against the pool
+(prompt + max_tokens - 1 tokens). With ``speculative == "none"`` nothing is
+ever proposed and the engine runs exactly as without this part.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from tierserve.engine.request import Request
+from tierserve.engine.sampler import Sampler
+from tierserve.engine.spec_decode.registry import build_proposer
+from tierserve.engine.spec_decode.stats import SpecDecodeCounters, SpecDecodeStats
+from tierserve.engine.spec_decode.verifier import Verified, verify_request
+
+
+class SpecDecoder:
+    def __init__(self, config, max_model_len: int):
+        """``config``: a ``SpeculativeConfig`` (tierserve/config.py)."""
+        self.proposer = build_proposer(config)
+        self.num_speculative_tokens = config.num_speculative_tokens if self.proposer is not None else 0
+        self.max_model_len = max_model_len
+        self.counters = SpecDecodeCounters(config.method, self.num_speculative_tokens)
+
+    def propose(self, req: Request) -> list[int]:
+        """Drafts for ``req``'s next step (empty when off, when nothing matches or nothing more fits)."""
+        if self.proposer is None:
+            return []
+        k = min(self.num_speculative_tokens, req.params.max_tokens - len(req.output_token_ids) - 1,
+                self.max_model_len - 1 - req.num_tokens)
+        if k < 1:
+            return []
+        return self.proposer.propose(req.token_ids(), k)[:k]
+
+    def verify(self, sampler: Sampler, logits: torch.Tensor, drafts: Sequence[int], req: Request,
+               generator: torch.Generator | None, stop_ids: set[int]) -> Verified:
+        """The tokens ``req`` emits for its verified ``drafts`` (verifier.py), counted in the stats."""
+        out = verify_request(sampler, logits, drafts, req.params, generator, req.prompt_token_ids,
+                             req.output_token_ids, stop_ids)
+        self.counters.record(len(drafts), out.num_accepted)
+        return out
+
+    def stats(self) -> SpecDecodeStats:
+        return self.counters.snapshot()

@@ -1,0 +1,16 @@
+"""Proposer registry: the ``speculative`` option's name -> proposer class, and the builder."""
+
+from __future__ import annotations
+
+from tierserve.engine.spec_decode.ngram import NgramProposer
+from tierserve.engine.spec_decode.proposer import Proposer
+
+#: the names tierserve.config.SPECULATIVE_METHODS lists besides "none" (tests check the two agree)
+PROPOSERS: dict[str, type[Proposer]] = {"ngram": NgramProposer}
+
+
+def build_proposer(config) -> Proposer | None:
+    """The proposer of a ``SpeculativeConfig`` (tierserve/config.py), or None when ``method`` is "none"."""
+    if config.method == "none":
+        return None
+    return PROPOSERS[config.method].from_config(config)

@@ -1,0 +1,60 @@
+"""Speculative-decoding counters: drafts proposed and accepted (no torch).
+
+``num_drafts``: verifications (a request's drafts checked in one step);
+``num_draft_tokens``: draft tokens verified; ``num_accepted_tokens``: drafts
+accepted; ``accepted_per_position[i]``: verifications whose draft ``i`` was
+accepted (so position 0 counts every verification with at least one accepted
+draft). A verification emits ``accepted + 1`` tokens, so the mean accepted
+length (tokens per verifying step of a request) is
+``1 + num_accepted_tokens / num_drafts``. A draft counts as accepted by the
+verifier's rule even when a stop rule ends the request before it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SpecDecodeStats:
+    """Totals since the engine started; ``method`` "none" when speculation is off (all zeros)."""
+
+    method: str
+    num_speculative_tokens: int
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: tuple[int, ...] = ()
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+
+@dataclass
+class SpecDecodeCounters:
+    """The engine's running counts, snapshotted as ``SpecDecodeStats``."""
+
+    method: str
+    num_speculative_tokens: int
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    per_position: list[int] = field(default_factory=list)
+
+    def record(self, num_draft_tokens: int, num_accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_draft_tokens
+        self.num_accepted_tokens += num_accepted
+        if len(self.per_position) < num_accepted:
+            self.per_position.extend([0] * (num_accepted - len(self.per_position)))
+        for i in range(num_accepted):
+            self.per_position[i] += 1
+
+    def snapshot(self) -> SpecDecodeStats:
+        return SpecDecodeStats(self.method, self.num_speculative_tokens, self.num_drafts, self.num_draft_tokens,
+                               self.num_accepted_tokens, tuple(self.per_position))
