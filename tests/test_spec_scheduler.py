@@ -10,7 +10,7 @@ import pytest
 from tierserve.cache.kv_cache_manager import KVCacheManager
 from tierserve.config import SchedulerConfig
 from tierserve.engine.block_table import BlockTables
-from tierserve.engine.request import Request
+from tierserve.engine.request import Request, RequestStatus
 from tierserve.engine.scheduler import Scheduler
 from tierserve.errors import InvalidParameterError
 from tierserve.sampling_params import SamplingParams
@@ -113,3 +113,31 @@ def test_block_table_truncate():
     assert t.num_blocks("a") == 2 and t.host[t.row("a"), :2].tolist() == [5, 9]
     with pytest.raises(ValueError):
         t.truncate("a", 3)
+
+
+def test_preempted_request_loses_its_drafts_and_resumes_plainly():
+    kv, sched = setup(num_blocks=5)
+    a = Request("a", [1, 2, 3, 4, 5, 6, 7], SamplingParams(max_tokens=8))  # 2 blocks, a third at its 9th token
+    b = Request("b", [9, 9, 9, 9, 9, 9, 9], SamplingParams(max_tokens=8))  # 2 blocks
+    sched.add_request(a)
+    sched.add_request(b)
+    assert [s.num_tokens for s in sched.schedule().scheduled] == [7, 7]
+    a.append_output(8)
+    b.append_output(8)
+    a.spec_token_ids, b.spec_token_ids = [5, 6], [5, 6]
+    out = sched.schedule()  # a's drafts take the last free block; b's do not fit (no preemption for drafts)
+    assert [(s.request_id, s.num_tokens, s.spec_token_ids) for s in out.scheduled] == [("a", 3, (5, 6)),
+                                                                                       ("b", 1, ())]
+    a.append_output(5)
+    a.append_output(6)
+    a.append_output(1)  # both drafts accepted plus the bonus: 11 tokens, 10 with KV
+    assert sched.rollback("a", a.num_tokens - 1) == []
+    b.append_output(3)
+    a.spec_token_ids = [2, 2]
+    out = sched.schedule()  # a's drafts need a 4th block: dropped; b's 9th token needs a 3rd: b preempts itself
+    assert out.preempted == ("b",) and b.spec_token_ids == [] and b.num_computed_tokens == 0
+    assert [(s.request_id, s.num_tokens, s.spec_token_ids) for s in out.scheduled] == [("a", 1, ())]
+    a.append_output(4)
+    sched.finish("a", RequestStatus.FINISHED_LENGTH)
+    (sr,) = sched.schedule().scheduled  # b: two cached prompt blocks, then its last token, no drafts
+    assert (sr.request_id, sr.start, sr.num_tokens, sr.spec_token_ids, sr.resumed) == ("b", 8, 1, (), True)
