@@ -147,7 +147,7 @@ def test_queue_full_is_429_with_retry_after(servers):
         with requests.post(url, json=long_body, headers=headers, stream=True, timeout=120) as r:
             lines = r.iter_lines()   # keep a reference: a collected iterator closes the connection
             next(lines)
-            stop.wait(60)
+            stop.wait()  # no timeout: the finally below always sets it, however long the checks take
 
     holders = [threading.Thread(target=hold) for _ in range(3)]
     try:

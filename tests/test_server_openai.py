@@ -154,7 +154,8 @@ def test_streaming_is_incremental_and_matches(servers, smollm_llm, model_name):
     content = [(t, e) for t, e in events[:-1] if e["choices"] and e["choices"][0]["delta"].get("content")]
     assert "".join(e["choices"][0]["delta"]["content"] for _, e in content) == ref.text
     assert len(content) >= 20                                  # token by token, not one blob
-    assert content[-1][0] - content[0][0] > 0.2                # they arrived over time
+    # (that events reach the client while the request still runs, whatever the machine's speed, is
+    # test_client_disconnect_frees_sequence: 3 events read, the request still counted running)
     usage = chunks[-1]
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 40
     assert usage["usage"]["prompt_tokens"] == len(ref.prompt_token_ids)
@@ -199,29 +200,90 @@ def test_32_concurrent_streams_over_two_replicas(servers, smollm_llm, model_name
     elapsed = time.monotonic() - t0
     assert not errors, errors[:3]
     assert [got[i] for i in range(32)] == [r.text for r in refs]
-    # Both replicas generated tokens for this batch (their pushed metrics grew).
-    time.sleep(0.6)
-    after = {r: s.generation_tokens for r, s in ray.get(board.collect.remote()).items()}
+    # Both replicas generated tokens for this batch (their pushed metrics grew), together every token of it
+    # (most answers end at eos before 16 tokens).
+    want = sum(len(r.token_ids) for r in refs)
+
+    def grown():
+        after = {r: s.generation_tokens for r, s in ray.get(board.collect.remote()).items()}
+        total = sum(after[r] - before.get(r, 0) for r in after)
+        return after if total >= want else None
+
+    after = wait_for(grown, show=lambda: (before, ray.get(board.collect.remote()), elapsed))
     grew = [r for r in after if after[r] > before.get(r, 0)]
     assert len(grew) == 2, (before, after, elapsed)
 
 
-def test_prefix_routing_reuses_cache(servers, smollm_llm, model_name):
-    """The same long prompt twice: the router sends the second to the replica caching it."""
+def _running_by_replica(ray, board) -> dict[str, int]:
+    return {r: snap.running for r, snap in ray.get(board.collect.remote()).items()}
+
+
+def test_prefix_routing_reuses_cache(servers, smollm_llm, model_name, ray_session):
+    """The request follows its prefix where load alone would send it elsewhere.
+
+    A unique long prompt P is served once; the replica H that served it reports P's blocks to the prefix
+    tree (polled there). A long stream sharing P's prefix then keeps H busy (1 request against 0 on the
+    other replica), so load alone, and the tie-break between equal loads, point to the other replica,
+    which has never seen P. P again goes to H by its prefix: every whole block of it comes from cache."""
+    ray, _ = ray_session
+    from tierserve.routing.serve_router import PREFIX_HASHES_KWARG, routing_kwargs
+    from tierserve.routing.tree_actor import TREE_NAMESPACE, tree_actor_name
+    from tierserve.server.metrics import BOARD_NAMESPACE, metrics_board_name
+
+    tree = ray.get_actor(tree_actor_name(MAIN_APP, "LLMServer"), namespace=TREE_NAMESPACE)
+    board = ray.get_actor(metrics_board_name(MAIN_APP), namespace=BOARD_NAMESPACE)
     prompt = "Summary of the meeting notes. " * 12 + "The decision was"
-    n = len(smollm_llm.tokenizer.encode(prompt))
+    ids = smollm_llm.tokenizer.encode(prompt)
+    n = len(ids)
+    hashes = routing_kwargs(ids, 16)[PREFIX_HASHES_KWARG]
+    wait_for(lambda: not any(_running_by_replica(ray, board).values()),  # earlier tests' requests are done
+             show=lambda: _running_by_replica(ray, board))
     c = client(servers.main)
     first = c.completions.create(model=model_name, prompt=prompt, max_tokens=4, temperature=0)
-    time.sleep(0.3)                       # let the worker report its blocks to the tree actor
-    second = c.completions.create(model=model_name, prompt=prompt, max_tokens=4, temperature=0)
+
+    def holders():
+        matches = ray.get(tree.longest_match.remote(hashes))
+        return {r: m for r, m in matches.items() if m > 0}
+
+    held = wait_for(holders, show=lambda: ray.get(tree.longest_match.remote(hashes)))
+    assert len(held) == 1 and list(held.values()) == [(n - 1) // 16], held
+    (holder,) = held
+    body = {"model": model_name, "prompt": prompt + " postponed, and the chair", "max_tokens": 1500,
+            "temperature": 0, "ignore_eos": True, "stream": True}
+    busy = requests.post(f"{servers.main}/v1/completions", json=body, stream=True, timeout=120)
+    try:
+        next(sse_events(busy))
+        loads = wait_for(lambda: (r := _running_by_replica(ray, board)).get(holder, 0) >= 1 and r,
+                         show=lambda: _running_by_replica(ray, board))
+        assert sum(loads.values()) == 1 and len(loads) == 2, (holder, loads)  # the other replica is idle
+        second = c.completions.create(model=model_name, prompt=prompt, max_tokens=4, temperature=0)
+    finally:
+        busy.close()
     assert second.choices[0].text == first.choices[0].text
     assert first.usage.prompt_tokens_details.cached_tokens == 0
     assert second.usage.prompt_tokens_details.cached_tokens == (n - 1) // 16 * 16 > 0
 
 
+def settled_scrape(base: str, model: str) -> dict:
+    """/metrics once no request runs or waits and the token and request counters are unchanged between two
+    scrapes taken more than two push intervals (2 x 0.25 s) apart: earlier requests' counts have landed."""
+    names = ("tierserve:generation_tokens_total", "tierserve:prompt_tokens_total",
+             "tierserve:e2e_request_latency_seconds_count", "tierserve:num_requests_running",
+             "tierserve:num_requests_waiting")
+    last = [None]
+
+    def settled():
+        now = scrape(base)
+        key = tuple(metric(now, k, model) for k in names)
+        done = key == last[0] and key[3] == key[4] == 0
+        last[0] = key
+        return now if done else None
+
+    return wait_for(settled, interval_s=0.6)
+
+
 def test_metrics_count_tokens_and_cache(servers, model_name):
-    time.sleep(0.6)                       # > 2 push intervals: earlier tests' counts have landed
-    before = scrape(servers.main)
+    before = settled_scrape(servers.main, model_name)
     c = client(servers.main)
     r = c.completions.create(model=model_name, prompt=PROMPTS[1], max_tokens=7, temperature=0)
     prompt_tokens = r.usage.prompt_tokens
