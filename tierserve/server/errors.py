@@ -23,6 +23,14 @@ with custom constructors do not unpickle there, so the worker converts every
 request error to an ``APIError`` (picklable through ``__reduce__``) before it
 leaves the replica.
 
+The OpenAPI document says the same (``install_openapi``): every ``/v1``
+operation lists the error body (``ErrorResponse``) under the statuses it can
+answer (``error_responses``: 400, 401 with an API key, 404, 413, 429 and 503
+with ``Retry-After``), and FastAPI's default 422 entry, which this server
+never answers (validation errors are 400), is removed with its schemas. A
+405 (known path, wrong method) carries Starlette's ``Allow`` header through
+the error handler.
+
 Two ASGI middlewares guard the app before any parsing: ``BodyLimitMiddleware``
 reads at most ``max_body_bytes`` (+1) of the body (the Content-Length header
 is checked first, then the bytes actually received, so chunked uploads are
@@ -39,7 +47,9 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tierserve.errors import ContextLengthError, InvalidParameterError, TierserveError
@@ -65,6 +75,61 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error answer (the OpenAPI schema of ``APIError.body``)."""
+
+    error: ErrorDetail
+
+
+#: What each error status means, for the OpenAPI document.
+_ERROR_DESCRIPTIONS = {
+    400: "invalid request: a field out of range (param names it), bad JSON, or the context overflows",
+    401: "missing or invalid API key (only when the server has one)",
+    404: "unknown model or path",
+    413: "request body over the server's limit",
+    429: "the replica's queue is full; retry after Retry-After seconds",
+    503: "the server is overloaded; retry after Retry-After seconds",
+}
+_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
+
+
+def error_responses(*statuses: int) -> dict:
+    """FastAPI ``responses=`` entries: the error body under each status (``Retry-After`` on 429/503)."""
+    out: dict = {}
+    for status in statuses:
+        entry: dict = {"model": ErrorResponse, "description": _ERROR_DESCRIPTIONS[status]}
+        if status in (429, 503):
+            entry["headers"] = _RETRY_AFTER
+        out[status] = entry
+    return out
+
+
+def install_openapi(app: FastAPI) -> None:
+    """Serve an OpenAPI document without FastAPI's 422 entries (this server answers 400 instead)."""
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            for path in doc.get("paths", {}).values():
+                for op in path.values():
+                    op.get("responses", {}).pop("422", None)
+            schemas = doc.get("components", {}).get("schemas", {})
+            if "422" not in json.dumps(doc.get("paths", {})):
+                schemas.pop("HTTPValidationError", None)
+                schemas.pop("ValidationError", None)
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 class QueueFullError(TierserveError):
@@ -125,7 +190,22 @@ def validation_error(exc: RequestValidationError) -> APIError:
     where = ".".join(str(p) for p in loc) or "body"
     if first.get("type") == "json_invalid":
         return APIError(400, f"the request body is not valid JSON: {first.get('msg')}", code="invalid_json")
+    branches = _union_branches(errors, param)
+    if len(branches) > 1:  # a union field (e.g. prompt): say what each accepted form objected
+        detail = "; ".join(f"as {tag}: {msg}" for tag, msg in branches.items())
+        return APIError(400, f"{param}: matches none of its accepted forms ({detail})", param=param,
+                        code="invalid_value")
     return APIError(400, f"{where}: {first.get('msg')}", param=param, code="invalid_value")
+
+
+def _union_branches(errors: list, param: str | None) -> dict[str, str]:
+    """For errors of one union field, its branch tag (pydantic's second loc item) -> first message."""
+    out: dict[str, str] = {}
+    for e in errors:
+        loc = [p for p in e.get("loc", ()) if p != "body"]
+        if len(loc) >= 2 and loc[0] == param and isinstance(loc[1], str):
+            out.setdefault(loc[1], str(e.get("msg")))
+    return out
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -144,7 +224,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         code = "not_found" if exc.status_code == 404 else None
-        return APIError(exc.status_code, str(exc.detail), code=code).response()
+        # keep the exception's headers: Starlette's 405 names the allowed methods in Allow
+        return APIError(exc.status_code, str(exc.detail), code=code, headers=dict(exc.headers or {})).response()
 
 
 async def _send_error(send, err: APIError) -> None:

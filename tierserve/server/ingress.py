@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from ray import serve
 
 from tierserve.routing.serve_router import routing_kwargs
@@ -36,7 +36,9 @@ from tierserve.server.errors import (
     DEFAULT_MAX_BODY_BYTES,
     ApiKeyMiddleware,
     BodyLimitMiddleware,
+    error_responses,
     install_error_handlers,
+    install_openapi,
     model_not_found,
     to_api_error,
 )
@@ -220,29 +222,36 @@ class OpenAIIngress:
 
 
 def build_fastapi(ingress: OpenAIIngress) -> FastAPI:
+    """The routes; the OpenAPI document lists each one's error answers (server/errors.py ``install_openapi``)."""
     app = FastAPI(title="tierserve", docs_url=None, redoc_url=None)
     install_error_handlers(app)
+    install_openapi(app)
+    auth = (401,) if ingress.settings.api_key else ()
+    # 200: the JSON response, or with "stream": true server-sent events (data: <chunk JSON> ... data: [DONE])
+    generate_errors = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                       **error_responses(400, *auth, 404, 413, 429, 503)}
 
     @app.get("/health")
     async def health():
         return JSONResponse({})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"description": "Prometheus text exposition of the exported metrics"}})
     async def metrics():
         from prometheus_client import CONTENT_TYPE_LATEST
 
         return Response(await ingress.metrics(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList, responses=error_responses(*auth))
     async def models():
         card = ModelCard(id=ingress.model_name, max_model_len=ingress.max_model_len)
         return JSONResponse(ModelList(data=[card]).model_dump())
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=generate_errors)
     async def completions(req: CompletionRequest):
         return await ingress.respond("completion", req)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=generate_errors)
     async def chat_completions(req: ChatCompletionRequest):
         return await ingress.respond("chat", req)
 

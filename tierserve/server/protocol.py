@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from tierserve.errors import InvalidParameterError
 from tierserve.sampling_params import SamplingParams
@@ -96,8 +96,17 @@ class _SamplingFields(_Request):
             skip_special_tokens=self.skip_special_tokens, min_tokens=self.min_tokens)
 
 
+_TEXT = {"type": "string", "minLength": 1}
+_TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+#: The prompt's OpenAPI schema: the constraints the server enforces (``prompt_input``, and the engine's
+#: vocabulary check for token ids), all answered with 400 naming ``prompt``.
+PROMPT_SCHEMA = {"anyOf": [_TEXT, _TOKEN_IDS,
+                           {"type": "array", "items": _TEXT, "minItems": 1, "maxItems": 1},
+                           {"type": "array", "items": _TOKEN_IDS, "minItems": 1, "maxItems": 1}]}
+
+
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: Annotated[str | list[int] | list[str] | list[list[int]], WithJsonSchema(PROMPT_SCHEMA)]
     logprobs: int | None = None
     echo: bool = False
     suffix: str | None = None

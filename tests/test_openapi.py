@@ -1,0 +1,112 @@
+"""The served OpenAPI document matches the server (tests/ray_fixtures.py apps, live).
+
+Checked against the running apps: no 422 anywhere (validation errors are 400); every /v1 operation
+documents the error body under the statuses it answers (401 only where an API key is set; Retry-After
+on 429 and 503); the error bodies the server really sends (400, 404, 405, 401) validate against the
+documented schema; the prompt's non-empty constraint is in the schema and enforced; /metrics is
+documented and served as text/plain; a 405 names the allowed methods in ``Allow``.
+"""
+
+from __future__ import annotations
+
+import jsonschema
+import pytest
+import requests
+from ray_fixtures import STRICT_KEY
+
+GENERATE = ("/v1/completions", "/v1/chat/completions")
+
+
+@pytest.fixture(scope="module")
+def servers(tierserve_servers):
+    return tierserve_servers
+
+
+@pytest.fixture(scope="module")
+def docs(servers):
+    return {name: requests.get(f"{base}/openapi.json", timeout=60).json()
+            for name, base in (("main", servers.main), ("strict", servers.strict))}
+
+
+def check_error_body(doc: dict, resp: requests.Response, status: int) -> dict:
+    assert resp.status_code == status, resp.text
+    schema = {"$ref": "#/components/schemas/ErrorResponse", "components": doc["components"]}
+    body = resp.json()
+    jsonschema.validate(body, schema)
+    return body["error"]
+
+
+def test_no_422_and_every_error_status_documented(docs):
+    for name, doc in docs.items():
+        assert "422" not in str(doc["paths"]) and "HTTPValidationError" not in doc["components"]["schemas"]
+        auth = {"401"} if name == "strict" else set()
+        for path in GENERATE:
+            responses = doc["paths"][path]["post"]["responses"]
+            assert set(responses) == {"200", "400", "404", "413", "429", "503"} | auth, (name, path)
+            for status in ("400", "404", "413", "429", "503", *auth):
+                content = responses[status]["content"]
+                assert content == {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+            for status in ("429", "503"):
+                assert set(responses[status]["headers"]) == {"Retry-After"}
+            assert set(responses["200"]["content"]) == {"application/json", "text/event-stream"}
+        assert set(doc["paths"]["/v1/models"]["get"]["responses"]) == {"200"} | auth
+    err = docs["main"]["components"]["schemas"]["ErrorDetail"]
+    assert set(err["required"]) == {"message", "type"} and set(err["properties"]) == {"message", "type", "param", "code"}
+
+
+def test_real_error_bodies_match_the_documented_schema(servers, docs):
+    doc = docs["main"]
+    url = f"{servers.main}/v1/completions"
+    assert check_error_body(doc, requests.post(url, json={"prompt": "Hi", "temperature": -1}, timeout=60),
+                            400)["param"] == "temperature"
+    assert check_error_body(doc, requests.post(url, json={"model": "gpt-9", "prompt": "Hi"}, timeout=60),
+                            404)["code"] == "model_not_found"
+    assert check_error_body(doc, requests.get(f"{servers.main}/v1/nowhere", timeout=60), 404)["code"] == "not_found"
+    strict = docs["strict"]
+    assert check_error_body(strict, requests.get(f"{servers.strict}/v1/models", timeout=60),
+                            401)["code"] == "invalid_api_key"
+
+
+def test_the_prompt_constraint_is_documented_and_enforced(servers, docs):
+    prompt = docs["main"]["components"]["schemas"]["CompletionRequest"]["properties"]["prompt"]
+    forms = prompt["anyOf"]
+    assert {"type": "string", "minLength": 1} in forms
+    assert {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1} in forms
+    assert all(f.get("minLength") == 1 or f.get("minItems") == 1 for f in forms)
+    url = f"{servers.main}/v1/completions"
+    for bad in ("", [], [""], [[]], [-1], ["a", "b"]):
+        err = check_error_body(docs["main"], requests.post(url, json={"prompt": bad, "max_tokens": 1}, timeout=60), 400)
+        assert err["param"] == "prompt", bad
+
+
+def test_metrics_is_text_plain_in_the_document_and_on_the_wire(servers, docs):
+    ok = docs["main"]["paths"]["/metrics"]["get"]["responses"]["200"]
+    assert set(ok["content"]) == {"text/plain"}
+    r = requests.get(f"{servers.main}/metrics", timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+
+
+def test_405_names_the_allowed_methods(servers, docs):
+    for method, path, allowed in (("put", "/v1/completions", {"POST"}), ("get", "/v1/chat/completions", {"POST"}),
+                                  ("post", "/v1/models", {"GET"})):
+        r = requests.request(method, f"{servers.main}{path}", timeout=60)
+        check_error_body(docs["main"], r, 405)
+        assert {m.strip() for m in r.headers["allow"].split(",")} == allowed, (method, path)
+    r = requests.put(f"{servers.strict}/v1/completions", headers={"Authorization": f"Bearer {STRICT_KEY}"},
+                     timeout=60)
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+
+
+def test_a_union_field_error_names_the_field_and_each_form():
+    from fastapi.exceptions import RequestValidationError
+    from pydantic import ValidationError
+
+    from tierserve.server.errors import validation_error
+    from tierserve.server.protocol import CompletionRequest
+
+    with pytest.raises(ValidationError) as e:
+        CompletionRequest.model_validate({"prompt": 5})
+    err = validation_error(RequestValidationError([{**x, "loc": ("body", *x["loc"])} for x in e.value.errors()]))
+    assert (err.status, err.param, err.code) == (400, "prompt", "invalid_value")
+    assert err.message.startswith("prompt: matches none of its accepted forms (as str: Input should be a valid string")
+    assert err.message.count("; as ") == 3                       # str, list[int], list[str], list[list[int]]
