@@ -72,3 +72,20 @@ def test_queued_prefill_reported_by_a_replica_moves_its_requests(serve_app):
     _route_until(handle, tokens, b)
     ray.get(board.set.remote(a, routing_stats(0, 64, 64)))
     _route_until(handle, tokens, a)
+
+
+def test_app_builds_the_cost_router_from_the_engine_config():
+    import inspect
+
+    from tierserve.routing.serve_router import PrefixAwareRequestRouter
+    from tierserve.server.app import ROUTER_CLASS, ROUTING_STATS_PERIOD_S, build_app
+
+    app = build_app({"router": "cost", "block_size": 32, "max_num_seqs": 8, "max_num_batched_tokens": 512,
+                     "router_decode_weight": 2.0})
+    worker = app._bound_deployment.init_args[0]._bound_deployment
+    router = worker._deployment_config.request_router_config
+    assert router.request_router_class == ROUTER_CLASS
+    assert router.request_routing_stats_period_s == ROUTING_STATS_PERIOD_S
+    assert router.request_router_kwargs == {"policy": "cost_aware", "block_size": 32, "token_budget": 512,
+                                            "max_num_seqs": 8, "decode_weight": 2.0, "kv_tiers": []}
+    assert set(router.request_router_kwargs) <= set(inspect.signature(PrefixAwareRequestRouter.initialize_state).parameters)
