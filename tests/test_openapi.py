@@ -4,7 +4,9 @@ Checked against the running apps: no 422 anywhere (validation errors are 400); e
 documents the error body under the statuses it answers (401 only where an API key is set; Retry-After
 on 429 and 503); the error bodies the server really sends (400, 404, 405, 401) validate against the
 documented schema; the prompt's non-empty constraint is in the schema and enforced; /metrics is
-documented and served as text/plain; a 405 names the allowed methods in ``Allow``.
+documented and served as text/plain; a 405 names the allowed methods in ``Allow``. Without a server: every
+numeric bound the request schemas state is the one the server enforces (the bound accepted, one step past
+it refused naming the field).
 """
 
 from __future__ import annotations
@@ -110,3 +112,42 @@ def test_a_union_field_error_names_the_field_and_each_form():
     assert (err.status, err.param, err.code) == (400, "prompt", "invalid_value")
     assert err.message.startswith("prompt: matches none of its accepted forms (as str: Input should be a valid string")
     assert err.message.count("; as ") == 3                       # str, list[int], list[str], list[list[int]]
+
+
+def _numeric_bounds(schema: dict):
+    """(field, value, accepted) triples at and just past every numeric bound a schema states."""
+    for name, prop in schema["properties"].items():
+        if "minimum" in prop:
+            yield name, prop["minimum"], True
+            yield name, prop["minimum"] - (1 if isinstance(prop["minimum"], int) else 0.01), False
+        if "maximum" in prop:
+            yield name, prop["maximum"], True
+            yield name, prop["maximum"] + (1 if isinstance(prop["maximum"], int) else 0.01), False
+        if "exclusiveMinimum" in prop:
+            yield name, prop["exclusiveMinimum"], False
+            yield name, prop["exclusiveMinimum"] + 0.01, True
+
+
+@pytest.mark.parametrize("kind", ["completion", "chat"])
+def test_documented_bounds_are_the_enforced_ones(kind):
+    """Every numeric bound in the request schema: the bound is accepted, one step past it is refused
+    with a 400-mapped error naming the field (the server's own checks, not pydantic's)."""
+    from tierserve.errors import InvalidParameterError
+    from tierserve.server.protocol import ChatCompletionRequest, CompletionRequest
+
+    cls = CompletionRequest if kind == "completion" else ChatCompletionRequest
+    base = {"prompt": "hi"} if kind == "completion" else {"messages": [{"role": "user", "content": "hi"}]}
+    if kind == "chat":
+        base["logprobs"] = True  # top_logprobs needs it
+    cases = list(_numeric_bounds(cls.model_json_schema()))
+    assert {name for name, _, _ in cases} >= {"max_tokens", "temperature", "top_p", "n", "presence_penalty",
+                                               "frequency_penalty", "min_p", "top_h", "repetition_penalty",
+                                               "min_tokens"}
+    for name, value, accepted in cases:
+        req = cls.model_validate({**base, "max_tokens": 64, name: value})
+        if accepted:
+            req.to_sampling_params(4096, 4)
+        else:
+            with pytest.raises(InvalidParameterError) as e:
+                req.to_sampling_params(4096, 4)
+            assert e.value.field == name, (name, value, e.value)

@@ -42,28 +42,39 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+def _doc(default: Any, **schema: Any) -> Any:
+    """A field whose OpenAPI schema states a bound the server enforces (with a 400 naming the field:
+    ``_check_common``, ``to_sampling_params``, SamplingParams) without pydantic enforcing it."""
+    return Field(default, json_schema_extra=schema)
+
+
+_UNIT = {"minimum": 0.0, "maximum": 1.0}
+_PENALTY = {"minimum": -2.0, "maximum": 2.0}
+_LOGPROBS = {"minimum": 0, "maximum": 20}
+
+
 class _SamplingFields(_Request):
     """Fields shared by both endpoints."""
 
     model: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int = 1
+    max_tokens: int | None = _doc(None, minimum=1)
+    temperature: float | None = _doc(None, minimum=0.0)
+    top_p: float | None = _doc(None, exclusiveMinimum=0.0, maximum=1.0)
+    n: int = _doc(1, minimum=1, maximum=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = _doc(None, minLength=1, items={"type": "string", "minLength": 1})
     seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float = _doc(0.0, **_PENALTY)
+    frequency_penalty: float = _doc(0.0, **_PENALTY)
+    logit_bias: dict[str, float] | None = _doc(None, maxProperties=0)
     user: str | None = None
     # vLLM-style extensions
     top_k: int = 0
-    min_p: float = 0.0
-    top_h: float = 0.0
-    repetition_penalty: float = 1.0
-    min_tokens: int = 0
+    min_p: float = _doc(0.0, **_UNIT)
+    top_h: float = _doc(0.0, **_UNIT)
+    repetition_penalty: float = _doc(1.0, exclusiveMinimum=0.0)
+    min_tokens: int = _doc(0, minimum=0)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
@@ -107,10 +118,10 @@ PROMPT_SCHEMA = {"anyOf": [_TEXT, _TOKEN_IDS,
 
 class CompletionRequest(_SamplingFields):
     prompt: Annotated[str | list[int] | list[str] | list[list[int]], WithJsonSchema(PROMPT_SCHEMA)]
-    logprobs: int | None = None
-    echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
+    logprobs: int | None = _doc(None, **_LOGPROBS)
+    echo: bool = _doc(False, enum=[False])
+    suffix: str | None = _doc(None, maxLength=0)
+    best_of: int | None = _doc(None, minimum=1, maximum=1)
 
     def prompt_input(self) -> str | list[int]:
         """The one prompt: a string or a list of token ids."""
@@ -156,12 +167,12 @@ class ChatMessageIn(_Request):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessageIn] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    max_completion_tokens: int | None = _doc(None, minimum=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
+    top_logprobs: int | None = _doc(None, **_LOGPROBS)
+    tools: list[dict[str, Any]] | None = _doc(None, maxItems=0)
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = _doc(None, properties={"type": {"enum": ["text"]}})
     add_generation_prompt: bool = True
 
     def template_messages(self) -> list[dict[str, str]]:
@@ -176,8 +187,12 @@ class ChatCompletionRequest(_SamplingFields):
             raise InvalidParameterError("response_format", "only {'type': 'text'} is supported")
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidParameterError("top_logprobs", "requires logprobs=true")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:  # SamplingParams would say logprobs
+            raise InvalidParameterError("top_logprobs", f"must be in [0, 20], got {self.top_logprobs}")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         field = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+        if max_tokens is not None and max_tokens < 1:  # name the field the client sent
+            raise InvalidParameterError(field, f"must be an integer >= 1, got {max_tokens}")
         if max_tokens is None:
             check_context(num_prompt_tokens, 0, max_model_len, "messages")
             max_tokens = max_model_len - num_prompt_tokens
