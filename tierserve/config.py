@@ -319,5 +319,11 @@ class EngineConfig:
         if self.num_threads is not None and self.num_threads < 1:
             raise InvalidParameterError("num_threads", f"must be >= 1, got {self.num_threads}")
         kvc, bs = self.kv_compression, self.cache.block_size
+        if self.speculative.method != "none" and kvc.enabled:
+            from tierserve.cache.compress import base as _compress  # lazy: the registry pulls in torch
+
+            if _compress.KV_COMPRESSORS[kvc.method].evicts:  # rollback counts tokens; eviction shifts slots
+                raise InvalidParameterError("speculative", f"cannot be combined with the KV eviction method "
+                                                           f"{kvc.method!r} (yet)")
         if kvc.budget is not None and kvc.budget < 2 * bs:  # the sink block and the current block stay
             raise InvalidParameterError("kv_budget", f"must be >= 2 * block_size = {2 * bs}, got {kvc.budget}")

@@ -89,7 +89,6 @@ class LLMEngine:
         self.hooks: list[StepHook] = [h for h in (self.kv_tiers, self.kv_evictor, self.offload) if h is not None]
         self.sampler = Sampler()
         self.spec = SpecDecoder(config.speculative, self.max_model_len)  # proposes nothing unless --speculative
-        self._check_speculative_supported()
         self.stop_rules = StopRules.from_model(self.tokenizer, self.hf_config, self.max_model_len)
         self._live: dict[str, _Live] = {}
         self._requests: dict[str, Request] = {}
@@ -150,13 +149,6 @@ class LLMEngine:
                 "kv_compression", f"{self.config.kv_compression.method} evicts KV blocks, which sliding-window "
                 f"attention does not support; this model has {len(sliding)} sliding-window layers "
                 f"(window {arch.sliding_window}); use kv4 or none")
-
-    def _check_speculative_supported(self) -> None:
-        """Rejected drafts roll back by token count; evicted blocks shift slots against positions, so the two
-        do not compose yet: refuse the combination."""
-        if self.spec.proposer is not None and self.kv_compressor is not None and self.kv_compressor.evicts:
-            raise InvalidParameterError("speculative", f"cannot be combined with the KV eviction method "
-                                                       f"{self.config.kv_compression.method} (yet)")
 
     def _kv_compression_runner_args(self, num_blocks: int) -> dict:
         """Packed pages from a storage compressor; the evicted-token count for an eviction compressor."""
