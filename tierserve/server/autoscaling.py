@@ -28,6 +28,9 @@ Pressure (``pressure``), with the targets of ``AutoscaleTargets``::
 
 1.0 means "at target"; replicas that served no first token in the window do
 not dilute the TTFT mean (an idle replica next to a slow one does not hide it).
+Within one replica, Serve's look-back average does include its records with
+no first token (0.0), so sparse traffic reads as less TTFT pressure than its
+few requests saw; under sustained load every record has first tokens.
 
 Decision (``decide``, pure; ``n`` = running replicas, whose signals these
 are; ``t`` = Serve's current target, which differs from ``n`` while replicas
