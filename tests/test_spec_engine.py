@@ -15,8 +15,8 @@ from __future__ import annotations
 import pytest
 
 from tierserve import LLM, SamplingParams
-from tierserve.engine.llm import build_engine_config
 from tierserve.config import EngineConfig, SpeculativeConfig
+from tierserve.engine.llm import build_engine_config
 from tierserve.engine.spec_decode.ngram import NgramProposer
 from tierserve.errors import InvalidParameterError
 
@@ -103,7 +103,7 @@ def test_greedy_batch_of_three_with_stop_string(spec_llm, smollm_llm, quote_ref)
             if o.finished:
                 finish[o.request_id] = o.finish_reason
     for r, rid in zip(ref, ids):
-        assert sum((o.new_token_ids for o in outs[rid]), []) == r.token_ids
+        assert [t for o in outs[rid] for t in o.new_token_ids] == r.token_ids
         assert "".join(o.new_text for o in outs[rid]) == r.text and finish[rid] == r.finish_reason
     assert ref[0].finish_reason == "stop" and stop not in ref[0].text and len(ref[0].token_ids) < 24
     assert len(ref[2].token_ids) == 20 and engine.kv_manager.num_free_blocks == engine.num_blocks

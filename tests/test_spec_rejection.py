@@ -10,7 +10,11 @@ from __future__ import annotations
 import torch
 from scipy.stats import chisquare
 
-from tierserve.engine.spec_decode.rejection import inverse_cdf, point_mass_verify, verify_draft
+from tierserve.engine.spec_decode.rejection import (
+    inverse_cdf,
+    point_mass_verify,
+    verify_draft,
+)
 
 P = torch.tensor([0.05, 0.30, 0.0, 0.25, 0.15, 0.25], dtype=torch.float64)
 TRIALS = 12000

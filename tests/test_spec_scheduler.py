@@ -52,7 +52,7 @@ def test_drafts_are_scheduled_and_rejected_ones_rolled_back():
 
 
 def test_all_accepted_keeps_every_block_and_the_log_refuses_bad_counts():
-    kv, sched = setup()
+    _, sched = setup()
     req = prefill(sched)
     req.spec_token_ids = [8, 9]
     (sr,) = sched.schedule().scheduled
@@ -67,7 +67,7 @@ def test_all_accepted_keeps_every_block_and_the_log_refuses_bad_counts():
 
 
 def test_drafts_trimmed_to_the_budget():
-    kv, sched = setup(budget=3)
+    _, sched = setup(budget=3)
     req = prefill(sched, prompt=(1, 2, 3))
     req.spec_token_ids = [8, 9, 10, 11]
     (sr,) = sched.schedule().scheduled
@@ -116,7 +116,7 @@ def test_block_table_truncate():
 
 
 def test_preempted_request_loses_its_drafts_and_resumes_plainly():
-    kv, sched = setup(num_blocks=5)
+    _, sched = setup(num_blocks=5)
     a = Request("a", [1, 2, 3, 4, 5, 6, 7], SamplingParams(max_tokens=8))  # 2 blocks, a third at its 9th token
     b = Request("b", [9, 9, 9, 9, 9, 9, 9], SamplingParams(max_tokens=8))  # 2 blocks
     sched.add_request(a)

@@ -12,9 +12,17 @@ Optional subsystems join through the step-hook contract
 KV eviction, expert offload. ``step()`` calls every hook at the same points
 and has no branch per subsystem.
 
+Speculative decoding (tierserve/engine/spec_decode/, ``--speculative``) is
+part of postprocess, not a hook: after a request samples, its proposer's
+drafts become the next step's ``Request.spec_token_ids``; the scheduler
+schedules them, the runner returns logits for every verified position, and
+postprocess appends the accepted tokens (stop rules checked after each) and
+rolls the rejected drafts' KV back (``Scheduler.rollback``,
+``ModelRunner.truncate``). Off, nothing is proposed and the step is as before.
+
 The server and the CLI read the engine through its methods (``info``,
 ``stats``, ``drain_cache_events``, ``tier_holdings``, ``expert_metrics``,
-``kv_tier_stats``), which return typed dataclasses.
+``kv_tier_stats``, ``spec_decode_stats``), which return typed dataclasses.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ class NgramProposer(Proposer):
         self.max_n = max_n
 
     @classmethod
-    def from_config(cls, config) -> "NgramProposer":
+    def from_config(cls, config) -> NgramProposer:
         return cls(config.prompt_lookup_min, config.prompt_lookup_max)
 
     def propose(self, token_ids: Sequence[int], num_tokens: int) -> list[int]:

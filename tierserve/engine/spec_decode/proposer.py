@@ -36,7 +36,7 @@ class Proposer(ABC):
     name: str = ""
 
     @classmethod
-    def from_config(cls, config) -> "Proposer":
+    def from_config(cls, config) -> Proposer:
         """Built from a ``SpeculativeConfig`` (tierserve/config.py); a proposer reads the fields it needs."""
         return cls()
 
