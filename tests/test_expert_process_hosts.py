@@ -108,10 +108,9 @@ def test_stopped_process_host_is_failed_over(tiny):
         model, hook = _offloaded(path, plan_placement([[0] * 8, [0] * 8], 6, 1), hosts, timeout_s=2.0)
         assert hook.shards["host1"]
         os.kill(pid, signal.SIGSTOP)
-        t0 = time.monotonic()
         assert torch.equal(PagedRunner(model).step(PROMPT), ref_logits)
         assert PagedRunner(model).greedy(PROMPT, NEW) == ref_tokens
-        assert time.monotonic() - t0 < 60
+        # no hang, whatever the machine's speed: exactly one failed call (one timeout_s), then host1 is dropped
         assert [f.split(":")[0] for f in hook.pool.stats.failures] == ["host1"]
         assert hook.pool.alive == {"host0"} and set(hook.pool.owners.values()) == {"host0"}
         assert _gone(pid)  # failing a host kills its process
