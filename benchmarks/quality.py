@@ -17,7 +17,10 @@ reported as failed); mxfp4 (group fixed 32) plain / +hadamard / +mse; nvfp4 (gro
 mxfp4 and nvfp4 with and without hadamard; dfloat11 against a bf16 baseline
 (must be identical: ppl equal and KL = 0, max |logit diff| printed); GPTQ
 (mxfp4 +hadamard +gptq, calibration from ``CALIBRATION_NOVELS``) behind
-``--gptq``. SigmaScale on the FFN layers only (gate_up_proj, down_proj) at
+``--gptq``. Qronos against GPTQ at the same format (nvfp4 +hadamard and
+q4_0; GPTQ calibrated on the float model's inputs, Qronos sequentially on the
+partially quantized model, ``tools/sequential_calibration.py``, same windows)
+behind ``--qronos``. SigmaScale on the FFN layers only (gate_up_proj, down_proj) at
 keep_ratio 0.75 / 0.5 / 0.25 of each FFN weight's parameters, calibrated on
 ``--calib-windows`` x ``--seq-len`` tokens of ``CALIBRATION_NOVELS``, against
 plain truncated SVD at the same ranks (sigmascale's own ``init="ones",
@@ -25,7 +28,7 @@ steps=0`` path: zero scalings, no optimisation = truncated SVD).
 SigmaScale runs ``--sigmascale-steps`` Adam steps (default 10 to keep the
 default run short on 2 cores; the format's default is 100).
 
-Usage: python benchmarks/quality.py [--no-gemma] [--no-smollm] [--gptq] [--windows 8] [--seq-len 256] [--out F]
+Usage: python benchmarks/quality.py [--no-gemma] [--no-smollm] [--gptq] [--qronos] [--windows 8] [--seq-len 256] [--out F]
 Writes benchmarks/results/quality.json (``--out``).
 """
 
@@ -102,7 +105,8 @@ ONLY: tuple[str, ...] = ()  # --only: label prefixes to run (empty: all)
 
 
 def run_variant(base, label, scheme, options, windows, ref, batch, *, skip=None, calibration=None,
-                group="") -> dict:
+                group="", calibration_of=None) -> dict:
+    """Quantize a copy of ``base`` and evaluate it; ``calibration_of(copy)`` builds a calibration bound to the copy."""
     row = {"label": label, "scheme": scheme, "options": {k: v for k, v in options.items()}, "group": group}
     if ONLY and not label.startswith(ONLY):
         row["error"] = "not run (--only)"
@@ -111,6 +115,8 @@ def run_variant(base, label, scheme, options, windows, ref, batch, *, skip=None,
     try:
         model = copy.deepcopy(base)
         kw = {"skip": skip} if skip is not None else {}
+        if calibration_of is not None:
+            calibration = calibration_of(model)
         report = quantize_model(model, scheme, calibration=calibration, **kw, **options)
         t1 = time.perf_counter()
         row.update(evaluate(model, windows, ref, batch))
@@ -141,6 +147,25 @@ HEADER = (f"{'scheme':<26} {'group':>10} {'ppl':>9} {'KL':>9} {'MiB':>10}  (quan
 
 def calibration_for(base, tok, args, names) -> dict[str, torch.Tensor]:
     return calibration_activations(base, tok, names, args.calib_windows, args.seq_len, args.batch, CALIBRATION_NOVELS)
+
+
+def qronos_rows(base, tok, args, calib, windows, ref, batch) -> list[dict]:
+    """Qronos against GPTQ at the same format and scales, on the same calibration windows."""
+    from tierserve.tools.sequential_calibration import SequentialCalibration
+
+    from tierserve.kernels.quant.transform import DEFAULT_SKIP, linear_modules, matches
+
+    names = [n for n in linear_modules(base) if not matches(n, DEFAULT_SKIP)]  # the order quantize_model asks in
+    calib_windows = austen_token_windows(tok, CALIBRATION_NOVELS, args.calib_windows, args.seq_len)
+    sequential = lambda model: SequentialCalibration(model, calib_windows, calib, names, args.batch)  # noqa: E731
+    rows = []
+    for label, scheme, opts, group in (("nvfp4 +had", "nvfp4", {"hadamard": True}, "16 (fixed)"),
+                                       ("q4_0", "q4_0", {}, "32 (fixed)")):
+        rows.append(run_variant(base, f"{label} +gptq", scheme, {**opts, "gptq": True}, windows, ref, batch,
+                                calibration=calib, group=group))
+        rows.append(run_variant(base, f"{label} +qronos", scheme, {**opts, "qronos": True}, windows, ref, batch,
+                                calibration_of=sequential, group=group))
+    return rows
 
 
 def bench_model(name: str, folder: str, args) -> dict:
@@ -205,6 +230,8 @@ def bench_model(name: str, folder: str, args) -> dict:
         scheme = label.split()[0]
         rows.append(run_variant(base, label, scheme, opts, windows, ref, batch, calibration=calib,
                                 group="16 (fixed)" if scheme == "nvfp4" else "32 (fixed)"))
+    if args.qronos:
+        rows += qronos_rows(base, tok, args, calib, windows, ref, batch)
     print(f"\nSigmaScale on FFN layers only ({len(ffn)} linears; attention stays fp32), "
           f"{args.sigmascale_steps} Adam steps, vs truncated SVD at the same rank; "
           f"'rel act loss' = mean over layers of ||(W - W_hat) X^T||^2 / ||W X^T||^2", flush=True)
@@ -238,6 +265,7 @@ def main() -> None:
     p.add_argument("--no-gemma", dest="gemma", action="store_false")
     p.add_argument("--no-smollm", action="store_true")
     p.add_argument("--gptq", action="store_true", help="also MR-GPTQ (slow on CPU)")
+    p.add_argument("--qronos", action="store_true", help="also Qronos against GPTQ at the same formats")
     p.add_argument("--out", default=RESULTS)
     p.add_argument("--only", nargs="+", default=[], help="run only the schemes whose label starts with one of these")
     args = p.parse_args()
