@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from tierserve.kernels.quant.base import QuantizedLinear
+from tierserve.kernels.quant.base import QuantizedLinear, swap_quantized_linears
 
 
 class TritonLinear(nn.Module, ABC):
@@ -166,13 +166,4 @@ def cuda_kernel_module(q: QuantizedLinear) -> TritonLinear | None:
 
 def accelerate_cuda(model: nn.Module) -> int:
     """Swap every CUDA QuantizedLinear with a kernel path for it; returns how many modules were converted."""
-    done: dict[int, nn.Module | None] = {}
-    for parent in list(model.modules()):
-        for name, child in list(parent._modules.items()):
-            if not isinstance(child, QuantizedLinear):
-                continue
-            if id(child) not in done:
-                done[id(child)] = cuda_kernel_module(child)
-            if done[id(child)] is not None:
-                setattr(parent, name, done[id(child)])
-    return sum(m is not None for m in done.values())
+    return swap_quantized_linears(model, cuda_kernel_module)

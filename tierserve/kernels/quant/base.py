@@ -102,3 +102,22 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"format={self.fmt.name}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+def swap_quantized_linears(model: nn.Module, build) -> int:
+    """Replace every ``QuantizedLinear`` of ``model`` for which ``build(q)`` returns a module by that module.
+
+    A linear registered under several names (a tied head) is built once and swapped everywhere; ``build``
+    returning None leaves it as it is. Returns how many distinct linears were replaced.
+    """
+    done: dict[int, nn.Module | None] = {}
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            if not isinstance(child, QuantizedLinear):
+                continue
+            if id(child) not in done:
+                done[id(child)] = build(child)
+            if done[id(child)] is not None:
+                setattr(parent, name, done[id(child)])
+    return sum(m is not None for m in done.values())
+

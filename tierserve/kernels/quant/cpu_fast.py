@@ -46,7 +46,7 @@ from typing import Callable
 
 from torch import nn
 
-from tierserve.kernels.quant.base import QuantizedLinear
+from tierserve.kernels.quant.base import QuantizedLinear, swap_quantized_linears
 from tierserve.kernels.quant.dequant_cpu import Q8_0ChunkedLinear
 from tierserve.kernels.quant.fp4_cpu import FP4LutLinear
 from tierserve.kernels.quant.int4_cpu import (int4_available, int4_from_q4_0, int4_from_q4_1, int4_from_q8_0,
@@ -88,13 +88,4 @@ def cpu_fast_module(q: QuantizedLinear) -> nn.Module | None:
 
 def accelerate_quantized(model: nn.Module) -> int:
     """Swap every CPU QuantizedLinear with a fast path for it; returns how many modules were converted."""
-    done: dict[int, nn.Module | None] = {}
-    for parent in list(model.modules()):
-        for name, child in list(parent._modules.items()):
-            if not isinstance(child, QuantizedLinear):
-                continue
-            if id(child) not in done:
-                done[id(child)] = cpu_fast_module(child)
-            if done[id(child)] is not None:
-                setattr(parent, name, done[id(child)])
-    return sum(m is not None for m in done.values())
+    return swap_quantized_linears(model, cpu_fast_module)
