@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from tierserve import SamplingParams
-from tierserve.kernels.kv_spec import KVSpec
 from tierserve.kernels.kv_pages import allocate_kv_cache
 from tierserve.kernels.paged_attention import AttentionMetadata
 from tierserve.models.context import ForwardContext

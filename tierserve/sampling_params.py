@@ -6,7 +6,7 @@ and the allowed range; the OpenAI layer maps that to a 400 with ``param``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tierserve.errors import InvalidParameterError
 

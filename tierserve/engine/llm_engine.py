@@ -43,7 +43,7 @@ from tierserve.engine.engine_stats import EngineInfo, EngineStats
 from tierserve.engine.model_runner import ModelRunner
 from tierserve.engine.model_source import load_tokenizer, resolve_model
 from tierserve.engine.outputs import RequestOutput
-from tierserve.engine.request import Request, RequestStatus
+from tierserve.engine.request import Request
 from tierserve.engine.sampler import Sampler, SamplingBatch
 from tierserve.engine.scheduler import Scheduler
 from tierserve.engine.spec_decode.decoder import SpecDecoder
