@@ -63,7 +63,7 @@ class _Live:
 
     request: Request
     detok: IncrementalDetokenizer
-    generator: torch.Generator | None
+    generator: torch.Generator  # the request's own (seeded) or the engine's
 
 
 class LLMEngine:
@@ -210,7 +210,7 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise ContextLengthError(len(ids), self.max_model_len)
         req = Request(request_id, ids, params, arrival=next(self._arrivals))
-        generator = None
+        generator = self._generator  # the engine's, unless the request brings a seed of its own
         if params.seed is not None:
             generator = torch.Generator().manual_seed(params.seed)
         detok = IncrementalDetokenizer(self.tokenizer, ids, params)
