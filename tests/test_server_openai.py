@@ -252,7 +252,8 @@ def test_prefix_routing_reuses_cache(servers, smollm_llm, model_name, ray_sessio
             "temperature": 0, "ignore_eos": True, "stream": True}
     busy = requests.post(f"{servers.main}/v1/completions", json=body, stream=True, timeout=120)
     try:
-        next(sse_events(busy))
+        _, event = next(sse_events(busy))
+        assert busy.status_code == 200 and "error" not in event, event  # the stream runs (no in-band error)
         loads = wait_for(lambda: (r := _running_by_replica(ray, board)).get(holder, 0) >= 1 and r,
                          show=lambda: _running_by_replica(ray, board))
         assert sum(loads.values()) == 1 and len(loads) == 2, (holder, loads)  # the other replica is idle

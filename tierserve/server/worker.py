@@ -215,7 +215,10 @@ class LLMServer:
 
     async def _metrics_loop(self) -> None:
         while True:
-            await self.push_metrics()
+            try:
+                await self.push_metrics()
+            except Exception:  # a failed read of the gauges must not end the loop (stale metrics, no restart)
+                logger.exception("metrics snapshot failed")
             if self._tier_mirror is not None:  # disk/Redis writes land after the last token: re-report
                 self._report_wake.set()
             await asyncio.sleep(self._metrics_interval_s)
