@@ -47,8 +47,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +54,7 @@ import torch.nn.functional as F
 
 from tierserve.errors import InvalidParameterError
 from tierserve.tools.clustering import balanced_kmeans
+from tierserve.tools.model_folder import write_model_folder
 
 MOEFY_VERSION = 1
 RIDGE = 1e-3
@@ -179,7 +178,6 @@ def _expert_tensors(layer: int, mlp, split: LayerSplit, k: int) -> dict[str, tor
 def moefy(dense_folder: str, out_dir: str, cfg: MoefyConfig = MoefyConfig()) -> dict:
     """Write the MoE version of the dense safetensors folder ``dense_folder`` to ``out_dir``; returns its stats."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
     from tierserve.models.loader import load_model, safetensors_files
@@ -209,22 +207,8 @@ def moefy(dense_folder: str, out_dir: str, cfg: MoefyConfig = MoefyConfig()) -> 
                 if ".mlp." not in name:
                     tensors[name] = f.get_tensor(name).float().contiguous()
     stats = {"moefy_version": MOEFY_VERSION, "config": dataclasses.asdict(cfg), "layers": layer_stats}
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".moefy-", dir=parent)
-    try:
-        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(_mixtral_config(dense_cfg, cfg), f, indent=2, sort_keys=True)
-        with open(os.path.join(tmp, "moefy.json"), "w") as f:
-            json.dump(stats, f, indent=2)
-        for name in _COPIED_FILES:
-            if os.path.isfile(os.path.join(dense_folder, name)):
-                shutil.copy(os.path.join(dense_folder, name), tmp)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.rename(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_model_folder(out_dir, tensors, _mixtral_config(dense_cfg, cfg), "moefy.json", stats, dense_folder,
+                       lambda name: name in _COPIED_FILES)
     return stats
 
 

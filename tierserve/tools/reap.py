@@ -36,15 +36,16 @@ import math
 import os
 import random
 import re
-import shutil
-import tempfile
 
 import torch
 
 from tierserve.errors import InvalidParameterError
 from tierserve.offload.usage_hook import moe_blocks
+from tierserve.tools.model_folder import write_model_folder
 
 METHODS = ("reap", "frequency", "random")
+#: files of the source folder a pruned folder does not inherit (its own records replace them)
+_NOT_COPIED = ("config.json", "model.safetensors.index.json", "expert_usage.json", "reap.json", "moefy.json")
 _EXPERT_RE = re.compile(r"^(model\.layers\.(\d+)\.block_sparse_moe\.)experts\.(\d+)\.(.*)$")
 _GATE_RE = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.gate\.weight$")
 
@@ -132,7 +133,6 @@ def select_pruned(method: str, ratio: float, saliency: list[list[float]], freque
 def prune_checkpoint(in_folder: str, out_folder: str, pruned: list[list[int]], record: dict | None = None) -> str:
     """Copy a Mixtral-format folder without the ``pruned[layer]`` experts and their router rows."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     from tierserve.models.loader import safetensors_files
 
@@ -161,25 +161,8 @@ def prune_checkpoint(in_folder: str, out_folder: str, pruned: list[list[int]], r
                 else:
                     tensors[name] = f.get_tensor(name)
     config["num_local_experts"] = keep_n
-    parent = os.path.dirname(os.path.abspath(out_folder))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".prune-", dir=parent)
-    try:
-        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-        with open(os.path.join(tmp, "reap.json"), "w") as f:
-            json.dump({**(record or {}), "pruned": pruned}, f)
-        for name in os.listdir(in_folder):
-            if not name.endswith(".safetensors") and name not in ("config.json", "model.safetensors.index.json",
-                                                                  "expert_usage.json", "reap.json", "moefy.json"):
-                src = os.path.join(in_folder, name)
-                if os.path.isfile(src):
-                    shutil.copy(src, tmp)
-        shutil.rmtree(out_folder, ignore_errors=True)
-        os.rename(tmp, out_folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_model_folder(out_folder, tensors, config, "reap.json", {**(record or {}), "pruned": pruned}, in_folder,
+                       lambda name: not name.endswith(".safetensors") and name not in _NOT_COPIED)
     return out_folder
 
 
