@@ -59,3 +59,31 @@ def test_board_forgets_silent_replicas():
     board.push("r1", worker("m", [0.1], 0, 0.0, 0))
     assert set(board.collect(30.0)) == {"r1"}
     assert board.collect(-1.0) == {}                         # everything is older than "now + 1 s"
+
+
+def test_spec_decode_counters_are_summed_and_rendered():
+    from tierserve.engine.spec_decode.stats import SpecDecodeCounters
+
+    ca, cb = SpecDecodeCounters("ngram", 4), SpecDecodeCounters("ngram", 4)
+    for drafts, accepted in ((4, 2), (4, 0), (3, 3)):
+        ca.record(drafts, accepted)
+    cb.record(2, 1)
+    a, b = worker("m", [0.1], 1, 0.0, 0), worker("m", [0.2], 1, 0.0, 0)
+    a.spec, b.spec = ca.snapshot(), cb.snapshot()
+    plain = worker("m", [0.3], 0, 0.0, 0)               # a replica without speculation adds nothing
+    m = aggregate([a, b, plain])["m"]
+    # drafts 3 + 1, draft tokens 4+4+3 + 2, accepted 2+0+3 + 1; position i counts verifications accepting draft i
+    assert (m.spec.num_drafts, m.spec.num_draft_tokens, m.spec.num_accepted_tokens) == (4, 13, 6)
+    assert m.spec.accepted_per_position == (3, 2, 1) and m.spec.method == "ngram"
+    assert a.spec.accepted_per_position == (2, 2, 1)     # inputs untouched
+
+    values = samples(render_prometheus([a, b, plain]))
+    lab = (("model_name", "m"),)
+    assert values[("tierserve:spec_decode_num_drafts_total", lab)] == 4
+    assert values[("tierserve:spec_decode_num_draft_tokens_total", lab)] == 13
+    assert values[("tierserve:spec_decode_num_accepted_tokens_total", lab)] == 6
+    assert values[("tierserve:spec_decode_num_accepted_tokens_per_pos_total",
+                   (("model_name", "m"), ("position", "2")))] == 1
+    assert values[("tierserve:spec_decode_mean_accepted_length", lab)] == 1 + 6 / 4
+    no_spec = samples(render_prometheus([plain]))
+    assert not any(name.startswith("tierserve:spec_decode") for name, _ in no_spec)

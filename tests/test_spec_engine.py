@@ -126,3 +126,20 @@ def test_options_and_errors():
     with pytest.raises(InvalidParameterError, match="speculative.*streaming"):
         build_engine_config(None, speculative="ngram", kv_compression="streaming", kv_budget=64)
     build_engine_config(None, speculative="ngram", kv_compression="kv4")  # packed pages are allowed
+
+
+def test_async_engine_reports_the_speculative_counters(spec_llm):
+    """The server reads spec stats through AsyncLLMEngine (its /metrics); they are the engine's own counters."""
+    import asyncio
+
+    from tierserve.engine.async_engine import AsyncLLMEngine
+
+    async def run():
+        eng = AsyncLLMEngine(engine=spec_llm.engine)
+        before = eng.spec_decode_stats()
+        async for out in eng.generate(QUOTE, greedy(8, ignore_eos=True)):
+            pass
+        return before, eng.spec_decode_stats(), spec_llm.engine.spec_decode_stats()
+
+    before, after, direct = asyncio.run(run())
+    assert after == direct and after.method == "ngram" and after.num_drafts > before.num_drafts

@@ -18,7 +18,7 @@ still in flight and ends each waiting ``generate`` with
 Tests: tests/test_engine_stops.py.
 
 Read-only views of the engine (``info``, ``stats``, ``drain_cache_events``,
-``tier_holdings``, ``expert_metrics``, ``kv_tier_stats``) delegate to the
+``tier_holdings``, ``expert_metrics``, ``kv_tier_stats``, ``spec_decode_stats``) delegate to the
 ``LLMEngine`` facade; they read counters and thread-safe queues, so the event
 loop may call them while a step runs in the worker thread.
 """
@@ -74,6 +74,9 @@ class AsyncLLMEngine:
 
     def kv_tier_stats(self):
         return self.engine.kv_tier_stats()
+
+    def spec_decode_stats(self):
+        return self.engine.spec_decode_stats()
 
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:

@@ -38,6 +38,15 @@ replicas), counters labelled ``model_name`` and ``tier``:
 ``tierserve:kv_tier_bytes_loaded_total``, ``tierserve:kv_tier_bytes_stored_total``,
 ``tierserve:kv_tier_corrupt_chunks_total``, ``tierserve:kv_tier_failures_total``;
 and ``tierserve:kv_tier_load_seconds_total`` (``model_name``).
+With speculative decoding on (``MetricsSnapshot.spec``, engine/spec_decode/stats.py
+``SpecDecodeStats``, summed over replicas), counters labelled ``model_name``:
+``tierserve:spec_decode_num_drafts_total`` (verifications),
+``tierserve:spec_decode_num_draft_tokens_total`` (draft tokens proposed and
+verified), ``tierserve:spec_decode_num_accepted_tokens_total``,
+``tierserve:spec_decode_num_accepted_tokens_per_pos_total`` (label ``position``:
+verifications whose draft at that position was accepted); and the gauge
+``tierserve:spec_decode_mean_accepted_length`` (tokens per verifying step,
+``1 + accepted / drafts``, from the summed counters).
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ import time
 from dataclasses import dataclass, field
 
 from tierserve.cache.tiers.stats import KVTierStats
+from tierserve.engine.spec_decode.stats import SpecDecodeStats
 from tierserve.offload.usage import ExpertMetrics
 
 #: Histogram bucket upper bounds in seconds (+Inf is implicit).
@@ -112,6 +122,7 @@ class MetricsSnapshot:
     num_replicas: int = 1
     experts: ExpertMetrics | None = None  # replicas with MoE expert offload
     kv_tiers: KVTierStats | None = None  # replicas with DRAM/disk/Redis KV tiers
+    spec: SpecDecodeStats | None = None  # replicas with speculative decoding on
 
     def add(self, other: MetricsSnapshot) -> None:
         """Sum ``other`` into self; KV usage becomes the replica-weighted mean."""
@@ -133,6 +144,8 @@ class MetricsSnapshot:
             if self.kv_tiers is None:
                 self.kv_tiers = KVTierStats()
             self.kv_tiers.add(other.kv_tiers)
+        if other.spec is not None:
+            self.spec = other.spec if self.spec is None else self.spec.plus(other.spec)
 
 
 def aggregate(snapshots: list[MetricsSnapshot]) -> dict[str, MetricsSnapshot]:
@@ -258,6 +271,7 @@ def render_prometheus(snapshots: list[MetricsSnapshot]) -> bytes:
             yield fam
             yield from _expert_families({m: s.experts for m, s in per_model.items() if s.experts is not None})
             yield from _kv_tier_families({m: s.kv_tiers for m, s in per_model.items() if s.kv_tiers is not None})
+            yield from _spec_families({m: s.spec for m, s in per_model.items() if s.spec is not None})
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector())
@@ -311,4 +325,33 @@ def _expert_families(per_model: dict[str, ExpertMetrics]):
                                                                "boundaries.", labels=["model_name"])
     for model, m in per_model.items():
         fam.add_metric([model], m.promotions)
+    yield fam
+
+
+def _spec_families(per_model: dict[str, SpecDecodeStats]):
+    """Speculative-decoding counters and the mean accepted length, per model."""
+    if not per_model:
+        return
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    counters = {"spec_decode_num_drafts": ("num_drafts", "Verifications of a request's draft tokens."),
+                "spec_decode_num_draft_tokens": ("num_draft_tokens", "Draft tokens proposed and verified."),
+                "spec_decode_num_accepted_tokens": ("num_accepted_tokens", "Draft tokens accepted.")}
+    for name, (attr, doc) in counters.items():
+        fam = CounterMetricFamily(f"tierserve:{name}", doc, labels=["model_name"])
+        for model, st in per_model.items():
+            fam.add_metric([model], getattr(st, attr))
+        yield fam
+    fam = CounterMetricFamily("tierserve:spec_decode_num_accepted_tokens_per_pos",
+                              "Verifications whose draft at this position was accepted.",
+                              labels=["model_name", "position"])
+    for model, st in per_model.items():
+        for pos, c in enumerate(st.accepted_per_position):
+            fam.add_metric([model, str(pos)], c)
+    yield fam
+    fam = GaugeMetricFamily("tierserve:spec_decode_mean_accepted_length",
+                            "Tokens per verifying step (1 + accepted / drafts; 0 before the first draft).",
+                            labels=["model_name"])
+    for model, st in per_model.items():
+        fam.add_metric([model], st.mean_accepted_length)
     yield fam

@@ -228,6 +228,8 @@ class LLMServer:
         snap = self._metrics.take(s.running, s.waiting, s.kv_usage, s.prefix_queries, s.prefix_hits,
                                   self.engine.expert_metrics())
         snap.kv_tiers = self.engine.kv_tier_stats()  # hits/bytes per tier, load time (None without tiers)
+        spec = self.engine.spec_decode_stats()
+        snap.spec = spec if spec.method != "none" else None  # drafts proposed/accepted (None when off)
         try:
             await self._board.push.remote(self.replica_id, snap)
         except Exception:

@@ -34,6 +34,21 @@ class SpecDecodeStats:
     def mean_accepted_length(self) -> float:
         return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
 
+    def plus(self, other: SpecDecodeStats) -> SpecDecodeStats:
+        """The sum of two replicas' totals (per-position counts added position by position).
+
+        The method and draft length are kept when both agree; replicas that
+        disagree (a rolling update) sum as method "mixed" and the larger length.
+        """
+        n = max(len(self.accepted_per_position), len(other.accepted_per_position))
+        pos = tuple((self.accepted_per_position[i] if i < len(self.accepted_per_position) else 0)
+                    + (other.accepted_per_position[i] if i < len(other.accepted_per_position) else 0)
+                    for i in range(n))
+        method = self.method if self.method == other.method else "mixed"
+        return SpecDecodeStats(method, max(self.num_speculative_tokens, other.num_speculative_tokens),
+                               self.num_drafts + other.num_drafts, self.num_draft_tokens + other.num_draft_tokens,
+                               self.num_accepted_tokens + other.num_accepted_tokens, pos)
+
 
 @dataclass
 class SpecDecodeCounters:
