@@ -1,18 +1,24 @@
-"""Speculative decoding (ngram prompt lookup) vs plain decoding on SmolLM2-135M, batch 1, greedy.
+"""Speculative decoding (ngram prompt lookup) vs plain decoding on SmolLM2-135M, batch 1.
 
-Two tasks, each one request at a time:
+Three tasks, each one request at a time:
 - quote: an Austen passage (Persuasion, from its 20,000th character) followed
   by an instruction to repeat it and its first words: the output copies the
   input, so n-gram drafts hold;
 - continuation: 600 characters of Emma (from its 300,000th character),
-  continued freely: little of the output repeats the prompt, so ngram must
-  cost (almost) nothing where it does not match.
+  continued freely (greedy);
+- sampled: the same Emma passage continued by sampling at temperature 1.5
+  (seeded): drafts are proposed (some token always recurs) but the target
+  rarely agrees, so this is where ngram must cost (almost) nothing. A third
+  mode, ngram with ``draft_backoff=True`` (tierserve/engine/spec_decode/gate.py:
+  a failing request pauses its proposals), shows what the back-off changes.
 
 For each task and mode: tokens/s (new tokens over the wall time of the
 ``generate`` call, after a warm-up), and for ngram the mean accepted length
 (tokens a verifying step emits: 1 + accepted / verifications), the acceptance
 rate and acceptance per draft position. Greedy outputs of the two modes are
-checked token-identical. Prints a table, writes benchmarks/results/speculative.json.
+checked token-identical (greedy tasks; a sampled run keeps the distribution,
+not the tokens). Prints the machine's copy bandwidth and a table, writes
+benchmarks/results/speculative.json.
 
 Plain and ngram runs alternate and each mode keeps its best of ``--repeats``.
 
@@ -32,6 +38,7 @@ Usage: python benchmarks/speculative.py [--new-tokens 64] [--k 4] [--threads 2] 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -43,35 +50,38 @@ from tierserve import LLM, SamplingParams
 from tierserve.data.austen import austen_texts
 from tierserve.models.default_model import ensure_default_model
 
+from decode import memcopy_bandwidth  # noqa: E402  (benchmarks/decode.py)
 
-def tasks() -> dict[str, str]:
+
+def tasks() -> dict[str, tuple[str, SamplingParams]]:
     texts = austen_texts()
     passage = " ".join(texts["Persuasion"][20000:21000].split())
     passage = passage[passage.index(". ") + 2:]
     quote = (f"Passage:\n{passage}\n\nRepeat the passage above word for word.\n\nPassage:\n"
              f"{' '.join(passage.split()[:6])}")
     cont = " ".join(texts["Emma"][300000:300600].split()[1:])
-    return {"quote": quote, "continuation": cont}
+    greedy = SamplingParams(temperature=0.0, ignore_eos=True)
+    sampled = SamplingParams(temperature=1.5, seed=7, ignore_eos=True)
+    return {"quote": (quote, greedy), "continuation": (cont, greedy), "sampled": (cont, sampled)}
 
 
-def timed(llm, prompt: str, new_tokens: int) -> tuple[float, list[int]]:
-    """tokens/s of one greedy generation and its tokens."""
-    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+def timed(llm, prompt: str, params: SamplingParams, new_tokens: int) -> tuple[float, list[int]]:
+    """tokens/s of one generation and its tokens."""
+    params = dataclasses.replace(params, max_tokens=new_tokens)
     t = time.perf_counter()
     (out,) = llm.generate(prompt, params)
     return new_tokens / (time.perf_counter() - t), out.token_ids
 
 
-def run_pair(plain, spec, prompt: str, new_tokens: int, repeats: int):
-    """Best tokens/s of each mode over ``repeats`` interleaved runs (a shared machine's load hits both alike)."""
-    plain.generate(prompt, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))  # warm-up
-    best_plain = best_spec = 0.0
+def run_modes(llms: list, prompt: str, params: SamplingParams, new_tokens: int, repeats: int):
+    """Best tokens/s of each engine over ``repeats`` interleaved runs (a shared machine's load hits all alike),
+    and each one's tokens from its last run."""
+    best, tokens = [0.0] * len(llms), [None] * len(llms)
     for _ in range(repeats):
-        tps, ref = timed(plain, prompt, new_tokens)
-        best_plain = max(best_plain, tps)
-        tps, got = timed(spec, prompt, new_tokens)
-        best_spec = max(best_spec, tps)
-    return best_plain, best_spec, ref, got
+        for i, llm in enumerate(llms):
+            tps, tokens[i] = timed(llm, prompt, params, new_tokens)
+            best[i] = max(best[i], tps)
+    return best, tokens
 
 
 def main() -> None:
@@ -85,34 +95,43 @@ def main() -> None:
     common = {"num_blocks": 256, "max_num_seqs": 4, "num_threads": args.threads}
     plain = LLM(folder, **common)
     spec = LLM(folder, speculative="ngram", num_speculative_tokens=args.k, **common)
+    backoff = LLM(folder, speculative="ngram", num_speculative_tokens=args.k, draft_backoff=True, **common)
+    bandwidth = memcopy_bandwidth()
     rows = []
-    for name, prompt in tasks().items():
-        spec.generate(prompt, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))  # warm-up
+    for name, (prompt, params) in tasks().items():
+        for llm in (plain, spec, backoff):  # warm-up
+            llm.generate(prompt, dataclasses.replace(params, max_tokens=4))
         before = spec.engine.spec_decode_stats()
-        tps_plain, tps_spec, ref, got = run_pair(plain, spec, prompt, args.new_tokens, args.repeats)
+        (tps_plain, tps_spec, tps_backoff), (ref, got, _) = run_modes([plain, spec, backoff], prompt, params,
+                                                                    args.new_tokens, args.repeats)
         after = spec.engine.spec_decode_stats()
-        drafts = (after.num_drafts - before.num_drafts) // args.repeats  # per generation (greedy: all alike)
-        accepted = (after.num_accepted_tokens - before.num_accepted_tokens) // args.repeats
-        proposed = (after.num_draft_tokens - before.num_draft_tokens) // args.repeats
+        drafts = (after.num_drafts - before.num_drafts) / args.repeats  # per generation
+        accepted = (after.num_accepted_tokens - before.num_accepted_tokens) / args.repeats
+        proposed = (after.num_draft_tokens - before.num_draft_tokens) / args.repeats
         per_pos = [(a - (before.accepted_per_position[i] if i < len(before.accepted_per_position) else 0))
-                   // args.repeats for i, a in enumerate(after.accepted_per_position)]
+                   / args.repeats for i, a in enumerate(after.accepted_per_position)]
         rows.append({"task": name, "prompt_tokens": len(spec.tokenizer.encode(prompt)),
-                     "new_tokens": args.new_tokens, "plain_tok_s": tps_plain, "ngram_tok_s": tps_spec,
-                     "speedup": tps_spec / tps_plain, "identical": got == ref, "verifications": drafts,
+                     "temperature": params.temperature, "new_tokens": args.new_tokens,
+                     "plain_tok_s": tps_plain, "ngram_tok_s": tps_spec, "speedup": tps_spec / tps_plain,
+                     "backoff_tok_s": tps_backoff, "backoff_speedup": tps_backoff / tps_plain,
+                     "identical": got == ref if params.temperature == 0 else None, "verifications": drafts,
                      "draft_tokens": proposed, "accepted": accepted,
                      "mean_accepted_length": 1 + accepted / drafts if drafts else 0.0,
                      "acceptance_rate": accepted / proposed if proposed else 0.0,
                      "accepted_per_position": [p / drafts for p in per_pos] if drafts else []})
-    print(f"{'task':14s} {'plain tok/s':>11s} {'ngram tok/s':>11s} {'speedup':>8s} {'mean acc len':>12s} "
-          f"{'acc rate':>8s}  identical  per-position")
+    print(f"copy bandwidth {bandwidth:.1f} GB/s; k = {args.k}, {args.new_tokens} new tokens, best of {args.repeats}")
+    print(f"{'task':13s} {'plain tok/s':>11s} {'ngram tok/s':>11s} {'speedup':>7s} {'backoff':>10s} "
+          f"{'speedup':>7s} {'verif':>5s} {'mean acc len':>12s} {'acc rate':>8s}  identical  per-position")
     for r in rows:
-        print(f"{r['task']:14s} {r['plain_tok_s']:11.2f} {r['ngram_tok_s']:11.2f} {r['speedup']:8.2f} "
-              f"{r['mean_accepted_length']:12.2f} {r['acceptance_rate']:8.2f}  {r['identical']!s:9s}  "
+        ident = "-" if r["identical"] is None else str(r["identical"])
+        print(f"{r['task']:13s} {r['plain_tok_s']:11.2f} {r['ngram_tok_s']:11.2f} {r['speedup']:7.2f} "
+              f"{r['backoff_tok_s']:10.2f} {r['backoff_speedup']:7.2f} {r['verifications']:5.1f} "
+              f"{r['mean_accepted_length']:12.2f} {r['acceptance_rate']:8.2f}  {ident:9s}  "
               + " ".join(f"{p:.2f}" for p in r["accepted_per_position"]))
     out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "speculative.json"), "w") as f:
-        json.dump({"k": args.k, "runs": rows}, f, indent=2)
+        json.dump({"k": args.k, "copy_bandwidth_gb_s": bandwidth, "runs": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

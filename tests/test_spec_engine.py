@@ -17,6 +17,7 @@ import pytest
 from tierserve import LLM, SamplingParams
 from tierserve.config import EngineConfig, SpeculativeConfig
 from tierserve.engine.llm import build_engine_config
+from tierserve.engine.spec_decode.gate import DraftGate
 from tierserve.engine.spec_decode.ngram import NgramProposer
 from tierserve.errors import InvalidParameterError
 
@@ -68,13 +69,15 @@ def test_greedy_batch_one_identical_and_counters_exact(spec_llm, smollm_llm, quo
             assert accepted >= 12, accepted  # the quote is copied: most drafts hold
 
 
-def replay(prompt: list[int], ref: list[int], max_tokens: int):
-    """The engine's verification steps on the reference tokens: (verifications, drafts, accepted, per position)."""
-    prop = NgramProposer()
+def replay(prompt: list[int], ref: list[int], max_tokens: int, backoff: bool = False):
+    """The engine's verification steps on the reference tokens: (verifications, drafts, accepted, per position).
+    With ``backoff`` the draft gate (gate.py, exact tests in tests/test_spec_gate.py) is replayed as the
+    engine runs it."""
+    prop, gate = NgramProposer(), DraftGate() if backoff else None
     n, drafts, draft_tokens, accepted, per_pos = 1, 0, 0, 0, [0] * K
     while n < len(ref):
         k = min(K, max_tokens - n - 1)
-        d = prop.propose(prompt + ref[:n], k) if k >= 1 else []
+        d = prop.propose(prompt + ref[:n], k) if k >= 1 and (gate is None or gate.allow()) else []
         if not d:
             n += 1
             continue
@@ -82,6 +85,8 @@ def replay(prompt: list[int], ref: list[int], max_tokens: int):
         while a < len(d) and d[a] == ref[n + a]:
             a += 1
         drafts, draft_tokens, accepted = drafts + 1, draft_tokens + len(d), accepted + a
+        if gate is not None:
+            gate.record(a)
         for i in range(a):
             per_pos[i] += 1
         n += a + 1
@@ -143,3 +148,17 @@ def test_async_engine_reports_the_speculative_counters(spec_llm):
 
     before, after, direct = asyncio.run(run())
     assert after == direct and after.method == "ngram" and after.num_drafts > before.num_drafts
+
+
+def test_draft_backoff_keeps_greedy_output_and_pauses_as_replayed(smollm_folder, smollm_llm):
+    """With the back-off on, output is unchanged and the counters follow the gate's replay, which proposes less."""
+    llm = LLM(smollm_folder, num_blocks=64, max_num_seqs=8, speculative="ngram", num_speculative_tokens=K,
+              draft_backoff=True)
+    params = greedy(40, ignore_eos=True)
+    (ref,) = smollm_llm.generate(NORMAL, params)
+    (out,) = llm.generate(NORMAL, params)
+    st = llm.engine.spec_decode_stats()
+    assert out.token_ids == ref.token_ids
+    drafts, draft_tokens, accepted, _ = replay(ref.prompt_token_ids, ref.token_ids, 40, backoff=True)
+    assert (st.num_drafts, st.num_draft_tokens, st.num_accepted_tokens) == (drafts, draft_tokens, accepted)
+    assert drafts < replay(ref.prompt_token_ids, ref.token_ids, 40)[0]  # the gate paused some proposals

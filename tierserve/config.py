@@ -275,6 +275,9 @@ class SpeculativeConfig:
     ``method`` "ngram": prompt lookup over the request's own tokens, longest
     n-gram first with n in [``prompt_lookup_min``, ``prompt_lookup_max``].
     ``num_speculative_tokens``: drafts verified per request and step (1..16).
+    ``draft_backoff``: pause proposing for a request whose verifications
+    accept nothing (spec_decode/gate.py), for steps where verification is
+    not free (off by default: at batch 1 on CPU it costs nothing to verify).
     """
 
     method: str = option("none", "speculative decoding: none, or ngram (prompt lookup)", name="speculative",
@@ -282,6 +285,8 @@ class SpeculativeConfig:
     num_speculative_tokens: int = option(4, "speculative decoding: draft tokens verified per step (1..16)")
     prompt_lookup_max: int = option(4, "ngram: longest n-gram matched")
     prompt_lookup_min: int = option(1, "ngram: shortest n-gram matched")
+    draft_backoff: bool = option(False, "speculative decoding: a request whose drafts keep failing stops "
+                                 "proposing for a while (tierserve/engine/spec_decode/gate.py)")
 
     def __post_init__(self) -> None:
         _check_choice("speculative", self.method, SPECULATIVE_METHODS)

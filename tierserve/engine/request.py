@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from tierserve.engine.spec_decode.gate import DraftGate
 from tierserve.sampling_params import SamplingParams
 
 
@@ -45,6 +46,8 @@ class Request:
     num_preemptions: int = 0
     #: drafts proposed for the next step (speculative decoding); the scheduler decides whether to verify them
     spec_token_ids: list[int] = field(default_factory=list)
+    #: the request's draft back-off (speculative decoding with ``draft_backoff``; None until its first proposal)
+    spec_gate: DraftGate | None = None
 
     @property
     def num_tokens(self) -> int:

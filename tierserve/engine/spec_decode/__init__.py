@@ -4,5 +4,6 @@
 * ``ngram``: prompt lookup over the request's own tokens (no model).
 * ``rejection``: the speculative-sampling acceptance rule (function level).
 * ``verifier``: one request's verified logits rows -> the tokens it emits.
+* ``gate``: per-request draft back-off where drafts keep failing.
 * ``decoder``: what the engine holds: proposals per request, verification, counters.
 """

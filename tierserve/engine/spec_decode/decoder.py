@@ -13,6 +13,10 @@ computes a position the context cannot hold). So the KV a request may need
 never exceeds what ``Scheduler.add_request`` checked against the pool
 (prompt + max_tokens - 1 tokens). With ``speculative == "none"`` nothing is
 ever proposed and the engine runs exactly as without this part.
+
+Back-off (``draft_backoff``, off by default): each request carries a
+``DraftGate`` (gate.py) that pauses its proposals after verifications that
+accept nothing, so a request whose drafts fail runs (almost) as plain decoding.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 
 from tierserve.engine.request import Request
 from tierserve.engine.sampler import Sampler
+from tierserve.engine.spec_decode.gate import DraftGate
 from tierserve.engine.spec_decode.registry import build_proposer
 from tierserve.engine.spec_decode.stats import SpecDecodeCounters, SpecDecodeStats
 from tierserve.engine.spec_decode.verifier import Verified, verify_request
@@ -34,6 +39,7 @@ class SpecDecoder:
         self.proposer = build_proposer(config)
         self.num_speculative_tokens = config.num_speculative_tokens if self.proposer is not None else 0
         self.max_model_len = max_model_len
+        self.backoff = config.draft_backoff
         self.counters = SpecDecodeCounters(config.method, self.num_speculative_tokens)
 
     def propose(self, req: Request) -> list[int]:
@@ -44,6 +50,11 @@ class SpecDecoder:
                 self.max_model_len - 1 - req.num_tokens)
         if k < 1:
             return []
+        if self.backoff:
+            if req.spec_gate is None:
+                req.spec_gate = DraftGate()
+            if not req.spec_gate.allow():
+                return []
         return self.proposer.propose(req.token_ids(), k)[:k]
 
     def verify(self, sampler: Sampler, logits: torch.Tensor, drafts: Sequence[int], req: Request,
@@ -52,6 +63,8 @@ class SpecDecoder:
         out = verify_request(sampler, logits, drafts, req.params, generator, req.prompt_token_ids,
                              req.output_token_ids, stop_ids)
         self.counters.record(len(drafts), out.num_accepted)
+        if req.spec_gate is not None:
+            req.spec_gate.record(out.num_accepted)
         return out
 
     def stats(self) -> SpecDecodeStats:
