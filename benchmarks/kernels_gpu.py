@@ -28,9 +28,11 @@ every packed format is SLOWER than bf16 today. M = 1: q4_0 0.27-0.72x bf16
 (8-45 us, 74-221 GB/s), nvfp4 0.14-0.50x, q8_0 0.26-0.71x, sinq 0.07-0.39x;
 M = 16/128 FP4 is 0.02-0.15x, nvfp4 W4A4 1.5-2.7 ms (eager torch activation
 quantization), dfloat11 66-446 us (the decode). The 2.5x target is not met:
-the kernels issue one gather load per code byte and per scale (no vector
-loads across ggml's 18-byte blocks); a one-time repack into separate
-contiguous code and scale planes is the next step.
+the kernels issued one gather load per code byte and per scale (no vector
+loads across ggml's 18-byte blocks). Since then the ggml formats' CUDA
+modules split their blocks once into contiguous code and scale planes
+(tierserve/kernels/quant/ggml_planes.py), so a tile's code bytes are one
+contiguous run per row; not yet measured on a GPU (FP4 and SINQ unchanged).
 
 Usage: python benchmarks/kernels_gpu.py [--reps 10] [--out DIR]; writes
 DIR/kernels_gpu.json (default benchmarks/results). Without CUDA it says so

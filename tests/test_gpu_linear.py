@@ -225,3 +225,25 @@ def test_cuda_kernels_on_llama_1b_shapes(name, llama_layers):
             dot = choose_tiles(m, n, k, num_sms(x.device)).use_dot
             ref, absprod = reference(q, x, torch.bfloat16 if dot else None)
             assert_within_bound(y, ref, absprod, k)
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q8_0"])
+def test_ggml_planes_are_the_blocks_bytes(name):
+    """The planes the CUDA path keeps are the file's bytes, moved: scales (and mins) are the fp16 values that
+    head each block, the codes the rest in order, and joining them gives the blocks back bit for bit."""
+    from tierserve.kernels.quant.ggml_planes import join_planes, split_planes
+
+    fmt = get_format(name)
+    q = quantized(name, 24, 96, False, torch.Generator().manual_seed(3))
+    planes = split_planes(q.blocks, fmt.type_size, fmt.num_meta)
+    nb = 96 // 32
+    blk = q.blocks.reshape(24, nb, fmt.type_size)
+    assert planes.scales.dtype == torch.float16 and tuple(planes.scales.shape) == (24, nb)
+    assert torch.equal(planes.scales.view(torch.uint8).reshape(24, nb, 2), blk[..., 0:2])
+    if fmt.num_meta == 2:
+        assert torch.equal(planes.mins.view(torch.uint8).reshape(24, nb, 2), blk[..., 2:4])
+    else:
+        assert planes.mins is None
+    assert torch.equal(planes.codes.reshape(24, nb, -1), blk[..., 2 * fmt.num_meta:])
+    assert torch.equal(join_planes(planes), q.blocks)
+    assert planes.codes.numel() + 2 * planes.scales.numel() * fmt.num_meta == q.blocks.numel()  # same size

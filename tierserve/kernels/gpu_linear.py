@@ -7,7 +7,8 @@ every name it is registered (a shared module is converted once), for the
 
 | format          | module              | kernel                                                   |
 |-----------------|---------------------|----------------------------------------------------------|
-| q4_0/q4_1/q8_0  | GGMLTritonLinear    | ``<format>_triton``: ggml blocks read in place, W4A16/W8A16 |
+| q4_0/q4_1/q8_0  | GGMLTritonLinear    | ``<format>_triton``: the blocks split once into code and   |
+|                 |                     | scale planes (``ggml_planes``), W4A16/W8A16               |
 | sinq            | SinqTritonLinear    | ``sinq_triton`` (1/2/4/8 bits, column scale folded into x) |
 | mxfp4/nvfp4     | FP4TritonLinear     | ``fp4_triton``: W4A16, or W4A4 when the weight was packed  |
 |                 |                     | with ``act_quant`` (activations FP4-quantized per row and  |
@@ -62,15 +63,23 @@ class TritonLinear(nn.Module, ABC):
 
 
 class GGMLTritonLinear(TritonLinear):
-    """Q4_0 / Q4_1 / Q8_0: the format's fused kernel on the ggml block bytes."""
+    """Q4_0 / Q4_1 / Q8_0: the format's fused kernel on the weight split once into code and scale planes
+    (``quant/ggml_planes``: the same bytes, each plane contiguous per row, so tiles load with wide loads)."""
 
     def __init__(self, q: QuantizedLinear):
         super().__init__(q)
-        self.register_buffer("blocks", q.blocks)
-        self._kernel = q.fmt.triton_linear()
+        from tierserve.kernels.quant.ggml_planes import split_planes
+
+        planes = split_planes(q.blocks, q.fmt.type_size, q.fmt.num_meta)
+        self.register_buffer("codes", planes.codes)
+        self.register_buffer("scales", planes.scales)
+        self.register_buffer("mins", planes.mins)
+        self._kernel = q.fmt.triton_planes_linear()
 
     def linear2d(self, x2: torch.Tensor) -> torch.Tensor:
-        return self._kernel(x2, self.blocks, self.out_features, self.bias)
+        from tierserve.kernels.quant.ggml_planes import GGMLPlanes
+
+        return self._kernel(x2, GGMLPlanes(self.codes, self.scales, self.mins), self.out_features, self.bias)
 
 
 class SinqTritonLinear(TritonLinear):

@@ -65,6 +65,8 @@ class GGMLBlockFormat(WeightFormat):
     """A ggml block format: subclasses give ``type_size``, the block codecs and the triton matmul."""
 
     type_size: ClassVar[int]
+    #: fp16 values heading each block (d; Q4_1: d and m), for ``ggml_planes.split_planes``
+    num_meta: ClassVar[int] = 1
     ggml_type: ClassVar[str]
 
     def check_shape(self, tensor_name: str, shape: tuple[int, ...]) -> None:
@@ -88,6 +90,12 @@ class GGMLBlockFormat(WeightFormat):
     @abstractmethod
     def triton_linear() -> Callable[..., torch.Tensor]:
         """The fused triton matmul ``(x, blocks, out_features, bias) -> y`` (imported lazily)."""
+
+    @staticmethod
+    @abstractmethod
+    def triton_planes_linear() -> Callable[..., torch.Tensor]:
+        """The same matmul over the weight split into planes, ``(x, GGMLPlanes, out_features, bias) -> y``
+        (``ggml_planes``; what the CUDA linear backend keeps)."""
 
     def expected_tensors(self, shape: tuple[int, int], meta: dict) -> dict[str, tuple[tuple[int, int], torch.dtype]]:
         """What a packed ``shape`` weight stores: ``{"blocks": ((out, in / 32 * type_size), uint8)}``."""

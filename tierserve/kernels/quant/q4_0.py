@@ -97,3 +97,9 @@ class Q4_0Format(GGMLBlockFormat):
         from tierserve.kernels.quant.q4_0_triton import q4_0_linear_triton
 
         return q4_0_linear_triton
+
+    @staticmethod
+    def triton_planes_linear():
+        from tierserve.kernels.quant.q4_0_triton import q4_0_linear_planes
+
+        return q4_0_linear_planes

@@ -1,14 +1,16 @@
-"""Fused Q4_0 dequantize-matmul in triton: ``y = x W^T + b`` reading ggml Q4_0 blocks directly.
+"""Fused Q4_0 dequantize-matmul in triton: ``y = x W^T + b`` over the Q4_0 weight split into planes.
 
-Layout read: row n of ``blocks [N, K / 32 * 18]`` holds, per ggml block b
-(weights 32 b .. 32 b + 31), the fp16 scale d (bytes 18 b, 18 b + 1; read as
-the int16 element 9 b of the same storage) and 16 code bytes; byte j holds
-element j in its low nibble and element j + 16 in its high nibble.
+Layout read (``ggml_planes.split_planes``, done once at load): row n of
+``codes [N, K / 2]`` holds, per ggml block b (weights 32 b .. 32 b + 31), its
+16 code bytes at 16 b .. 16 b + 15, byte j holding element j in its low nibble
+and element j + 16 in its high nibble; ``scales [N, K / 32]`` (fp16) its scale d.
+``q4_0_linear_triton`` takes the ggml blocks themselves and splits them per
+call (tests, one-off calls); the engine's ``GGMLTritonLinear`` keeps the planes.
 
 One program owns BLOCK_M rows of x, BLOCK_N output features and a contiguous
 K slab of ``k_per_split`` columns (``tile_configs`` picks the sizes per M and
 shape). Per BLOCK_K step it loads each code byte of its rows once, as a
-``[BLOCK_N, BLOCK_K / 2]`` tile (byte c: block c // 16, j = c % 16), forms
+contiguous ``[BLOCK_N, BLOCK_K / 2]`` tile (byte c: block c // 16, j = c % 16), forms
 the two nibble halves ``w_lo = (q_lo - 8) d`` and ``w_hi = (q_hi - 8) d`` in
 fp32 registers, gathers the matching activation columns ``32 b + j`` and
 ``32 b + j + 16``, and accumulates both halves (``packed_launch.accumulate``:
@@ -24,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tierserve.kernels.quant.ggml_planes import GGMLPlanes, split_planes
 from tierserve.kernels.quant.packed_launch import accumulate, launch, store_tile
 from tierserve.kernels.quant.tile_configs import TileConfig
 
@@ -31,7 +34,7 @@ TYPE_SIZE = 18
 
 
 @triton.jit
-def q4_0_linear_kernel(x_ptr, w_ptr, w16_ptr, b_ptr, y_ptr, M, N, K, k_per_split,
+def q4_0_linear_kernel(x_ptr, q_ptr, d_ptr, b_ptr, y_ptr, M, N, K, k_per_split,
                        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, SPLIT_K, USE_DOT: tl.constexpr,
                        DOT_KIND: tl.constexpr):
@@ -39,16 +42,15 @@ def q4_0_linear_kernel(x_ptr, w_ptr, w16_ptr, b_ptr, y_ptr, M, N, K, k_per_split
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     k_start = tl.program_id(2) * k_per_split
     c = tl.arange(0, BLOCK_K // 2)
-    row = offs_n.to(tl.int64)[:, None] * (K // 32 * 18)
+    row = offs_n.to(tl.int64)[:, None]
     m_ok = offs_m[:, None] < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
         blk = k0 // 32 + c // 16
         k_lo = blk * 32 + c % 16
         wmask = (offs_n[:, None] < N) & (k_lo[None, :] < K)
-        d = tl.load(w16_ptr + row // 2 + blk[None, :] * 9, mask=wmask, other=0)
-        d = d.to(tl.float16, bitcast=True).to(tl.float32)
-        byte = tl.load(w_ptr + row + blk[None, :] * 18 + 2 + (c % 16)[None, :], mask=wmask, other=0)
+        d = tl.load(d_ptr + row * (K // 32) + blk[None, :], mask=wmask, other=0.0).to(tl.float32)
+        byte = tl.load(q_ptr + row * (K // 2) + k0 // 2 + c[None, :], mask=wmask, other=0)
         byte = byte.to(tl.int32)
         w_lo = ((byte & 0xF) - 8).to(tl.float32) * d
         w_hi = ((byte >> 4) - 8).to(tl.float32) * d
@@ -63,9 +65,13 @@ def q4_0_linear_kernel(x_ptr, w_ptr, w16_ptr, b_ptr, y_ptr, M, N, K, k_per_split
 def q4_0_linear_triton(x: torch.Tensor, blocks: torch.Tensor, out_features: int,
                        bias: torch.Tensor | None = None, *, config: TileConfig | None = None) -> torch.Tensor:
     """``x [..., K] @ W^T (+ b)`` in x's dtype, W given as Q4_0 ``blocks [N, K / 32 * 18]`` (uint8)."""
+    return q4_0_linear_planes(x, split_planes(blocks, TYPE_SIZE, 1), out_features, bias, config=config)
+
+
+def q4_0_linear_planes(x: torch.Tensor, planes: GGMLPlanes, out_features: int,
+                       bias: torch.Tensor | None = None, *, config: TileConfig | None = None) -> torch.Tensor:
+    """``x [..., K] @ W^T (+ b)`` in x's dtype, W given as Q4_0 planes (``ggml_planes``)."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k).contiguous()
-    blocks = blocks.contiguous()
-    y = launch(q4_0_linear_kernel, (x2, blocks, blocks.view(torch.int16)), x2, out_features, bias, x.dtype,
-               config)
+    y = launch(q4_0_linear_kernel, (x2, planes.codes, planes.scales), x2, out_features, bias, x.dtype, config)
     return y.reshape(*lead, out_features)

@@ -50,6 +50,7 @@ class Q4_1Format(GGMLBlockFormat):
     name = "q4_1"
     ggml_type = "Q4_1"
     type_size = Q4_1_TYPE_SIZE
+    num_meta = 2  # d and m (fp16) head each block
     quantize_blocks = staticmethod(q4_1_quantize_blocks)
     dequantize_blocks = staticmethod(q4_1_dequantize_blocks)
 
@@ -58,3 +59,9 @@ class Q4_1Format(GGMLBlockFormat):
         from tierserve.kernels.quant.q4_1_triton import q4_1_linear_triton
 
         return q4_1_linear_triton
+
+    @staticmethod
+    def triton_planes_linear():
+        from tierserve.kernels.quant.q4_1_triton import q4_1_linear_planes
+
+        return q4_1_linear_planes

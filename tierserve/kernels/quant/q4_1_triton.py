@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tierserve.kernels.quant.ggml_planes import GGMLPlanes, split_planes
 from tierserve.kernels.quant.packed_launch import accumulate, launch, store_tile
 from tierserve.kernels.quant.tile_configs import TileConfig
 
@@ -27,7 +28,7 @@ TYPE_SIZE = 20
 
 
 @triton.jit
-def q4_1_linear_kernel(x_ptr, w_ptr, w16_ptr, b_ptr, y_ptr, M, N, K, k_per_split,
+def q4_1_linear_kernel(x_ptr, q_ptr, d_ptr, m_ptr, b_ptr, y_ptr, M, N, K, k_per_split,
                        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, SPLIT_K, USE_DOT: tl.constexpr,
                        DOT_KIND: tl.constexpr):
@@ -35,17 +36,17 @@ def q4_1_linear_kernel(x_ptr, w_ptr, w16_ptr, b_ptr, y_ptr, M, N, K, k_per_split
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     k_start = tl.program_id(2) * k_per_split
     c = tl.arange(0, BLOCK_K // 2)
-    row = offs_n.to(tl.int64)[:, None] * (K // 32 * 20)
+    row = offs_n.to(tl.int64)[:, None]
     m_ok = offs_m[:, None] < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
         blk = k0 // 32 + c // 16
         k_lo = blk * 32 + c % 16
         wmask = (offs_n[:, None] < N) & (k_lo[None, :] < K)
-        meta = w16_ptr + row // 2 + blk[None, :] * 10
-        d = tl.load(meta, mask=wmask, other=0).to(tl.float16, bitcast=True).to(tl.float32)
-        mn = tl.load(meta + 1, mask=wmask, other=0).to(tl.float16, bitcast=True).to(tl.float32)
-        byte = tl.load(w_ptr + row + blk[None, :] * 20 + 4 + (c % 16)[None, :], mask=wmask, other=0)
+        meta = row * (K // 32) + blk[None, :]
+        d = tl.load(d_ptr + meta, mask=wmask, other=0.0).to(tl.float32)
+        mn = tl.load(m_ptr + meta, mask=wmask, other=0.0).to(tl.float32)
+        byte = tl.load(q_ptr + row * (K // 2) + k0 // 2 + c[None, :], mask=wmask, other=0)
         byte = byte.to(tl.int32)
         w_lo = (byte & 0xF).to(tl.float32) * d + mn
         w_hi = (byte >> 4).to(tl.float32) * d + mn
@@ -60,9 +61,14 @@ def q4_1_linear_kernel(x_ptr, w_ptr, w16_ptr, b_ptr, y_ptr, M, N, K, k_per_split
 def q4_1_linear_triton(x: torch.Tensor, blocks: torch.Tensor, out_features: int,
                        bias: torch.Tensor | None = None, *, config: TileConfig | None = None) -> torch.Tensor:
     """``x [..., K] @ W^T (+ b)`` in x's dtype, W given as Q4_1 ``blocks [N, K / 32 * 20]`` (uint8)."""
+    return q4_1_linear_planes(x, split_planes(blocks, TYPE_SIZE, 2), out_features, bias, config=config)
+
+
+def q4_1_linear_planes(x: torch.Tensor, planes: GGMLPlanes, out_features: int,
+                       bias: torch.Tensor | None = None, *, config: TileConfig | None = None) -> torch.Tensor:
+    """``x [..., K] @ W^T (+ b)`` in x's dtype, W given as Q4_1 planes (``ggml_planes``)."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k).contiguous()
-    blocks = blocks.contiguous()
-    y = launch(q4_1_linear_kernel, (x2, blocks, blocks.view(torch.int16)), x2, out_features, bias, x.dtype,
-               config)
+    y = launch(q4_1_linear_kernel, (x2, planes.codes, planes.scales, planes.mins), x2, out_features, bias,
+               x.dtype, config)
     return y.reshape(*lead, out_features)

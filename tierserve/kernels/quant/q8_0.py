@@ -57,3 +57,9 @@ class Q8_0Format(GGMLBlockFormat):
         from tierserve.kernels.quant.q8_0_triton import q8_0_linear_triton
 
         return q8_0_linear_triton
+
+    @staticmethod
+    def triton_planes_linear():
+        from tierserve.kernels.quant.q8_0_triton import q8_0_linear_planes
+
+        return q8_0_linear_planes

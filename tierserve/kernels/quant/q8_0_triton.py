@@ -1,8 +1,9 @@
-"""Fused Q8_0 dequantize-matmul in triton: ``y = x W^T + b`` reading ggml Q8_0 blocks directly.
+"""Fused Q8_0 dequantize-matmul in triton: ``y = x W^T + b`` over the Q8_0 weight split into planes.
 
-Layout read: row n of ``blocks [N, K / 32 * 34]`` holds, per ggml block b
-(weights 32 b .. 32 b + 31), the fp16 scale d (the int16 element 17 b of the
-same storage) and 32 int8 codes at bytes 34 b + 2 + j.
+Layout read (``ggml_planes.split_planes``, once at load): ``codes [N, K]``
+(int8 as uint8, weight k of row n at column k) and ``scales [N, K / 32]``
+(fp16 d per block of 32). ``q8_0_linear_triton`` takes the ggml blocks
+(34 bytes: d, then 32 codes) and splits them per call.
 
 Tiling as ``q4_0_triton``: one program per (BLOCK_M rows, BLOCK_N features,
 K slab); per BLOCK_K step a ``[BLOCK_N, BLOCK_K]`` tile of codes is loaded
@@ -18,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tierserve.kernels.quant.ggml_planes import GGMLPlanes, split_planes
 from tierserve.kernels.quant.packed_launch import accumulate, launch, store_tile
 from tierserve.kernels.quant.tile_configs import TileConfig
 
@@ -25,7 +27,7 @@ TYPE_SIZE = 34
 
 
 @triton.jit
-def q8_0_linear_kernel(x_ptr, w_ptr, w16_ptr, b_ptr, y_ptr, M, N, K, k_per_split,
+def q8_0_linear_kernel(x_ptr, q_ptr, d_ptr, b_ptr, y_ptr, M, N, K, k_per_split,
                        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, SPLIT_K, USE_DOT: tl.constexpr,
                        DOT_KIND: tl.constexpr):
@@ -33,16 +35,15 @@ def q8_0_linear_kernel(x_ptr, w_ptr, w16_ptr, b_ptr, y_ptr, M, N, K, k_per_split
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     k_start = tl.program_id(2) * k_per_split
     kk = tl.arange(0, BLOCK_K)
-    row = offs_n.to(tl.int64)[:, None] * (K // 32 * 34)
+    row = offs_n.to(tl.int64)[:, None]
     m_ok = offs_m[:, None] < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
         k = k0 + kk
         blk = k // 32
         wmask = (offs_n[:, None] < N) & (k[None, :] < K)
-        d = tl.load(w16_ptr + row // 2 + blk[None, :] * 17, mask=wmask, other=0)
-        d = d.to(tl.float16, bitcast=True).to(tl.float32)
-        q = tl.load(w_ptr + row + blk[None, :] * 34 + 2 + (k % 32)[None, :], mask=wmask, other=0)
+        d = tl.load(d_ptr + row * (K // 32) + blk[None, :], mask=wmask, other=0.0).to(tl.float32)
+        q = tl.load(q_ptr + row * K + k[None, :], mask=wmask, other=0)
         w = q.to(tl.int8, bitcast=True).to(tl.float32) * d
         x = tl.load(x_ptr + offs_m[:, None] * K + k[None, :], mask=m_ok & (k[None, :] < K), other=0.0)
         acc = accumulate(acc, x, w, USE_DOT, DOT_KIND)
@@ -52,9 +53,13 @@ def q8_0_linear_kernel(x_ptr, w_ptr, w16_ptr, b_ptr, y_ptr, M, N, K, k_per_split
 def q8_0_linear_triton(x: torch.Tensor, blocks: torch.Tensor, out_features: int,
                        bias: torch.Tensor | None = None, *, config: TileConfig | None = None) -> torch.Tensor:
     """``x [..., K] @ W^T (+ b)`` in x's dtype, W given as Q8_0 ``blocks [N, K / 32 * 34]`` (uint8)."""
+    return q8_0_linear_planes(x, split_planes(blocks, TYPE_SIZE, 1), out_features, bias, config=config)
+
+
+def q8_0_linear_planes(x: torch.Tensor, planes: GGMLPlanes, out_features: int,
+                       bias: torch.Tensor | None = None, *, config: TileConfig | None = None) -> torch.Tensor:
+    """``x [..., K] @ W^T (+ b)`` in x's dtype, W given as Q8_0 planes (``ggml_planes``)."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k).contiguous()
-    blocks = blocks.contiguous()
-    y = launch(q8_0_linear_kernel, (x2, blocks, blocks.view(torch.int16)), x2, out_features, bias, x.dtype,
-               config)
+    y = launch(q8_0_linear_kernel, (x2, planes.codes, planes.scales), x2, out_features, bias, x.dtype, config)
     return y.reshape(*lead, out_features)
