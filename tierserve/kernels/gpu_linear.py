@@ -19,7 +19,7 @@ every name it is registered (a shared module is converted once), for the
 Formats without an entry (sigmascale: two small dense factors) keep their
 ``QuantizedLinear``. Tile sizes are chosen per call from M and the weight's
 shape (``quant/tile_configs.py``); per-layer constants (the FP4 scale table,
-the E2M1 table) are built once here instead of on every call. The choice is
+the ggml planes) are built once here instead of on every call. The choice is
 device-driven: the engine's linear backends "auto" and "triton"
 (``cpu_linear.LINEAR_BACKENDS``) call this on every model, and it touches only
 CUDA modules, so a CPU model is left to the CPU backend and nothing here
@@ -97,17 +97,15 @@ class SinqTritonLinear(TritonLinear):
 
 
 class FP4TritonLinear(TritonLinear):
-    """MXFP4 / NVFP4: scale table and E2M1 table built once; Hadamard and W4A4 as the reference does."""
+    """MXFP4 / NVFP4: scale table built once (E2M1 codes decode arithmetically in the kernel); Hadamard
+    and W4A4 as the reference does."""
 
     def __init__(self, q: QuantizedLinear):
         super().__init__(q)
-        from tierserve.kernels.quant.fp4 import e2m1_table
-
         packed = q.packed()
         self.register_buffer("qs", packed.tensors["qs"].contiguous())
         self.register_buffer("scales", packed.tensors["scales"].contiguous())
         self.register_buffer("scale_lut", q.fmt.scale_table(packed).float().contiguous())
-        self.register_buffer("e2m1", e2m1_table(self.qs.device))
         self.hadamard = bool(self.meta.get("hadamard"))
         self.act_quant = bool(q.fmt.act_quant or self.meta.get("act_quant"))
 
@@ -120,7 +118,7 @@ class FP4TritonLinear(TritonLinear):
             x2 = block_hadamard(x2, g)
         act = self.fmt.quantize_activations(x2) if self.act_quant else None
         return fp4_linear_triton(x2, self.qs, self.scales, self.scale_lut, g, self.bias, act,
-                                 out_dtype=x2.dtype, e2m1=self.e2m1)
+                                 out_dtype=x2.dtype)
 
 
 class DFloat11TritonLinear(TritonLinear):
