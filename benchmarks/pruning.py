@@ -1,0 +1,110 @@
+"""Weight pruning on SmolLM2-135M: ELSA / ELSA-L against magnitude and Wanda at 50/70/90% and 2:4.
+
+For each (method, sparsity) the embedded model is pruned with
+``tierserve.tools.prune_weights`` on the Austen calibration novels, then
+evaluated with tierserve's own forward on the held-out novels
+(``HELDOUT_NOVELS``, never seen by calibration): perplexity, and the mean
+KL(dense || pruned) of the next-token distributions. The dense model's row
+comes first. Prints the machine's copy bandwidth (the host is shared and
+noisy: the pruning times are indicative) and the table; writes
+benchmarks/results/pruning.json.
+
+ELSA runs ``--iterations`` x ``--steps`` optimiser steps on batches of 4
+windows of ``--seq-len`` tokens; the defaults here are CPU-sized (the
+library defaults are 12 x 4).
+
+Usage: python benchmarks/pruning.py [--sparsities 0.5,0.7,0.9] [--methods magnitude,wanda,elsa,elsa-l]
+       [--calib-windows 16] [--seq-len 128] [--iterations 12] [--steps 2] [--eval-windows 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tierserve.models.default_model import ensure_default_model  # noqa: E402
+from tierserve.models.loader import load_model  # noqa: E402
+from tierserve.tools.calibration import HELDOUT_NOVELS, austen_token_windows, forward_logits  # noqa: E402
+from tierserve.tools.prune_weights import prune_weights  # noqa: E402
+
+from decode import memcopy_bandwidth  # noqa: E402  (benchmarks/decode.py)
+
+
+@torch.inference_mode()
+def evaluate(folder: str, windows: torch.Tensor, dense_logp: list[torch.Tensor] | None):
+    """(perplexity, mean KL(dense || model), log-probs per batch) on ``windows``."""
+    model = load_model(folder).model
+    nll = kl = 0.0
+    count = 0
+    logps = []
+    for i, start in enumerate(range(0, windows.shape[0], 4)):
+        batch = windows[start:start + 4]
+        logp = torch.log_softmax(forward_logits(model, batch)[:, :-1].double(), dim=-1)
+        logps.append(logp)
+        nll -= float(logp.gather(-1, batch[:, 1:, None]).sum())
+        if dense_logp is not None:
+            kl += float((dense_logp[i].exp() * (dense_logp[i] - logp)).sum())
+        count += batch[:, 1:].numel()
+    return float(torch.tensor(nll / count).exp()), kl / count, logps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sparsities", default="0.5,0.7,0.9")
+    ap.add_argument("--methods", default="magnitude,wanda,elsa,elsa-l")
+    ap.add_argument("--two-four", action=argparse.BooleanOptionalAction, default=True,
+                    help="also every method with the 2:4 pattern")
+    ap.add_argument("--calib-windows", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--iterations", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--eval-windows", type=int, default=16)
+    args = ap.parse_args()
+    folder = ensure_default_model()
+    bandwidth = memcopy_bandwidth()
+    from transformers import AutoTokenizer
+
+    windows = austen_token_windows(AutoTokenizer.from_pretrained(folder), HELDOUT_NOVELS, args.eval_windows,
+                                   args.seq_len)
+    ppl, _, dense_logp = evaluate(folder, windows, None)
+    rows = [{"method": "dense", "pattern": "-", "sparsity": 0.0, "ppl": ppl, "kl": 0.0, "calib_loss": None,
+             "seconds": 0.0}]
+    runs = [(m, "unstructured", float(s)) for s in args.sparsities.split(",") for m in args.methods.split(",")]
+    if args.two_four:
+        runs += [(m, "2:4", 0.5) for m in args.methods.split(",")]
+    elsa = {"iterations": args.iterations, "steps_per_iteration": args.steps}
+    with tempfile.TemporaryDirectory() as tmp:
+        for method, pattern, sparsity in runs:
+            out = os.path.join(tmp, f"{method}-{pattern.replace(':', '_')}-{sparsity}")
+            t = time.perf_counter()
+            rec = prune_weights(folder, out, method, sparsity, pattern, args.calib_windows, args.seq_len, elsa)
+            seconds = time.perf_counter() - t
+            ppl, kl, _ = evaluate(out, windows, dense_logp)
+            rows.append({"method": method, "pattern": pattern, "sparsity": sparsity, "ppl": ppl, "kl": kl,
+                         "calib_loss": rec["calibration_loss_pruned"], "seconds": seconds})
+            print(f"{method:9s} {pattern:12s} {sparsity:4.2f} ppl {ppl:10.2f} kl {kl:7.4f} ({seconds:.0f} s)",
+                  flush=True)
+    print(f"\ncopy bandwidth {bandwidth:.1f} GB/s; held-out: {args.eval_windows} x {args.seq_len} tokens of "
+          f"{', '.join(HELDOUT_NOVELS)}; calibration {args.calib_windows} x {args.seq_len}; ELSA "
+          f"{args.iterations} x {args.steps} steps")
+    print(f"{'method':9s} {'pattern':12s} {'sparsity':>8s} {'ppl':>10s} {'KL':>8s} {'calib loss':>10s} {'s':>6s}")
+    for r in rows:
+        cl = "-" if r["calib_loss"] is None else f"{r['calib_loss']:.3f}"
+        print(f"{r['method']:9s} {r['pattern']:12s} {r['sparsity']:8.2f} {r['ppl']:10.2f} {r['kl']:8.4f} "
+              f"{cl:>10s} {r['seconds']:6.0f}")
+    out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "pruning.json"), "w") as f:
+        json.dump({"copy_bandwidth_gb_s": bandwidth, "args": vars(args), "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
