@@ -175,28 +175,37 @@ def serve_args(args: argparse.Namespace, api_key: str | None) -> dict:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM or Ctrl-C, then drain (server/drain.py) and stop Serve and Ray."""
     import os
+    import signal
 
     import ray
     from ray import serve
 
     from tierserve.server.app import build_app
+    from tierserve.server.drain import drain_app, raise_interrupt
 
     api_key = args.api_key or os.environ.get("TIERSERVE_API_KEY") or None
     app = build_app(serve_args(args, api_key))
     if args.address is None:
         # On one machine the expert hosts (if any) live on this node: advertise their resource.
         hosts = {"expert_host": args.expert_hosts} if args.resident_experts is not None else None
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, resources=hosts)
+        # Ray on loopback only: its node address, and so every port it binds, is 127.0.0.1.
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, resources=hosts,
+                 _node_ip_address="127.0.0.1")
     else:
         ray.init(address=args.address)
+    signal.signal(signal.SIGTERM, raise_interrupt)  # after ray.init, which installs its own handler
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(app, name="tierserve", route_prefix="/")
         print(f"tierserve: serving on http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", file=sys.stderr)
         _wait_forever()
     except KeyboardInterrupt:
-        pass
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # one drain: a second Ctrl-C does not cut it short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        left = drain_app("tierserve", args.drain_timeout_s)
+        print(f"tierserve: drained ({left} request(s) cut at the deadline); stopping", file=sys.stderr)
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -106,12 +106,13 @@ def build_app(args: dict | None = None):
         ray_actor_options={"num_cpus": a.worker_cpus, "num_gpus": a.worker_gpus},
         request_router_config=_router_config(a, engine_config),
         health_check_period_s=10,
+        graceful_shutdown_timeout_s=a.drain_timeout_s,
         **scaling,
     ).bind(engine_config, a.served_model_name, a.max_waiting_requests, a.retry_after_s, a.metrics_interval_s)
     settings = IngressSettings(api_key=a.api_key, max_body_bytes=a.max_body_bytes, retry_after_s=a.retry_after_s)
     ingress = serve.deployment(OpenAIIngress).options(
         name="OpenAIIngress", max_ongoing_requests=4 * (max_num_seqs + a.max_waiting_requests),
-        ray_actor_options={"num_cpus": a.ingress_cpus})
+        ray_actor_options={"num_cpus": a.ingress_cpus}, graceful_shutdown_timeout_s=a.drain_timeout_s)
     return ingress.bind(worker, settings)
 
 

@@ -19,11 +19,18 @@ response. If the HTTP client goes away, the response generator is closed or
 the handler cancelled; both cancel the worker stream, which aborts the
 request in the engine. An error after streaming started is sent as a final
 ``data: {"error": ...}`` event.
+
+Drain (``drain()``, called by ``tierserve serve`` on SIGTERM / Ctrl-C): from
+then on every new /v1/completions or /v1/chat/completions request gets 503
+(``service_unavailable_error``, code ``draining``, ``Retry-After``) while the
+requests already admitted run to their end; ``in_flight()`` counts those
+(a streamed one until its last event is sent).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -34,6 +41,7 @@ from ray import serve
 from tierserve.routing.serve_router import routing_kwargs
 from tierserve.server.errors import (
     DEFAULT_MAX_BODY_BYTES,
+    APIError,
     ApiKeyMiddleware,
     BodyLimitMiddleware,
     error_responses,
@@ -100,6 +108,24 @@ class OpenAIIngress:
         self.block_size = info.block_size
         self.tokenizer = await worker.get_tokenizer.remote()
         self._board = get_or_create_metrics_board(serve.get_replica_context().app_name)
+        self._draining = False
+        self._in_flight = 0
+
+    # ----------------------------------------------------------------- drain
+    async def drain(self) -> int:
+        """Stop admitting (new requests get 503 with Retry-After); returns the requests still in flight."""
+        self._draining = True
+        return self._in_flight
+
+    async def in_flight(self) -> int:
+        """Requests admitted and not yet answered in full."""
+        return self._in_flight
+
+    def _admit(self) -> None:
+        if self._draining:
+            raise APIError(503, "the server is shutting down", type="service_unavailable_error",
+                           code="draining", headers={"Retry-After": str(self.settings.retry_after_s)})
+        self._in_flight += 1
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_fastapi(self)
@@ -172,6 +198,15 @@ class OpenAIIngress:
                                       choices=[choice], usage=acc.usage(), prompt_token_ids=ids)
 
     async def sse_stream(self, call: _Call) -> AsyncIterator[bytes]:
+        """The SSE events of ``call``; the request counts as in flight until they are all sent (or dropped)."""
+        try:
+            async with contextlib.aclosing(self._sse_events(call)) as events:
+                async for event in events:
+                    yield event
+        finally:
+            self._in_flight -= 1
+
+    async def _sse_events(self, call: _Call) -> AsyncIterator[bytes]:
         req, created, chat = call.request, now(), call.kind == "chat"
         chunk_cls = ChatCompletionChunk if chat else CompletionChunk
         head = dict(id=call.request_id, created=created, model=self.model_name)
@@ -206,15 +241,22 @@ class OpenAIIngress:
         yield sse("[DONE]")
 
     async def respond(self, kind: str, req):
-        call = await self.start(kind, req)
-        if req.stream:
-            return StreamingResponse(self.sse_stream(call), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+        self._admit()
+        streaming = False
         try:
-            body = await self.collect(call)
-        except Exception as exc:
-            raise to_api_error(exc, self.settings.retry_after_s) from None
-        return JSONResponse(body.model_dump(exclude_none=True))
+            call = await self.start(kind, req)
+            if req.stream:
+                streaming = True  # sse_stream counts it out when its last event is sent
+                return StreamingResponse(self.sse_stream(call), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache"})
+            try:
+                body = await self.collect(call)
+            except Exception as exc:
+                raise to_api_error(exc, self.settings.retry_after_s) from None
+            return JSONResponse(body.model_dump(exclude_none=True))
+        finally:
+            if not streaming:
+                self._in_flight -= 1
 
     async def metrics(self) -> bytes:
         snapshots = await self._board.collect.remote(self.settings.metrics_stale_after_s)

@@ -10,7 +10,7 @@ Validated at construction; errors name the field:
   ``min_replicas`` without ``max_replicas`` is refused;
 * ``target_ongoing_requests > 0``, ``max_waiting_requests >= 1``,
   ``retry_after_s >= 1``, ``max_body_bytes >= 1``, ``worker_cpus >= 0``, ``worker_gpus >= 0``,
-  ``ingress_cpus >= 0``, ``metrics_interval_s > 0``;
+  ``ingress_cpus >= 0``, ``drain_timeout_s >= 0``, ``metrics_interval_s > 0``;
 * ``router`` in ``ROUTERS``; ``0 <= router_min_match_ratio <= 1``; ``router_decode_weight >= 0``;
 * ``autoscaler`` in ``AUTOSCALERS``; ``llm`` needs ``max_replicas``; its targets and delays
   (``autoscale_*``) are checked by server/autoscaling.py ``AutoscaleTargets``.
@@ -39,7 +39,8 @@ _AUTOSCALE_TARGETS = {"autoscale_target_kv_usage": "target_kv_usage", "autoscale
                       "autoscale_downscale_delay_s": "downscale_delay_s"}
 
 _MIN = {"replicas": 1, "max_waiting_requests": 1, "retry_after_s": 1, "max_body_bytes": 1,
-        "worker_cpus": 0, "worker_gpus": 0, "ingress_cpus": 0}
+        "worker_cpus": 0, "worker_gpus": 0, "ingress_cpus": 0,
+        "drain_timeout_s": 0}
 _POSITIVE = ("target_ongoing_requests", "metrics_interval_s")
 
 
@@ -58,6 +59,8 @@ class ServeOptions:
     worker_gpus: float = option(0.0, "GPUs reserved per LLMServer replica (the engine's device auto then runs on "
                                      "the one Ray assigns)")
     ingress_cpus: float = option(0.0, "CPUs reserved per ingress replica")
+    drain_timeout_s: float = option(30.0, "on SIGTERM / Ctrl-C (and a replica's graceful shutdown): seconds "
+                                          "in-flight requests may take to finish while new ones get 503")
     metrics_interval_s: float = option(1.0, "seconds between two metrics pushes of a replica")
     router: str = option("prefix", "request router (prefix: longest cached prefix, bounded by load; "
                                    "pow2: Ray Serve's power of two choices)", choices=ROUTERS)
