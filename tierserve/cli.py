@@ -179,6 +179,10 @@ def _serve(args: argparse.Namespace) -> int:
     import os
     import signal
 
+    if args.address is None:
+        # Embedded Ray on loopback only: node address 127.0.0.1 and every gRPC / agent port bound to it (Ray
+        # reads this before it starts its processes; they inherit it). Token auth stays on (Ray's default).
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
     from ray import serve
 
@@ -190,7 +194,6 @@ def _serve(args: argparse.Namespace) -> int:
     if args.address is None:
         # On one machine the expert hosts (if any) live on this node: advertise their resource.
         hosts = {"expert_host": args.expert_hosts} if args.resident_experts is not None else None
-        # Ray on loopback only: its node address, and so every port it binds, is 127.0.0.1.
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, resources=hosts,
                  _node_ip_address="127.0.0.1")
     else:
