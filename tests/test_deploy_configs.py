@@ -216,3 +216,17 @@ def test_rayservice_serve_config_validates_and_matches_serve_yaml():
     embedded = yaml.safe_load(svc["spec"]["serveConfigV2"])
     check_serve_config(embedded)
     assert embedded["applications"] == load("serve.yaml")["applications"]
+
+
+@pytest.mark.parametrize("which", ["cluster.yaml", "cluster-local.yaml"])
+def test_ray_up_clusters_use_token_auth_and_keep_the_dashboard_local(which):
+    """Every node gets the token file at Ray's default path and starts Ray with token auth reading it;
+    no head command puts the dashboard on all interfaces (Ray's default host is 127.0.0.1)."""
+    cfg = load(which)
+    assert cfg["file_mounts"]["~/.ray/auth_token"] == "deploy/ray-auth-token"
+    starts = [c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2
+    for cmd in starts:
+        env = cmd.split("ray start")[0]
+        assert "RAY_AUTH_MODE=token" in env and "RAY_AUTH_TOKEN_PATH=$HOME/.ray/auth_token" in env, cmd
+        assert "dashboard-host" not in cmd, cmd
