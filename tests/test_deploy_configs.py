@@ -183,6 +183,8 @@ def test_rayservice_matches_kuberay_v1_crd():
     assert isinstance(spec["serveConfigV2"], str)
     cluster = spec["rayClusterConfig"]
     assert cluster["enableInTreeAutoscaling"] is True
+    assert cluster["authOptions"] == {"mode": "token"}  # KubeRay >= 1.5.1 makes the token Secret
+    assert tuple(map(int, cluster["rayVersion"].split("."))) >= (2, 52, 0)  # token auth needs Ray 2.52+
     assert cluster["autoscalerOptions"]["upscalingMode"] in ("Default", "Aggressive", "Conservative")
 
     head = cluster["headGroupSpec"]
