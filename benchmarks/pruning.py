@@ -62,10 +62,10 @@ def main() -> None:
     ap.add_argument("--methods", default="magnitude,wanda,elsa,elsa-l")
     ap.add_argument("--two-four", action=argparse.BooleanOptionalAction, default=True,
                     help="also every method with the 2:4 pattern")
-    ap.add_argument("--calib-windows", type=int, default=16)
+    ap.add_argument("--calib-windows", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--iterations", type=int, default=12)
-    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--eval-windows", type=int, default=16)
     args = ap.parse_args()
     folder = ensure_default_model()

@@ -46,7 +46,7 @@ def add_moe_parsers(sub) -> None:
     pw.add_argument("--seq-len", type=int, default=128)
     pw.add_argument("--iterations", type=int, default=None, help="ELSA: ADMM iterations (default 12)")
     pw.add_argument("--steps", type=int, default=None, help="ELSA: optimiser steps per iteration (default 4)")
-    pw.add_argument("--lr", type=float, default=None, help="ELSA: Adam learning rate (default 5e-5)")
+    pw.add_argument("--lr", type=float, default=None, help="ELSA: Adam learning rate (default 2e-4)")
     pw.add_argument("--rho", type=float, default=None, help="ELSA: initial ADMM penalty (default 0.05)")
     pw.set_defaults(func=_prune_weights)
 

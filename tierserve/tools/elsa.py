@@ -28,7 +28,7 @@ can keep its state in low precision: with ``low_precision`` the two Adam
 moments, ``Z`` and ``U`` are stored in bf16 (2 bytes instead of 4 per weight
 for each of the four), the update itself computed in fp32.
 
-Defaults (``ElsaConfig``): 12 iterations x 4 steps, lr 5e-5, rho from 0.05
+Defaults (``ElsaConfig``): 12 iterations x 4 steps, lr 2e-4, rho from 0.05
 growing x1.5 (to about 4.3 at the last iteration; at most 10), batches of 4
 windows. Our reading of the paper
 (arXiv 2510.01650; TECHNIQUES.md): its schedule and step counts are larger
@@ -60,7 +60,7 @@ class ElsaConfig:
     pattern: str = "unstructured"
     iterations: int = 12
     steps_per_iteration: int = 4
-    lr: float = 5e-5
+    lr: float = 2e-4
     rho: float = 0.05
     rho_growth: float = 1.5
     rho_max: float = 10.0
