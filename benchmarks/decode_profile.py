@@ -36,21 +36,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tierserve import LLM, SamplingParams  # noqa: E402
 from tierserve.models.default_model import default_gguf_path, ensure_default_model  # noqa: E402
 
+from decode import memcopy_bandwidth  # noqa: E402  (benchmarks/decode.py)
+
 PROMPT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
           "must be in want of a wife.")
-
-
-def memcopy_bandwidth() -> float:
-    """GB/s of a 256 MiB tensor copy, counting the bytes copied once (best of 5)."""
-    src = torch.empty(64 * 2**20, dtype=torch.float32).normal_()
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t)
-    return src.numel() * 4 / best / 1e9
 
 
 def _median(xs: list[float]) -> float:

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from model_harness import MOE_PROMPT, PagedRunner, tiny_moe_reference
+from polling import pid_gone
 from tierserve.kernels.cpu_linear import apply_linear_backend
 from tierserve.models.loader import load_model
 from tierserve.offload.placement import plan_placement
@@ -47,13 +48,6 @@ def launched():
     yield launcher, hosts
     launcher.shutdown()
 
-
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
 
 
 def _offloaded(path, placement, hosts, **kw):
@@ -113,7 +107,7 @@ def test_stopped_process_host_is_failed_over(tiny):
         # no hang, whatever the machine's speed: exactly one failed call (one timeout_s), then host1 is dropped
         assert [f.split(":")[0] for f in hook.pool.stats.failures] == ["host1"]
         assert hook.pool.alive == {"host0"} and set(hook.pool.owners.values()) == {"host0"}
-        assert _gone(pid)  # failing a host kills its process
+        assert pid_gone(pid)  # failing a host kills its process
         hook.close()
     finally:
         try:
@@ -154,7 +148,7 @@ def test_offload_from_config_default_launcher(tiny, tmp_path):
     hook.close()
     assert ExpertUsage.load(usage).counts == hook.counts()
     t0 = time.monotonic()
-    while not all(_gone(p) for p in pids):
+    while not all(pid_gone(p) for p in pids):
         assert time.monotonic() - t0 < 30, "expert host processes still running after close()"
         time.sleep(0.05)
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from model_harness import MOE_PROMPT, TINY_QWEN3_MOE, PagedRunner, tiny_moe_reference
+from polling import pid_gone
 from ray_fixtures import cluster  # noqa: F401  (the module-scoped 3-node cluster fixture)
 from tierserve.kernels.cpu_linear import apply_linear_backend
 from tierserve.models.loader import load_model
@@ -38,13 +39,6 @@ def tiny(tmp_path_factory):
     return path, ref, logits, tokens, usage
 
 
-def _pid_gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
-
 
 def _start_hosts(n=2, **spec):
     """(RayHostLauncher, its transports by name) for ``n`` ExpertHost actors; ``spec``: HostSpec fields."""
@@ -64,7 +58,7 @@ def _kill_hosts(launcher, hosts, limit_s=60.0):
             pass
     launcher.shutdown()
     t0 = time.monotonic()
-    while not all(_pid_gone(p) for p in pids):
+    while not all(pid_gone(p) for p in pids):
         assert time.monotonic() - t0 < limit_s, "killed expert hosts still running"
         time.sleep(0.05)
 

@@ -29,10 +29,10 @@ import sys
 import tempfile
 import time
 
-import pytest
 
 from model_harness import MOE_PROMPT, tiny_moe_reference
 from multinode_driver import node_processes
+from polling import pid_gone
 from ray_fixtures import free_port
 
 HEAD_IP, NODE_IP = "127.0.0.2", "127.0.0.3"
@@ -59,19 +59,12 @@ def _cleanup(temp_dir: str) -> list[int]:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         left = set(node_processes(temp_dir)) | set(node_processes(HEAD_IP)) | set(node_processes(NODE_IP))
-        left = {p for p in left if not _zombie(p)}
+        left = {p for p in left if not pid_gone(p)}
         if not left:
             return []
         time.sleep(0.2)
     return sorted(left)
 
-
-def _zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
 
 
 def test_moe_cold_experts_on_a_second_ray_start_node_survive_its_death(tmp_path, smollm_folder):
