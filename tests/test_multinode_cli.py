@@ -29,7 +29,6 @@ import sys
 import tempfile
 import time
 
-
 from model_harness import MOE_PROMPT, tiny_moe_reference
 from multinode_driver import node_processes
 from polling import pid_gone
