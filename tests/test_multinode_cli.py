@@ -44,7 +44,8 @@ def _ray_start(args: list[str], env: dict, temp_dir: str) -> None:
     cmd = [shutil.which("ray") or "ray", "start", *args, "--num-cpus=1", "--disable-usage-stats",
            f"--temp-dir={temp_dir}", "--object-store-memory=80000000",
            *[f"{k}={v}" for k, v in ports.items()]]
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
 
 
 def _cleanup(temp_dir: str) -> list[int]:
@@ -70,8 +71,10 @@ def test_moe_cold_experts_on_a_second_ray_start_node_survive_its_death(tmp_path,
     model = str(tmp_path / "moe")
     tiny_moe_reference(model, seed=11, new_tokens=1)
     temp_dir = tempfile.mkdtemp(prefix="trs-ray-", dir="/tmp")  # short: Ray's socket paths live below it
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (set by the suite's own Ray fixtures, and by the embedded serve)
+    # is Ray's single-node mode, in which `ray start --address` refuses to add a node: multi-node needs 1
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16),
-               RAY_USAGE_STATS_ENABLED="0")
+               RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1")
     port = free_port()
     try:
         _ray_start(["--head", f"--node-ip-address={HEAD_IP}", f"--port={port}", "--include-dashboard=false",
