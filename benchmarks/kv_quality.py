@@ -4,7 +4,9 @@ Configurations: the uncompressed baseline; 4-bit KV (``kv4``: 6.4x smaller
 pages, nothing evicted); and, at 25% and 50% compression (``ratio`` r: each
 sequence keeps ``ceil((1 - r) * prompt tokens)`` KV tokens, plus at most one
 block), PagedEviction, Expected Attention and the StreamingLLM baseline (sink
-block + recent window). Block size 16; prompts are prefilled in chunks of
+block + recent window); and the composed format, 4-bit pages with an
+eviction method (``kv4+expected_attention``: the bytes of both savings
+multiply). Block size 16; prompts are prefilled in chunks of
 ``--chunk`` tokens so eviction acts between chunks, as it would on a long
 document (``long_prefill_token_threshold``).
 
@@ -133,7 +135,7 @@ def run_config(label: str, kvc: KVCompressionConfig, windows, args) -> dict:
     page = engine.kv_compressor.page_size_bytes() if engine.kv_compressor else engine.model.kv_spec(BLOCK).page_size_bytes
     row = {"config": label, "method": kvc.method, "ratio": kvc.ratio, "ppl": math.exp(nll / count),
            "kept_tokens_end": max(kept), "peak_kept_tokens": max(peak),
-           "kv_bytes_per_token": page / BLOCK, "needle_acc": acc, "needle_answers": answers,
+           "kv_bytes_per_token": page / BLOCK, "kv_bytes_end": max(kept) * page // BLOCK, "needle_acc": acc, "needle_answers": answers,
            "seconds": round(time.time() - t0, 1)}
     print(fmt(row), flush=True)
     return row
@@ -142,7 +144,7 @@ def run_config(label: str, kvc: KVCompressionConfig, windows, args) -> dict:
 def fmt(r: dict) -> str:
     acc = "-" if r["needle_acc"] is None else f"{r['needle_acc']:.2f}"
     return (f"{r['config']:<28} ppl {r['ppl']:8.3f}  kept {r['kept_tokens_end']:5d} (peak {r['peak_kept_tokens']:5d})"
-            f"  KV B/token {r['kv_bytes_per_token']:8.0f}  needle {acc:>5}  {r['seconds']:6.1f}s")
+            f"  KV B/token {r['kv_bytes_per_token']:8.0f}  KV MB at end {r['kv_bytes_end'] / 1e6:7.2f}  needle {acc:>5}  {r['seconds']:6.1f}s")
 
 
 def main() -> None:
@@ -156,6 +158,9 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=256, help="prefill chunk (tokens per step)")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
     p.add_argument("--methods", nargs="+", default=list(EVICTORS))
+    p.add_argument("--composed", nargs="*", default=["expected_attention"],
+                   help="eviction methods also run on 4-bit pages (kv4 + method)")
+    p.add_argument("--skip-plain", action="store_true", help="only the kv4 and composed rows and the baseline")
     p.add_argument("--num-blocks", type=int, default=320)
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--threads", type=int, default=None)
@@ -169,7 +174,10 @@ def main() -> None:
                                    args.context + args.eval_tokens).tolist()
     del probe
     configs = [("none", KVCompressionConfig()), ("kv4", KVCompressionConfig("kv4"))]
-    configs += [(f"{m} @{int(r * 100)}%", KVCompressionConfig(m, ratio=r)) for r in args.ratios for m in args.methods]
+    for r in args.ratios:
+        if not args.skip_plain:
+            configs += [(f"{m} @{int(r * 100)}%", KVCompressionConfig(m, ratio=r)) for m in args.methods]
+        configs += [(f"kv4+{m} @{int(r * 100)}%", KVCompressionConfig(("kv4", m), ratio=r)) for m in args.composed]
     rows = [run_config(label, kvc, windows, args) for label, kvc in configs]
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

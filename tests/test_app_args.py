@@ -63,7 +63,9 @@ def test_kv_flags_reach_engine_config():
     assert (cfg.kv_compression.method, cfg.kv_compression.budget, cfg.kv_compression.ratio) == \
         ("paged_eviction", 256, None)
     gen = _build_parser().parse_args(["generate", "hi", "--kv-compression", "kv4"])
-    assert gen.kv_compression == "kv4"
+    assert gen.kv_compression == ("kv4",)
+    both = _build_parser().parse_args(["serve", "--kv-compression", "kv4,expected_attention", "--kv-ratio", "0.5"])
+    assert engine_config_of(serve_args(both, api_key=None)).kv_compression.methods == ("kv4", "expected_attention")
     streaming = _build_parser().parse_args(["serve", "--kv-compression", "streaming"])
     with pytest.raises(InvalidParameterError, match="kv_budget"):
         build_engine_config(streaming.model, **_engine_kwargs(streaming))

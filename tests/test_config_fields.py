@@ -51,7 +51,7 @@ def test_names_and_flags_keep_the_established_spellings():
         ("offload", "expert_hosts"): ("expert_hosts", "--expert-hosts"),
         ("offload", "channel"): ("offload_channel", "--offload-channel"),
         ("offload", "spare_slots"): ("offload_spare_slots", "--offload-spare-slots"),
-        ("kv_compression", "method"): ("kv_compression", "--kv-compression"),
+        ("kv_compression", "methods"): ("kv_compression", "--kv-compression"),
         ("kv_compression", "budget"): ("kv_budget", "--kv-budget"),
         ("kv_compression", "ratio"): ("kv_ratio", "--kv-ratio"),
         ("kv_tiers", "tiers"): ("kv_tiers", "--kv-tiers"),

@@ -118,3 +118,53 @@ def test_kv4_logits_close_to_fp32(smollm_folder, prompts, baseline):
     assert base[0].argmax() == got[0].argmax()
     # greedy continuations: measured 12 of 12 equal; allow one late divergence (4-bit KV is lossy)
     assert agree >= 11, (tokens[0], baseline[0][0])
+
+
+@pytest.fixture(scope="module")
+def kv4_run(smollm_folder, prompts):
+    return _run(_engine(smollm_folder, KVCompressionConfig("kv4")), prompts, 12)
+
+
+def test_kv4_with_eviction_above_context_equals_kv4(smollm_folder, prompts, kv4_run):
+    """Composed with a budget above the context, nothing is evicted: bitwise the kv4 engine."""
+    eng = _engine(smollm_folder, KVCompressionConfig("kv4,expected_attention", budget=1024))
+    assert eng.kv_compressor.page_size_bytes() * 6.4 == eng.model.kv_spec(BS).page_size_bytes
+    tokens, logits = _run(eng, prompts, 12)
+    assert eng.kv_evictor.num_evicted_blocks == 0
+    assert tokens == kv4_run[0]
+    assert len(logits) == len(kv4_run[1]) and all(torch.equal(a, b) for a, b in zip(logits, kv4_run[1]))
+
+
+def test_kv4_with_streaming_evicts_like_streaming(smollm_folder, prompts):
+    """kv4 + StreamingLLM keeps exactly the blocks StreamingLLM keeps on fp32 pages (its choice does not
+    read values), within budget + one block, and its logits stay within kv4's own error of that run."""
+    budget = 48
+
+    def tables_of(kvc):
+        eng = _engine(smollm_folder, kvc)
+        seen = []
+
+        def check(engine):
+            seen.append({rid: (engine.get_request(rid).num_computed_tokens,
+                               engine.kv_manager.num_evicted_tokens(rid), len(engine.get_request(rid).block_ids))
+                         for rid in engine.request_ids()})
+
+        return eng, seen, _run(eng, prompts, 12, check)
+
+    plain, plain_tables, (plain_tokens, plain_logits) = tables_of(KVCompressionConfig("streaming", budget=budget))
+    both, both_tables, (tokens, logits) = tables_of(KVCompressionConfig("kv4,streaming", budget=budget))
+    assert both.kv_compressor.name == "kv4+streaming"
+    assert both.kv_evictor.num_evicted_blocks == plain.kv_evictor.num_evicted_blocks > 0
+    # the same evictions at the same steps (with ignore_eos the counts do not depend on the tokens)
+    assert both_tables == plain_tables and len(both_tables) >= 12
+    for step in both_tables:
+        for computed, evicted, blocks in step.values():
+            assert computed - evicted <= budget + BS and blocks == -(-(computed - evicted) // BS)
+    # first step (the prefill, before any eviction): kv4's own deviation from fp32 KV, bounded as in
+    # test_kv4_logits_close_to_fp32 (measured KL 0.016 / 0.21)
+    p = torch.log_softmax(plain_logits[0][:2], -1)
+    q = torch.log_softmax(logits[0][:2], -1)
+    kl = (p.exp() * (p - q)).sum(-1)
+    assert kl[0] < 0.025 and kl[1] < 0.32, kl
+    assert all(len(t) == 12 for t in tokens) and tokens[0][0] == plain_tokens[0][0]
+    assert both.kv_manager.num_free_blocks == both.num_blocks  # every evicted and finished block returned

@@ -247,9 +247,80 @@ def test_eviction_is_refused_on_sliding_window_models(tmp_path):
                            sliding_window=8, layer_types=["sliding_attention", "full_attention"])
     build_and_save(cfg, str(tmp_path))
     config = EngineConfig(model=ModelConfig(model=str(tmp_path)), cache=CacheConfig(num_blocks=16),
-                          kv_compression=KVCompressionConfig(method="paged_eviction", budget=64))
+                          kv_compression=KVCompressionConfig(methods="paged_eviction", budget=64))
     with pytest.raises(InvalidParameterError, match=r"kv_compression.*1 sliding-window layers \(window 8\)"):
         LLMEngine(config)
     kv4 = EngineConfig(model=ModelConfig(model=str(tmp_path)), cache=CacheConfig(num_blocks=16),
-                       kv_compression=KVCompressionConfig(method="kv4", group_size=16))
+                       kv_compression=KVCompressionConfig(methods="kv4", group_size=16))
     assert LLMEngine(kv4).kv_compressor is not None  # storage compression keeps every slot: allowed
+
+
+# -- composition: a storage format with an eviction method ----------------------------------
+
+def test_composed_config_names_the_conflict():
+    kvc = KVCompressionConfig("kv4,expected_attention", ratio=0.5)
+    assert kvc.methods == ("kv4", "expected_attention") and kvc.method == "kv4+expected_attention"
+    assert kvc.evicts and not KVCompressionConfig("kv4").evicts and not KVCompressionConfig("none").enabled
+    assert KVCompressionConfig(("none",)) == KVCompressionConfig()
+    with pytest.raises(InvalidParameterError, match="kv_compression.*at most one eviction method.*2"):
+        KVCompressionConfig("streaming,paged_eviction", budget=64)
+    with pytest.raises(InvalidParameterError, match="kv_compression.*'none' cannot be combined"):
+        KVCompressionConfig("none,kv4")
+    with pytest.raises(InvalidParameterError, match="kv_budget.*streaming needs exactly one"):
+        KVCompressionConfig("kv4,streaming")
+    with pytest.raises(InvalidParameterError, match="kv_compression.*'zip'"):
+        KVCompressionConfig("kv4,zip")
+    from tierserve.config import SpeculativeConfig
+
+    with pytest.raises(InvalidParameterError, match="speculative.*kv4\\+streaming"):
+        EngineConfig(kv_compression=KVCompressionConfig("kv4,streaming", budget=64),
+                     speculative=SpeculativeConfig("ngram"))
+
+
+def test_composed_compressor_stores_packed_pages_and_evicts_by_policy():
+    comp = build_compressor(KVCompressionConfig("streaming,kv4", budget=12), SPEC)  # order does not matter
+    kv4 = build_compressor(KVCompressionConfig("kv4"), SPEC)
+    assert comp.name == "kv4+streaming" and comp.evicts
+    assert comp.page_size_bytes() == kv4.page_size_bytes()  # 6.4x below the fp32 page
+    caches = comp.allocate_cache(num_blocks=6)
+    assert all(isinstance(layer, PackedLayerKV) for layer in caches) and len(caches) == SPEC.num_layers
+    comp.bind(None, caches)
+    assert comp.blocks_to_evict(_seq([9, 8, 7, 6, 5], kept=20)) == [1]  # streaming's choice
+    assert comp.blocks_to_evict(_seq([9, 8, 7], kept=12)) == []
+
+
+def test_scorers_read_packed_pages_dequantized():
+    """PagedEviction over kv4 pages picks exactly the block it picks over plain pages holding the
+    dequantized values (the reference dequantization written out here: codes -> min + q * scale, keys
+    un-rotated by the normalised Sylvester Hadamard matrix)."""
+    torch.manual_seed(7)
+    comp = build_compressor(KVCompressionConfig("kv4,paged_eviction", budget=12), SPEC)
+    packed = comp.allocate_cache(num_blocks=8)
+    plain = allocate_kv_cache(SPEC, 8)
+    slots = torch.arange(32)
+    n = 64
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    h = h / math.sqrt(n)
+    for p, f in zip(packed, plain):
+        # keys with per-channel scales so the blocks' value/key ratios differ by more than the 4-bit error
+        k = torch.randn(32, 2, 64) * torch.linspace(0.2, 3.0, 32)[:, None, None]
+        v = torch.randn(32, 2, 64)
+        p.write(slots, k, v)
+        codes, scale, zero = quantize_groups(k @ h, 32)
+        f.k.view(32, 2, 64).copy_(dequantize_groups(codes, scale, zero, 32) @ h)
+        f.v.view(32, 2, 64).copy_(dequantize_groups(*quantize_groups(v, 32), 32))
+    blocks = [0, 1, 2, 3, 4]
+    from tierserve.cache.compress.base import layer_pages
+
+    for p, f in zip(packed, plain):
+        got_k, got_v = layer_pages(p, blocks)
+        ref_k, ref_v = layer_pages(f, blocks)
+        torch.testing.assert_close(got_k, ref_k, rtol=0, atol=1e-5)  # fp32 rounding of two 64-term products
+        assert torch.equal(got_v, ref_v)
+    reference = build_compressor(KVCompressionConfig("paged_eviction", budget=12), SPEC)
+    reference.bind(None, plain)
+    comp.bind(None, packed)
+    seq = _seq(blocks, kept=20)
+    assert comp.blocks_to_evict(seq) == reference.blocks_to_evict(seq) != []

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tierserve.cache.tiers.config import KVTierConfig  # DRAM/disk/Redis chunk store
-from tierserve.config_fields import option
+from tierserve.config_fields import option, split_commas
 from tierserve.errors import InvalidParameterError
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -216,20 +216,26 @@ class OffloadConfig:
 
 @dataclass(frozen=True)
 class KVCompressionConfig:
-    """KV-cache compression (tierserve/cache/compress/); off while ``method`` is "none".
+    """KV-cache compression (tierserve/cache/compress/); off while ``methods`` is empty.
 
-    ``method``: "none", "kv4" (4-bit packed KV pages) or an eviction method
-    ("paged_eviction", "expected_attention", "streaming"). An eviction method
-    keeps ``budget`` tokens per sequence (plus at most one block) or, with
-    ``ratio`` r, ceil((1 - r) * prompt tokens); it needs exactly one of the
-    two, and EngineConfig checks the budget covers 2 blocks (the first (sink)
-    block and the current block are never evicted). ``group_size``: kv4's
-    quantization group along head_dim. ``interval``: decode steps between two
-    Expected Attention compressions (None: one block).
+    ``methods``: a storage format ("kv4", 4-bit packed KV pages), an eviction
+    method ("paged_eviction", "expected_attention", "streaming"), or one of
+    each (``kv4,expected_attention``: the evictor scores and drops blocks of
+    4-bit pages); "none" (or nothing) turns compression off. Two formats or
+    two eviction methods are refused: pages have one layout and a table one
+    eviction policy. An eviction method keeps ``budget`` tokens per sequence
+    (plus at most one block) or, with ``ratio`` r, ceil((1 - r) * prompt
+    tokens); it needs exactly one of the two, and EngineConfig checks the
+    budget covers 2 blocks (the first (sink) block and the current block are
+    never evicted). ``group_size``: kv4's quantization group along head_dim.
+    ``interval``: decode steps between two Expected Attention compressions
+    (None: one block). A string ``"kv4,streaming"`` is accepted for
+    ``methods`` as everywhere else a list option is.
     """
 
-    method: str = option("none", "KV-cache compression (tierserve/cache/compress/)", name="kv_compression",
-                         choices=kv_compression_names)
+    methods: tuple[str, ...] = option((), "KV-cache compression (tierserve/cache/compress/): a storage format, "
+                                          "an eviction method, or one of each", name="kv_compression",
+                                      choices=kv_compression_names)
     budget: int | None = option(None, "eviction methods: kept KV tokens per sequence")
     ratio: float | None = option(None, "eviction methods: fraction of the prompt's KV to drop (instead of kv_budget)")
     group_size: int = option(32, "kv4: quantization group along head_dim (a power of two)")
@@ -238,23 +244,48 @@ class KVCompressionConfig:
 
     @property
     def enabled(self) -> bool:
-        return self.method != "none"
+        return bool(self.methods)
+
+    @property
+    def method(self) -> str:
+        """The methods as one name: "none", "kv4", "kv4+expected_attention"."""
+        return "+".join(self.methods) or "none"
+
+    @property
+    def evicts(self) -> bool:
+        """Whether one of the methods drops blocks (reads the registry: imports torch)."""
+        from tierserve.cache.compress import base as _compress  # lazy: the registry pulls in torch
+
+        return any(_compress.KV_COMPRESSORS[m].evicts for m in self.methods)
 
     def __post_init__(self) -> None:
-        evicts = False
-        if self.enabled:
+        methods = split_commas(self.methods) if isinstance(self.methods, str) else tuple(self.methods)
+        for m in methods:
+            _check_choice("kv_compression", m, kv_compression_names())
+        if "none" in methods:
+            if len(methods) > 1:
+                raise InvalidParameterError("kv_compression", f"'none' cannot be combined with other methods, "
+                                                              f"got {','.join(methods)!r}")
+            methods = ()
+        object.__setattr__(self, "methods", methods)
+        evictors = ()
+        if methods:
             from tierserve.cache.compress import base as _compress  # lazy: the registry pulls in torch
 
-            _check_choice("kv_compression", self.method, kv_compression_names())
-            evicts = _compress.KV_COMPRESSORS[self.method].evicts
+            evictors = tuple(m for m in methods if _compress.KV_COMPRESSORS[m].evicts)
+            formats = tuple(m for m in methods if m not in evictors)
+            for kind, names in (("storage format", formats), ("eviction method", evictors)):
+                if len(names) > 1:
+                    raise InvalidParameterError("kv_compression", f"takes at most one {kind}, got "
+                                                                  f"{len(names)}: {','.join(names)!r}")
         if self.budget is not None and self.budget < 1:
             raise InvalidParameterError("kv_budget", f"must be >= 1, got {self.budget}")
         if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
             raise InvalidParameterError("kv_ratio", f"must be in [0, 1), got {self.ratio}")
-        if evicts and (self.budget is None) == (self.ratio is None):
-            raise InvalidParameterError("kv_budget", f"{self.method} needs exactly one of kv_budget "
+        if evictors and (self.budget is None) == (self.ratio is None):
+            raise InvalidParameterError("kv_budget", f"{evictors[0]} needs exactly one of kv_budget "
                                                      f"(tokens per sequence) and kv_ratio")
-        if not evicts and (self.budget is not None or self.ratio is not None):
+        if not evictors and (self.budget is not None or self.ratio is not None):
             raise InvalidParameterError("kv_budget", f"only eviction methods take a budget or ratio, "
                                                      f"not {self.method!r}")
         if self.group_size < 2 or self.group_size & (self.group_size - 1):
@@ -324,11 +355,8 @@ class EngineConfig:
         if self.num_threads is not None and self.num_threads < 1:
             raise InvalidParameterError("num_threads", f"must be >= 1, got {self.num_threads}")
         kvc, bs = self.kv_compression, self.cache.block_size
-        if self.speculative.method != "none" and kvc.enabled:
-            from tierserve.cache.compress import base as _compress  # lazy: the registry pulls in torch
-
-            if _compress.KV_COMPRESSORS[kvc.method].evicts:  # rollback counts tokens; eviction shifts slots
-                raise InvalidParameterError("speculative", f"cannot be combined with the KV eviction method "
-                                                           f"{kvc.method!r} (yet)")
+        if self.speculative.method != "none" and kvc.evicts:  # rollback counts tokens; eviction shifts slots
+            raise InvalidParameterError("speculative", f"cannot be combined with the KV eviction method "
+                                                       f"{kvc.method!r} (yet)")
         if kvc.budget is not None and kvc.budget < 2 * bs:  # the sink block and the current block stay
             raise InvalidParameterError("kv_budget", f"must be >= 2 * block_size = {2 * bs}, got {kvc.budget}")

@@ -236,7 +236,8 @@ class LLMEngine:
         if not config.kv_tiers.enabled:
             return None
         if config.kv_compression.enabled:
-            raise InvalidParameterError("kv_tiers", "cannot be combined with kv_compression (yet)")
+            raise InvalidParameterError("kv_tiers", f"cannot be combined with kv_compression "
+                                                    f"{config.kv_compression.method!r} (yet)")
         import hashlib
 
         from tierserve.cache.tiers.connector import KVTierConnector

@@ -24,13 +24,17 @@ after every forward (observe hidden states, etc.); ``blocks_to_evict(seq)`` for
 every sequence that ran in the step; ``release(request_id)`` when a request
 finishes, aborts or is preempted.
 
-One compressor per engine (storage and eviction do not combine yet), and
-not together with the KV tiers (LLMEngine refuses the combination: a table
-with evicted blocks no longer maps to token chunks, and packed pages have no
-``k``/``v`` tensors to copy).
+A storage compressor and an eviction compressor compose
+(``ComposedCompressor``, ``--kv-compression kv4,expected_attention``): the
+storage one allocates the pages, the eviction one decides which blocks go
+and reads the pages it scores through ``layer_pages`` (dequantized for
+packed pages, so it scores what attention will see). Two of the same kind
+do not compose (KVCompressionConfig refuses them). Eviction is not combined
+with the KV tiers (LLMEngine refuses it: a table with evicted blocks no
+longer maps to token chunks).
 
 Registry: ``KV_COMPRESSORS`` maps the CLI name (``--kv-compression``) to the
-class; ``build_compressor(config, spec)`` instantiates it. The registry is
+class; ``build_compressor(config, spec)`` instantiates one, or composes two. The registry is
 filled by importing the implementation modules at the bottom of this file.
 """
 
@@ -101,6 +105,58 @@ class KVCompressor(ABC):
         """Forget per-request state (finished, aborted or preempted)."""
 
 
+def layer_pages(kv, block_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of one layer's pages ``block_ids``, ``[len * block_size, kv_heads, head_dim]`` fp32.
+
+    Plain pages (``LayerKV``) are indexed; packed pages (anything with ``gather(table)``, e.g. kv4's
+    ``PackedLayerKV``) are dequantized exactly as paged attention reads them.
+    """
+    gather = getattr(kv, "gather", None)
+    if gather is not None:
+        table = torch.tensor([list(block_ids)], dtype=torch.long, device=kv.device)
+        k, v = gather(table)
+        return k[0].float(), v[0].float()
+    ids = torch.tensor(list(block_ids), dtype=torch.long, device=kv.k.device)
+    heads, dim = kv.k.shape[-2], kv.k.shape[-1]
+    k = torch.index_select(kv.k, 0, ids).reshape(-1, heads, dim)
+    v = torch.index_select(kv.v, 0, ids).reshape(-1, heads, dim)
+    return k.float(), v.float()
+
+
+class ComposedCompressor(KVCompressor):
+    """A storage compressor's pages with an eviction compressor's policy (see the module docstring)."""
+
+    evicts = True
+
+    def __init__(self, storage: KVCompressor, eviction: KVCompressor):
+        if storage.evicts or not eviction.evicts:
+            raise ValueError(f"compose a storage compressor with an eviction one, got {storage.name!r} "
+                             f"and {eviction.name!r}")
+        super().__init__(eviction.config, eviction.spec)
+        self.storage, self.eviction = storage, eviction
+        self.name = f"{storage.name}+{eviction.name}"
+
+    def page_size_bytes(self) -> int:
+        return self.storage.page_size_bytes()
+
+    def allocate_cache(self, num_blocks: int, device: str | torch.device = "cpu") -> list:
+        return self.storage.allocate_cache(num_blocks, device)
+
+    def bind(self, model: torch.nn.Module, kv_caches: list) -> None:
+        super().bind(model, kv_caches)
+        self.storage.bind(model, kv_caches)
+        self.eviction.bind(model, kv_caches)
+
+    def after_step(self, sched) -> None:
+        self.eviction.after_step(sched)
+
+    def blocks_to_evict(self, seq: SeqKV) -> list[int]:
+        return self.eviction.blocks_to_evict(seq)
+
+    def release(self, request_id: str) -> None:
+        self.eviction.release(request_id)
+
+
 KV_COMPRESSORS: dict[str, type[KVCompressor]] = {}
 
 
@@ -112,14 +168,17 @@ def register(cls: type[KVCompressor]) -> type[KVCompressor]:
 
 
 def build_compressor(config, spec: KVSpec) -> KVCompressor | None:
-    """The compressor for a KVCompressionConfig (None for method "none")."""
+    """The compressor for a KVCompressionConfig: None when off, one, or a storage + eviction composition."""
     if not config.enabled:
         return None
-    cls = KV_COMPRESSORS.get(config.method)
-    if cls is None:
+    unknown = [m for m in config.methods if m not in KV_COMPRESSORS]
+    if unknown:
         raise InvalidParameterError("kv_compression", f"must be one of {sorted(KV_COMPRESSORS)}, "
-                                                      f"got {config.method!r}")
-    return cls(config, spec)
+                                                      f"got {unknown[0]!r}")
+    parts = sorted((KV_COMPRESSORS[m](config, spec) for m in config.methods), key=lambda c: c.evicts)
+    if len(parts) == 1:
+        return parts[0]
+    return ComposedCompressor(*parts)  # KVCompressionConfig allows at most one of each kind
 
 
 # Fill the registry (each module registers its class on import).

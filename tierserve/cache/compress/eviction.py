@@ -32,7 +32,7 @@ from abc import abstractmethod
 
 import torch
 
-from tierserve.cache.compress.base import KVCompressor, SeqKV
+from tierserve.cache.compress.base import KVCompressor, SeqKV, layer_pages
 
 
 class BlockEvictionCompressor(KVCompressor):
@@ -85,13 +85,10 @@ class BlockEvictionCompressor(KVCompressor):
 
     # -- helpers for scorers ---------------------------------------------------------------
     def gather_layer(self, layer: int, seq: SeqKV) -> tuple[torch.Tensor, torch.Tensor]:
-        """Kept keys and values of one layer, ``[num_kept, kv_heads, head_dim]`` each."""
-        kv = self.kv_caches[layer]
-        ids = torch.tensor(seq.block_ids, dtype=torch.long, device=kv.k.device)
-        heads, dim = kv.k.shape[-2], kv.k.shape[-1]
-        k = torch.index_select(kv.k, 0, ids).reshape(-1, heads, dim)[: seq.num_kept]
-        v = torch.index_select(kv.v, 0, ids).reshape(-1, heads, dim)[: seq.num_kept]
-        return k.float(), v.float()
+        """Kept keys and values of one layer, ``[num_kept, kv_heads, head_dim]`` fp32 each (packed pages
+        dequantized: the scores see what attention sees)."""
+        k, v = layer_pages(self.kv_caches[layer], seq.block_ids)
+        return k[: seq.num_kept], v[: seq.num_kept]
 
     def rank_by_block_score(self, token_scores: torch.Tensor, candidates: list[int]) -> list[int]:
         """Candidates by ascending mean token score of their (full) block; ties by age (older first)."""

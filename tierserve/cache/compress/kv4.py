@@ -96,6 +96,10 @@ class PackedLayerKV:
         self.rotation = rotation
         self.dtype = dtype
 
+    @property
+    def device(self) -> torch.device:
+        return self.k_packed.codes.device
+
     def write(self, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k_packed.write(slot_mapping, k.float() @ self.rotation, self.group)
         self.v_packed.write(slot_mapping, v, self.group)
