@@ -76,7 +76,7 @@ def teacher_forced_nll(engine: LLMEngine, ids: list[int], context: int) -> tuple
             sched = engine.scheduler.schedule()
             run = engine.runner.execute(sched, engine._requests)
             if engine.kv_evictor is not None:
-                engine.kv_evictor.after_step(sched, engine._requests)
+                engine.kv_evictor.after_forward(sched, engine._requests)
             peak = max(peak, kept_tokens(engine, rid))
             if not run.request_ids:
                 continue

@@ -3,6 +3,11 @@
 Allocated once at engine start and never reallocated: decode writes new
 tokens in place through a slot mapping, so the storage keeps its data_ptr for
 the engine's life.
+
+Every page format (this plain one, kv4's packed pages in cache/compress/kv4.py)
+lists its storage through ``parts()``: block-major tensors in a fixed order,
+which is all the KV tiers need to move whole blocks as bytes
+(cache/tiers/chunk_layout.py).
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ class LayerKV:
         heads, dim = k.shape[-2], k.shape[-1]
         self.k.view(-1, heads, dim).index_copy_(0, slot_mapping, k.to(self.k.dtype))
         self.v.view(-1, heads, dim).index_copy_(0, slot_mapping, v.to(self.v.dtype))
+
+    def parts(self) -> tuple[torch.Tensor, ...]:
+        """The storage tensors, block-major (dim 0 is the block), in a fixed order: K, V."""
+        return self.k, self.v
 
 
 def allocate_kv_cache(spec: KVSpec, num_blocks: int, device: str | torch.device = "cpu") -> list[LayerKV]:

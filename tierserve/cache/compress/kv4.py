@@ -100,6 +100,10 @@ class PackedLayerKV:
     def device(self) -> torch.device:
         return self.k_packed.codes.device
 
+    def parts(self) -> tuple[torch.Tensor, ...]:
+        """The storage tensors, block-major, in a fixed order: K codes, scales, mins, then V's."""
+        return tuple(t for x in (self.k_packed, self.v_packed) for t in (x.codes, x.scale, x.zero))
+
     def write(self, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k_packed.write(slot_mapping, k.float() @ self.rotation, self.group)
         self.v_packed.write(slot_mapping, v, self.group)

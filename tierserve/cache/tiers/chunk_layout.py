@@ -1,0 +1,64 @@
+"""ChunkLayout: a chunk's payload bytes out of, and back into, the engine's KV pages, in any page format.
+
+A page format lists one layer's storage as ``parts()``: block-major tensors
+(dim 0 is the block) in a fixed order -- plain pages (kernels/kv_pages.py
+``LayerKV``): K, V; kv4 pages (cache/compress/kv4.py ``PackedLayerKV``): K
+codes, K scales, K mins, V codes, V scales, V mins. With ``row_bytes(p)`` the
+bytes of one block of part ``p``, a chunk of ``chunk_blocks`` blocks is
+stored as, for each layer in order and each of its parts in order, the rows
+of the chunk's blocks, C order:
+
+    payload = || over layers l, parts p of  p[blocks].bytes      (block_bytes = sum of row_bytes)
+    payload_bytes = chunk_blocks * block_bytes
+
+For plain pages that is exactly the ``[layers, 2, tokens, kv_heads,
+head_dim]`` tensor of chunk.py; for kv4 it is the packed bytes as they sit in
+the pages (SmolLM2: 115,200 bytes per block instead of 737,280 in fp32, 6.4x
+fewer), so a hit copies packed bytes back without dequantizing and the
+loaded pages equal, bit for bit, what computing the tokens again would
+write. ``scatter`` copies a block range of a payload (a chunk partly covered
+by the device prefix cache) into other blocks of the pages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+class ChunkLayout:
+    def __init__(self, kv_caches: Sequence, chunk_blocks: int):
+        self.parts: list[torch.Tensor] = [p for layer in kv_caches for p in layer.parts()]
+        num_blocks = {p.shape[0] for p in self.parts}
+        if len(num_blocks) != 1 or not all(p.is_contiguous() for p in self.parts):
+            raise ValueError(f"page parts must be contiguous and share their block count, got shapes "
+                             f"{[tuple(p.shape) for p in self.parts]}")
+        self.chunk_blocks = chunk_blocks
+        self.row_bytes = [p[0].numel() * p.element_size() for p in self.parts]
+        self.block_bytes = sum(self.row_bytes)
+        self.payload_bytes = chunk_blocks * self.block_bytes
+
+    def gather(self, blocks: Sequence[int]) -> torch.Tensor:
+        """The payload of the chunk made of pages ``blocks`` (``chunk_blocks`` of them): uint8, on the CPU."""
+        if len(blocks) != self.chunk_blocks:
+            raise ValueError(f"a chunk has {self.chunk_blocks} blocks, got {len(blocks)}")
+        idx = torch.tensor(list(blocks), dtype=torch.long, device=self.parts[0].device)
+        return torch.cat([p.index_select(0, idx).reshape(-1).view(torch.uint8).cpu() for p in self.parts])
+
+    def scatter(self, payload: torch.Tensor, first: int, blocks: Sequence[int]) -> None:
+        """Copy blocks ``[first, first + len(blocks))`` of a chunk ``payload`` (uint8) into pages ``blocks``."""
+        n = len(blocks)
+        if payload.numel() != self.payload_bytes or not 0 <= first <= first + n <= self.chunk_blocks:
+            raise ValueError(f"payload of {payload.numel()} bytes (expected {self.payload_bytes}), blocks "
+                             f"[{first}, {first + n}) of a {self.chunk_blocks}-block chunk")
+        device = self.parts[0].device
+        idx = torch.tensor(list(blocks), dtype=torch.long, device=device)
+        offset = 0
+        for p, rb in zip(self.parts, self.row_bytes):
+            seg = payload[offset + first * rb: offset + (first + n) * rb]
+            if seg.storage_offset() % p.element_size():  # a dtype view needs an aligned start
+                seg = seg.clone()
+            seg = seg.to(device)
+            p.index_copy_(0, idx, seg.view(p.dtype).view(n, *p.shape[1:]))
+            offset += self.chunk_blocks * rb
