@@ -12,7 +12,14 @@ A quantized folder holds
   ``logits_head``) is stored once, under its first name.
 - ``config.json``: the HF config the model is built from.
 - ``quantization_config.json``: ``{"scheme", "options", "modules": {name:
-  {"format", "shape": [out, in], "meta"}}}``.
+  {"format", "shape": [out, in], "meta"}}, "source"}``, plus
+  ``"kv_compression"`` when the scheme's format names the KV format it is
+  served with (``offq``: ``"kv4"``, i.e. ``--kv-compression kv4``). ``source``
+  holds the shape-defining fields of the model it was made from
+  (``SOURCE_FIELDS`` of its ModelArchConfig); ``load_quantized`` refuses a
+  folder whose config.json describes another model (ModelLoadError naming the
+  field, the config's value and the recorded one; folders written before the
+  record existed have none and are not checked).
 - tokenizer files copied from the source folder when ``save_quantized`` is given one.
 
 ``load_quantized(folder, dtype)`` builds the model from config.json, swaps each
@@ -55,6 +62,8 @@ from tierserve.models.loader import LoadedModel, load_model
 from tierserve.models.registry import model_class
 
 QUANT_CONFIG_FILE = "quantization_config.json"
+SOURCE_FIELDS = ("architecture", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "num_key_value_heads", "head_dim", "num_experts", "moe_intermediate_size")
 WEIGHTS_FILE = "model.safetensors"
 _NOT_COPIED = (".safetensors", ".gguf", ".bin", ".pt", ".pth")
 
@@ -92,7 +101,11 @@ def save_quantized(model: nn.Module, hf_config: dict, out_dir: str, scheme: str,
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(hf_config, f, indent=2)
     with open(os.path.join(out_dir, QUANT_CONFIG_FILE), "w", encoding="utf-8") as f:
-        record = {"scheme": scheme, "options": dict(options), "modules": modules}
+        record = {"scheme": scheme, "options": dict(options), "modules": modules,
+                  "source": source_record(ModelArchConfig.from_hf(hf_config))}
+        kv = getattr(WEIGHT_FORMATS.get(scheme), "kv_compression", None)
+        if kv is not None:
+            record["kv_compression"] = kv
         if calibration is not None:
             record["calibration"] = dict(calibration)
         json.dump(record, f, indent=2)
@@ -102,6 +115,24 @@ def save_quantized(model: nn.Module, hf_config: dict, out_dir: str, scheme: str,
             if (os.path.isfile(src) and not name.endswith(_NOT_COPIED) and name not in ("config.json", QUANT_CONFIG_FILE)
                     and not name.endswith(".index.json")):
                 shutil.copyfile(src, os.path.join(out_dir, name))
+
+
+def source_record(arch: ModelArchConfig) -> dict:
+    """The shape-defining fields of a model (``SOURCE_FIELDS``), as recorded in a quantized folder."""
+    return {f: getattr(arch, f) for f in SOURCE_FIELDS}
+
+
+def check_source(folder: str, qcfg: dict, arch: ModelArchConfig) -> None:
+    """ModelLoadError if the folder's config.json is not the model the checkpoint was made from."""
+    recorded = qcfg.get("source")
+    if recorded is None:
+        return
+    here = source_record(arch)
+    for field, want in recorded.items():
+        if here.get(field, want) != want:
+            raise ModelLoadError(f"{folder}: config.json has {field} = {here[field]!r} but this {qcfg['scheme']} "
+                                 f"checkpoint was made from a model with {field} = {want!r}; its quantized "
+                                 f"weights do not belong to this model")
 
 
 def read_quant_config(folder: str) -> dict | None:
@@ -201,6 +232,7 @@ def load_quantized(folder: str, dtype: torch.dtype = torch.float32) -> LoadedMod
     with safe_open(weights, framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     arch = ModelArchConfig.from_hf(hf_config)
+    check_source(folder, qcfg, arch)
     model = model_class(arch.architecture)(arch, dtype)
     for name, spec in qcfg["modules"].items():
         _swap_in(model, name, _packed_for(name, spec, tensors, qcfg), tensors, dtype, qcfg)

@@ -18,6 +18,14 @@ no calibration pass. A format that also declares ``paired_calibration``
 over the same windows instead: the float inputs X captured first, and each
 linear's inputs X~ re-captured from the model with every earlier linear already
 quantized, just before that linear is quantized.
+
+A format may set ``min_calibration_tokens`` (``offq``: 64, the rows its
+per-site offset is averaged over): fewer than ``calib_windows x
+calib_seq_len`` tokens raise InvalidParameterError naming the count and the
+limit before the model is loaded. ``offq`` (OffQ W4A4, ``kernels/quant/offq_format.py``)
+is calibrated like the others (rotation and offset per linear from its
+inputs); its checkpoint records ``"kv_compression": "kv4"`` (save_quantized),
+the KV format it is meant to be served with: ``--kv-compression kv4``.
 """
 
 from __future__ import annotations
@@ -36,13 +44,21 @@ from tierserve.models.quantized_checkpoint import save_quantized
 CALIB_BATCH = 4  # calibration windows per forward
 
 
-def _needs_calibration(scheme: str, options: dict) -> tuple[bool, bool]:
-    """(needs calibration, needs the paired sequential calibration) of the format built from the options."""
+def _needs_calibration(scheme: str, options: dict, tokens: int) -> tuple[bool, bool]:
+    """(needs calibration, needs the paired sequential calibration) of the format built from the options.
+
+    ``tokens`` (calibration windows x length) is checked against the format's ``min_calibration_tokens``.
+    """
     try:
         fmt = get_format(scheme, **options)
     except TypeError as exc:  # as quantize_model reports an option the format's constructor does not take
         raise InvalidParameterError("options", f"scheme {scheme!r} rejects options {options}: {exc}") from exc
-    return bool(getattr(fmt, "needs_calibration", False)), bool(getattr(fmt, "paired_calibration", False))
+    needs = bool(getattr(fmt, "needs_calibration", False))
+    least = int(getattr(fmt, "min_calibration_tokens", 1))
+    if needs and tokens < least:
+        raise InvalidParameterError("calib_windows * calib_seq_len", f"scheme {scheme!r} needs at least {least} "
+                                                                     f"calibration tokens, got {tokens}")
+    return needs, bool(getattr(fmt, "paired_calibration", False))
 
 
 def _tokenizer(folder: str):
@@ -65,7 +81,7 @@ def quantize_checkpoint(model_path: str, out_dir: str, scheme: str, options: dic
     for field, value in (("calib_windows", calib_windows), ("calib_seq_len", calib_seq_len)):
         if value < 1:
             raise InvalidParameterError(field, f"must be >= 1, got {value}")
-    needs_calibration, paired = _needs_calibration(scheme, options)
+    needs_calibration, paired = _needs_calibration(scheme, options, calib_windows * calib_seq_len)
     loaded = load_model(model_path, torch.float32)
     is_folder = os.path.isdir(model_path)
     if not is_folder:  # a .gguf: its tokenizer goes into the output folder (and serves calibration)

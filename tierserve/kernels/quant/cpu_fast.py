@@ -13,6 +13,7 @@ against):
 | q8_0     | int4_cpu, two terms (q = 16 hi + lo)                  | 10 bits (ggml: 8.5)     |
 | mxfp4    | fp4_cpu LUT row chunks (float32, bytes unchanged)     | 4.25 bits (unchanged)   |
 | nvfp4    | fp4_cpu LUT row chunks (float32, bytes unchanged)     | 4.5 bits (unchanged)    |
+| offq     | offq_cpu (int4 pack, per-token int4 codes)           | 4 bits + bf16 s/z       |
 | dfloat11 | none: the Huffman decode dominates (see benchmarks)   | unchanged               |
 
 Paths with bf16 compute round activations and outputs to bf16 (relative
@@ -51,6 +52,7 @@ from tierserve.kernels.quant.dequant_cpu import Q8_0ChunkedLinear
 from tierserve.kernels.quant.fp4_cpu import FP4LutLinear
 from tierserve.kernels.quant.int4_cpu import (int4_available, int4_from_q4_0, int4_from_q4_1, int4_from_q8_0,
                                               int4_from_sinq, sinq_int4_supported)
+from tierserve.kernels.quant.offq_cpu import offq_cpu_module
 
 FastBuilder = Callable[[QuantizedLinear], nn.Module | None]
 
@@ -75,6 +77,7 @@ CPU_FAST_PATHS: dict[str, FastBuilder] = {
     "q8_0": _q8_0,
     "mxfp4": lambda q: FP4LutLinear(q.fmt, q.packed(), q.bias),
     "nvfp4": lambda q: FP4LutLinear(q.fmt, q.packed(), q.bias),
+    "offq": offq_cpu_module,
 }
 
 

@@ -30,8 +30,9 @@ and ``gate_up_proj`` are one site each), from calibration inputs ``X [n, in]``:
 ``OffQLinear`` computes ``inner(R x - o e_0)`` (the reflection applied in
 float64 as ``x - (2 / v^T v) (x . v) v``), ``inner`` an ``nn.Linear`` holding
 ``W'`` and the folded bias. With quantization off a rotated model's logits
-equal the original's up to fp32 rounding; the 4-bit weights, per-token
-activations and KV of OffQ build on this (not yet here). Tests
+equal the original's up to fp32 rounding; the 4-bit weights and per-token
+activations of OffQ build on this in the ``offq`` weight format
+(offq_format.py; KV in 4 bits is the engine's kv4). Tests
 (tests/test_offq_rotation.py): ``R u = e_0`` and orthogonality, channel 0's
 energy share and zero mean after the offset on inputs with an outlier
 direction, the identity case, SmolLM2's logits unchanged with every linear
