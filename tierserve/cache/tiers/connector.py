@@ -41,7 +41,12 @@ tokens is gathered from its blocks into one record buffer and put into every
 tier that does not have it yet (each backend is asked ``contains``; Redis
 answers a miss without a call while its breaker is open). Stores are
 synchronous copies into LMCache buffers; disk and Redis writes then finish on
-LMCache's event loop. A store that fails is logged and never fails the request.
+LMCache's event loop. A store that fails is logged and never fails the request,
+and it is counted in that tier's ``failures``: a failing tier call or write
+by the backend itself (backend.py; the disk tier also counts a write that
+fails later on the event loop, disk.py), and a chunk the connector could not
+build (no free LMCache buffer, an error gathering it) once for every tier
+that lacked it. A failed chunk is tried again at the request's next store.
 
 Holdings for the router (``holdings() -> TierHoldings``, read by the worker's
 cache reporter, server/cache_reporter.py ``TierMirror``): the chunk keys each
@@ -50,7 +55,8 @@ evictions are seen at the next report; and, for the shared Redis, its drained
 event log (redis.py: the net last event per key since the last call).
 
 Stats (``stats()`` -> KVTierStats): per tier the chunks and tokens served,
-bytes loaded and stored, checksum failures, the backend's failures; total
+bytes loaded and stored, checksum failures, failures (the backend's own plus
+the chunks the connector could not build for it, see Store); total
 seconds spent fetching + verifying + copying loaded chunks; lookups.
 
 Tests: tests/test_kv_tiers.py (logits after a load from each tier equal a
@@ -58,7 +64,9 @@ full recompute; corrupted disk records are recomputed; Redis slow, then
 killed mid-run), tests/test_kv_tiers_processes.py (keys across
 PYTHONHASHSEED values; a second process served from Redis),
 tests/test_tier_routing_connector.py (holdings reach the router),
-tests/test_kv_tiers_backends.py (each backend's contract, Redis failures).
+tests/test_kv_tiers_backends.py (each backend's contract, Redis failures),
+tests/test_kv_tiers_store_failures.py (stores failing on disk and for lack of
+buffer space: counted exactly, output identical to an engine without tiers).
 """
 
 from __future__ import annotations
@@ -129,6 +137,7 @@ class KVTierConnector(StepHook):
         self._loaded = dict.fromkeys(names, 0)
         self._stored = dict.fromkeys(names, 0)
         self._corrupt = dict.fromkeys(names, 0)
+        self._store_failures = dict.fromkeys(names, 0)
         self._lookups = 0
         self._load_s = 0.0
 
@@ -265,19 +274,25 @@ class KVTierConnector(StepHook):
             return
         keys = self._request_keys(req, num_chunks)
         for j in range(num_chunks):
+            todo = [b for b in self.backends if not b.contains(keys[j])]
+            if not todo:
+                continue
             try:
-                self._store_chunk(keys[j], req.block_ids[j * self.chunk_blocks:(j + 1) * self.chunk_blocks])
+                built = self._store_chunk(keys[j], req.block_ids[j * self.chunk_blocks:(j + 1) * self.chunk_blocks],
+                                          todo)
             except Exception:  # a tier's store failing must never fail the request
                 logger.exception("KV tier store of chunk %s failed", keys[j].hex()[:16])
+                built = False
+            if not built:  # no tier got the chunk: one failure for each tier that should have (module doc)
+                for backend in todo:
+                    self._store_failures[backend.name] += 1
 
-    def _store_chunk(self, key: bytes, blocks: list[int]) -> None:
-        todo = [b for b in self.backends if not b.contains(key)]
-        if not todo:
-            return
+    def _store_chunk(self, key: bytes, blocks: list[int], todo: list[TierBackend]) -> bool:
+        """Gather the chunk into a record and hand it to every tier in ``todo``; False when no buffer was free."""
         record = self.runtime.allocate(record_size(self.payload_bytes))
         if record is None:
             logger.warning("KV tiers: no DRAM buffer space for a %d-byte chunk; not stored", self.payload_bytes)
-            return
+            return False
         try:
             idx = torch.tensor(blocks, dtype=torch.long)
             payload = torch.stack([torch.stack([c.k.index_select(0, idx), c.v.index_select(0, idx)])
@@ -289,6 +304,7 @@ class KVTierConnector(StepHook):
                     self._stored[backend.name] += self.payload_bytes
         finally:
             record.release()
+        return True
 
     # -------------------------------------------------------- router and stats
     def holdings(self) -> TierHoldings:
@@ -303,7 +319,7 @@ class KVTierConnector(StepHook):
         return TierHoldings(held, events)
 
     def stats(self) -> KVTierStats:
-        failures = {b.name: b.failures for b in self.backends}
+        failures = {b.name: b.failures + self._store_failures[b.name] for b in self.backends}
         return KVTierStats(dict(self._hits), dict(self._hit_tokens), dict(self._loaded), dict(self._stored),
                            dict(self._corrupt), failures, self._lookups, self._load_s)
 

@@ -181,9 +181,11 @@ class LMCacheTier(TierBackend):
         super().__init__()
         self.runtime = runtime
         self._store = store  # an LMCache StorageBackendInterface
+        self._fail_lock = threading.Lock()  # failures are counted on the engine thread and LMCache's writers
 
     def _fail(self, what: str, key: bytes, exc: BaseException) -> None:
-        self.failures += 1
+        with self._fail_lock:
+            self.failures += 1
         logger.warning("KV tier %s: %s of chunk %s failed (%s)", self.name, what, key.hex()[:16], exc)
 
     def contains(self, key: bytes) -> bool:

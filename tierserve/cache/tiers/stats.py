@@ -2,8 +2,10 @@
 
 Per tier (``"dram"``, ``"disk"``, ``"redis"``): chunks served (``hits``) and
 their tokens, bytes loaded from and stored to the tier, chunks rejected by
-their checksum (``corrupt``), and failed or timed-out tier calls
-(``failures``; for Redis each opens the circuit breaker). ``lookups`` counts
+their checksum (``corrupt``), and ``failures``: failed or timed-out tier
+calls and writes (for Redis each opens the circuit breaker), plus the chunks
+the connector could not build a record for (no free buffer, an error) and so
+did not store in that tier (connector.py, Store). ``lookups`` counts
 admissions that asked the tiers; ``load_seconds`` is the time spent fetching,
 verifying and copying chunks into the KV pages. ``add`` sums replicas.
 """
