@@ -128,6 +128,28 @@ def test_fast_path_matches_reference(label, scheme, opts, cls, bf16, out_f, in_f
         assert bool((err <= bound).all()), f"{label} M={m}: max excess {(err - bound).max().item():.3g}"
 
 
+@pytest.mark.parametrize("scheme", ["q4_0", "q4_1"])
+@pytest.mark.parametrize("out_f,bias", [(96, False), (40, False), (96, True)])
+def test_single_term_forward_equals_general_path(scheme, out_f, bias):
+    """The batch-1 fast forward (one term, no bias, no padded rows) runs the same cast, kernel, cast as the
+    general term loop: bit-equal outputs; padded or biased modules take the general path."""
+    g = torch.Generator().manual_seed(out_f)
+    fmt = get_format(scheme)
+    w = torch.randn(out_f, 128, generator=g) * 0.05
+    ref_mod = QuantizedLinear(fmt, fmt.quantize(w), torch.randn(out_f, generator=g) if bias else None)
+    fast = cpu_fast_module(ref_mod)
+    assert fast._single == (out_f % 16 == 0 and not bias)
+    for shape in ((1, 128), (3, 128), (2, 5, 128)):
+        x = torch.randn(*shape, generator=g)
+        with torch.no_grad():
+            got, general, ref = fast(x), fast.forward_terms(x), ref_mod(x)
+        assert got.shape == ref.shape and got.dtype == torch.float32
+        assert torch.equal(got, general)
+        # bf16 roundings of x, scale, zero and y (test_fast_path_matches_reference): 4u of |x| @ blockmax|W|
+        bound = 4 * U_BF16 * (x.abs() @ _block_max(fmt.dequantize(ref_mod.packed()), 32).t()) + 1e-7
+        assert bool(((got - ref).abs() <= bound).all())
+
+
 @pytest.mark.parametrize("scheme,cls", [("q8_0", Q8_0ChunkedLinear), ("nvfp4", FP4LutLinear),
                                         ("mxfp4", FP4LutLinear)])
 def test_chunked_decoding_matches_reference_across_chunks(scheme, cls):

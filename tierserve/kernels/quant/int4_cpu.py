@@ -52,6 +52,25 @@ bf16 scale/zero (+ SINQ's ``K`` bf16 column scales). Bits per weight: 5.0 at
 group 32 (ggml Q4_0 stores 4.5, Q4_1 5.0), 4.5 at group 64, 10 for Q8_0
 (ggml: 8.5; the price of running 8-bit codes on 4-bit kernels).
 
+Candidates for fp32 activations at batch 1 (``benchmarks/decode_int4_candidates.py``,
+SmolLM2 shapes, 2 cores; gate_up 3072x576 / LM head 49152x576, 10th-percentile ms):
+bf16 activations with both casts 0.031 / 0.56; the same op on fp32 activations
+(no casts, exact to 3e-6) 1.26 / 132, ``quantized.int4mm_packed_weight_cpu`` on fp32
+1.34 / 110 (both scalar loops); llama.cpp's scheme through ``torch._int_mm`` (Q8
+activations per 32-block, exact int32 block dots on a block-diagonal [K/32, K]
+activation matrix, one scale multiply per block) 0.17 / 91, with a larger error
+than bf16 (1.6e-2 against 9.4e-3 at |y| ~3); ``_weight_int8pack_mm`` (per-channel
+only) 0.57 / 48. So torch 2.13 offers no fp32-activation 4-bit kernel anywhere
+near the bf16 one (20-200x slower), and the int8-activation scheme is 5x slower
+and coarser: the bf16 kernel stays, its casts cost ~1.5 us each (two per
+linear), and its rounding is bounded as above. Q8 activations (llama.cpp) round
+each value to 1/254 of its block's max, coarser than bf16's 2^-9 relative.
+
+Batch-1 fast forward: a single-term module without column scales, bias or row
+padding (Q4_0, Q4_1: every SmolLM2 projection) runs ``cast, kernel, cast`` with no
+per-call term list, stack or slicing; ``forward_terms`` is the general path and the
+tests check the two are equal.
+
 Not used: ``torch.ops.aten._dyn_quant_pack_4bit_weight`` / ``_dyn_quant_matmul_4bit``
 (KleidiAI W4A8). On this x86 build the pack op returns the weight as float32
 (3.66 MB for a 1536x576 weight, larger than the fp32 weight itself) and the
@@ -118,6 +137,9 @@ class Int4CpuLinear(nn.Module):
             self.register_buffer(f"sz_{i}", sz)
         self.register_buffer("col_scale", None if col_scale is None else col_scale.to(COMPUTE_DTYPE))
         self.register_buffer("bias", None if bias is None else bias.detach())
+        self._single = (len(terms) == 1 and col_scale is None and bias is None
+                        and terms[0][1].shape[1] == self.out_features
+                        and type(self).prepare_input is Int4CpuLinear.prepare_input)
 
     def terms(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(getattr(self, f"packed_{i}"), getattr(self, f"sz_{i}")) for i in range(self.n_terms)]
@@ -133,6 +155,14 @@ class Int4CpuLinear(nn.Module):
         return x2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._single:  # cast, kernel, cast (module docstring: batch-1 fast forward)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x.reshape(-1, self.in_features).to(COMPUTE_DTYPE).contiguous(), self.packed_0, self.group, self.sz_0)
+            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return self.forward_terms(x)
+
+    def forward_terms(self, x: torch.Tensor) -> torch.Tensor:
+        """The general path: column scales, several terms, padded rows, bias."""
         lead = x.shape[:-1]
         xb = self.prepare_input(x.reshape(-1, self.in_features)).to(COMPUTE_DTYPE)
         if self.col_scale is not None:
