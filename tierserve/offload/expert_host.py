@@ -34,6 +34,13 @@ returns the expert as held, raw ``ExpertWeights`` on a ``"raw"`` host and the st
 shipping), and a coded expert sent to a ``"raw"`` host is decoded. ``weight_format()``
 names the store (failover reloads ask it to send the target's own form).
 
+Bad requests: rows for an expert the host does not hold raise ``KeyError``, rows whose
+width is not the expert's hidden size raise ``InvalidParameterError`` (field ``x``), both
+naming the host's node and the expert, before any row is computed for that expert; the
+socket channel returns the message to the worker as an error reply (the connection and
+the host keep serving), and the worker's ``HostPool`` fails the host over
+(tests/test_expert_host_errors.py).
+
 ``stats()`` reports the calls and bytes received per layer (tests check the fused
 dispatch contract: one message per host per layer per step, bytes = rows x hidden
 x dtype size). The channel serves several connections at once (the worker's dispatch
@@ -50,6 +57,7 @@ import threading
 import numpy as np
 import torch
 
+from tierserve.errors import InvalidParameterError
 from tierserve.offload.expert_transit import ExpertPayload
 from tierserve.offload.expert_weights import build_expert, numpy_to_tensor, tensor_to_numpy
 from tierserve.offload.host_storage import make_store
@@ -68,6 +76,7 @@ class ExpertHostCore:
         self.linear_backend = linear_backend
         self.node = node or socket.gethostname()
         self._experts: dict[Key, torch.nn.Module] = {}
+        self._hidden: dict[Key, int] = {}  # input features of each built expert
         self._weights = make_store(weight_format)
         self._calls: dict[int, int] = {}
         self._bytes: dict[int, int] = {}
@@ -96,14 +105,20 @@ class ExpertHostCore:
         with self._lock:
             return sorted(self._weights.keys())
 
-    def _expert(self, layer: int, e: int) -> torch.nn.Module:
+    def _expert(self, layer: int, e: int, hidden: int) -> torch.nn.Module:
+        """The built module of expert ``(layer, e)``, checked to take rows of ``hidden`` features."""
         with self._lock:
             expert = self._experts.get((layer, e))
             if expert is None:
                 if (layer, e) not in self._weights:
                     raise KeyError(f"expert host on {self.node} does not hold expert (layer {layer}, {e})")
-                expert = build_expert(self._weights.get((layer, e)), self.linear_backend)
+                w = self._weights.get((layer, e))
+                expert = build_expert(w, self.linear_backend)
                 self._experts[(layer, e)] = expert
+                self._hidden[(layer, e)] = int(w.gate_up.shape[1])
+            if hidden != self._hidden[(layer, e)]:
+                raise InvalidParameterError("x", f"expert host on {self.node}: rows of hidden size {hidden}, but "
+                                                 f"expert (layer {layer}, {e}) takes {self._hidden[(layer, e)]}")
             return expert
 
     @torch.inference_mode()
@@ -123,7 +138,7 @@ class ExpertHostCore:
             while end < len(sorted_ids) and sorted_ids[end] == e:
                 end += 1
             rows = order[start:end]
-            out.index_copy_(0, rows, self._expert(layer, e)(xt.index_select(0, rows)))
+            out.index_copy_(0, rows, self._expert(layer, e, xt.shape[1])(xt.index_select(0, rows)))
             start = end
         return tensor_to_numpy(out)
 
