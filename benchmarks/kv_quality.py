@@ -1,7 +1,9 @@
 """KV-cache compression quality on SmolLM2-135M: Austen perplexity and a planted-fact (needle) retrieval.
 
 Configurations: the uncompressed baseline; 4-bit KV (``kv4``: 6.4x smaller
-pages, nothing evicted); and, at 25% and 50% compression (``ratio`` r: each
+pages, nothing evicted) and XQuant (``xquant``: the 4-bit SVD latent of
+the pre-RoPE keys and the values, the same bytes per token as kv4 plus a
+4-byte position); and, at 25% and 50% compression (``ratio`` r: each
 sequence keeps ``ceil((1 - r) * prompt tokens)`` KV tokens, plus at most one
 block), PagedEviction, Expected Attention and the StreamingLLM baseline (sink
 block + recent window); and the composed format, 4-bit pages with an
@@ -158,6 +160,7 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=256, help="prefill chunk (tokens per step)")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
     p.add_argument("--methods", nargs="+", default=list(EVICTORS))
+    p.add_argument("--storage", nargs="*", default=["kv4", "xquant"], help="storage formats (nothing evicted)")
     p.add_argument("--composed", nargs="*", default=["expected_attention"],
                    help="eviction methods also run on 4-bit pages (kv4 + method)")
     p.add_argument("--skip-plain", action="store_true", help="only the kv4 and composed rows and the baseline")
@@ -173,7 +176,7 @@ def main() -> None:
     windows = austen_token_windows(probe.tokenizer, HELDOUT_NOVELS, args.windows,
                                    args.context + args.eval_tokens).tolist()
     del probe
-    configs = [("none", KVCompressionConfig()), ("kv4", KVCompressionConfig("kv4"))]
+    configs = [("none", KVCompressionConfig())] + [(name, KVCompressionConfig(name)) for name in args.storage]
     for r in args.ratios:
         if not args.skip_plain:
             configs += [(f"{m} @{int(r * 100)}%", KVCompressionConfig(m, ratio=r)) for m in args.methods]

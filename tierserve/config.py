@@ -44,10 +44,10 @@ def attention_backends() -> tuple[str, ...]:
 
 
 def quantization_names() -> tuple[str, ...]:
-    """``"auto"`` and the names in the weight-format registry (read lazily: it imports torch)."""
+    """``"auto"``, ``"none"`` and the names in the weight-format registry (read lazily: it imports torch)."""
     from tierserve.kernels.quant import base
 
-    return ("auto", *sorted(base.WEIGHT_FORMATS))
+    return ("auto", "none", *sorted(base.WEIGHT_FORMATS))
 
 
 def kv_compression_names() -> tuple[str, ...]:
@@ -72,9 +72,12 @@ class ModelConfig:
     ``linear_backend`` picks how linear layers run ("auto": oneDNN-prepacked
     weights on CPU, see kernels/cpu_linear.py; "torch": plain F.linear).
     ``quantization`` picks packed weights (models/quantized_checkpoint.py
-    ``load_for_engine``): None = as stored; "auto" = a folder's
+    ``load_for_engine``): None = as stored (the embedded default: its GGUF
+    kept packed on the CPU); "none" = unpacked float weights (the embedded
+    default: its fp32 conversion); "auto" = a folder's
     quantization_config.json if present, a .gguf's Q4_0/Q4_1/Q8_0 tensors kept
-    packed; otherwise a scheme name from the weight-format registry.
+    packed; otherwise a scheme name from the weight-format registry
+    (engine/model_source.py resolves the pair).
     """
 
     model: str | None = option(None, "safetensors folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
@@ -85,7 +88,8 @@ class ModelConfig:
     linear_backend: str = option("auto", "how linear layers run (auto: oneDNN-prepacked weights on CPU)",
                                  choices=linear_backends)
     quantization: str | None = option(None, "packed weights: 'auto' (a quantized folder's config, a .gguf kept "
-                                            "packed) or a weight-format name (default: as stored)",
+                                            "packed), 'none' (unpacked float weights) or a weight-format name "
+                                            "(default: as stored; the embedded model: its GGUF packed on the CPU)",
                                       choices=quantization_names)
     attention_backend: str = option("auto", "paged attention implementation (auto: triton kernels on CUDA, the "
                                             "torch reference on the CPU)", choices=attention_backends)
@@ -229,7 +233,8 @@ class KVCompressionConfig:
     budget covers 2 blocks (the first (sink) block and the current block are
     never evicted). ``group_size``: kv4's quantization group along head_dim.
     ``interval``: decode steps between two Expected Attention compressions
-    (None: one block). A string ``"kv4,streaming"`` is accepted for
+    (None: one block). ``latent_bits``: XQuant's latent, 4-bit or 0
+    (unquantized, lossless). A string ``"kv4,streaming"`` is accepted for
     ``methods`` as everywhere else a list option is.
     """
 
@@ -238,7 +243,10 @@ class KVCompressionConfig:
                                       choices=kv_compression_names)
     budget: int | None = option(None, "eviction methods: kept KV tokens per sequence")
     ratio: float | None = option(None, "eviction methods: fraction of the prompt's KV to drop (instead of kv_budget)")
-    group_size: int = option(32, "kv4: quantization group along head_dim (a power of two)")
+    group_size: int = option(32, "kv4: quantization group along head_dim; xquant: along the latent "
+                                 "(a power of two)")
+    latent_bits: int = option(4, "xquant: bits per latent value (4), or 0 to keep the latent unquantized "
+                                 "in the KV dtype (lossless)")
     interval: int | None = option(None, "expected_attention: decode steps between two compressions "
                                         "(default: one block)")
 
@@ -292,6 +300,10 @@ class KVCompressionConfig:
             raise InvalidParameterError("kv_group_size", f"must be a power of two >= 2, got {self.group_size}")
         if self.interval is not None and self.interval < 1:
             raise InvalidParameterError("kv_interval", f"must be >= 1, got {self.interval}")
+        if self.latent_bits not in (0, 4):
+            raise InvalidParameterError("kv_latent_bits", f"must be 4 or 0 (unquantized), got {self.latent_bits}")
+        if self.latent_bits != 4 and "xquant" not in methods:
+            raise InvalidParameterError("kv_latent_bits", f"only xquant takes a latent width, not {self.method!r}")
 
 
 #: SpeculativeConfig.method: "none" and the names in tierserve.engine.spec_decode.registry.PROPOSERS

@@ -59,6 +59,9 @@ class PageView:
 def page_view(kv) -> PageView:
     """``PageView`` of a ``LayerKV`` or a kv4 ``PackedLayerKV`` (``k_packed``/``v_packed``/``group``/``rotation``)."""
     packed_k = getattr(kv, "k_packed", None)
+    if packed_k is None and not (isinstance(getattr(kv, "k", None), torch.Tensor) and kv.k.dim() == 4):
+        raise InvalidParameterError("attention_backend", f"the triton kernels read plain or kv4 pages; "
+                                                         f"{type(kv).__name__} pages need attention_backend=torch")
     if packed_k is None:
         _same_layout("kv.v", kv.v, kv.k)
         return PageView(kv.k, kv.v, kv.k, kv.k, kv.v, kv.v, 0, None)

@@ -1,0 +1,201 @@
+"""XQuant KV storage (arXiv 2508.10395; our reading in TECHNIQUES.md), the GQA latent form.
+
+XQuant caches the layer input X instead of K and V and rematerialises both
+when attending. For a GQA model X is wider than K and V together, so the
+exact low-rank form caches the latent ``X U S`` of an offline SVD of each KV
+projection. Per attention layer, with ``W_k, W_v`` the ``[d_kv, hidden]``
+projections (``d_kv = kv_heads * head_dim``):
+
+    offline:  W_k^T = U_k S_k B_k   (SVD; B_k [d_kv, d_kv] orthogonal, singular values descending); same for W_v
+    store:    z_k = k_pre B_k^T  (= X U_k S_k, plus the bias term b_k B_k^T where the model has one)
+              z_v = v B_v^T      (= X U_v S_v + b_v B_v^T)
+    read:     k = RoPE(z_k B_k, stored positions),   v = z_v B_v
+
+``k_pre`` is the key before RoPE (after the model's q/k norm and clipping,
+which are not linear in X: caching the latent of the projected key keeps
+those models exact). The attention hands ``write`` post-RoPE keys; the
+layer rotates them back by the step's RoPE angles (captured by a forward
+pre-hook on the attention module: ``k_pre = R(-theta) k / (cos^2 + sin^2)``,
+the division undoing a RoPE ``attention_scaling`` other than 1), and stores
+each token's position (int32, one tensor shared by all layers) so that a
+read can apply RoPE again at the stored positions.
+
+Quantization (``latent_bits`` 4): each token's latent is quantized in groups
+of ``g = group_size`` consecutive latent channels with kv4's asymmetric 4-bit
+codec (kv4.py: fp16 scale and min per group). Latent channels come ordered by
+singular value, so a group holds channels of similar scale (kv4 instead
+spreads outliers with a Hadamard rotation). Bytes per token and layer:
+``2 * (d_kv / 2 + 4 * d_kv / g)`` -- kv4's for the same group -- plus 4 bytes
+per token for the position over all layers. ``latent_bits`` 0 keeps the
+latent unquantized in the KV dtype: lossless up to the rounding of the two
+rotations (logits equal plain KV within fp32 noise; tests).
+
+XQuant-CL (deltas to the previous layer's X) is not built: the latent bases
+differ per layer. Models: one RoPE table for every layer (``model.rope``:
+Llama, Mistral, Qwen, OLMoE); Gemma3's local/global RoPE, sliding windows and
+float-less (packed) KV projections are refused with a clear error, and so
+is the triton attention backend (its kernels read plain or kv4 pages in
+place; XQuant pages are read through ``gather``, the torch backend).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tierserve.cache.compress.base import KVCompressor, register
+from tierserve.cache.compress.kv4 import PackedTensor
+from tierserve.errors import InvalidParameterError
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE in the rotate-half layout of models/rope.py (a layer above this one; tests check the two agree)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def projection_basis(weight: torch.Tensor) -> torch.Tensor:
+    """``B`` of ``weight^T = U S B`` (``weight`` ``[d_kv, hidden]``): ``[d_kv, d_kv]`` orthogonal, float32."""
+    d_kv, hidden = weight.shape
+    if hidden < d_kv:
+        raise InvalidParameterError("kv_compression", f"xquant needs hidden size >= the KV projection's width; "
+                                                      f"got {hidden} < {d_kv}")
+    _, _, basis = torch.linalg.svd(weight.detach().float().T, full_matrices=False)
+    return basis
+
+
+def unrope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``apply_rope(x, cos, sin)`` (a rotation scaled by ``cos^2 + sin^2``)."""
+    return apply_rope(x, cos, -sin) / (cos * cos + sin * sin).repeat(1, 1, 2)
+
+
+class _StepCapture:
+    """The step's positions (model pre-hook) and each layer's cos/sin (attention pre-hooks)."""
+
+    def __init__(self):
+        self.positions: torch.Tensor | None = None
+        self.rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+class XQuantLayerKV:
+    """One layer's latent K and V pages (``LayerKV``'s ``write`` contract plus ``gather`` and ``parts``)."""
+
+    def __init__(self, layer: int, num_blocks: int, block_size: int, heads: int, dim: int, group: int,
+                 bits: int, dtype: torch.dtype, positions: torch.Tensor, device):
+        self.layer, self.heads, self.dim, self.group, self.bits, self.dtype = layer, heads, dim, group, bits, dtype
+        self.d_kv = heads * dim
+        self.positions = positions  # [num_blocks, block_size] int32, shared by every layer
+        if bits == 4:
+            self.k_latent = PackedTensor.empty(num_blocks, block_size, 1, self.d_kv, group, device)
+            self.v_latent = PackedTensor.empty(num_blocks, block_size, 1, self.d_kv, group, device)
+        else:
+            self.k_latent = torch.zeros(num_blocks, block_size, self.d_kv, dtype=dtype, device=device)
+            self.v_latent = torch.zeros(num_blocks, block_size, self.d_kv, dtype=dtype, device=device)
+        self.basis_k = self.basis_v = None
+        self.rope = None
+        self.capture: _StepCapture | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.positions.device
+
+    def parts(self) -> tuple[torch.Tensor, ...]:
+        """Storage tensors, block-major: latent K, latent V (codes, scales, mins at 4 bits), and, in layer 0
+        only, the positions (one tensor serves every layer)."""
+        latent = tuple(t for x in (self.k_latent, self.v_latent) for t in ((x.codes, x.scale, x.zero) if self.bits == 4 else (x,)))
+        return latent + ((self.positions,) if self.layer == 0 else ())
+
+    def _store(self, dst, slots: torch.Tensor, z: torch.Tensor) -> None:
+        if self.bits == 4:
+            dst.write(slots, z[:, None, :], self.group)
+        else:
+            dst.view(-1, self.d_kv).index_copy_(0, slots, z.to(self.dtype))
+
+    def _load(self, src, table: torch.Tensor) -> torch.Tensor:
+        if self.bits == 4:
+            return src.gather(table, self.group)[..., 0, :]
+        flat = torch.index_select(src, 0, table.reshape(-1)).float()
+        return flat.view(*table.shape[:-1], -1, self.d_kv)
+
+    def write(self, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self.basis_k is None or self.capture is None or self.layer not in self.capture.rope:
+            raise RuntimeError("xquant pages written before the compressor was bound to the model")
+        cos, sin = self.capture.rope[self.layer]
+        t = k.shape[0]
+        k_pre = unrope(k.float(), cos.float(), sin.float()).reshape(t, self.d_kv)
+        self._store(self.k_latent, slot_mapping, k_pre @ self.basis_k.T)
+        self._store(self.v_latent, slot_mapping, v.float().reshape(t, self.d_kv) @ self.basis_v.T)
+        self.positions.view(-1).index_copy_(0, slot_mapping, self.capture.positions.to(torch.int32))
+
+    def gather(self, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pages of ``table [..., nb]`` rematerialised: keys and values ``[..., nb * bs, H, D]`` in the KV dtype."""
+        lead = table.shape[:-1]
+        k_pre = (self._load(self.k_latent, table) @ self.basis_k).reshape(-1, self.heads, self.dim)
+        vals = (self._load(self.v_latent, table) @ self.basis_v).reshape(*lead, -1, self.heads, self.dim)
+        pos = torch.index_select(self.positions, 0, table.reshape(-1)).reshape(-1).long()
+        self.rope.ensure(int(pos.max()) + 1 if pos.numel() else 1)
+        cos, sin = self.rope.lookup(pos, torch.float32)
+        keys = apply_rope(k_pre, cos, sin).reshape(*lead, -1, self.heads, self.dim)
+        return keys.to(self.dtype), vals.to(self.dtype)
+
+
+@register
+class XQuantCompressor(KVCompressor):
+    name = "xquant"
+    evicts = False
+
+    def __init__(self, config, spec):
+        super().__init__(config, spec)
+        d_kv, g = spec.num_kv_heads * spec.head_dim, config.group_size
+        if config.latent_bits == 4 and d_kv % g:
+            raise InvalidParameterError("kv_group_size", f"xquant needs the KV width {d_kv} "
+                                                         f"(kv_heads * head_dim) divisible by the group size {g}")
+        self.capture = _StepCapture()
+        self._hooks: list = []
+
+    def token_bytes_per_layer(self) -> int:
+        d_kv, g = self.spec.num_kv_heads * self.spec.head_dim, self.config.group_size
+        if self.config.latent_bits == 4:
+            return 2 * (d_kv // 2 + 2 * 2 * (d_kv // g))
+        return 2 * d_kv * torch.empty(0, dtype=getattr(torch, self.spec.dtype)).element_size()
+
+    def page_size_bytes(self) -> int:
+        s = self.spec
+        return s.block_size * (self.token_bytes_per_layer() * s.num_layers + 4)
+
+    def allocate_cache(self, num_blocks: int, device="cpu") -> list[XQuantLayerKV]:
+        s = self.spec
+        positions = torch.zeros(num_blocks, s.block_size, dtype=torch.int32, device=device)
+        return [XQuantLayerKV(i, num_blocks, s.block_size, s.num_kv_heads, s.head_dim, self.config.group_size,
+                              self.config.latent_bits, getattr(torch, s.dtype), positions, device)
+                for i in range(s.num_layers)]
+
+    def bind(self, model: torch.nn.Module, kv_caches: list) -> None:
+        super().bind(model, kv_caches)
+        rope = getattr(model, "rope", None)
+        layers = getattr(model, "layers", None)
+        if rope is None or layers is None:
+            raise InvalidParameterError("kv_compression", f"xquant needs a model with one RoPE table for every "
+                                                          f"layer (model.rope); {type(model).__name__} has none")
+        for i, (layer, kv) in enumerate(zip(layers, kv_caches)):
+            attn = layer.self_attn
+            if attn.sliding_window is not None:
+                raise InvalidParameterError("kv_compression", f"xquant does not support sliding-window layers "
+                                                              f"(layer {i}, window {attn.sliding_window})")
+            weight = getattr(attn.qkv_proj, "weight", None)
+            if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+                raise InvalidParameterError("kv_compression", f"xquant needs float KV projection weights; layer "
+                                                              f"{i}'s qkv_proj is {type(attn.qkv_proj).__name__}")
+            _, wk, wv = weight.split([attn.q_size, attn.kv_size, attn.kv_size], dim=0)
+            kv.basis_k = projection_basis(wk).to(kv.device)
+            kv.basis_v = projection_basis(wv).to(kv.device)
+            kv.rope, kv.capture = rope, self.capture
+            self._hooks.append(attn.register_forward_pre_hook(self._capture_rope(i)))
+        self._hooks.append(model.register_forward_pre_hook(self._capture_positions))
+
+    def _capture_positions(self, module, args) -> None:
+        self.capture.positions = args[1]
+
+    def _capture_rope(self, layer: int):
+        def hook(module, args) -> None:
+            self.capture.rope[layer] = (args[1], args[2])
+        return hook
