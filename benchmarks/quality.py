@@ -34,6 +34,9 @@ steps=0`` path: zero scalings, no optimisation = truncated SVD).
 SigmaScale runs ``--sigmascale-steps`` Adam steps (default 10 to keep the
 default run short on 2 cores; the format's default is 100).
 
+OffQ W4A4KV4 (``--offq``, or ``--offq-only`` for just those rows) against W4A4 RTN, W4A4 +Hadamard and
+W4A16 at the same uniform int4 quantizers, with and without 4-bit KV: benchmarks/quality_offq.py.
+
 Usage: python benchmarks/quality.py [--no-gemma] [--no-smollm] [--gptq] [--qronos] [--windows 8] [--seq-len 256] [--out F]
 Writes benchmarks/results/quality.json (``--out``).
 """
@@ -196,6 +199,13 @@ def bench_model(name: str, folder: str, args) -> dict:
              "eval_s": round(time.perf_counter() - t0, 2)}]
     print(HEADER)
     print(fmt_row(rows[0]), flush=True)
+    if args.offq or args.offq_only:  # OffQ W4A4KV4 against its uniform-int4 baselines (benchmarks/quality_offq.py)
+        from quality_offq import offq_rows
+
+        rows += offq_rows(base, tok, args, windows, ref, rows[0]["ppl"])
+        if args.offq_only:
+            return {"model": name, "folder": folder, "windows": args.windows, "seq_len": args.seq_len,
+                    "heldout_novels": list(HELDOUT_NOVELS), "rows": rows}
     for label, scheme, options, group in SCHEMES:
         rows.append(run_variant(base, label, scheme, options, windows, ref, batch, group=group))
 
@@ -272,6 +282,10 @@ def main() -> None:
     p.add_argument("--no-smollm", action="store_true")
     p.add_argument("--gptq", action="store_true", help="also MR-GPTQ (slow on CPU)")
     p.add_argument("--qronos", action="store_true", help="also Qronos against GPTQ at the same formats")
+    p.add_argument("--offq", action="store_true", help="also OffQ W4A4KV4 against W4A4 RTN / +Hadamard / W4A16")
+    p.add_argument("--offq-only", action="store_true", help="only the fp32 baseline and the OffQ rows")
+    p.add_argument("--offq-groups", type=int, nargs="+", default=[0, 64],
+                   help="OffQ rows: weight groups (0 = per output channel)")
     p.add_argument("--out", default=RESULTS)
     p.add_argument("--only", nargs="+", default=[], help="run only the schemes whose label starts with one of these")
     args = p.parse_args()
