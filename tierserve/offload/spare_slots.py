@@ -27,6 +27,8 @@ On the 2-core dev machine (benchmarks/offload.py) it measures a remote row far
 cheaper than a fetch (rtt ~0.2 ms over the socket, ~1e-2 s per raw expert fetched), so
 the ring is chosen only for prefills of hundreds of rows per expert; a GPU worker,
 whose local rows cost a hundredth of a host CPU's, crosses over much earlier.
+tests/test_expert_cost_decision.py checks the dispatcher's decision against this formula
+with the constants ``measure`` gives at start-up, on both sides of the crossover they imply.
 
 **Ring.** ``capacity`` slots, least-recently-used eviction (an ``OrderedDict``: a hit
 moves the key to the end, an insert beyond capacity drops the front). ``fetch(key,
