@@ -230,20 +230,24 @@ class LLMEngine:
         """The DRAM/disk/Redis chunk store (cache/tiers/), or None when off.
 
         Its keys are prefixed by a tag of everything that changes KV besides the
-        tokens (model name, dtype, weight format, linear backend, KV layout), so
-        engines share chunks only when their KV is identical.
+        tokens (model name, dtype, weight format, linear backend, KV layout, page
+        format), so engines share chunks only when their KV is identical. A KV
+        storage format (kv4, XQuant) stores its packed pages; eviction is refused.
         """
         if not config.kv_tiers.enabled:
             return None
-        if config.kv_compression.enabled:
-            raise InvalidParameterError("kv_tiers", f"cannot be combined with kv_compression "
-                                                    f"{config.kv_compression.method!r} (yet)")
+        kvc = config.kv_compression
+        if kvc.evicts:
+            raise InvalidParameterError("kv_tiers", f"cannot be combined with the KV eviction method in "
+                                                    f"{kvc.method!r}: a table with evicted blocks no longer maps to "
+                                                    f"token chunks (storage formats such as kv4 combine)")
         import hashlib
 
         from tierserve.cache.tiers.connector import KVTierConnector
 
         m = config.model
-        ident = f"{self.source.name}|{self.dtype}|{m.quantization}|{m.linear_backend}|{spec}"
+        pages = f"{kvc.method}/g{kvc.group_size}/b{kvc.latent_bits}" if kvc.enabled else "plain"
+        ident = f"{self.source.name}|{self.dtype}|{m.quantization}|{m.linear_backend}|{spec}|{pages}"
         return KVTierConnector(config.kv_tiers, spec, "tierserve-" + hashlib.sha256(ident.encode()).hexdigest()[:16],
                                self.runner.kv_caches)
 

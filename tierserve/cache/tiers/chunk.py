@@ -18,8 +18,14 @@ Its record is a fixed 104-byte header followed by the payload:
     72      32    checksum = BLAKE3(bytes 0..71 || payload)
     104     ...   payload: the KV tensor [num_layers, 2, num_tokens, kv_heads, head_dim], C order
 
+The payload is the chunk's pages as they are stored (chunk_layout.py): for
+plain pages the tensor above, for a compressed page format (kv4, XQuant) its
+packed bytes, with the header's dtype and shape still those of the model's
+KV (the format itself is part of the key's model tag).
+
 ``verify_record`` accepts a record only if the magic, key, dtype and shape
-equal what the reader expects, the record holds at least ``104 + payload
+equal what the reader expects (and the payload length, when the reader
+gives one), the record holds at least ``104 + payload
 length`` bytes and the checksum matches; otherwise it raises
 ``CorruptChunkError`` naming the failed check. So a corrupted byte anywhere
 (header or payload), a truncated record, or a record stored under the wrong
@@ -86,7 +92,8 @@ def write_record(out: memoryview, key: bytes, dtype: str, shape: tuple[int, ...]
     out[HEADER_BYTES:] = payload
 
 
-def verify_record(record: memoryview, key: bytes, dtype: str, shape: tuple[int, ...]) -> memoryview:
+def verify_record(record: memoryview, key: bytes, dtype: str, shape: tuple[int, ...],
+                  payload_bytes: int | None = None) -> memoryview:
     """The payload of a valid record (a view into ``record``); raises CorruptChunkError otherwise."""
     record = record.cast("B") if record.format != "B" or record.ndim != 1 else record
     if record.nbytes < HEADER_BYTES:
@@ -99,6 +106,8 @@ def verify_record(record: memoryview, key: bytes, dtype: str, shape: tuple[int, 
         raise CorruptChunkError("stored under another key")
     if code != DTYPE_CODES[dtype] or got_shape != tuple(shape):
         raise CorruptChunkError(f"layout {got_shape}/{code} differs from the expected {tuple(shape)}/{dtype}")
+    if payload_bytes is not None and n != payload_bytes:
+        raise CorruptChunkError(f"payload of {n} bytes differs from the expected {payload_bytes}")
     if record.nbytes < HEADER_BYTES + n:
         raise CorruptChunkError(f"truncated: {record.nbytes - HEADER_BYTES} payload bytes of {n}")
     payload = record[HEADER_BYTES:HEADER_BYTES + n]

@@ -3,16 +3,22 @@
 It is a step hook (tierserve/step/hooks.py ``StepHook``) of the engine and
 the scheduler's external prefix source (``ExternalPrefixSource``: ``match`` /
 ``commit``). It is built over the engine's KV pages
-(``KVTierConnector(config, spec, model_tag, kv_caches)``, one ``LayerKV`` per
-layer), since no hook call carries them, and over the backends of
+(``KVTierConnector(config, spec, model_tag, kv_caches)``, one per layer, in
+any page format that lists its ``parts()``: plain ``LayerKV``, kv4's packed
+pages, XQuant's latent pages), since no hook call carries them, and over the
+backends of
 ``config.tiers`` (registry.py), which it only ever sees through the
 ``TierBackend`` contract (backend.py), in lookup order, fastest first.
 
 Chunks. With ``C = chunk_blocks * block_size`` tokens per chunk, chunk ``j``
 of a request covers tokens ``[j*C, (j+1)*C)`` (only whole chunks are ever
 stored). Its key is the chained SHA-256 block hash of its last block
-(chunk.py ``chunk_keys``); its record (chunk.py) carries the payload
-``[L, 2, C, kv_heads, head_dim]`` with a BLAKE3 checksum.
+(chunk.py ``chunk_keys``); its record (chunk.py) carries the payload with a
+BLAKE3 checksum: the chunk's blocks as the pages store them (chunk_layout.py;
+for plain pages the ``[L, 2, C, kv_heads, head_dim]`` tensor, for a
+compressed format its packed bytes, so a chunk shrinks by the format's ratio
+and a hit loads compressed pages). The model tag that prefixes every key
+names the page format, so chunks of different formats never meet.
 
 Lookup before prefill (``match``, called by the scheduler when it admits a
 request): with ``h`` tokens already served by the device prefix cache and
@@ -32,7 +38,7 @@ head of the queue) keeps what it fetched: no second read.
 
 Load (``before_forward``): the scheduler has allocated blocks for the ``e``
 tokens and marked them computed (``commit``); the verified payload slices are
-copied into those blocks' K and V pages of every layer (``index_copy_``).
+copied into those blocks' pages of every layer (``ChunkLayout.scatter``).
 The blocks are registered in the device prefix cache by the scheduler as usual.
 
 Store (``after_forward`` for every request whose prompt finished computing in
@@ -56,7 +62,8 @@ event log (redis.py: the net last event per key since the last call).
 
 Stats (``stats()`` -> KVTierStats): per tier the chunks and tokens served,
 bytes loaded and stored, checksum failures, failures (the backend's own plus
-the chunks the connector could not build for it, see Store); total
+the chunks the connector could not build for it, see Store; bytes stored
+leave out the puts whose write failed later, ``lost_puts``); total
 seconds spent fetching + verifying + copying loaded chunks; lookups.
 
 Tests: tests/test_kv_tiers.py (logits after a load from each tier equal a
@@ -80,11 +87,11 @@ import torch
 
 from tierserve.cache.tiers.backend import TierBackend
 from tierserve.cache.tiers.chunk import CorruptChunkError, chunk_keys, record_size, verify_record, write_record
+from tierserve.cache.tiers.chunk_layout import ChunkLayout
 from tierserve.cache.tiers.config import KVTierConfig
 from tierserve.cache.tiers.registry import build_tiers
 from tierserve.cache.tiers.stats import KVTierStats
 from tierserve.errors import InvalidParameterError
-from tierserve.kernels.kv_pages import LayerKV
 from tierserve.kernels.kv_spec import KVSpec
 from tierserve.step.hooks import StepHook
 from tierserve.step.request_view import RequestView
@@ -111,13 +118,13 @@ class TierHoldings:
 class _Fetched:
     start: int                       # first token the hit covers (the device hit h)
     end: int                         # h + e
-    chunks: list[tuple[int, torch.Tensor]]  # (chunk index, payload [L, 2, C, H, D])
+    chunks: list[tuple[int, torch.Tensor]]  # (chunk index, payload bytes, uint8)
 
 
 class KVTierConnector(StepHook):
-    def __init__(self, config: KVTierConfig, spec: KVSpec, model_tag: str, kv_caches: Sequence[LayerKV]):
+    def __init__(self, config: KVTierConfig, spec: KVSpec, model_tag: str, kv_caches: Sequence):
         if len(kv_caches) != spec.num_layers:
-            raise InvalidParameterError("kv_caches", f"needs one LayerKV per layer ({spec.num_layers}), "
+            raise InvalidParameterError("kv_caches", f"needs one page set per layer ({spec.num_layers}), "
                                                      f"got {len(kv_caches)}")
         self.config = config
         self.spec = spec
@@ -125,8 +132,8 @@ class KVTierConnector(StepHook):
         self.chunk_blocks = config.chunk_blocks
         self.chunk_tokens = config.chunk_blocks * spec.block_size
         self.shape = (spec.num_layers, 2, self.chunk_tokens, spec.num_kv_heads, spec.head_dim)
-        self.payload_bytes = self.chunk_tokens * spec.token_bytes_per_layer * spec.num_layers
-        self._dtype = getattr(torch, spec.dtype)
+        self.layout = ChunkLayout(self.kv_caches, self.chunk_blocks)
+        self.payload_bytes = self.layout.payload_bytes
         self.runtime, self.backends = build_tiers(config, model_tag, spec.dtype, self.chunk_tokens, self.shape)
         self._fetched: dict[str, _Fetched] = {}
         self._pending: list[tuple[list[int], list[tuple[int, torch.Tensor]], int]] = []
@@ -196,7 +203,7 @@ class KVTierConnector(StepHook):
             if record is None:
                 continue
             try:
-                payload = verify_record(record.view(), key, self.spec.dtype, self.shape)
+                payload = verify_record(record.view(), key, self.spec.dtype, self.shape, self.payload_bytes)
             except CorruptChunkError as exc:
                 self._corrupt[backend.name] += 1
                 logger.warning("KV tier %s: chunk %s rejected (%s); recomputing it", backend.name, key.hex()[:16],
@@ -213,7 +220,7 @@ class KVTierConnector(StepHook):
             self._hits[backend.name] += 1
             self._hit_tokens[backend.name] += self.chunk_tokens
             self._loaded[backend.name] += self.payload_bytes
-            return out.view(self._dtype).view(self.shape)
+            return out
         return None
 
     def commit(self, request: RequestView, num_device_hit: int, num_external: int) -> None:
@@ -240,12 +247,7 @@ class KVTierConnector(StepHook):
                 lo, hi = max(pos, j * C), min((j + 1) * C, start + len(blocks) * bs)
                 if hi <= lo:
                     continue
-                dst = torch.tensor(blocks[(lo - start) // bs:(hi - start) // bs], dtype=torch.long)
-                part = payload[:, :, lo - j * C:hi - j * C]
-                nb = dst.numel()
-                for layer, cache in enumerate(self.kv_caches):
-                    cache.k.index_copy_(0, dst, part[layer, 0].reshape(nb, bs, *cache.k.shape[2:]))
-                    cache.v.index_copy_(0, dst, part[layer, 1].reshape(nb, bs, *cache.v.shape[2:]))
+                self.layout.scatter(payload, (lo - j * C) // bs, blocks[(lo - start) // bs:(hi - start) // bs])
                 pos = hi
         self._pending.clear()
         self._load_s += time.perf_counter() - t0
@@ -294,10 +296,7 @@ class KVTierConnector(StepHook):
             logger.warning("KV tiers: no DRAM buffer space for a %d-byte chunk; not stored", self.payload_bytes)
             return False
         try:
-            idx = torch.tensor(blocks, dtype=torch.long)
-            payload = torch.stack([torch.stack([c.k.index_select(0, idx), c.v.index_select(0, idx)])
-                                   for c in self.kv_caches])
-            raw = payload.contiguous().view(torch.uint8).view(-1).numpy()
+            raw = self.layout.gather(blocks).numpy()
             write_record(record.view(), key, self.spec.dtype, self.shape, memoryview(raw))
             for backend in todo:
                 if backend.put(key, record):
@@ -320,7 +319,8 @@ class KVTierConnector(StepHook):
 
     def stats(self) -> KVTierStats:
         failures = {b.name: b.failures + self._store_failures[b.name] for b in self.backends}
-        return KVTierStats(dict(self._hits), dict(self._hit_tokens), dict(self._loaded), dict(self._stored),
+        stored = {b.name: self._stored[b.name] - b.lost_puts * self.payload_bytes for b in self.backends}
+        return KVTierStats(dict(self._hits), dict(self._hit_tokens), dict(self._loaded), stored,
                            dict(self._corrupt), failures, self._lookups, self._load_s)
 
     def close(self) -> None:
