@@ -11,6 +11,10 @@ and LM head stay full precision, the default skip) and evaluated on
   against the unquantized model of the same dtype (fp32; bf16 for dfloat11);
 - memory = bytes of the model's parameters and buffers (``model_nbytes``).
 
+SmolLM2 also gets the row "packed GGUF (default)": the GGUF as the embedded default
+serves it on the CPU (kept packed, int4 CPU kernels with bf16 activations) against
+its fp32 conversion. Measured (8 x 256 held-out tokens): see the row.
+
 Schemes: fp32; q4_0 / q4_1 / q8_0 (ggml blocks, group fixed at 32); sinq with
 tile width 32 / 64 / 128 (a width that does not divide the in-features is
 reported as failed); mxfp4 (group fixed 32) plain / +hadamard / +mse; nvfp4 (group fixed 16) plain / +hadamard; W4A4 (act_quant) for
@@ -144,6 +148,27 @@ def run_variant(base, label, scheme, options, windows, ref, batch, *, skip=None,
     return row
 
 
+def packed_default_row(windows, ref, batch) -> dict:
+    """SmolLM2 as the embedded default serves it on the CPU (engine/model_source.py): its GGUF kept packed
+    (Q4_1 layers, Q8_0 tied head) on the int4 CPU kernels (bf16 activations), against the fp32 conversion."""
+    from tierserve.kernels.cpu_linear import apply_linear_backend
+    from tierserve.models.default_model import default_gguf_path
+    from tierserve.models.quantized_checkpoint import load_for_engine
+
+    row = {"label": "packed GGUF (default)", "scheme": "gguf", "group": "32 (file)", "options": {}}
+    if ONLY and not row["label"].startswith(ONLY):
+        row["error"] = "not run (--only)"
+        return row
+    t0 = time.perf_counter()
+    model = load_for_engine(default_gguf_path(), torch.float32, "auto").model.eval()
+    apply_linear_backend(model, "auto")
+    t1 = time.perf_counter()
+    row.update(evaluate(model, windows, ref, batch), bytes=model_nbytes(model), quantize_s=round(t1 - t0, 2),
+               eval_s=round(time.perf_counter() - t1, 2))
+    print(fmt_row(row), flush=True)
+    return row
+
+
 def fmt_row(r: dict) -> str:
     if "error" in r:
         return f"{r['label']:<26} {r.get('group', ''):>10}  FAILED: {r['error'][:160]}"
@@ -199,6 +224,8 @@ def bench_model(name: str, folder: str, args) -> dict:
              "eval_s": round(time.perf_counter() - t0, 2)}]
     print(HEADER)
     print(fmt_row(rows[0]), flush=True)
+    if name.startswith("SmolLM2"):  # the form `tierserve serve` runs by default
+        rows.append(packed_default_row(windows, ref, batch))
     if args.offq or args.offq_only:  # OffQ W4A4KV4 against its uniform-int4 baselines (benchmarks/quality_offq.py)
         from quality_offq import offq_rows
 

@@ -80,7 +80,8 @@ def ray_session():
 #: The main app: 2 worker replicas of the default SmolLM2 model.
 MAIN_APP = "ts-main"
 MAIN_ARGS = dict(replicas=2, max_num_seqs=16, max_waiting_requests=48, num_blocks=256, num_threads=1,
-                 worker_cpus=0.5, max_model_len=2048, metrics_interval_s=0.25)
+                 worker_cpus=0.5, max_model_len=2048, metrics_interval_s=0.25,
+                 quantization="none")  # fp32: the tests compare with the fp32 folder's LLM (smollm_llm)
 #: A strict app: 1 replica, tiny queue (2 running + 1 waiting), API key, 32 KiB body limit,
 #: chunked prefill (64 tokens per request per step).
 STRICT_APP = "ts-strict"
@@ -88,7 +89,7 @@ STRICT_KEY = "test-key"
 STRICT_ARGS = dict(replicas=1, max_num_seqs=2, max_waiting_requests=1, num_blocks=256, num_threads=1,
                    worker_cpus=0.5, max_model_len=2048, long_prefill_token_threshold=64,
                    api_key=STRICT_KEY, max_body_bytes=32 * 1024, served_model_name="strict",
-                   metrics_interval_s=0.25)
+                   metrics_interval_s=0.25, quantization="none")
 
 
 class Servers:

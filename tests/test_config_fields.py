@@ -70,7 +70,7 @@ def test_choices_come_from_the_registries():
     from tierserve.offload.host_storage import HOST_WEIGHT_FORMATS
 
     choices = {o.name: o.choices() for o in options(EngineConfig)}
-    assert choices["quantization"] == ("auto", *sorted(WEIGHT_FORMATS))
+    assert choices["quantization"] == ("auto", "none", *sorted(WEIGHT_FORMATS))
     assert choices["kv_compression"] == ("none", *sorted(KV_COMPRESSORS))
     assert set(choices["linear_backend"]) == set(LINEAR_BACKENDS)
     assert set(choices["offload_host_weight_format"]) == set(HOST_WEIGHT_FORMATS)

@@ -74,8 +74,8 @@ class LLMEngine:
         self._host_launcher = host_launcher
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
-        self.source = resolve_model(config.model.model)
         self.device = resolve_device(config.device)
+        self.source = resolve_model(config.model.model, config.model.quantization, self.device.type)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         loaded = self._build_model(config)
         self.model = loaded.model
@@ -106,12 +106,12 @@ class LLMEngine:
 
     def _build_model(self, config: EngineConfig):
         """Load the weights, then apply the transforms in order: expert offload, linear backend."""
-        if config.model.quantization is None:
+        if self.source.quantization is None:  # unpacked (model_source.py: the source's load mode)
             loaded = load_model(self.source.weights, self.dtype, device=self.device)
         else:  # imported only when asked for: it pulls in every registered weight format
             from tierserve.models.quantized_checkpoint import load_for_engine
 
-            loaded = load_for_engine(self.source.weights, self.dtype, config.model.quantization)
+            loaded = load_for_engine(self.source.weights, self.dtype, self.source.quantization)
             loaded.model.to(self.device)  # packed tensors: a fraction of the float model's bytes
         if config.offload.enabled and self.device.type != "cpu":
             raise InvalidParameterError("device", "expert offload runs on the CPU path so far; use device='cpu' "
@@ -247,7 +247,7 @@ class LLMEngine:
 
         m = config.model
         pages = f"{kvc.method}/g{kvc.group_size}/b{kvc.latent_bits}" if kvc.enabled else "plain"
-        ident = f"{self.source.name}|{self.dtype}|{m.quantization}|{m.linear_backend}|{spec}|{pages}"
+        ident = f"{self.source.name}|{self.dtype}|{self.source.quantization}|{m.linear_backend}|{spec}|{pages}"
         return KVTierConnector(config.kv_tiers, spec, "tierserve-" + hashlib.sha256(ident.encode()).hexdigest()[:16],
                                self.runner.kv_caches)
 

@@ -17,6 +17,9 @@ go to a scratch file as they are dequantised, then the safetensors header
 (u64 length + JSON of dtype/shape/data_offsets, padded to 8 bytes) is written
 followed by the scratch data; peak memory is one GGUF tensor, not the model.
 
+``ensure_default_tokenizer`` writes only the tokenizer (the packed default
+needs no conversion) into ``<stem>-<key>-tokenizer/`` beside it, likewise atomically.
+
 Cache layout: ``<root>/tierserve/models/<stem>-<key>/`` where root is the
 ``cache_dir`` argument, else ``$XDG_CACHE_HOME``, else ``~/.cache``, and key is
 the first 12 hex digits of sha256("<CONVERTER_VERSION>:<size>:<mtime_ns>") of the
@@ -126,6 +129,31 @@ def ensure_converted(gguf_path: str, cache_dir: str | None = None) -> str:
 def ensure_default_model(cache_dir: str | None = None) -> str:
     """SmolLM2-135M-Instruct as a cached fp32 HF folder (converted once)."""
     return ensure_converted(default_gguf_path(), cache_dir)
+
+
+def ensure_default_tokenizer(cache_dir: str | None = None) -> str:
+    """A cached folder holding only SmolLM2's tokenizer, written once from the GGUF (for the packed default,
+    which needs no fp32 conversion); keyed like ``ensure_converted``."""
+    from tierserve.models.gguf import write_hf_tokenizer
+
+    gguf_path = default_gguf_path()
+    stem = os.path.splitext(os.path.basename(gguf_path))[0]
+    folder = os.path.join(cache_root(cache_dir), "models", f"{stem}-{_cache_key(gguf_path)}-tokenizer")
+    if os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
+        return folder
+    parent = os.path.dirname(folder)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tokenizer-", dir=parent)
+    try:
+        write_hf_tokenizer(gguf_path, tmp)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process wrote it first
+            if not os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def _sha256(path: str) -> str:
