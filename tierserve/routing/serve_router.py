@@ -22,11 +22,16 @@ sees as ``RunningReplica.replica_id.unique_id``.
 
 One routing step (``choose_replicas``):
 
-1. hashes = the request's ``prefix_block_hashes`` (empty if absent);
+1. hashes = the request's ``prefix_block_hashes`` (empty if absent; a
+   malformed value, not a list of 32-byte digests, is logged with the field
+   and the request is routed by load alone, never dropped);
 2. matches = ``await tree.longest_match(hashes)``, bounded by
    ``match_timeout_s`` (default 0.1 s; the actor round trip is ~1 ms). On
-   timeout or a dead actor the step routes by load alone; the event loop is
-   never blocked;
+   timeout or a dead actor the step routes by load alone (a warning is
+   logged); the event loop is never blocked. A dead tree actor (killed, its
+   node lost) is looked up again by name (``get_or_create_tree_actor``
+   recreates it; replicas re-send their whole cache to it, server/worker.py),
+   so routing by prefix resumes without a redeploy;
 3. load of each candidate = Ray Serve's replica queue-length cache
    (``replica_queue_len_cache``; an unknown entry counts as 0 ongoing);
 4. ``PrefixAwarePolicy.rank`` orders every candidate (``num_request_blocks =
@@ -154,6 +159,8 @@ class PrefixAwareRequestRouter(RequestRouter):
             raise InvalidParameterError("policy", f"must be one of {ROUTER_POLICIES}, got {policy!r}")
         self._policy = make_policy(policy, tier_weights=weights, **policy_kwargs[policy])
         self._match_timeout_s = match_timeout_s
+        self._max_blocks_per_replica = max_blocks_per_replica
+        self._named_tree = tree_actor is None  # the deployment's named actor: looked up again if it dies
         if tree_actor is None:
             tree_actor = get_or_create_tree_actor(
                 self._deployment_id.app_name, self._deployment_id.name, max_blocks_per_replica)
@@ -193,4 +200,8 @@ class PrefixAwareRequestRouter(RequestRouter):
             return PrefixMatch(await asyncio.wait_for(ref, timeout=self._match_timeout_s))
         except (asyncio.TimeoutError, ray.exceptions.RayError) as exc:
             logger.warning("prefix tree lookup failed (%s); routing by load only", type(exc).__name__)
+            if isinstance(exc, ray.exceptions.RayActorError) and self._named_tree:
+                self._tree_actor = await asyncio.to_thread(
+                    get_or_create_tree_actor, self._deployment_id.app_name, self._deployment_id.name,
+                    self._max_blocks_per_replica)
             return PrefixMatch()

@@ -18,7 +18,11 @@ The actor is named ``tree_actor_name(app, deployment)`` in the namespace
 ``TREE_NAMESPACE`` and created with ``get_if_exists=True`` and
 ``lifetime="detached"``, so whichever process comes first creates it and it
 outlives any single replica (a replica restart must not lose the other
-replicas' reports). It is a plain synchronous actor: calls run one at a time,
+replicas' reports). A report is checked whole before any of it is applied
+(``check_report``: 32-byte digests in lists), so a malformed one is refused
+with an error naming the part and changes nothing. If the actor itself dies
+(killed, its node lost), routers route by load until they find the
+recreated one (routing/serve_router.py). It is a plain synchronous actor: calls run one at a time,
 so a diff is applied atomically with respect to lookups. It asks for 0 CPUs
 so it never competes with model replicas for slots.
 
@@ -31,6 +35,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from tierserve.cache.prefix_hash import HASH_BYTES
+from tierserve.errors import InvalidParameterError
 from tierserve.routing.prefix_tree import PrefixTree
 from tierserve.routing.tier_index import DEFAULT_MAX_REDIS_CHUNKS, TierDiff, TierIndex
 
@@ -63,7 +69,13 @@ class PrefixTreeActor:
 
     def report(self, replica_id: str, added_chains: Sequence[Sequence[bytes]] = (),
                evicted: Iterable[bytes] = (), tiers: TierDiff | None = None) -> int:
-        """Apply one replica's diff (evictions first, then additions); returns its device block count."""
+        """Apply one replica's diff (evictions first, then additions); returns its device block count.
+
+        The whole diff is checked first (``check_report``): a malformed one raises ``InvalidParameterError``
+        naming the part and leaves the tree as it was.
+        """
+        evicted = list(evicted)
+        check_report(replica_id, added_chains, evicted)
         self._tree.evict(replica_id, evicted)
         for chain in added_chains:
             self._tree.add_chain(replica_id, chain)
@@ -100,6 +112,30 @@ class PrefixTreeActor:
 
     def num_blocks(self, replica_id: str | None = None) -> int:
         return self._tree.num_blocks(replica_id)
+
+
+def check_report(replica_id: str, added_chains: Sequence[Sequence[bytes]], evicted: Sequence[bytes]) -> None:
+    """Raise ``InvalidParameterError`` unless the replica id is a non-empty str, ``added_chains`` a list of lists
+    and every digest in them and in ``evicted`` a ``HASH_BYTES``-byte ``bytes`` (the chained block hashes of
+    cache/prefix_hash.py)."""
+    if not isinstance(replica_id, str) or not replica_id:
+        raise InvalidParameterError("replica_id", f"must be a non-empty str, got {replica_id!r:.40}")
+    if not isinstance(added_chains, (list, tuple)):
+        raise InvalidParameterError("added_chains", f"must be a list of chains, got {type(added_chains).__name__}")
+    for c, chain in enumerate(added_chains):
+        if not isinstance(chain, (list, tuple)):
+            raise InvalidParameterError("added_chains", f"chain {c} must be a list of block hashes, "
+                                                        f"got {type(chain).__name__}")
+        for i, digest in enumerate(chain):
+            _check_digest("added_chains", f"chain {c} block {i}", digest)
+    for i, digest in enumerate(evicted):
+        _check_digest("evicted", f"item {i}", digest)
+
+
+def _check_digest(field_name: str, where: str, digest) -> None:
+    if not isinstance(digest, bytes) or len(digest) != HASH_BYTES:
+        got = f"{len(digest)} bytes" if isinstance(digest, (bytes, bytearray)) else type(digest).__name__
+        raise InvalidParameterError(field_name, f"{where} must be a {HASH_BYTES}-byte block hash, got {got}")
 
 
 def get_or_create_tree_actor(app_name: str, deployment_name: str,

@@ -32,7 +32,14 @@ EngineConfig, ServeOptions and two deployments:
   get 503 with Retry-After. It is a safety valve for configs that lower
   ``max_ongoing_requests`` (deploy/serve.yaml does), not the admission bound:
   a tight value would reject bursts that arrive while the router is choosing.
+  It is also what bounds the wait when no worker can take a request (every
+  replica dead and restarting): the queue fills, and the next callers get 503
+  at once instead of waiting for the restart.
 * ``OpenAIIngress`` (ingress.py): the FastAPI app, bound to the worker handle.
+  Its ``max_ongoing_requests`` is twice the worker handle's
+  ``max_queued_requests`` (``INGRESS_QUEUE_FACTOR``): with an equal bound the
+  requests beyond the worker queue would wait at the HTTP proxy, without a
+  bound, and the 503 above could never be answered.
 
 A deployment override in serve YAML (``deployments:``) replaces these options
 as usual in Ray Serve.
@@ -63,6 +70,8 @@ __all__ = ["AppArgs", "build_app", "delete_app"]
 ROUTER_CLASS = "tierserve.routing.serve_router.PrefixAwareRequestRouter"
 #: Ray Serve's own default request router (ray/serve/_private/constants.py: DEFAULT_REQUEST_ROUTER_PATH).
 POW2_ROUTER_CLASS = "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter"
+#: The ingress's max_ongoing_requests over the worker handle's max_queued_requests (module doc).
+INGRESS_QUEUE_FACTOR = 2
 #: Seconds between two routing-stats pulls of a replica by Serve (the cost router's queued-prefill view).
 ROUTING_STATS_PERIOD_S = 1.0
 
@@ -99,10 +108,11 @@ def build_app(args: dict | None = None):
     scaling: dict = {"num_replicas": a.replicas}
     if a.max_replicas is not None:
         scaling = {"autoscaling_config": autoscaling_config(a)}
+    max_queued = 4 * (max_num_seqs + a.max_waiting_requests)
     worker = serve.deployment(LLMServer).options(
         name="LLMServer",
         max_ongoing_requests=max_num_seqs + a.max_waiting_requests + 1,
-        max_queued_requests=4 * (max_num_seqs + a.max_waiting_requests),
+        max_queued_requests=max_queued,
         ray_actor_options={"num_cpus": a.worker_cpus, "num_gpus": a.worker_gpus},
         request_router_config=_router_config(a, engine_config),
         health_check_period_s=10,
@@ -111,7 +121,7 @@ def build_app(args: dict | None = None):
     ).bind(engine_config, a.served_model_name, a.max_waiting_requests, a.retry_after_s, a.metrics_interval_s)
     settings = IngressSettings(api_key=a.api_key, max_body_bytes=a.max_body_bytes, retry_after_s=a.retry_after_s)
     ingress = serve.deployment(OpenAIIngress).options(
-        name="OpenAIIngress", max_ongoing_requests=4 * (max_num_seqs + a.max_waiting_requests),
+        name="OpenAIIngress", max_ongoing_requests=INGRESS_QUEUE_FACTOR * max_queued,
         ray_actor_options={"num_cpus": a.ingress_cpus}, graceful_shutdown_timeout_s=a.drain_timeout_s)
     return ingress.bind(worker, settings)
 

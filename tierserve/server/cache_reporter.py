@@ -19,6 +19,8 @@ cannot be matched by any request (prefix reuse stops at the gap), so it is
 held back in ``dirty`` and reported if its ancestors come back, or dropped
 when it is evicted itself. A hash cached and evicted between two reports
 never reaches the tree; one evicted and re-cached stays reported.
+``resync()`` starts over (the tree actor died and was recreated empty): the
+next diff adds every cached block again.
 
 ``TierMirror`` does the same for the lower KV tiers (app with ``kv_tiers``),
 producing a ``TierDiff`` (routing/tier_index.py) that travels in the same
@@ -59,6 +61,11 @@ class CacheMirror:
             else:
                 raise ValueError(f"unknown cache event {kind!r}")
             self.dirty.add(h)
+
+    def resync(self) -> None:
+        """Forget what was reported: the next ``diff`` adds every block cached now (a new, empty tree actor)."""
+        self.reported.clear()
+        self.dirty = set(self.parent)
 
     def diff(self) -> tuple[list[list[bytes]], list[bytes]]:
         """(chains to add, hashes to evict) since the last call; marks them reported."""

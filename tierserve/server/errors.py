@@ -14,6 +14,7 @@ body over ``max_body_bytes``          413     invalid_request_error      request
 missing / wrong API key               401     authentication_error       invalid_api_key
 worker queue bound reached            429     rate_limit_error           queue_full (+ Retry-After)
 Serve handle queue full (backpressure) 503    service_unavailable_error  overloaded (+ Retry-After)
+a Ray actor died / is unreachable     503     service_unavailable_error  replica_unavailable (+ Retry-After)
 anything else                         500     server_error               internal_error
 ====================================  ======  =========================  ============================
 
@@ -22,6 +23,16 @@ Errors raised inside a Serve replica reach the ingress wrapped in
 with custom constructors do not unpickle there, so the worker converts every
 request error to an ``APIError`` (picklable through ``__reduce__``) before it
 leaves the replica.
+
+A worker replica that dies (its process killed, its node lost) surfaces as
+``ray.exceptions.ActorDiedError`` (``ActorUnavailableError`` while Ray cannot
+reach it); both are ``RayActorError`` (``replica_lost``). The ingress retries
+a request whose replica died before it produced anything the client saw
+(server/ingress.py, "Replica death"); otherwise the loss is a 503: Serve
+restarts the replica, so the client may retry after ``Retry-After``.
+
+Any other exception a route raises becomes the 500 above, in the same body
+(``install_error_handlers``), never Starlette's plain-text page.
 
 The OpenAPI document says the same (``install_openapi``): every ``/v1``
 operation lists the error body (``ErrorResponse``) under the statuses it can
@@ -97,7 +108,8 @@ _ERROR_DESCRIPTIONS = {
     404: "unknown model or path",
     413: "request body over the server's limit",
     429: "the replica's queue is full; retry after Retry-After seconds",
-    503: "the server is overloaded; retry after Retry-After seconds",
+    503: "the server is overloaded, draining, or lost the replica serving the request; retry after Retry-After "
+         "seconds",
 }
 _RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
 
@@ -159,7 +171,15 @@ def unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
+def replica_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` (possibly wrapped) says the actor serving the call died or cannot be reached."""
+    import ray
+
+    return isinstance(unwrap(exc), ray.exceptions.RayActorError)
+
+
 def to_api_error(exc: BaseException, retry_after_s: int = 1) -> APIError:
+    """The HTTP error for ``exc`` (the table in the module doc)."""
     from ray.serve.exceptions import BackPressureError
 
     exc = unwrap(exc)
@@ -175,6 +195,10 @@ def to_api_error(exc: BaseException, retry_after_s: int = 1) -> APIError:
     if isinstance(exc, BackPressureError):
         return APIError(503, f"the server is overloaded: {exc}", type="service_unavailable_error",
                         code="overloaded", headers={"Retry-After": str(retry_after_s)})
+    if replica_lost(exc):
+        return APIError(503, f"the replica serving this request is unavailable ({type(exc).__name__}); "
+                             f"retry after {retry_after_s} s", type="service_unavailable_error",
+                        code="replica_unavailable", headers={"Retry-After": str(retry_after_s)})
     logger.exception("internal error", exc_info=exc)
     return APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error",
                     code="internal_error")
@@ -226,6 +250,10 @@ def install_error_handlers(app: FastAPI) -> None:
         code = "not_found" if exc.status_code == 404 else None
         # keep the exception's headers: Starlette's 405 names the allowed methods in Allow
         return APIError(exc.status_code, str(exc.detail), code=code, headers=dict(exc.headers or {})).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):  # a bug or a lost actor: still the OpenAI body
+        return to_api_error(exc).response()
 
 
 async def _send_error(send, err: APIError) -> None:

@@ -18,7 +18,21 @@ stream SSE chunks (``data: {json}``, a usage chunk when
 response. If the HTTP client goes away, the response generator is closed or
 the handler cancelled; both cancel the worker stream, which aborts the
 request in the engine. An error after streaming started is sent as a final
-``data: {"error": ...}`` event.
+``data: {"error": ...}`` event (the OpenAI error body), followed by
+``data: [DONE]``.
+
+Replica death: a worker replica that dies while it holds a request raises
+``ActorDiedError`` at the ingress (server/errors.py ``replica_lost``). Ray
+Serve itself re-routes a request that no replica accepted yet (its rejection
+protocol sees the dead replica and picks another); a request that a replica
+had accepted but not answered yet (queued or prefilling in its engine) is
+retried here, on whichever replica the router picks now: up to
+``REPLICA_ATTEMPTS`` calls while waiting for the first diff (a streamed
+request: no byte of it reached the client yet), and a non-streamed request,
+whose client sees only the final JSON, starts over when its replica dies
+midway (at most ``REPLICA_ATTEMPTS`` times). A stream that already sent events
+ends with the in-band error event (503 ``replica_unavailable``); a request
+whose attempts are spent gets that 503 with Retry-After.
 
 Drain (``drain()``, called by ``tierserve serve`` on SIGTERM / Ctrl-C): from
 then on every new /v1/completions or /v1/chat/completions request gets 503
@@ -31,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -48,6 +63,7 @@ from tierserve.server.errors import (
     install_error_handlers,
     install_openapi,
     model_not_found,
+    replica_lost,
     to_api_error,
 )
 from tierserve.server.metrics import DEFAULT_STALE_AFTER_S, get_or_create_metrics_board, render_prometheus
@@ -75,6 +91,12 @@ from tierserve.server.responses import (
     sse,
     sse_error,
 )
+
+
+logger = logging.getLogger(__name__)
+
+#: Calls of one request when its worker replica dies before answering (module doc, "Replica death").
+REPLICA_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -145,24 +167,33 @@ class OpenAIIngress:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     async def start(self, kind: str, req) -> _Call:
-        """Validate, tokenize, call the worker and wait for its first diff (errors raise here)."""
+        """Validate, tokenize, call the worker and wait for its first diff (errors raise here).
+
+        A replica that dies before the first diff is replaced by another call (module doc, "Replica death").
+        """
         self._check_model(req.model)
         encode = self._encode_chat if kind == "chat" else self._encode_completion
         ids = await asyncio.to_thread(encode, req)
         params = req.to_sampling_params(self.max_model_len, len(ids))
         rid = new_id("chatcmpl" if kind == "chat" else "cmpl")
-        stream = None
-        try:
-            stream = self.worker.options(stream=True).generate.remote(
-                ids, params, rid, **routing_kwargs(ids, self.block_size))
-            first = await stream.__anext__()
-        except BaseException as exc:
-            if stream is not None:
-                stream.cancel()
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            raise to_api_error(exc, self.settings.retry_after_s) from None
-        return _Call(kind, req, rid, ids, stream, first)
+        for attempt in range(1, REPLICA_ATTEMPTS + 1):
+            stream = None
+            try:
+                stream = self.worker.options(stream=True).generate.remote(
+                    ids, params, rid, **routing_kwargs(ids, self.block_size))
+                first = await stream.__anext__()
+            except BaseException as exc:
+                if stream is not None:
+                    _cancel(stream)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                if attempt < REPLICA_ATTEMPTS and replica_lost(exc):
+                    logger.warning("request %s: replica lost before its first token (%s); call %d of %d next",
+                                   rid, type(exc).__name__, attempt + 1, REPLICA_ATTEMPTS)
+                    continue
+                raise to_api_error(exc, self.settings.retry_after_s) from None
+            return _Call(kind, req, rid, ids, stream, first)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def outputs(self, call: _Call) -> AsyncIterator:
         """The first diff, then the rest; cancels the worker stream if left early."""
@@ -176,7 +207,7 @@ class OpenAIIngress:
                 yield out
         finally:
             if not finished:
-                call.stream.cancel()
+                _cancel(call.stream)
 
     async def collect(self, call: _Call):
         acc = Accumulator()
@@ -244,23 +275,41 @@ class OpenAIIngress:
         self._admit()
         streaming = False
         try:
-            call = await self.start(kind, req)
             if req.stream:
+                call = await self.start(kind, req)
                 streaming = True  # sse_stream counts it out when its last event is sent
                 return StreamingResponse(self.sse_stream(call), media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache"})
-            try:
-                body = await self.collect(call)
-            except Exception as exc:
-                raise to_api_error(exc, self.settings.retry_after_s) from None
-            return JSONResponse(body.model_dump(exclude_none=True))
+            return JSONResponse((await self._collect_retrying(kind, req)).model_dump(exclude_none=True))
         finally:
             if not streaming:
                 self._in_flight -= 1
 
+    async def _collect_retrying(self, kind: str, req):
+        """A whole non-streamed answer; a replica lost midway is replaced (module doc, "Replica death")."""
+        for attempt in range(1, REPLICA_ATTEMPTS + 1):
+            call = await self.start(kind, req)
+            try:
+                return await self.collect(call)
+            except Exception as exc:
+                if attempt < REPLICA_ATTEMPTS and replica_lost(exc):
+                    logger.warning("request %s: replica lost midway (%s); call %d of %d next",
+                                   call.request_id, type(exc).__name__, attempt + 1, REPLICA_ATTEMPTS)
+                    continue
+                raise to_api_error(exc, self.settings.retry_after_s) from None
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
     async def metrics(self) -> bytes:
         snapshots = await self._board.collect.remote(self.settings.metrics_stale_after_s)
         return render_prometheus(list(snapshots.values()))
+
+
+def _cancel(stream) -> None:
+    """Cancel a worker stream. Serve's ``cancel()`` re-raises the error that ended the call (e.g. the
+    ``BackPressureError`` of a request no replica took), which would escape the handler and reach the
+    client as Serve's plain-text answer instead of the OpenAI error; that error is handled by the caller."""
+    with contextlib.suppress(Exception):
+        stream.cancel()
 
 
 def build_fastapi(ingress: OpenAIIngress) -> FastAPI:

@@ -12,7 +12,11 @@ the request, which frees its sequence and KV pages at the next step.
 Admission bound: a replica holds at most ``max_num_seqs + max_waiting_requests``
 requests; one more raises ``QueueFullError`` before touching the engine (the
 ingress answers 429 with Retry-After). ``prefix_block_hashes`` is only read by
-the request router; the worker ignores it.
+the request router; the worker ignores it. Every exception that leaves
+``generate`` is an ``APIError`` (server/errors.py ``to_api_error``: a 4xx for a
+bad request, 500 for a failed step), which crosses the Ray boundary intact.
+``close()`` (engine closed: requests in flight end with a 500) makes
+``check_health`` fail, so Serve replaces the replica.
 
 Background tasks (started in the async ``__init__``, cancelled by ``__del__``/``close``):
 
@@ -26,7 +30,8 @@ Background tasks (started in the async ``__init__``, cancelled by ``__del__``/``
   pusher also wakes it every ``metrics_interval_s``, because disk and Redis
   writes finish asynchronously after the request's last token (so the
   router's view of a replica's tiers lags by at most one interval plus a
-  report round trip).
+  report round trip). If the tree actor died, the replica looks it up again
+  (recreated empty) and re-sends its whole device cache (``CacheMirror.resync``).
 * metrics pusher: every ``metrics_interval_s`` it pushes a ``MetricsSnapshot``
   to the app's ``MetricsBoard`` (see metrics.py).
 
@@ -55,8 +60,7 @@ from tierserve.engine.outputs import RequestOutput
 from tierserve.sampling_params import SamplingParams
 from tierserve.server.autoscaling import SIGNAL_KV_USAGE, SIGNAL_TTFT_S, SIGNAL_WAITING
 from tierserve.server.cache_reporter import CacheMirror, TierMirror
-from tierserve.errors import TierserveError
-from tierserve.server.errors import QueueFullError, to_api_error
+from tierserve.server.errors import QueueFullError, replica_lost, to_api_error
 from tierserve.server.metrics import WorkerMetrics, get_or_create_metrics_board
 
 logger = logging.getLogger(__name__)
@@ -115,6 +119,7 @@ class LLMServer:
         self._tier_mirror = TierMirror(engine_config.kv_tiers.chunk_blocks) if engine_config.kv_tiers.enabled else None
         self.engine.record_cache_events()
         self._active = 0
+        self._closed = False
         self._report_wake = asyncio.Event()
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._report_loop()), loop.create_task(self._metrics_loop())]
@@ -137,10 +142,7 @@ class LLMServer:
         try:
             stream = self.engine.generate(prompt_token_ids, params, request_id)
             async with contextlib.aclosing(stream):  # closing it aborts an unfinished request
-                try:
-                    out = await stream.__anext__()
-                except TierserveError as exc:  # validation: a picklable 4xx for the ingress
-                    raise to_api_error(exc) from None
+                out = await stream.__anext__()
                 while True:
                     now = time.monotonic()
                     self._metrics.observe_token(start, last, now, out.num_prompt_tokens, len(out.new_token_ids))
@@ -152,6 +154,8 @@ class LLMServer:
                     if out.finished:
                         break
                     out = await stream.__anext__()
+        except Exception as exc:  # validation (4xx) or a failed step (500): a picklable APIError for the ingress
+            raise to_api_error(exc, self.retry_after_s) from None
         finally:
             self._active -= 1
             if last is not None:
@@ -180,7 +184,10 @@ class LLMServer:
                 SIGNAL_TTFT_S: total / count if count else 0.0}
 
     def check_health(self) -> None:
-        """Serve's health check: fail when a background task died."""
+        """Serve's health check: fail when the engine was closed or a background task died (Serve replaces the
+        replica)."""
+        if self._closed:
+            raise RuntimeError("the engine of this replica is closed")
         for task in self._tasks:
             if task.done() and not task.cancelled() and task.exception() is not None:
                 raise RuntimeError(f"background task failed: {task.exception()!r}")
@@ -196,11 +203,24 @@ class LLMServer:
             if chains or evicted or tiers is not None:
                 try:
                     await self._tree.report.remote(self.replica_id, chains, evicted, tiers)
-                except Exception:  # the tree is a routing hint: never fail a request over it
+                except Exception as exc:  # the tree is a routing hint: never fail a request over it
                     logger.exception("prefix tree report failed")
+                    if replica_lost(exc):  # the tree actor died: report everything to its successor
+                        await self._reconnect_tree()
                 else:
                     if self._tier_mirror is not None:
                         self._tier_mirror.ack()
+
+    async def _reconnect_tree(self) -> None:
+        """Look the tree actor up again (recreating it) and re-send this replica's whole device cache."""
+        from ray import serve
+
+        from tierserve.routing.tree_actor import get_or_create_tree_actor
+
+        ctx = serve.get_replica_context()
+        self._tree = await asyncio.to_thread(get_or_create_tree_actor, ctx.app_name, ctx.deployment)
+        self._mirror.resync()
+        self._report_wake.set()
 
     def _tier_diff(self):
         """Lower-tier chunks gained/lost since the last report (None: no change or tiers off)."""
@@ -236,6 +256,8 @@ class LLMServer:
             logger.exception("metrics push failed")
 
     async def close(self) -> None:
+        """Stop the background tasks and close the engine: requests in flight end with an error (500)."""
+        self._closed = True
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

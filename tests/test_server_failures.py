@@ -1,0 +1,117 @@
+"""Replica death under load, live: a worker replica's process is killed (SIGKILL) while it streams one
+request and holds two more in its engine's waiting queue, and while the other replica streams a fourth.
+
+Expected (server/ingress.py, "Replica death"):
+
+* the stream that already sent tokens ends with exactly one in-band error event in the OpenAI error
+  shape (503 ``replica_unavailable``), then ``data: [DONE]``, and no finish_reason before it;
+* the two requests that had not produced a token yet are retried on a live replica and answer exactly
+  what ``tierserve.LLM`` answers offline (greedy, token-identical text);
+* the concurrent stream on the other replica completes unchanged.
+
+The waiting requests share the killed replica's cached prefix, so the prefix router sends them there
+(its load gap of 1-2 requests stays under the bound of 4); the fourth prompt has no full block, so it
+goes by load to the idle replica. Every step waits on the metrics board or the prefix tree, not on time.
+The app is this module's own (tests/failure_app.py), deleted at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import pytest
+from failure_app import SSE, board_state, failure_app, replica_pids, running_replicas
+from polling import wait_for
+
+from tierserve import SamplingParams
+
+APP = "ts-failures"
+ROUTE = "/failures"
+BLOCK_SIZE = 16  # the engine's default block size: the routing hashes below use it
+
+
+@pytest.fixture(scope="module")
+def app(ray_session):
+    yield from failure_app(ray_session, APP, ROUTE, replicas=2, max_waiting_requests=2, max_model_len=2048)
+
+
+def greedy(n: int, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, **kw)
+
+
+def error_event_shape(event: dict) -> dict:
+    assert set(event) == {"error"} and set(event["error"]) == {"message", "type", "param", "code"}, event
+    return event["error"]
+
+
+def test_killed_replica_ends_its_stream_in_band_and_its_waiting_requests_move(app, ray_session, smollm_llm):
+    ray, _ = ray_session
+    from tierserve.routing.serve_router import PREFIX_HASHES_KWARG, routing_kwargs
+    from tierserve.routing.tree_actor import TREE_NAMESPACE, tree_actor_name
+
+    url = f"{app}/v1/completions"
+    shared = "Minutes of the harbour committee, read aloud before the vote. " * 4
+    waiting_prompts = [shared + "First item:", shared + "Second item:"]
+    other_prompt = "The three primary colors are"
+    refs = [o.text for o in smollm_llm.generate(waiting_prompts, greedy(8))]
+    other_ref = smollm_llm.generate(other_prompt, greedy(40, ignore_eos=True))[0].text
+    wait_for(lambda: running_replicas(APP) == 2 and len(replica_pids(APP)) == 2,
+             show=lambda: (running_replicas(APP), replica_pids(APP)))
+
+    victim = SSE(url, {"prompt": shared + "The decision was", "max_tokens": 1500, "temperature": 0,
+                       "ignore_eos": True})
+    first = victim.next()
+    assert victim.resp.status_code == 200 and "error" not in first, first
+    busy = wait_for(lambda: [r for r, (run, _) in board_state(ray, APP).items() if run == 1],
+                    show=lambda: board_state(ray, APP))
+    assert len(busy) == 1
+    (holder,) = busy
+    # the waiting prompts' full blocks are the victim's: the holder must have reported them
+    tree = ray.get_actor(tree_actor_name(APP, "LLMServer"), namespace=TREE_NAMESPACE)
+    blocks = [routing_kwargs(smollm_llm.tokenizer.encode(p), BLOCK_SIZE)[PREFIX_HASHES_KWARG]
+              for p in waiting_prompts]
+    shared_blocks = len(smollm_llm.tokenizer.encode(shared)) // BLOCK_SIZE - 1  # the last one may merge
+    assert shared_blocks >= 2
+    wait_for(lambda: all(ray.get(tree.longest_match.remote(b)).get(holder, 0) >= shared_blocks for b in blocks),
+             show=lambda: [ray.get(tree.longest_match.remote(b)) for b in blocks])
+
+    results: dict[str, list] = {}
+
+    def stream(key: str, body: dict) -> None:
+        s = SSE(url, body)
+        results[key] = [s.resp.status_code, s.rest(), s.text()]
+
+    threads = [threading.Thread(target=stream, args=(f"w{i}", {"prompt": p, "max_tokens": 8, "temperature": 0}))
+               for i, p in enumerate(waiting_prompts)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: board_state(ray, APP).get(holder) == (1, 2), show=lambda: board_state(ray, APP))
+    other = threading.Thread(target=stream, args=("other", {"prompt": other_prompt, "max_tokens": 40,
+                                                            "temperature": 0, "ignore_eos": True}))
+    other.start()
+    others = wait_for(lambda: [r for r, (run, _) in board_state(ray, APP).items() if r != holder and run == 1],
+                      show=lambda: board_state(ray, APP))
+    assert board_state(ray, APP)[holder] == (1, 2), (holder, others)  # nothing started on the victim meanwhile
+
+    os.kill(replica_pids(APP)[holder], signal.SIGKILL)
+    events = victim.rest()
+    for t in [*threads, other]:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in [*threads, other])
+
+    # the victim: tokens, then exactly one error event, then [DONE]; it never finished
+    assert events[-1] == "[DONE]" and isinstance(events[-2], dict)
+    err = error_event_shape(events[-2])
+    assert (err["type"], err["code"], err["param"]) == ("service_unavailable_error", "replica_unavailable", None)
+    chunks = events[:-2]
+    assert chunks and all("error" not in c and c["choices"][0].get("finish_reason") is None for c in chunks)
+    # the requests that had not started moved and answer exactly the offline reference
+    for i, ref in enumerate(refs):
+        status, evs, text = results[f"w{i}"]
+        assert status == 200 and evs[-1] == "[DONE]", evs
+        assert not [e for e in evs if isinstance(e, dict) and "error" in e], evs
+        assert text == ref
+    status, evs, text = results["other"]
+    assert status == 200 and evs[-1] == "[DONE]" and text == other_ref
