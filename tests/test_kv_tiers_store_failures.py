@@ -9,9 +9,9 @@ each store's asynchronous writes to be counted before the next step, so no write
 skipped as a duplicate) when the next store of the same chunk comes. Two real failures:
 
 * the disk folder is removed under the running tier (every file write raises; permission bits would not
-  stop root), counted by the disk backend when LMCache's write fails on its event loop; the folder is
-  then made again and the same chunks are stored and served from disk: nothing of the failed writes
-  (a reserved size, an in-progress mark, a held buffer) blocks them;
+  stop root), counted by the disk backend when LMCache's write fails on its event loop (and left out of
+  ``bytes_stored``); the folder is then made again and the same chunks are stored and served from disk:
+  nothing of the failed writes (a reserved size, an in-progress mark, a held buffer) blocks them;
 * the LMCache buffer that stages every record is smaller than one record, so no record can be built
   (the connector counts one failure per chunk for the tier that lacked it).
 
@@ -131,6 +131,7 @@ def test_removed_disk_folder_counts_each_failed_write_then_recovers(smollm_folde
         assert torch.equal(logits, ref_logits) and tokens == ref_tokens
         stats = conn.stats()
         assert stats.failures["disk"] == 2 * PROMPT_CHUNKS and stats.hits["disk"] == 0
+        assert stats.bytes_stored["disk"] == 0  # every accepted put was lost
         text = render_prometheus([MetricsSnapshot("m", kv_tiers=stats)]).decode()
         assert _metric(text, "kv_tier_failures_total", "disk") == 2 * PROMPT_CHUNKS
 
@@ -142,6 +143,7 @@ def test_removed_disk_folder_counts_each_failed_write_then_recovers(smollm_folde
         logits, tokens = run(engine, ids)
         after = conn.stats()
         assert after.hits["disk"] == PROMPT_CHUNKS and after.failures["disk"] == 2 * PROMPT_CHUNKS
+        assert after.bytes_stored["disk"] == PROMPT_CHUNKS * conn.payload_bytes
         assert torch.equal(logits, ref_logits) and tokens == ref_tokens
     finally:
         engine.close()

@@ -32,7 +32,10 @@ Contract (every implementation):
   refused or timed-out connection): it logs a warning, adds one to
   ``failures`` and answers as a miss (``contains`` False, ``get`` None,
   ``put`` False), so a tier can only make a lookup shorter, never fail a
-  request.
+  request. ``put`` also answers False, without a failure, for a key whose
+  write is still in flight (LMCache would skip it), so a store is counted once. A put accepted (True) whose asynchronous write fails later adds
+  one to ``failures`` and one to ``lost_puts`` (the connector then takes
+  its bytes back out of ``bytes_stored``).
 * ``name``: the tier's name in ``KVTierConfig.tiers`` and in every stats
   dict. ``caches_lower_hits``: a hit in a slower tier is also put into this
   one (the DRAM hot cache).
@@ -74,7 +77,8 @@ class TierBackend(ABC):
     caches_lower_hits: ClassVar[bool] = False
 
     def __init__(self) -> None:
-        self.failures = 0  # failed or timed-out tier calls (module doc)
+        self.failures = 0  # failed or timed-out tier calls and writes (module doc)
+        self.lost_puts = 0  # accepted puts whose asynchronous write failed (module doc)
 
     @classmethod
     def lmcache_options(cls, options: LMCacheOptions, config: KVTierConfig) -> LMCacheOptions:

@@ -23,7 +23,7 @@ Two gaps of LMCache 0.5.6 this tier closes (tests/test_kv_tiers_store_failures.p
   wrapped: on an ``OSError`` the buffer reference, the reserved size, the
   usage and the in-progress mark are undone, a partial file is removed, and
   the failure is counted (``failures``, so ``KVTierStats.failures["disk"]``
-  and ``tierserve:kv_tier_failures_total``) and logged. The next put of the
+  and ``tierserve:kv_tier_failures_total``, and ``lost_puts``) and logged. The next put of the
   key is tried again.
 * ``remove`` (LMCache's forced remove) frees the file but not the reserved
   size, so every removed record would shrink the tier for good; the size is
@@ -74,6 +74,8 @@ class DiskBackend(LMCacheTier):
                 os.remove(store._key_to_path(key))
             except OSError:  # no partial file (the usual case: the folder is gone or unwritable)
                 pass
+            with self._fail_lock:
+                self.lost_puts += 1
             self._fail("writing", key.chunk_hash.to_bytes(32, "big"), exc)
 
     def remove(self, key: bytes) -> None:

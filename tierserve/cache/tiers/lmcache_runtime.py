@@ -205,7 +205,10 @@ class LMCacheTier(TierBackend):
 
     def put(self, key: bytes, record: ChunkBuffer) -> bool:
         try:
-            self._store.submit_put_task(self.runtime.key(key), record.obj)
+            lm_key = self.runtime.key(key)
+            if self._store.exists_in_put_tasks(lm_key):  # a write of this key is in flight: LMCache skips it
+                return False
+            self._store.submit_put_task(lm_key, record.obj)
         except Exception as exc:
             self._fail("storing", key, exc)
             return False

@@ -74,6 +74,7 @@ class RedisBackend(TierBackend):
         self._remote = rt.lm.RemoteBackend(rt.engine_config, rt.metadata, rt.loop, rt.cpu, "cpu")
         self._open_until = 0.0
         self._seen_failed = 0
+        self._seen_put_failed = 0
         self._client = None  # redis-py client for remove(), made on first use
         self._events: dict[bytes, bool] = {}  # chunk key -> held / missing, the last event wins
         self._lock = threading.Lock()
@@ -96,6 +97,9 @@ class RedisBackend(TierBackend):
         failed = self._remote.get_blocking_failed_count + self._remote.put_failed_count
         if failed > self._seen_failed:
             new, self._seen_failed = failed - self._seen_failed, failed
+            put_failed = self._remote.put_failed_count
+            self.lost_puts += put_failed - self._seen_put_failed  # accepted puts whose write failed (backend.py)
+            self._seen_put_failed = put_failed
             self._fail("get/put", f"{new} failed LMCache remote call(s)", count=new)
 
     def _exists(self, key: bytes) -> bool | None:
@@ -139,7 +143,10 @@ class RedisBackend(TierBackend):
         if not self.available():
             return False
         try:
-            self._remote.submit_put_task(self.runtime.key(key), record.obj)
+            lm_key = self.runtime.key(key)
+            if self._remote.exists_in_put_tasks(lm_key):  # a write of this key is in flight: LMCache skips it
+                return False
+            self._remote.submit_put_task(lm_key, record.obj)
         except Exception as exc:
             self._fail("put", exc)
             return False
