@@ -86,7 +86,7 @@ def test_host_killed_during_promotion_copy(tiny):
 
         assert result["swaps"] == [] and handle.placement == placement and handle.promotions == 0
         assert [sorted(b.experts) for b in handle.blocks] == resident
-        assert handle.spare.keys() == ring and not handle.spare._pending
+        assert handle.spare.keys() == ring and handle.spare.in_flight() == []
         assert handle.pool.stats.failures == [f"{victim}: promotion copy: ChannelError"]
         assert handle.pool.alive == {survivor} and pid_gone(pid)
         assert set(handle.pool.owners) == set(placement.cold_keys())

@@ -155,6 +155,10 @@ class SpareSlots:
     def keys(self) -> list[Key]:
         return list(self._slots)
 
+    def in_flight(self) -> list[Key]:
+        """The keys whose copy was started and not yet ``finish``-ed."""
+        return list(self._pending)
+
     def get(self, key: Key) -> torch.nn.Module | None:
         module = self._slots.get(key)
         if module is not None:
