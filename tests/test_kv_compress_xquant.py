@@ -45,8 +45,9 @@ def test_basis_orders_the_latent_by_singular_value():
         projection_basis(torch.randn(24, 8))
 
 
-def _run(folder, kvc, max_tokens=6):
-    cfg = build_engine_config(folder, num_blocks=48, block_size=16, max_num_seqs=1, linear_backend="torch")
+def _run(folder, kvc, max_tokens=6, **kw):
+    kw = kw or {"linear_backend": "torch"}
+    cfg = build_engine_config(folder, num_blocks=48, block_size=16, max_num_seqs=1, **kw)
     engine = LLMEngine(dataclasses.replace(cfg, kv_compression=kvc))
     logits = []
     execute = engine.runner.execute
@@ -78,6 +79,31 @@ def test_lossless_latent_equals_plain_kv(smollm_folder, plain):
     torch.testing.assert_close(logits, plain[2], rtol=0, atol=2e-4)
     # latent in fp32 (K and V, 192 each) plus 4 bytes per token for the position
     assert engine.kv_compressor.page_size_bytes() == 16 * (30 * 2 * 192 * 4 + 4)
+
+
+def test_lossless_latent_over_packed_weights(smollm_gguf):
+    """The GGUF kept packed (Q4_1 int4 kernels): the bases come from the projection module's own output on the
+    identity, so the latent stays exact for the weights the model really applies. Compared on layer 0's pages
+    after one prefill, where both engines saw identical inputs: the packed kernels round activations to bf16, so
+    a 1e-6 difference in a later layer's input can flip a bf16 rounding (one ulp, 0.06 at magnitude 15) and
+    whole-model logits are not a fp32-noise comparison."""
+    engines = []
+    for kvc in (KVCompressionConfig(), KVCompressionConfig("xquant", latent_bits=0)):
+        cfg = build_engine_config(smollm_gguf, num_blocks=8, block_size=16, quantization="auto",
+                                  enable_prefix_caching=False)
+        engine = LLMEngine(dataclasses.replace(cfg, kv_compression=kvc))
+        ids = engine.tokenize(TEXT)[:30]
+        engine.add_request(ids, SamplingParams(max_tokens=1, temperature=0.0))
+        engine.step()
+        engines.append(engine)
+    plain, xq = engines
+    assert type(xq.model.layers[0].self_attn.qkv_proj).__name__ != "Linear"  # really packed
+    keys, vals = xq.runner.kv_caches[0].gather(torch.tensor([[0, 1]]))
+    pages = plain.runner.kv_caches[0]
+    ref_k, ref_v = pages.k[:2].reshape(1, 32, 3, 64), pages.v[:2].reshape(1, 32, 3, 64)
+    # fp32 rotations of 192 channels and the RoPE round trip: ~1e-6 relative on |K| <= ~10 (measured 8.6e-6)
+    torch.testing.assert_close(keys[:, :30], ref_k[:, :30], rtol=0, atol=5e-5)
+    torch.testing.assert_close(vals[:, :30], ref_v[:, :30], rtol=0, atol=5e-5)
 
 
 def test_four_bit_latent_bytes_and_error(smollm_folder, plain):

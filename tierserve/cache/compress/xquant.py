@@ -7,6 +7,8 @@ projection. Per attention layer, with ``W_k, W_v`` the ``[d_kv, hidden]``
 projections (``d_kv = kv_heads * head_dim``):
 
     offline:  W_k^T = U_k S_k B_k   (SVD; B_k [d_kv, d_kv] orthogonal, singular values descending); same for W_v
+              (W read off the projection module itself -- its output on the identity minus its bias -- so
+              packed weight formats work too)
     store:    z_k = k_pre B_k^T  (= X U_k S_k, plus the bias term b_k B_k^T where the model has one)
               z_v = v B_v^T      (= X U_v S_v + b_v B_v^T)
     read:     k = RoPE(z_k B_k, stored positions),   v = z_v B_v
@@ -32,8 +34,8 @@ rotations (logits equal plain KV within fp32 noise; tests).
 
 XQuant-CL (deltas to the previous layer's X) is not built: the latent bases
 differ per layer. Models: one RoPE table for every layer (``model.rope``:
-Llama, Mistral, Qwen, OLMoE); Gemma3's local/global RoPE, sliding windows and
-float-less (packed) KV projections are refused with a clear error, and so
+Llama, Mistral, Qwen, OLMoE); Gemma3's local/global RoPE and sliding windows
+are refused with a clear error, and so
 is the triton attention backend (its kernels read plain or kv4 pages in
 place; XQuant pages are read through ``gather``, the torch backend).
 """
@@ -61,6 +63,16 @@ def projection_basis(weight: torch.Tensor) -> torch.Tensor:
                                                       f"got {hidden} < {d_kv}")
     _, _, basis = torch.linalg.svd(weight.detach().float().T, full_matrices=False)
     return basis
+
+
+def projection_weights(qkv_proj: torch.nn.Module, hidden: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """The ``[out, hidden]`` float32 matrix a (possibly packed) projection applies: its output on the identity
+    minus its output on zero (the bias). A packed format gives its dequantized weight as its kernel computes it;
+    the basis only has to be orthogonal for the latent to be exact, and this one is close to the SVD of the
+    weight the model really applies."""
+    with torch.no_grad():
+        eye = torch.eye(hidden, dtype=dtype, device=device)
+        return (qkv_proj(eye).float() - qkv_proj(torch.zeros_like(eye[:1])).float()).T.contiguous()
 
 
 def unrope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -176,16 +188,14 @@ class XQuantCompressor(KVCompressor):
         if rope is None or layers is None:
             raise InvalidParameterError("kv_compression", f"xquant needs a model with one RoPE table for every "
                                                           f"layer (model.rope); {type(model).__name__} has none")
+        hidden, dtype = model.cfg.hidden_size, getattr(model, "dtype", torch.float32)
         for i, (layer, kv) in enumerate(zip(layers, kv_caches)):
             attn = layer.self_attn
             if attn.sliding_window is not None:
                 raise InvalidParameterError("kv_compression", f"xquant does not support sliding-window layers "
                                                               f"(layer {i}, window {attn.sliding_window})")
-            weight = getattr(attn.qkv_proj, "weight", None)
-            if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-                raise InvalidParameterError("kv_compression", f"xquant needs float KV projection weights; layer "
-                                                              f"{i}'s qkv_proj is {type(attn.qkv_proj).__name__}")
-            _, wk, wv = weight.split([attn.q_size, attn.kv_size, attn.kv_size], dim=0)
+            _, wk, wv = projection_weights(attn.qkv_proj, hidden, dtype, kv.device).split(
+                [attn.q_size, attn.kv_size, attn.kv_size], dim=0)
             kv.basis_k = projection_basis(wk).to(kv.device)
             kv.basis_v = projection_basis(wv).to(kv.device)
             kv.rope, kv.capture = rope, self.capture
