@@ -91,3 +91,14 @@ def test_api_error_passes_through_unchanged_and_survives_pickling():
     assert copy.body() == {"error": {"message": "short and stout", "type": "teapot_error", "param": "spout",
                                      "code": "tip_over"}}
     assert QueueFullError.__reduce__(QueueFullError(3, 7))[1] == (3, 7)
+
+
+@pytest.mark.parametrize("exc", [InvalidParameterError("top_p", "must be in (0, 1], got 0"),
+                                 ContextLengthError(2100, 2048, field="messages"), TierserveError("plain")],
+                         ids=lambda e: type(e).__name__)
+def test_tierserve_errors_cross_process_boundaries_typed(exc):
+    """Ray pickles an exception raised in an actor; the default pickling calls the constructor with the
+    message alone, which fails for errors whose constructor takes fields (tierserve/errors.py)."""
+    copy = pickle.loads(pickle.dumps(exc))
+    assert type(copy) is type(exc) and str(copy) == str(exc) and copy.__dict__ == exc.__dict__
+    assert fields(to_api_error(wrapped(copy))) == fields(to_api_error(exc))

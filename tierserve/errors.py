@@ -3,8 +3,24 @@
 from __future__ import annotations
 
 
+def _rebuild(cls: type, args: tuple, state: dict) -> BaseException:
+    """Unpickle a ``TierserveError`` without calling its constructor (see ``TierserveError.__reduce__``)."""
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, *args)
+    exc.__dict__.update(state)
+    return exc
+
+
 class TierserveError(Exception):
-    """Base class of every error tierserve raises on purpose."""
+    """Base class of every error tierserve raises on purpose.
+
+    Pickles with its class, message and attributes whatever its constructor's signature, so it crosses
+    Ray boundaries intact (the default pickling of an exception calls the constructor with the message
+    alone, which fails for the subclasses that take fields).
+    """
+
+    def __reduce__(self):
+        return (_rebuild, (self.__class__, self.args, dict(self.__dict__)))
 
 
 class InvalidParameterError(TierserveError, ValueError):
