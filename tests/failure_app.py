@@ -14,8 +14,8 @@ import json
 import requests
 
 #: Worker options shared by the failure apps: one running request per replica so that others wait.
-BASE_ARGS = dict(max_num_seqs=1, num_blocks=128, num_threads=1, worker_cpus=0, max_model_len=512,
-                 metrics_interval_s=0.25, retry_after_s=3)
+BASE_ARGS = {"max_num_seqs": 1, "num_blocks": 160, "num_threads": 1, "worker_cpus": 0, "max_model_len": 512,
+             "metrics_interval_s": 0.25, "retry_after_s": 3}
 
 
 def failure_app(ray_session, name: str, route: str, **args):

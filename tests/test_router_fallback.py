@@ -19,9 +19,9 @@ import logging
 
 import pytest
 import ray
-
 from gated_router_stub import gated_router_app, new_gate
 from polling import wait_for
+
 from tierserve.cache.prefix_hash import HASH_BYTES, hash_blocks
 from tierserve.errors import InvalidParameterError
 from tierserve.routing.serve_router import routing_kwargs
@@ -141,7 +141,7 @@ def test_malformed_request_hashes_route_by_load_with_a_warning(app, caplog, valu
 ])
 def test_malformed_replica_report_is_refused_whole(app, chains, evicted, field, detail):
     tree = tree_of(APP)
-    low, high = sorted(ray.get(tree.replicas.remote()))
+    high = max(ray.get(tree.replicas.remote()))
     chain = hash_blocks(replica_tokens(high), BS)
     before = ray.get(tree.num_blocks.remote(high))
     fresh = hash_blocks(replica_tokens(high)[:4] + [99] * 8, BS)   # a valid new chain sent in the same report

@@ -12,7 +12,12 @@ from __future__ import annotations
 import pickle
 
 import pytest
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+from ray.exceptions import (
+    ActorDiedError,
+    ActorUnavailableError,
+    RayActorError,
+    RayTaskError,
+)
 from ray.serve.exceptions import BackPressureError
 
 from tierserve.errors import ContextLengthError, InvalidParameterError, TierserveError

@@ -74,8 +74,7 @@ def test_closed_engine_is_500_in_band_and_over_http(app, ray_session):
         "server_error", "internal_error", "internal error: RuntimeError: AsyncLLMEngine is closed")
 
 
-def test_no_live_replica_queues_then_answers_503_with_retry_after(app, ray_session, smollm_llm):
-    ray, _ = ray_session
+def test_no_live_replica_queues_then_answers_503_with_retry_after(app, smollm_llm):
     from ray import serve
 
     url = f"{app}/v1/completions"
@@ -97,7 +96,7 @@ def test_no_live_replica_queues_then_answers_503_with_retry_after(app, ray_sessi
     for i in range(QUEUE):  # one at a time: each is admitted by the ingress before the next is sent
         threads.append(threading.Thread(target=ask, args=(i,)))
         threads[-1].start()
-        wait_for(lambda: ingress.in_flight.remote().result() == i + 1,
+        wait_for(lambda n=i + 1: ingress.in_flight.remote().result() == n,
                  show=lambda: (ingress.in_flight.remote().result(), answers))
     assert running_replicas(APP) == 0 and not answers   # still no replica: all 8 wait in the handle queue
     over = requests.post(url, json={"prompt": "Hi", "max_tokens": 4}, timeout=60)
