@@ -1,0 +1,129 @@
+"""Compressed KV pages in the DRAM tier: prefix tokens held in one DRAM budget, and the TTFT of a hit.
+
+For each page format (``none``: the model's fp32 pages; ``kv4``; ``xquant``)
+one engine with only the DRAM tier (``--dram-mib`` MiB, chunks of
+``--chunk-blocks`` blocks of 16 tokens) and device prefix caching off, so a
+reuse can only come from the tier:
+
+* capacity: ``--docs`` distinct Austen passages of ``--doc-tokens`` tokens are
+  prefilled one after another (each stores its whole chunks; LMCache's DRAM
+  tier evicts least recently used chunks when the budget is full); then the
+  tier's own index is read: prefix tokens held = chunks held x chunk tokens.
+* TTFT: a passage prefilled again with a different question after it
+  (``--repeats`` questions): a DRAM hit (its chunks loaded, the question
+  computed), and the same request after its chunks were removed (recompute).
+
+Prints, beside the machine's copy bandwidth: chunk bytes, chunks and tokens
+held, median TTFT of a hit and of a recompute per format, and the ratios
+against ``none``. Targets (issue "Compression from the seeds"): kv4 holds
+>= 5x the prefix tokens in the same budget, its hit TTFT within 1.2x of an
+uncompressed hit. Writes benchmarks/results/kv_tier_formats.json.
+
+Usage: python benchmarks/kv_tier_formats.py [--dram-mib 96] [--docs 24] [--doc-tokens 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+QUESTIONS = [" Who speaks first?", " What is the mood here?", " Name the families.", " Summarise it.",
+             " Who is sensible?", " What happens next?", " Where are they?"]
+
+
+def build(method: str, args):
+    from tierserve.cache.tiers.config import KVTierConfig
+    from tierserve.config import KVCompressionConfig
+    from tierserve.engine.llm import build_engine_config
+    from tierserve.engine.llm_engine import LLMEngine
+
+    cfg = build_engine_config(args.model, num_blocks=args.doc_tokens // 16 + 16, enable_prefix_caching=False,
+                              max_num_seqs=1, max_num_batched_tokens=args.doc_tokens + 64)
+    tiers = KVTierConfig(tiers=("dram",), chunk_blocks=args.chunk_blocks, dram_gib=args.dram_mib / 1024)
+    kvc = KVCompressionConfig(() if method == "none" else (method,))
+    return LLMEngine(dataclasses.replace(cfg, kv_tiers=tiers, kv_compression=kvc))
+
+
+def run_format(method: str, docs: list[str], args) -> dict:
+    from kv_reuse import ttft
+    from test_kv_tiers import drop, wait_stored
+
+    from tierserve.cache.tiers.chunk import chunk_keys, record_size
+
+    engine = build(method, args)
+    conn = engine.kv_tiers
+    ids = [engine.tokenize(d)[: args.doc_tokens] for d in docs]
+    for doc in ids:  # capacity: every passage stored in turn (DRAM puts are synchronous), LRU evicts when full
+        ttft(engine, doc)
+    held = len(conn.holdings().held["dram"])
+    doc = ids[-1]  # the newest passage: still held
+    keys = chunk_keys(doc, 16, args.chunk_blocks)
+    hits, recomputes = [], []
+    for r in range(args.repeats):
+        ask = doc + engine.tokenize(QUESTIONS[r % len(QUESTIONS)])
+        wait_stored(conn, doc, ("dram",))  # the budget must hold one passage (--dram-mib)
+        before = conn.stats().hits["dram"]
+        hits.append(ttft(engine, ask))
+        assert conn.stats().hits["dram"] - before == len(keys), "the passage did not come from the DRAM tier"
+        drop(conn, keys, ("dram",))
+        recomputes.append(ttft(engine, ask))  # also stores the chunks again for the next repeat
+    row = {"format": method, "chunk_bytes": record_size(conn.payload_bytes), "chunks_held": held,
+           "tokens_held": held * args.chunk_blocks * 16, "hit_ttft_s": statistics.median(hits),
+           "recompute_ttft_s": statistics.median(recomputes), "hits": hits, "recomputes": recomputes}
+    engine.close()
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dram-mib", type=float, default=96)
+    ap.add_argument("--docs", type=int, default=24)
+    ap.add_argument("--doc-tokens", type=int, default=1024)
+    ap.add_argument("--chunk-blocks", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--formats", nargs="+", default=["none", "kv4", "xquant"])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    import torch
+
+    from decode import memcopy_bandwidth
+
+    from tierserve.data.austen import austen_texts
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    text = "".join(austen_texts().values())
+    step = len(text) // (args.docs + 1)
+    docs = [text[i * step: i * step + 8 * args.doc_tokens] for i in range(args.docs)]
+    bandwidth = memcopy_bandwidth()
+    t0 = time.time()
+    rows = [run_format(m, docs, args) for m in args.formats]
+    base = next((r for r in rows if r["format"] == "none"), rows[0])
+    print(f"\nDRAM tier of {args.dram_mib:g} MiB, {args.docs} passages of {args.doc_tokens} tokens, chunks of "
+          f"{args.chunk_blocks * 16} tokens; TTFT median of {args.repeats}; copy bandwidth {bandwidth:.1f} GB/s")
+    print(f"{'format':<8}{'chunk MB':>10}{'chunks':>8}{'tokens held':>13}{'x none':>8}"
+          f"{'hit TTFT s':>12}{'x none':>8}{'recompute s':>13}")
+    for r in rows:
+        print(f"{r['format']:<8}{r['chunk_bytes'] / 1e6:>10.2f}{r['chunks_held']:>8}{r['tokens_held']:>13}"
+              f"{r['tokens_held'] / max(base['tokens_held'], 1):>7.1f}x{r['hit_ttft_s']:>12.3f}"
+              f"{r['hit_ttft_s'] / base['hit_ttft_s']:>7.2f}x{r['recompute_ttft_s']:>13.3f}")
+    print(f"({time.time() - t0:.0f} s)")
+    out = {"args": vars(args), "copy_bandwidth_gbs": bandwidth, "rows": rows}
+    os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
+    with open(os.path.join(ROOT, "benchmarks", "results", "kv_tier_formats.json"), "w") as f:
+        json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
