@@ -2,11 +2,12 @@
 
 A ``python -m tierserve.offload.host_process`` child (ProcessHostLauncher) holds experts (0, 0) and (0, 1)
 of the tiny Qwen3-MoE (hidden size 64), saved to a folder. Requests it cannot compute: rows for an expert
-it does not hold, alone and mixed with a held one, and rows of the wrong width. Each must reach the worker as a ``ChannelError`` (a
-``HostCallError``: the one error ``HostPool`` fails a host over on, tierserve/offload/host_pool.py) whose
-message names the host's address, the expert and, for the width, the field and both sizes; and the host,
-on the same connection, must go on serving: every later request is answered with exactly the rows the
-worker's own ``build_expert`` module computes (equal bits: the same kernels on the same rows).
+it does not hold, alone and mixed with a held one, and rows of the wrong width. Each must reach the worker
+as a ``ChannelError`` (a ``HostCallError``: the one error ``HostPool`` fails a host over on,
+tierserve/offload/host_pool.py) whose message names the host's address, the expert and, for the width,
+the field and both sizes; and the host, on the same connection, must go on serving: every later request
+is answered with exactly the rows the worker's own ``build_expert`` module computes (equal bits: the same
+kernels on the same rows).
 Then ``HostPool.wait`` over that host turns such an error reply into a failover: the host is recorded
 failed with the host's message, its experts are re-read from the checkpoint (``CheckpointExperts``) and
 loaded on the survivor, and a resend there gives the same exact rows.

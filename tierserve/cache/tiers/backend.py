@@ -33,9 +33,10 @@ Contract (every implementation):
   ``failures`` and answers as a miss (``contains`` False, ``get`` None,
   ``put`` False), so a tier can only make a lookup shorter, never fail a
   request. ``put`` also answers False, without a failure, for a key whose
-  write is still in flight (LMCache would skip it), so a store is counted once. A put accepted (True) whose asynchronous write fails later adds
-  one to ``failures`` and one to ``lost_puts`` (the connector then takes
-  its bytes back out of ``bytes_stored``).
+  write is still in flight (LMCache would skip it), so a store is counted
+  once. A put accepted (True) whose asynchronous write fails later adds one
+  to ``failures`` and one to ``lost_puts`` (the connector then takes its
+  bytes back out of ``bytes_stored``).
 * ``name``: the tier's name in ``KVTierConfig.tiers`` and in every stats
   dict. ``caches_lower_hits``: a hit in a slower tier is also put into this
   one (the DRAM hot cache).
