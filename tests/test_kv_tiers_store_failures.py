@@ -13,7 +13,11 @@ skipped as a duplicate) when the next store of the same chunk comes. Two real fa
   ``bytes_stored``); the folder is then made again and the same chunks are stored and served from disk:
   nothing of the failed writes (a reserved size, an in-progress mark, a held buffer) blocks them;
 * the LMCache buffer that stages every record is smaller than one record, so no record can be built
-  (the connector counts one failure per chunk for the tier that lacked it).
+  (the connector counts one failure per chunk for the tier that lacked it);
+* a Redis tier whose server is stopped (SIGSTOP) after it stored the prompt's chunks: the lookup's first
+  call times out and opens the circuit breaker for ``redis_retry_s`` = 600 s, longer than the test, so
+  every later lookup and store of the request skips Redis: exactly one failure for the whole request,
+  no hit, and the output of an engine without tiers.
 
 The reference is the same prompt on an engine without tiers, same configuration: the same forwards on the
 same shapes, so logits are compared with ``torch.equal``. The counter reaches /metrics unchanged
@@ -24,10 +28,13 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import signal
 
 import pytest
 import torch
 from polling import wait_for
+
+from test_kv_tiers import start_redis, stop_redis
 
 from tierserve.cache.tiers.chunk import chunk_keys
 from tierserve.cache.tiers.config import KVTierConfig
@@ -161,3 +168,31 @@ def test_no_buffer_for_a_record_counts_each_chunk(smollm_folder, reference, tmp_
         assert stats.failures["disk"] == 2 * PROMPT_CHUNKS and stats.bytes_stored["disk"] == 0
     finally:
         engine.close()
+
+
+def test_stopped_redis_costs_one_failure_per_breaker_period(smollm_folder, reference):
+    from tierserve.engine.llm_engine import LLMEngine
+
+    ids, ref_logits, ref_tokens = reference
+    proc, url = start_redis()
+    engine = None
+    try:
+        tiers = KVTierConfig(tiers=("redis",), chunk_blocks=CHUNK_BLOCKS, redis_url=url, redis_timeout_s=0.5,
+                             redis_retry_s=600.0)
+        engine = LLMEngine(dataclasses.replace(_config(smollm_folder), kv_tiers=tiers))
+        conn = engine.kv_tiers
+        logits, tokens = run(engine, ids)  # stores the 3 chunks in Redis
+        assert torch.equal(logits, ref_logits) and tokens == ref_tokens
+        keys = chunk_keys(ids, conn.spec.block_size, conn.chunk_blocks)
+        wait_for(lambda: all(conn.backend("redis").contains(k) for k in keys), show=conn.stats)
+        assert conn.stats().failures["redis"] == 0
+
+        proc.send_signal(signal.SIGSTOP)  # every call now times out
+        logits, tokens = run(engine, ids)
+        stats = conn.stats()
+        assert stats.failures["redis"] == 1 and stats.hits["redis"] == 0
+        assert torch.equal(logits, ref_logits) and tokens == ref_tokens
+    finally:
+        if engine is not None:
+            engine.close()
+        stop_redis(proc)

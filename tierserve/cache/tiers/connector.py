@@ -73,7 +73,8 @@ PYTHONHASHSEED values; a second process served from Redis),
 tests/test_tier_routing_connector.py (holdings reach the router),
 tests/test_kv_tiers_backends.py (each backend's contract, Redis failures),
 tests/test_kv_tiers_store_failures.py (stores failing on disk and for lack of
-buffer space: counted exactly, output identical to an engine without tiers),
+buffer space, a stopped Redis: counted exactly, output identical to an engine
+without tiers),
 tests/test_kv_tiers_pressure.py (a full DRAM tier evicts LRU chunks; the walk
 stops at the first evicted chunk; output identical to a recompute).
 """
