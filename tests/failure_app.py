@@ -1,7 +1,10 @@
 """A dedicated tierserve app for the failure tests, and what they need to break it for real.
 
 ``failure_app(name, route, **args)`` is a module-fixture generator: it deploys ``build_app`` (real
-SmolLM2 worker replicas, one request running each) under its own name and route, so killing or
+SmolLM2 worker replicas, one request running each) under its own name and route; the tests pass
+``model=`` the fp32 folder that conftest's ``smollm_llm`` reference loads, so greedy answers are
+token-identical to it (the default packed Q4_1 GGUF computes in bf16 and may pick another token where
+two logits nearly tie), so killing or
 closing its replicas never touches the session apps of tests/ray_fixtures.py, and deletes it (with its
 tree and metrics actors) at the end. ``replica_pids`` reads the replicas' process ids from Ray's actor
 table (Serve names each replica actor ``SERVE_REPLICA::<app>#<deployment>#<replica id>``).

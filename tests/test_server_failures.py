@@ -33,8 +33,9 @@ BLOCK_SIZE = 16  # the engine's default block size: the routing hashes below use
 
 
 @pytest.fixture(scope="module")
-def app(ray_session):
-    yield from failure_app(ray_session, APP, ROUTE, replicas=2, max_waiting_requests=2, max_model_len=2048)
+def app(ray_session, smollm_folder):
+    yield from failure_app(ray_session, APP, ROUTE, model=smollm_folder, replicas=2, max_waiting_requests=2,
+                           max_model_len=2048)
 
 
 def greedy(n: int, **kw) -> SamplingParams:
@@ -115,3 +116,44 @@ def test_killed_replica_ends_its_stream_in_band_and_its_waiting_requests_move(ap
         assert text == ref
     status, evs, text = results["other"]
     assert status == 200 and evs[-1] == "[DONE]" and text == other_ref
+
+
+def test_replicas_resend_their_cache_to_a_recreated_tree(app, ray_session, smollm_llm):
+    """The prefix tree actor is killed: the next report of each replica that serves a request fails,
+    and the replica looks the tree up again (recreated by name) and re-sends its *whole* device cache
+    (server/worker.py ``_reconnect_tree``), so blocks cached before the kill are routable again. Two
+    overlapping streams put one request on each replica (by load: the router's own lookups fail too)."""
+    ray, _ = ray_session
+    import requests
+
+    from tierserve.routing.serve_router import PREFIX_HASHES_KWARG, routing_kwargs
+    from tierserve.routing.tree_actor import TREE_NAMESPACE, tree_actor_name
+
+    url = f"{app}/v1/completions"
+    wait_for(lambda: running_replicas(APP) == 2, timeout_s=120, show=lambda: running_replicas(APP))
+    name = tree_actor_name(APP, "LLMServer")
+    prompt = "An inventory of the lighthouse stores, shelf by shelf, taken in the spring. " * 3
+    ids = smollm_llm.tokenizer.encode(prompt)
+    hashes = routing_kwargs(ids, BLOCK_SIZE)[PREFIX_HASHES_KWARG]
+    full = (len(ids) - 1) // BLOCK_SIZE                      # blocks the prefill caches (the last token is not)
+    assert requests.post(url, json={"prompt": prompt, "max_tokens": 2}, timeout=120).status_code == 200
+    tree = ray.get_actor(name, namespace=TREE_NAMESPACE)
+    held = wait_for(lambda: {r: m for r, m in ray.get(tree.longest_match.remote(hashes)).items() if m == full},
+                    show=lambda: ray.get(tree.longest_match.remote(hashes)))
+    ray.kill(tree, no_restart=True)
+
+    first = SSE(url, {"prompt": "Count: one, two,", "max_tokens": 24, "temperature": 0, "ignore_eos": True})
+    assert "error" not in first.next()
+    second = SSE(url, {"prompt": "Colours: red, green,", "max_tokens": 24, "temperature": 0, "ignore_eos": True})
+    assert "error" not in second.next()
+    for s in (first, second):
+        assert s.rest()[-1] == "[DONE]"
+
+    def successor_holds():
+        try:
+            successor = ray.get_actor(name, namespace=TREE_NAMESPACE)
+        except ValueError:
+            return None
+        return ray.get(successor.longest_match.remote(hashes)) == held
+
+    wait_for(successor_holds, timeout_s=60)

@@ -32,8 +32,9 @@ QUEUE = 4 * (1 + 1)        # max_queued_requests of the worker handle: 4 * (max_
 
 
 @pytest.fixture(scope="module")
-def app(ray_session):
-    yield from failure_app(ray_session, APP, ROUTE, replicas=1, max_waiting_requests=1, max_model_len=2048)
+def app(ray_session, smollm_folder):
+    yield from failure_app(ray_session, APP, ROUTE, model=smollm_folder, replicas=1, max_waiting_requests=1,
+                           max_model_len=2048)
 
 
 def error_body(resp: requests.Response, status: int) -> dict:
