@@ -1,17 +1,19 @@
 """Replica death under load, live: a worker replica's process is killed (SIGKILL) while it streams one
-request and holds two more in its engine's waiting queue, and while the other replica streams a fourth.
+request, generates a non-streamed one and holds two more in its engine's waiting queue, and while the
+other replica streams a fifth.
 
 Expected (server/ingress.py, "Replica death"):
 
 * the stream that already sent tokens ends with exactly one in-band error event in the OpenAI error
   shape (503 ``replica_unavailable``), then ``data: [DONE]``, and no finish_reason before it;
-* the two requests that had not produced a token yet are retried on a live replica and answer exactly
-  what ``tierserve.LLM`` answers offline (greedy, token-identical text);
+* the two requests that had not produced a token yet are retried on a live replica, and so is the
+  non-streamed one (its client had seen nothing yet); all three answer exactly what ``tierserve.LLM``
+  answers offline (greedy, token-identical text: the app serves the reference's fp32 weights);
 * the concurrent stream on the other replica completes unchanged.
 
-The waiting requests share the killed replica's cached prefix, so the prefix router sends them there
-(its load gap of 1-2 requests stays under the bound of 4); the fourth prompt has no full block, so it
-goes by load to the idle replica. Every step waits on the metrics board or the prefix tree, not on time.
+The requests on the victim share its cached prefix, so the prefix router sends them there (its load
+gap of 1-3 requests stays within the bound of 4); the fifth prompt has no full block, so it goes by
+load to the idle replica. Every step waits on the metrics board or the prefix tree, not on time.
 The app is this module's own (tests/failure_app.py), deleted at the end.
 """
 
@@ -22,6 +24,7 @@ import signal
 import threading
 
 import pytest
+import requests
 from failure_app import SSE, board_state, failure_app, replica_pids, running_replicas
 from polling import wait_for
 
@@ -30,12 +33,15 @@ from tierserve import SamplingParams
 APP = "ts-failures"
 ROUTE = "/failures"
 BLOCK_SIZE = 16  # the engine's default block size: the routing hashes below use it
+#: Tokens of the non-streamed request: enough that it still runs when its replica is killed (the checks below
+#: assert that it does, from the replica's running count, rather than assume it).
+STARTED_TOKENS = 96
 
 
 @pytest.fixture(scope="module")
 def app(ray_session, smollm_folder):
-    yield from failure_app(ray_session, APP, ROUTE, model=smollm_folder, replicas=2, max_waiting_requests=2,
-                           max_model_len=2048)
+    yield from failure_app(ray_session, APP, ROUTE, model=smollm_folder, replicas=2, max_num_seqs=2,
+                           max_waiting_requests=2, max_model_len=2048)
 
 
 def greedy(n: int, **kw) -> SamplingParams:
@@ -55,9 +61,11 @@ def test_killed_replica_ends_its_stream_in_band_and_its_waiting_requests_move(ap
     url = f"{app}/v1/completions"
     shared = "Minutes of the harbour committee, read aloud before the vote. " * 4
     waiting_prompts = [shared + "First item:", shared + "Second item:"]
+    started_prompt = shared + "Third item:"
     other_prompt = "The three primary colors are"
-    refs = [o.text for o in smollm_llm.generate(waiting_prompts, greedy(8))]
-    other_ref = smollm_llm.generate(other_prompt, greedy(40, ignore_eos=True))[0].text
+    *refs, started_ref, other_ref = [o.text for o in smollm_llm.generate(  # one batch: the references
+        [*waiting_prompts, started_prompt, other_prompt],
+        [greedy(8), greedy(8), greedy(STARTED_TOKENS, ignore_eos=True), greedy(40, ignore_eos=True)])]
     wait_for(lambda: running_replicas(APP) == 2 and len(replica_pids(APP)) == 2,
              show=lambda: (running_replicas(APP), replica_pids(APP)))
 
@@ -72,7 +80,7 @@ def test_killed_replica_ends_its_stream_in_band_and_its_waiting_requests_move(ap
     # the waiting prompts' full blocks are the victim's: the holder must have reported them
     tree = ray.get_actor(tree_actor_name(APP, "LLMServer"), namespace=TREE_NAMESPACE)
     blocks = [routing_kwargs(smollm_llm.tokenizer.encode(p), BLOCK_SIZE)[PREFIX_HASHES_KWARG]
-              for p in waiting_prompts]
+              for p in [*waiting_prompts, started_prompt]]
     shared_blocks = len(smollm_llm.tokenizer.encode(shared)) // BLOCK_SIZE - 1  # the last one may merge
     assert shared_blocks >= 2
     wait_for(lambda: all(ray.get(tree.longest_match.remote(b)).get(holder, 0) >= shared_blocks for b in blocks),
@@ -84,17 +92,25 @@ def test_killed_replica_ends_its_stream_in_band_and_its_waiting_requests_move(ap
         s = SSE(url, body)
         results[key] = [s.resp.status_code, s.rest(), s.text()]
 
-    threads = [threading.Thread(target=stream, args=(f"w{i}", {"prompt": p, "max_tokens": 8, "temperature": 0}))
-               for i, p in enumerate(waiting_prompts)]
-    for t in threads:
+    def collect() -> None:
+        r = requests.post(url, json={"prompt": started_prompt, "max_tokens": STARTED_TOKENS, "temperature": 0,
+                                     "ignore_eos": True}, timeout=300)
+        results["started"] = [r.status_code, r.json()]
+
+    threads = [threading.Thread(target=collect)]
+    threads[0].start()
+    wait_for(lambda: board_state(ray, APP).get(holder) == (2, 0), show=lambda: board_state(ray, APP))
+    threads += [threading.Thread(target=stream, args=(f"w{i}", {"prompt": p, "max_tokens": 8, "temperature": 0}))
+                for i, p in enumerate(waiting_prompts)]
+    for t in threads[1:]:
         t.start()
-    wait_for(lambda: board_state(ray, APP).get(holder) == (1, 2), show=lambda: board_state(ray, APP))
+    wait_for(lambda: board_state(ray, APP).get(holder) == (2, 2), show=lambda: board_state(ray, APP))
     other = threading.Thread(target=stream, args=("other", {"prompt": other_prompt, "max_tokens": 40,
                                                             "temperature": 0, "ignore_eos": True}))
     other.start()
     others = wait_for(lambda: [r for r, (run, _) in board_state(ray, APP).items() if r != holder and run == 1],
                       show=lambda: board_state(ray, APP))
-    assert board_state(ray, APP)[holder] == (1, 2), (holder, others)  # nothing started on the victim meanwhile
+    assert board_state(ray, APP)[holder] == (2, 2), (holder, others)  # nothing finished on the victim meanwhile
 
     os.kill(replica_pids(APP)[holder], signal.SIGKILL)
     events = victim.rest()
@@ -114,6 +130,8 @@ def test_killed_replica_ends_its_stream_in_band_and_its_waiting_requests_move(ap
         assert status == 200 and evs[-1] == "[DONE]", evs
         assert not [e for e in evs if isinstance(e, dict) and "error" in e], evs
         assert text == ref
+    status, body = results["started"]
+    assert status == 200 and body["choices"][0]["text"] == started_ref, body
     status, evs, text = results["other"]
     assert status == 200 and evs[-1] == "[DONE]" and text == other_ref
 
@@ -124,8 +142,6 @@ def test_replicas_resend_their_cache_to_a_recreated_tree(app, ray_session, smoll
     (server/worker.py ``_reconnect_tree``), so blocks cached before the kill are routable again. Two
     overlapping streams put one request on each replica (by load: the router's own lookups fail too)."""
     ray, _ = ray_session
-    import requests
-
     from tierserve.routing.serve_router import PREFIX_HASHES_KWARG, routing_kwargs
     from tierserve.routing.tree_actor import TREE_NAMESPACE, tree_actor_name
 
