@@ -22,7 +22,7 @@ import tierserve.kernels.quant  # noqa: F401  (fills the registry)
 from tierserve.errors import InvalidParameterError
 from tierserve.kernels.quant.base import QuantizedLinear, get_format
 from tierserve.kernels.quant.offq_cpu import OffQInt4Linear, offq_cpu_module
-from tierserve.kernels.quant.offq_format import MIN_CALIBRATION_TOKENS, unpack_nibbles
+from tierserve.kernels.quant.offq_format import MIN_CALIBRATION_TOKENS, quantize_tokens, unpack_nibbles
 
 K, N = 128, 48
 U32 = 2.0 ** -24
@@ -152,7 +152,7 @@ def test_int4_cpu_path_matches_reference(group, act_quant, bias):
         want, got = q(x), fast(x)
         xr = fmt.rotate_input(x, q.packed())
         if act_quant:
-            codes, s = fmt_tokens(xr)
+            codes, s = quantize_tokens(xr)
             mag = s * (codes.abs() @ fmt.dequantize_rotated(q.packed()).abs().T)
             rel = 2.0 ** -9  # the kernel rounds its fp32 sum to bf16 (round to nearest: half an ulp, 2^-9)
         else:
@@ -162,12 +162,6 @@ def test_int4_cpu_path_matches_reference(group, act_quant, bias):
         bound = (rel + 2 * K * U32) * mag + 4 * U32 * want.abs() + 1e-6
         assert bool(((got - want).abs() <= bound).all()), (m, float(((got - want).abs() - bound).max()))
         assert float((got - want).abs().max()) > 0  # bf16 output: not trivially the same path
-
-
-def fmt_tokens(xr):
-    from tierserve.kernels.quant.offq_format import quantize_tokens
-
-    return quantize_tokens(xr)
 
 
 def test_no_int4_group_falls_back_to_reference():
