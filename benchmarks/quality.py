@@ -13,7 +13,9 @@ and LM head stay full precision, the default skip) and evaluated on
 
 SmolLM2 also gets the row "packed GGUF (default)": the GGUF as the embedded default
 serves it on the CPU (kept packed, int4 CPU kernels with bf16 activations) against
-its fp32 conversion. Measured (8 x 256 held-out tokens): see the row.
+its fp32 conversion. Measured (8 x 256 held-out tokens of Persuasion and Northanger
+Abbey): ppl 63.494 against fp32 63.416, KL 0.00062 (the bf16 model: 63.520 / 0.00104),
+127.9 MiB against 515.1 MiB.
 
 Schemes: fp32; q4_0 / q4_1 / q8_0 (ggml blocks, group fixed at 32); sinq with
 tile width 32 / 64 / 128 (a width that does not divide the in-features is

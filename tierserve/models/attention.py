@@ -8,7 +8,7 @@ One ``qkv_proj`` Linear holds HF's q_proj, k_proj and v_proj stacked by rows
     qk_norm "full"      : q = q_norm(q), k = k_norm(k) over the whole projection (OLMoE)
     clip_qkv c          : q, k, v clamped to [-c, c] (OLMoE)
     qk_norm "per_head"  : RMSNorm over each head's D features (Qwen3, Gemma3)
-    q, k = RoPE(q, k, positions)
+    q, k = RoPE(q, k, positions)  (without q/k norm or clip: one call over q|k, adjacent in qkv_proj's output)
     o = attn.backend.forward(q, k, v, kv_cache[layer], attn, scale, sliding_window, logit_softcap)
     return o_proj(o)
 
@@ -56,6 +56,27 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         t = x.shape[0]
+        if self.qk_norm == "none" and self.clip is None:
+            q, k, v = self._qkv_rope_merged(x, cos, sin)
+        else:
+            q, k, v = self._qkv_rope(x, cos, sin)
+        out = ctx.attn.backend.forward(q, k, v, ctx.kv_caches[self.layer_idx], ctx.attn, scale=self.scale,
+                                       sliding_window=self.sliding_window, logit_softcap=self.softcap)
+        return self.o_proj(out.reshape(t, self.q_size))
+
+    def _qkv_rope_merged(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q and k are adjacent in ``qkv_proj``'s output: one RoPE call over their Hq + Hkv heads (the same
+        elementwise ops as two calls, so the same values); q and k made contiguous (no copy at one token)."""
+        t = x.shape[0]
+        qkv = self.qkv_proj(x)
+        qk = qkv[:, :self.q_size + self.kv_size].reshape(t, self.num_heads + self.num_kv_heads, self.head_dim)
+        qk = apply_rope(qk, cos, sin)
+        q, k = qk[:, :self.num_heads].contiguous(), qk[:, self.num_heads:].contiguous()
+        return q, k, qkv[:, self.q_size + self.kv_size:].reshape(t, self.num_kv_heads, self.head_dim)
+
+    def _qkv_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """The general path: q/k norms ("full" before the head split, "per_head" after), clipping, RoPE."""
+        t = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
@@ -66,10 +87,7 @@ class Attention(nn.Module):
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
         if self.qk_norm == "per_head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = ctx.attn.backend.forward(q, k, v, ctx.kv_caches[self.layer_idx], ctx.attn, scale=self.scale,
-                                       sliding_window=self.sliding_window, logit_softcap=self.softcap)
-        return self.o_proj(out.reshape(t, self.q_size))
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def hf_slots(self, prefix: str) -> dict[str, Slot]:
         slots = fused_slots(self.qkv_proj, prefix, ["q_proj", "k_proj", "v_proj"],

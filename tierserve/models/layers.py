@@ -1,7 +1,9 @@
 """Building blocks shared by the model files: RMSNorm, the gated MLP, fused linears, weight slots.
 
 - ``RMSNorm``: ``y = x / sqrt(mean(x^2) + eps) * w`` computed in float32 and cast
-  back (Llama: the cast happens before the multiply by ``w``). With
+  back (Llama: the cast happens before the multiply by ``w``). In float32 (no cast to
+  place) it is one ``F.rms_norm`` call, which runs the same float32 ops (tests: equal
+  to the explicit formula). With
   ``unit_offset=True`` (Gemma) the weight is stored as ``w - 1``: ``y = norm(x) * (1 + w)``
   in float32, then cast.
 - ``GatedMLP``: ``down(act(gate(x)) * up(x))`` with gate and up fused into one
@@ -69,6 +71,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim, dtype=dtype) if unit_offset else torch.ones(dim, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and not self.unit_offset and self.weight.dtype == torch.float32:
+            # one dispatch for the same float32 ops (pow, mean, add eps, rsqrt, mul, mul by w)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.unit_offset:

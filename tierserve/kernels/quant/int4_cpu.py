@@ -170,7 +170,9 @@ class Int4CpuLinear(nn.Module):
         xb = xb.contiguous()
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu
         parts = [mm(xb, packed, self.group, sz) for packed, sz in self.terms()]
-        y = parts[0] if len(parts) == 1 else torch.stack(parts).float().sum(0)
+        y = parts[0]
+        for part in parts[1:]:  # fp32 sum of the bf16 terms (add_ promotes the bf16 operand)
+            y = y.float().add_(part)
         if y.shape[-1] != self.out_features:  # rows padded to a multiple of N_MULTIPLE
             y = y[:, :self.out_features]
         y = y.to(x.dtype).reshape(*lead, self.out_features)
