@@ -107,3 +107,32 @@ def test_tierserve_errors_cross_process_boundaries_typed(exc):
     copy = pickle.loads(pickle.dumps(exc))
     assert type(copy) is type(exc) and str(copy) == str(exc) and copy.__dict__ == exc.__dict__
     assert fields(to_api_error(wrapped(copy))) == fields(to_api_error(exc))
+
+
+def test_an_unexpected_route_exception_answers_500_in_the_openai_body():
+    """``install_error_handlers`` on a FastAPI app whose routes raise: a bug (RuntimeError) is a 500 and a lost
+    actor a 503 with Retry-After, both in the OpenAI body, never Starlette's plain-text "Internal Server Error"."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from tierserve.server.errors import install_error_handlers
+
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.get("/bug")
+    async def bug():
+        raise RuntimeError("a bug")
+
+    @app.get("/lost")
+    async def lost():
+        raise wrapped(ActorDiedError())
+
+    client = TestClient(app, raise_server_exceptions=False)
+    resp = client.get("/bug")
+    assert resp.status_code == 500 and resp.headers["content-type"] == "application/json"
+    assert resp.json() == {"error": {"message": "internal error: RuntimeError: a bug", "type": "server_error",
+                                     "param": None, "code": "internal_error"}}
+    resp = client.get("/lost")
+    assert resp.status_code == 503 and resp.headers["retry-after"] == "1"
+    assert resp.json()["error"]["code"] == "replica_unavailable"

@@ -196,8 +196,8 @@ def to_api_error(exc: BaseException, retry_after_s: int = 1) -> APIError:
         return APIError(503, f"the server is overloaded: {exc}", type="service_unavailable_error",
                         code="overloaded", headers={"Retry-After": str(retry_after_s)})
     if replica_lost(exc):
-        return APIError(503, f"the replica serving this request is unavailable ({type(exc).__name__}); "
-                             f"retry after {retry_after_s} s", type="service_unavailable_error",
+        return APIError(503, f"a Ray actor serving this request died or cannot be reached ({type(exc).__name__}): "
+                             f"Serve restarts replicas; retry after {retry_after_s} s", type="service_unavailable_error",
                         code="replica_unavailable", headers={"Retry-After": str(retry_after_s)})
     logger.exception("internal error", exc_info=exc)
     return APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error",
