@@ -249,10 +249,11 @@ def test_prefix_routing_reuses_cache(servers, smollm_llm, model_name, ray_sessio
             "temperature": 0, "ignore_eos": True, "stream": True}
     busy = requests.post(f"{servers.main}/v1/completions", json=body, stream=True, timeout=120)
     try:
-        event = next(sse_events(busy))
+        busy_events = sse_events(busy)
+        event = next(busy_events)
         assert busy.status_code == 200 and "error" not in event, event  # the stream runs (no in-band error)
         loads = wait_for(lambda: (r := _running_by_replica(ray, board)).get(holder, 0) >= 1 and r,
-                         show=lambda: _running_by_replica(ray, board))
+                         show=lambda: (_running_by_replica(ray, board), [next(busy_events, None) for _ in range(3)]))
         assert sum(loads.values()) == 1 and len(loads) == 2, (holder, loads)  # the other replica is idle
         second = c.completions.create(model=model_name, prompt=prompt, max_tokens=4, temperature=0)
     finally:
