@@ -173,3 +173,36 @@ def test_replicas_resend_their_cache_to_a_recreated_tree(app, ray_session, smoll
         return ray.get(successor.longest_match.remote(hashes)) == held
 
     wait_for(successor_holds, timeout_s=60)
+
+
+def test_metrics_survive_a_killed_board(app, ray_session):
+    """The app's metrics board actor is killed: /metrics keeps answering 200, and once each replica pushed
+    again (every 0.25 s) it shows both replicas and counters no smaller than before (snapshots are
+    cumulative), because the ingress and the replicas look the board up again (recreated by name)."""
+    ray, _ = ray_session
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tierserve.server.metrics import BOARD_NAMESPACE, metrics_board_name
+
+    def scrape() -> dict[str, float] | None:
+        resp = requests.get(f"{app}/metrics", timeout=30)
+        if resp.status_code != 200:
+            return None
+        return {s.name: s.value for fam in text_string_to_metric_families(resp.text) for s in fam.samples
+                if s.labels.get("model_name") == APP}
+
+    wait_for(lambda: running_replicas(APP) == 2, timeout_s=120, show=lambda: running_replicas(APP))
+    live = set(wait_for(lambda: len(p := replica_pids(APP)) == 2 and p))
+    assert requests.post(f"{app}/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "ignore_eos": True},
+                         timeout=120).status_code == 200
+    board = ray.get_actor(metrics_board_name(APP), namespace=BOARD_NAMESPACE)
+
+    def live_tokens() -> int:
+        # a replica killed earlier may still have a fresh snapshot on the old board: count the live ones only
+        snaps = ray.get(board.collect.remote())
+        return live <= set(snaps) and sum(snaps[r].generation_tokens for r in live)
+
+    before = wait_for(lambda: (n := live_tokens()) >= 2 and n)
+    ray.kill(board, no_restart=True)
+    after = wait_for(lambda: (m := scrape()) and m.get("tierserve:num_replicas") == 2 and m, show=scrape)
+    assert after.get("tierserve:generation_tokens_total", 0) >= before > 0

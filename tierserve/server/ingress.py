@@ -129,7 +129,8 @@ class OpenAIIngress:
         self.max_model_len = info.max_model_len
         self.block_size = info.block_size
         self.tokenizer = await worker.get_tokenizer.remote()
-        self._board = get_or_create_metrics_board(serve.get_replica_context().app_name)
+        self._app_name = serve.get_replica_context().app_name
+        self._board = get_or_create_metrics_board(self._app_name)
         self._draining = False
         self._in_flight = 0
 
@@ -300,7 +301,15 @@ class OpenAIIngress:
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def metrics(self) -> bytes:
-        snapshots = await self._board.collect.remote(self.settings.metrics_stale_after_s)
+        """The Prometheus text of the board's snapshots; a dead board is looked up again (recreated empty,
+        refilled by the replicas' next pushes, server/worker.py ``push_metrics``)."""
+        try:
+            snapshots = await self._board.collect.remote(self.settings.metrics_stale_after_s)
+        except Exception as exc:
+            if not replica_lost(exc):
+                raise
+            self._board = await asyncio.to_thread(get_or_create_metrics_board, self._app_name)
+            snapshots = await self._board.collect.remote(self.settings.metrics_stale_after_s)
         return render_prometheus(list(snapshots.values()))
 
 

@@ -33,7 +33,9 @@ Background tasks (started in the async ``__init__``, cancelled by ``__del__``/``
   report round trip). If the tree actor died, the replica looks it up again
   (recreated empty) and re-sends its whole device cache (``CacheMirror.resync``).
 * metrics pusher: every ``metrics_interval_s`` it pushes a ``MetricsSnapshot``
-  to the app's ``MetricsBoard`` (see metrics.py).
+  to the app's ``MetricsBoard`` (see metrics.py); if the board actor died, it is
+  looked up again (recreated) for the next push. Snapshots carry cumulative
+  counters, so a recreated board shows them whole after one push per replica.
 
 Serve pulls two more reports from the replica:
 
@@ -252,8 +254,13 @@ class LLMServer:
         snap.spec = spec if spec.method != "none" else None  # drafts proposed/accepted (None when off)
         try:
             await self._board.push.remote(self.replica_id, snap)
-        except Exception:
+        except Exception as exc:
             logger.exception("metrics push failed")
+            if replica_lost(exc):  # the board actor died: the next push goes to its successor
+                from ray import serve
+
+                self._board = await asyncio.to_thread(get_or_create_metrics_board,
+                                                      serve.get_replica_context().app_name)
 
     async def close(self) -> None:
         """Stop the background tasks and close the engine: requests in flight end with an error (500)."""
