@@ -66,12 +66,22 @@ def _in_memory(tiny_folder):
     return model
 
 
-def _engine(folder, backend):
+def _engine(folder, backend, **kw):
     from tierserve.engine.llm import build_engine_config
     from tierserve.engine.llm_engine import LLMEngine
 
-    return LLMEngine(build_engine_config(folder, quantization="auto", kv_compression="kv4", linear_backend=backend,
-                                         num_blocks=32, block_size=16, max_num_seqs=1))
+    kw = kw or {"kv_compression": "kv4"}
+    return LLMEngine(build_engine_config(folder, quantization="auto", linear_backend=backend,
+                                         num_blocks=32, block_size=16, max_num_seqs=1, **kw))
+
+
+def test_engine_serves_the_checkpoints_kv_format_unless_told(offq_folder):
+    from tierserve.cache.compress.kv4 import KV4Compressor
+
+    engine = _engine(offq_folder, "torch", enable_prefix_caching=True)  # kv_compression left unset
+    assert engine.config.kv_compression.methods == ("kv4",) and isinstance(engine.kv_compressor, KV4Compressor)
+    other = _engine(offq_folder, "torch", kv_compression="xquant", kv_latent_bits=0)
+    assert other.config.kv_compression.methods == ("xquant",)
 
 
 def test_config_records_scheme_kv_and_source(offq_folder):

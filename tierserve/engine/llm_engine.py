@@ -27,7 +27,9 @@ The server and the CLI read the engine through its methods (``info``,
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +80,7 @@ class LLMEngine:
         self.source = resolve_model(config.model.model, config.model.quantization, self.device.type)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         loaded = self._build_model(config)
+        self.config = config = self._with_checkpoint_kv_format(config)
         self.model = loaded.model
         self.hf_config = loaded.hf_config
         self.tokenizer = load_tokenizer(self.source, config.model.tokenizer)
@@ -124,6 +127,18 @@ class LLMEngine:
                                                config.model.linear_backend, self._host_launcher)
         apply_linear_backend(loaded.model, config.model.linear_backend)
         return loaded
+
+    def _with_checkpoint_kv_format(self, config: EngineConfig) -> EngineConfig:
+        """A quantized checkpoint that names the KV format it is served with (``offq``: kv4; its
+        quantization_config.json ``"kv_compression"``) gets that format unless ``kv_compression`` is set."""
+        if config.kv_compression.enabled or self.source.quantization is None or not os.path.isdir(self.source.weights):
+            return config
+        from tierserve.models.quantized_checkpoint import read_quant_config
+
+        kv = (read_quant_config(self.source.weights) or {}).get("kv_compression")
+        if not kv:
+            return config
+        return dataclasses.replace(config, kv_compression=dataclasses.replace(config.kv_compression, methods=kv))
 
     def _build_runner(self, config: EngineConfig, spec, num_blocks: int) -> ModelRunner:
         """The runner on the engine's device with its attention backend; decode CUDA graphs where they apply

@@ -14,7 +14,7 @@ A quantized folder holds
 - ``quantization_config.json``: ``{"scheme", "options", "modules": {name:
   {"format", "shape": [out, in], "meta"}}, "source"}``, plus
   ``"kv_compression"`` when the scheme's format names the KV format it is
-  served with (``offq``: ``"kv4"``, i.e. ``--kv-compression kv4``). ``source``
+  served with (``offq``: ``"kv4"``; the engine serves it so unless ``kv_compression`` is set). ``source``
   holds the shape-defining fields of the model it was made from
   (``SOURCE_FIELDS`` of its ModelArchConfig); ``load_quantized`` refuses a
   folder whose config.json describes another model (ModelLoadError naming the
