@@ -7,6 +7,7 @@ Prints a table and writes benchmarks/results/decode.json:
 - median per-step decode time at context 128, 512, 2048, 4096 (one sequence);
 - achieved weight bandwidth at batch 1 against a measured memory-copy
   bandwidth (the roofline for fp32 decode);
+- the GGUF kept packed (the embedded default on the CPU) at batch 1;
 - llama.cpp (llama_cpp) on the Q4_1 GGUF at batch 1 if importable.
 
 Usage: python benchmarks/decode.py [--new-tokens 64] [--threads 2]
@@ -151,6 +152,12 @@ def main() -> None:
                           "roofline_tok_s": bw / (weight_bytes / 1e9), "fraction": achieved / bw}
     print(f"\nweights {weight_bytes / 1e6:.0f} MB; memcopy {bw:.1f} GB/s -> roofline {bw * 1e9 / weight_bytes:.1f} tok/s;"
           f" batch-1 achieved {achieved:.1f} GB/s ({100 * achieved / bw:.0f}% of copy bandwidth)")
+    del llm
+    packed = LLM(default_gguf_path(), quantization="auto", num_blocks=256, max_num_seqs=8)  # the CPU default
+    ps = prompts(packed.tokenizer, 1)
+    pk = max(bench_ours(packed, ps, args.new_tokens) for _ in range(args.repeats))
+    result["packed_b1"] = pk
+    print(f"tierserve packed Q4_1 GGUF (the default) batch 1: {pk:.1f} tok/s")
     lc = bench_llama_cpp(args.new_tokens)
     result["llama_cpp_b1"] = lc
     print("llama.cpp (Q4_1) batch 1:", f"{lc:.1f} tok/s" if lc else "llama_cpp not importable")
