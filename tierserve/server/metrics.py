@@ -289,7 +289,8 @@ def _kv_tier_families(per_model: dict[str, KVTierStats]):
                 "kv_tier_bytes_loaded": ("bytes_loaded", "Bytes of KV loaded from a lower tier."),
                 "kv_tier_bytes_stored": ("bytes_stored", "Bytes of KV stored to a lower tier."),
                 "kv_tier_corrupt_chunks": ("corrupt", "Chunks rejected by their checksum (recomputed)."),
-                "kv_tier_failures": ("failures", "Failed or timed-out tier calls (Redis down or slow).")}
+                "kv_tier_failures": ("failures", "Failed or timed-out tier calls and chunk stores "
+                                                 "(a tier down, slow or full; writes that failed later).")}
     for name, (attr, doc) in families.items():
         fam = CounterMetricFamily(f"tierserve:{name}", doc, labels=["model_name", "tier"])
         for model, s in per_model.items():
