@@ -45,7 +45,7 @@ from __future__ import annotations
 import torch
 
 from tierserve.cache.compress.base import KVCompressor, register
-from tierserve.cache.compress.kv4 import PackedTensor
+from tierserve.cache.compress import kv4 as _kv4  # module, not name: kv4 may be mid-import (base.py imports both)
 from tierserve.errors import InvalidParameterError
 
 
@@ -97,8 +97,8 @@ class XQuantLayerKV:
         self.d_kv = heads * dim
         self.positions = positions  # [num_blocks, block_size] int32, shared by every layer
         if bits == 4:
-            self.k_latent = PackedTensor.empty(num_blocks, block_size, 1, self.d_kv, group, device)
-            self.v_latent = PackedTensor.empty(num_blocks, block_size, 1, self.d_kv, group, device)
+            self.k_latent = _kv4.PackedTensor.empty(num_blocks, block_size, 1, self.d_kv, group, device)
+            self.v_latent = _kv4.PackedTensor.empty(num_blocks, block_size, 1, self.d_kv, group, device)
         else:
             self.k_latent = torch.zeros(num_blocks, block_size, self.d_kv, dtype=dtype, device=device)
             self.v_latent = torch.zeros(num_blocks, block_size, self.d_kv, dtype=dtype, device=device)
