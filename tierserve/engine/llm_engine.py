@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -129,16 +128,13 @@ class LLMEngine:
         return loaded
 
     def _with_checkpoint_kv_format(self, config: EngineConfig) -> EngineConfig:
-        """A quantized checkpoint that names the KV format it is served with (``offq``: kv4; its
-        quantization_config.json ``"kv_compression"``) gets that format unless ``kv_compression`` is set."""
-        if config.kv_compression.enabled or self.source.quantization is None or not os.path.isdir(self.source.weights):
-            return config
-        from tierserve.models.quantized_checkpoint import read_quant_config
+        """A quantized checkpoint's own KV format (offq: kv4) unless ``kv_compression`` is set."""
+        from tierserve.models.quantized_checkpoint import checkpoint_kv_format
 
-        kv = (read_quant_config(self.source.weights) or {}).get("kv_compression")
-        if not kv:
-            return config
-        return dataclasses.replace(config, kv_compression=dataclasses.replace(config.kv_compression, methods=kv))
+        kv = None if config.kv_compression.enabled or self.source.quantization is None else \
+            checkpoint_kv_format(self.source.weights)
+        return config if not kv else dataclasses.replace(
+            config, kv_compression=dataclasses.replace(config.kv_compression, methods=kv))
 
     def _build_runner(self, config: EngineConfig, spec, num_blocks: int) -> ModelRunner:
         """The runner on the engine's device with its attention backend; decode CUDA graphs where they apply

@@ -135,6 +135,13 @@ def check_source(folder: str, qcfg: dict, arch: ModelArchConfig) -> None:
                                  f"weights do not belong to this model")
 
 
+def checkpoint_kv_format(path: str) -> str | None:
+    """The KV format a quantized checkpoint folder is served with (its ``"kv_compression"``), or None."""
+    if not os.path.isdir(path):
+        return None
+    return (read_quant_config(path) or {}).get("kv_compression") or None
+
+
 def read_quant_config(folder: str) -> dict | None:
     path = os.path.join(folder, QUANT_CONFIG_FILE)
     if not os.path.isfile(path):
