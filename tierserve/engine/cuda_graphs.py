@@ -25,7 +25,9 @@ Requirements checked at construction: a CUDA device; an attention backend
 that reads sequence lengths from the device (``triton``); a model whose
 forward has no host synchronisation (``CausalLMBase.supports_cuda_graphs``:
 MoE routing sizes its expert batches on the host, so MoE models decode
-eagerly). Outputs equal the eager path's (tests/test_cuda_graphs.py, CUDA only).
+eagerly). Outputs equal the eager path's and the CPU fp32 path's
+(tests/test_engine_cuda.py, CUDA only); the bucket table is tested on CPU
+(tests/test_device_config.py).
 """
 
 from __future__ import annotations
