@@ -57,8 +57,10 @@ def moe_blocks(model: nn.Module) -> list[tuple[nn.Module, SparseMoeBlock]]:
 def apply_expert_offload(model: nn.Module, placement: Placement, hosts: dict[str, ExpertTransport], *,
                          model_path: str | None = None, linear_backend: str = "auto", counts=None,
                          timeout_s: float = 30.0, spare_slots: int = 0,
-                         cost: CostModel | None = None) -> OffloadHook:
-    """Swap every MoE block for an OffloadedMoeBlock (module doc); ``hosts``: name -> started host's transport."""
+                         cost: CostModel | None = None, device: str = "cpu") -> OffloadHook:
+    """Swap every MoE block for an OffloadedMoeBlock (module doc); ``hosts``: name -> started host's transport;
+    ``device``: where the worker runs (the model is moved there after this transform: a CUDA worker's cold
+    experts never reach the GPU; experts the worker builds later go there directly)."""
     hosts = dict(hosts)
     if not hosts:
         raise InvalidParameterError("expert_hosts", "must be >= 1, got 0")
@@ -81,8 +83,8 @@ def apply_expert_offload(model: nn.Module, placement: Placement, hosts: dict[str
     del weights
     owners = {key: h for h, keys in shards.items() for key in keys}
     standby = {key: h for h, keys in standby_shards.items() for key in keys}
-    pool = HostPool(hosts, owners, source, linear_backend, timeout_s, standby)
-    spare = SpareSlots(spare_slots, linear_backend) if spare_slots else None
+    pool = HostPool(hosts, owners, source, linear_backend, timeout_s, standby, device)
+    spare = SpareSlots(spare_slots, linear_backend, device) if spare_slots else None
     new_blocks = []
     for j, (layer, block) in enumerate(blocks):
         new = OffloadedMoeBlock(block, j, placement.resident[j], pool, sizes[j][0], spare, cost)

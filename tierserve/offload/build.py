@@ -20,7 +20,8 @@ called by the engine on a freshly loaded model BEFORE the linear-backend transfo
 5. ``apply_expert_offload`` ships the experts and swaps the blocks; with
    ``spare_slots`` the spare ring's ``CostModel`` is measured against a live host
    (``CostModel.measure``: a fetch, 1- and 64-row round trips, local runs) and
-   installed on every block;
+   installed on every block (its local runs on ``device``: a GPU worker's rows cost
+   a fraction of a host's, so the crossover to fetching falls inside a normal prefill);
 6. the hook gets the launcher (``close()`` shuts the hosts down), the usage file, the
    promotion thresholds (``promotion_min_gain``, ``promotion_max_swaps``) and
    ``usage_save_interval_s``.
@@ -44,8 +45,10 @@ from tierserve.offload.usage import usage_path
 
 
 def offload_from_config(model: nn.Module, offload_config: OffloadConfig, weights_path: str | None,
-                        linear_backend: str, launcher: HostLauncher | None = None) -> OffloadHook:
-    """Apply ``offload_config`` to a freshly loaded model and return its live hook (module doc)."""
+                        linear_backend: str, launcher: HostLauncher | None = None,
+                        device: torch.device | str = "cpu") -> OffloadHook:
+    """Apply ``offload_config`` to a freshly loaded model and return its live hook (module doc); the model is
+    on the CPU here, ``device`` is where the engine runs it afterwards (a CUDA worker)."""
     cfg = offload_config
     blocks = moe_blocks(model)
     if not blocks:
@@ -65,7 +68,8 @@ def offload_from_config(model: nn.Module, offload_config: OffloadConfig, weights
     hosts = launcher.launch(cfg.expert_hosts, spec)
     try:
         hook = apply_expert_offload(model, placement, hosts, model_path=model_path, linear_backend=linear_backend,
-                                    counts=counts, timeout_s=cfg.timeout_s, spare_slots=cfg.spare_slots)
+                                    counts=counts, timeout_s=cfg.timeout_s, spare_slots=cfg.spare_slots,
+                                    device=device)
         if hook.spare is not None and hook.pool.owners:
             cost = CostModel.measure(hook.pool, min(hook.pool.owners))
             for block in hook.blocks:

@@ -22,6 +22,14 @@ Per forward (one MoE layer, one step) with tokens ``x [T, hidden]``:
 
 Every expert sees the same rows in the same order with the same kernels wherever it
 runs, and the sum order is fixed, so the output is bit-identical to all-resident.
+
+On a GPU worker (the block's tensors moved to CUDA) the resident experts, spare slots
+and experts rebuilt after a failover run on the device; the rows of each host message
+go device-to-host into pinned buffers on a side stream and the replies come back
+host-to-device (``DeviceRows``, tierserve.offload.device_rows). The hosts' rows are
+then bit-identical to the same experts computed with the host's kernels on the
+worker's CPU, and the layer equals all-resident within the dtype's rounding (the
+GPU's and the CPU's kernels differ): tests/test_offload_cuda.py.
 Fused-message bytes are ``rows x hidden x dtype size`` per host.
 
 Counters (``DispatchCounters``, per block, integer adds once per expert group or host
@@ -42,8 +50,8 @@ import torch
 from torch import nn
 
 from tierserve.models.moe import SparseMoeBlock, sum_slots
+from tierserve.offload.device_rows import DeviceRows
 from tierserve.offload.dispatch_plan import DispatchPlan, ExpertGroup, plan_dispatch, plan_resend
-from tierserve.offload.expert_weights import numpy_to_tensor, tensor_to_numpy
 from tierserve.offload.host_pool import HostPool
 from tierserve.offload.spare_slots import CostModel, SpareSlots
 
@@ -76,8 +84,8 @@ class LayerOwners(Mapping):
         return sum(1 for _ in self)
 
 
-def _rows(rows: tuple[int, ...]) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.long)
+def _rows(rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.long, device=device)
 
 
 class OffloadedMoeBlock(nn.Module):
@@ -97,6 +105,7 @@ class OffloadedMoeBlock(nn.Module):
         self.spare = spare
         self.cost = cost or CostModel()
         self.counters = DispatchCounters()
+        self.moves = DeviceRows()
 
     route = SparseMoeBlock.route
 
@@ -113,7 +122,7 @@ class OffloadedMoeBlock(nn.Module):
         fetches = [(g, self._start_fetch(g)) for g in plan.fetches]
         pending = self._send(plan, x)
         for g in plan.local:
-            rows = _rows(g.rows)
+            rows = _rows(g.rows, x.device)
             put(rows, self._local_module(g.expert, g.source)(x.index_select(0, rows // k)))
         self._collect(pending, plan, x, put)
         for g, future in fetches:
@@ -121,7 +130,7 @@ class OffloadedMoeBlock(nn.Module):
             if module is None:  # its host died while copying: the pool moved the expert
                 self._run_groups([g], x, put)
             else:
-                rows = _rows(g.rows)
+                rows = _rows(g.rows, x.device)
                 put(rows, module(x.index_select(0, rows // k)))
         out = sum_slots(buf, t, k)
         if self.shared_expert is not None:
@@ -155,8 +164,8 @@ class OffloadedMoeBlock(nn.Module):
     def _send(self, plan: DispatchPlan, x: torch.Tensor):
         pending = {}
         self.pool.stats.last[self.layer] = []
-        for msg in plan.messages:
-            xs = tensor_to_numpy(x.index_select(0, _rows(msg.tokens)))
+        host_rows = self.moves.to_host(x, [msg.tokens for msg in plan.messages])
+        for msg, xs in zip(plan.messages, host_rows):
             dtype = str(x.dtype).removeprefix("torch.")
             pending[msg.host] = self.pool.submit(msg.host, self.layer, xs, np.array(msg.expert_ids, dtype=np.int64),
                                                  dtype)
@@ -176,10 +185,10 @@ class OffloadedMoeBlock(nn.Module):
     def _scatter(self, y, groups, x: torch.Tensor, put) -> None:
         """One host's reply (its groups' rows stacked in message order) back to the groups' rows."""
         self.counters.bytes_received += int(y.nbytes)
-        y = numpy_to_tensor(y, x.dtype)
+        y = self.moves.to_device(y, x.dtype, x.device)
         start = 0
         for g in groups:
-            put(_rows(g.rows), y[start:start + len(g.rows)])
+            put(_rows(g.rows, x.device), y[start:start + len(g.rows)])
             start += len(g.rows)
 
     def _run_groups(self, groups: list[ExpertGroup], x: torch.Tensor, put) -> None:
@@ -188,7 +197,7 @@ class OffloadedMoeBlock(nn.Module):
         while groups:
             plan = plan_resend(self.layer, groups, LayerOwners(self.pool, self.layer), k)
             for g in plan.local:
-                rows = _rows(g.rows)
+                rows = _rows(g.rows, x.device)
                 put(rows, self.pool.local[(self.layer, g.expert)](x.index_select(0, rows // k)))
             results = self.pool.wait(self._send(plan, x))
             groups = []

@@ -30,8 +30,8 @@ _RAW16 = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
-    """A numpy copy of ``t``; 16-bit floats as int16 bit patterns."""
-    t = t.detach().contiguous()
+    """A numpy copy of ``t`` (copied to the host first when on a device); 16-bit floats as int16 bit patterns."""
+    t = t.detach().contiguous().cpu()
     if t.dtype in (torch.bfloat16, torch.float16):
         return t.view(torch.int16).numpy().copy()
     return t.numpy().copy()
@@ -68,8 +68,11 @@ class ExpertWeights:
                    act, dtype)
 
 
-def build_expert(w: ExpertWeights, linear_backend: str) -> torch.nn.Module:
-    """A ``GatedMLP`` holding ``w``, with ``linear_backend`` applied (module doc)."""
+def build_expert(w: ExpertWeights, linear_backend: str, device: torch.device | None = None,
+                 stream=None) -> torch.nn.Module:
+    """A ``GatedMLP`` holding ``w``, with ``linear_backend`` applied (module doc); on ``device`` when given (a
+    CUDA worker's spare slots and rebuilt experts), its weights copied there on ``stream`` (None: the current
+    one) and waited for, so the module is ready to run on any stream of that device."""
     dtype = getattr(torch, w.dtype)
     inter2, hidden = w.gate_up.shape
     mlp = GatedMLP(hidden, inter2 // 2, w.act, dtype)
@@ -77,8 +80,19 @@ def build_expert(w: ExpertWeights, linear_backend: str) -> torch.nn.Module:
         mlp.gate_up_proj.weight.copy_(numpy_to_tensor(w.gate_up, dtype))
         mlp.down_proj.weight.copy_(numpy_to_tensor(w.down, dtype))
     mlp.eval().requires_grad_(False)
-    apply_linear_backend(mlp, linear_backend)
+    if device is not None and torch.device(device).type == "cuda":
+        _to_device(mlp, torch.device(device), stream)
+    apply_linear_backend(mlp, linear_backend)  # after the move: a CUDA module is left to the CUDA kernels
     return mlp
+
+
+def _to_device(mlp: torch.nn.Module, device: torch.device, stream) -> None:
+    """Move ``mlp``'s weights to ``device`` through pinned buffers on ``stream`` and wait for the copies."""
+    stream = stream or torch.cuda.current_stream(device)
+    with torch.no_grad(), torch.cuda.stream(stream):
+        for p in mlp.parameters():
+            p.data = p.data.pin_memory().to(device, non_blocking=True)
+    stream.synchronize()
 
 
 @dataclass(frozen=True)

@@ -62,17 +62,19 @@ class PoolStats:
 
 class HostPool:
     """``transports``: host name -> its transport; ``owners``/``standby``: (layer, expert) -> host name;
-    ``source``: where a dead host's experts are re-read from (None: nowhere)."""
+    ``source``: where a dead host's experts are re-read from (None: nowhere); ``device``: where the worker
+    runs experts it builds itself (failover with no survivor, promotions, spare slots)."""
 
     def __init__(self, transports: dict[str, ExpertTransport], owners: dict[Key, str],
                  source: CheckpointExperts | None, linear_backend: str, timeout_s: float,
-                 standby: dict[Key, str] | None = None):
+                 standby: dict[Key, str] | None = None, device: torch.device | str = "cpu"):
         self.transports = dict(transports)
         self.owners = dict(owners)
         self.standby: dict[Key, str] = dict(standby or {})
         self.source = source
         self.linear_backend = linear_backend
         self.timeout_s = timeout_s
+        self.device = torch.device(device)
         self.alive = set(transports)
         self.local: dict[Key, torch.nn.Module] = {}
         self.stats = PoolStats()
@@ -163,7 +165,7 @@ class HostPool:
             return
         for k, w in weights.items():
             if k not in standby:
-                self.local[k] = build_expert(w, self.linear_backend)
+                self.local[k] = build_expert(w, self.linear_backend, self.device)
 
     def close(self) -> None:
         """Close every transport's connection (stopping the hosts is their launcher's job)."""

@@ -49,7 +49,7 @@ def _fetch(pool: HostPool, key) -> torch.nn.Module | None:
         pool.fail(owner, f"promotion copy: {type(exc).__name__}")
         return None
     pool.stats.promotion_bytes.merge(fetched.bytes)
-    return build_expert(fetched.weights, pool.linear_backend)
+    return build_expert(fetched.weights, pool.linear_backend, pool.device)
 
 
 def apply_swap(blocks, pool: HostPool, swap: Swap) -> bool:

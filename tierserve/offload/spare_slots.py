@@ -47,7 +47,10 @@ thread computes the resident experts and waits for the hosts; the DFloat11 decod
 coded expert and the prepacking in ``build_expert`` compete for the same cores. Routing is only known per layer, so on a
 CPU worker the copy cannot overlap the attention of the same layer; it overlaps the
 rest of this layer's MoE and, once in the ring, every later step is a hit. ``close()``
-stops the thread.
+stops the thread. On a CUDA worker (``device``) the slots live in device memory: the
+ring's thread copies each fetched expert's weights host-to-device through pinned
+buffers on its own copy stream and waits for them there, so the compute stream never
+waits on a fill and a slot is complete when ``finish`` hands it out.
 """
 
 from __future__ import annotations
@@ -100,11 +103,12 @@ class CostModel:
         t0 = time.perf_counter()
         w = fetch_expert(pool.transport(owner), key, pool.timeout_s).weights
         bandwidth = w.nbytes / max(time.perf_counter() - t0, 1e-6)
-        module = build_expert(w, pool.linear_backend)
+        module = build_expert(w, pool.linear_backend, pool.device)
         hidden, dtype = w.gate_up.shape[1], getattr(torch, w.dtype)
         x1, x64 = torch.randn(1, hidden, dtype=dtype), torch.randn(64, hidden, dtype=dtype)
         remote1 = _remote_seconds(pool, owner, key, x1, repeats)
         remote64 = _remote_seconds(pool, owner, key, x64, repeats)
+        x1, x64 = x1.to(pool.device), x64.to(pool.device)
         module(x64)
         local1, local64 = _local_seconds(module, x1, repeats), _local_seconds(module, x64, repeats)
         remote_token = max((remote64 - remote1) / 63, 1e-9)
@@ -126,10 +130,13 @@ def _remote_seconds(pool, owner: str, key: Key, x: torch.Tensor, repeats: int) -
 
 
 def _local_seconds(module: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
+    """Median seconds of ``module(x)`` on the worker's device (waited for on CUDA)."""
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         module(x)
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -137,11 +144,13 @@ def _local_seconds(module: torch.nn.Module, x: torch.Tensor, repeats: int) -> fl
 class SpareSlots:
     """LRU ring of ``capacity`` locally held cold experts, filled asynchronously (module doc)."""
 
-    def __init__(self, capacity: int, linear_backend: str):
+    def __init__(self, capacity: int, linear_backend: str, device: torch.device | str = "cpu"):
         if capacity < 1:
             raise InvalidParameterError("spare_slots", f"must be >= 1, got {capacity}")
         self.capacity = capacity
         self.linear_backend = linear_backend
+        self.device = torch.device(device)
+        self._copy_stream = None  # CUDA: the stream the ring's host-to-device weight copies run on
         self._slots: OrderedDict[Key, torch.nn.Module] = OrderedDict()
         self._pending: dict[Key, Future] = {}  # each yields (module, TransitBytes)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spare-slots")
@@ -177,7 +186,9 @@ class SpareSlots:
 
     def _copy(self, key: Key, transport) -> tuple[torch.nn.Module, TransitBytes]:
         fetched = fetch_expert(transport, key, None)  # the transport's own timeout; finish() bounds the wait
-        return build_expert(fetched.weights, self.linear_backend), fetched.bytes
+        if self.device.type == "cuda" and self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        return build_expert(fetched.weights, self.linear_backend, self.device, self._copy_stream), fetched.bytes
 
     def finish(self, key: Key, future: Future, timeout_s: float) -> torch.nn.Module:
         """Wait for a fetch and insert it into the ring (evicting the LRU slot); raises what the copy raised."""
