@@ -108,22 +108,23 @@ class LLMEngine:
 
     def _build_model(self, config: EngineConfig):
         """Load the weights, then apply the transforms in order: expert offload, linear backend."""
+        # with expert offload the model is loaded on the host: its cold experts go to the expert hosts and
+        # never reach the device; the rest moves to the device after the offload transform
+        load_device = torch.device("cpu") if config.offload.enabled else self.device
         if self.source.quantization is None:  # unpacked (model_source.py: the source's load mode)
-            loaded = load_model(self.source.weights, self.dtype, device=self.device)
+            loaded = load_model(self.source.weights, self.dtype, device=load_device)
         else:  # imported only when asked for: it pulls in every registered weight format
             from tierserve.models.quantized_checkpoint import load_for_engine
 
             loaded = load_for_engine(self.source.weights, self.dtype, self.source.quantization)
-            loaded.model.to(self.device)  # packed tensors: a fraction of the float model's bytes
-        if config.offload.enabled and self.device.type != "cpu":
-            raise InvalidParameterError("device", "expert offload runs on the CPU path so far; use device='cpu' "
-                                                  f"with resident_experts (got {self.device})")
+            loaded.model.to(load_device)  # packed tensors: a fraction of the float model's bytes
         self.offload = None
         if config.offload.enabled:  # before the linear backend: it ships plain weights to the hosts
             from tierserve.offload.build import offload_from_config
 
             self.offload = offload_from_config(loaded.model, config.offload, self.source.weights,
-                                               config.model.linear_backend, self._host_launcher)
+                                               config.model.linear_backend, self._host_launcher, device=self.device)
+            loaded.model.to(self.device)
         apply_linear_backend(loaded.model, config.model.linear_backend)
         return loaded
 
