@@ -6,10 +6,14 @@ on 429 and 503); the error bodies the server really sends (400, 404, 405, 401) v
 documented schema; the prompt's non-empty constraint is in the schema and enforced; /metrics is
 documented and served as text/plain; a 405 names the allowed methods in ``Allow``. Without a server: every
 numeric bound the request schemas state is the one the server enforces (the bound accepted, one step past
-it refused naming the field).
+it refused naming the field). Live again: the per-server bounds (max_model_len - 1, vocabulary) are in the
+document and enforced; fields take only their documented JSON types; the cross-field rules are if/then in
+the schema and 400s on the wire; every event of a real stream validates against the documented event schema.
 """
 
 from __future__ import annotations
+
+import json
 
 import jsonschema
 import pytest
@@ -73,7 +77,8 @@ def test_the_prompt_constraint_is_documented_and_enforced(servers, docs):
     prompt = docs["main"]["components"]["schemas"]["CompletionRequest"]["properties"]["prompt"]
     forms = prompt["anyOf"]
     assert {"type": "string", "minLength": 1} in forms
-    assert {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1} in forms
+    ids = next(f for f in forms if f["type"] == "array" and f["items"].get("type") == "integer")
+    assert ids["minItems"] == 1 and ids["items"]["minimum"] == 0   # the upper bounds: test_server_limits_...
     assert all(f.get("minLength") == 1 or f.get("minItems") == 1 for f in forms)
     url = f"{servers.main}/v1/completions"
     for bad in ("", [], [""], [[]], [-1], ["a", "b"]):
@@ -151,3 +156,87 @@ def test_documented_bounds_are_the_enforced_ones(kind):
             with pytest.raises(InvalidParameterError) as e:
                 req.to_sampling_params(4096, 4)
             assert e.value.field == name, (name, value, e.value)
+
+
+def test_server_limits_are_documented_and_enforced(servers, docs):
+    """max_model_len - 1 bounds the token fields and a token-id prompt, vocab_size - 1 each id: the bound is
+    accepted by the server's checks, one past it is a 400 naming the field (server/openapi_limits.py)."""
+    doc = docs["main"]
+    props = doc["components"]["schemas"]["CompletionRequest"]["properties"]
+    models = requests.get(f"{servers.main}/v1/models", timeout=60).json()["data"][0]
+    top = models["max_model_len"] - 1
+    assert props["max_tokens"]["maximum"] == props["min_tokens"]["maximum"] == top
+    ids = next(f for f in props["prompt"]["anyOf"] if f.get("items", {}).get("type") == "integer")
+    assert ids["maxItems"] == top
+    vocab_top = ids["items"]["maximum"]
+    chat = doc["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    assert chat["max_tokens"]["maximum"] == chat["max_completion_tokens"]["maximum"] == top
+    assert "max_model_len = 2048" in doc["paths"]["/v1/completions"]["post"]["description"]
+    url = f"{servers.main}/v1/completions"
+    for body, param in (({"prompt": [1], "max_tokens": top + 1}, "max_tokens"),
+                        ({"prompt": [1] * (top + 1), "max_tokens": 1}, "prompt"),
+                        ({"prompt": [vocab_top + 1], "max_tokens": 1}, "prompt")):
+        assert check_error_body(doc, requests.post(url, json=body, timeout=60), 400)["param"] == param
+    ok = requests.post(url, json={"prompt": [vocab_top], "max_tokens": 1}, timeout=120)
+    assert ok.status_code == 200, ok.text
+    # max_tokens beside max_completion_tokens is unused, but still held to its documented range
+    chat_url = f"{servers.main}/v1/chat/completions"
+    msgs = [{"role": "user", "content": "Hi"}]
+    r = requests.post(chat_url, json={"messages": msgs, "max_completion_tokens": 1, "max_tokens": top + 1}, timeout=60)
+    assert check_error_body(doc, r, 400)["param"] == "max_tokens"
+
+
+def test_fields_take_only_the_json_types_documented(servers, docs):
+    """No lax coercion: "5", true and 0 are not integers, numbers or booleans here (server/json_types.py)."""
+    url = f"{servers.main}/v1/completions"
+    for field, value in (("max_tokens", "5"), ("max_tokens", True), ("temperature", "0.5"), ("temperature", False),
+                         ("echo", 0), ("stream", "true"), ("ignore_eos", 1), ("prompt", [True])):
+        r = requests.post(url, json={"prompt": "Hi", "max_tokens": 1, field: value}, timeout=60)
+        assert check_error_body(docs["main"], r, 400)["param"] == field, (field, value)
+    # JSON Schema's integer includes 1.0: accepted where an integer is documented
+    r = requests.post(url, json={"prompt": "Hi", "max_tokens": 1.0, "top_k": 0.0}, timeout=120)
+    assert r.status_code == 200, r.text
+
+
+def test_cross_field_rules_in_the_schema(servers, docs):
+    """top_logprobs needs logprobs, stream_options needs stream: stated as if/then and answered with 400."""
+    schema = {"$ref": "#/components/schemas/ChatCompletionRequest", "components": docs["main"]["components"]}
+    msgs = [{"role": "user", "content": "Hi"}]
+    for body, param in (({"messages": msgs, "top_logprobs": 2}, "top_logprobs"),
+                        ({"messages": msgs, "stream_options": {"include_usage": True}}, "stream_options")):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(body, schema)
+        r = requests.post(f"{servers.main}/v1/chat/completions", json={**body, "max_tokens": 1}, timeout=60)
+        assert check_error_body(docs["main"], r, 400)["param"] == param
+    jsonschema.validate({"messages": msgs, "top_logprobs": 2, "logprobs": True}, schema)
+    jsonschema.validate({"messages": msgs, "top_logprobs": None}, schema)
+
+
+@pytest.mark.parametrize("path", GENERATE)
+def test_every_stream_event_matches_the_documented_event_schema(servers, docs, path):
+    """Each SSE event of a streamed answer (chunks, usage chunk, [DONE]) validates against the documented
+    event schema, its JSON data against the chunk schema; an error event's body against ErrorResponse."""
+    doc = docs["main"]
+    event_schema = doc["paths"][path]["post"]["responses"]["200"]["content"]["text/event-stream"]["schema"]
+    data_forms = event_schema["properties"]["data"]["anyOf"]
+    assert data_forms[0] == {"const": "[DONE]"} and event_schema["required"] == ["data"]
+    payload = {**data_forms[1]["contentSchema"], "components": doc["components"]}
+    body = {"prompt": "Once upon a time"} if path == GENERATE[0] else {"messages": [{"role": "user", "content": "Hi"}]}
+    body.update(max_tokens=4, stream=True, stream_options={"include_usage": True}, return_token_ids=True)
+    events = []
+    with requests.post(f"{servers.main}{path}", json=body, stream=True, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines(decode_unicode=True):
+            if line:
+                assert line.startswith("data: "), line
+                events.append({"data": line[len("data: "):]})
+    assert events[-1] == {"data": "[DONE]"} and len(events) >= 3
+    for event in events:
+        jsonschema.validate(event, {**event_schema, "components": doc["components"]})
+        if event["data"] != "[DONE]":
+            chunk = json.loads(event["data"])
+            jsonschema.validate(chunk, payload)
+            assert "error" not in chunk
+    assert "usage" in json.loads(events[-2]["data"])
+    # an error body is one of the documented payloads
+    jsonschema.validate({"error": {"message": "m", "type": "t"}}, payload)

@@ -52,9 +52,11 @@ on ``/v1/*`` when a key is configured (compared in constant time; /health and
 
 from __future__ import annotations
 
+import copy
 import hmac
 import json
 import logging
+from collections.abc import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -125,12 +127,14 @@ def error_responses(*statuses: int) -> dict:
     return out
 
 
-def install_openapi(app: FastAPI) -> None:
-    """Serve an OpenAPI document without FastAPI's 422 entries (this server answers 400 instead)."""
+def install_openapi(app: FastAPI, refine: Callable[[dict], None] | None = None) -> None:
+    """Serve an OpenAPI document without FastAPI's 422 entries (this server answers 400 instead);
+    ``refine`` then adds what only the running server knows (server/openapi_limits.py)."""
 
     def openapi() -> dict:
         if app.openapi_schema is None:
-            doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            # a copy: schema dicts given to pydantic (e.g. protocol.PROMPT_SCHEMA) may appear by reference
+            doc = copy.deepcopy(get_openapi(title=app.title, version=app.version, routes=app.routes))
             for path in doc.get("paths", {}).values():
                 for op in path.values():
                     op.get("responses", {}).pop("422", None)
@@ -138,6 +142,8 @@ def install_openapi(app: FastAPI) -> None:
             if "422" not in json.dumps(doc.get("paths", {})):
                 schemas.pop("HTTPValidationError", None)
                 schemas.pop("ValidationError", None)
+            if refine is not None:
+                refine(doc)
             app.openapi_schema = doc
         return app.openapi_schema
 

@@ -67,6 +67,8 @@ from tierserve.server.errors import (
     to_api_error,
 )
 from tierserve.server.metrics import DEFAULT_STALE_AFTER_S, get_or_create_metrics_board, render_prometheus
+from tierserve.server.openapi_events import state_stream_events
+from tierserve.server.openapi_limits import state_server_limits
 from tierserve.server.protocol import (
     ChatChoice,
     ChatCompletionChunk,
@@ -128,6 +130,7 @@ class OpenAIIngress:
         self.model_name = info.model_name
         self.max_model_len = info.max_model_len
         self.block_size = info.block_size
+        self.vocab_size = info.vocab_size
         self.tokenizer = await worker.get_tokenizer.remote()
         self._app_name = serve.get_replica_context().app_name
         self._board = get_or_create_metrics_board(self._app_name)
@@ -325,10 +328,11 @@ def build_fastapi(ingress: OpenAIIngress) -> FastAPI:
     """The routes; the OpenAPI document lists each one's error answers (server/errors.py ``install_openapi``)."""
     app = FastAPI(title="tierserve", docs_url=None, redoc_url=None)
     install_error_handlers(app)
-    install_openapi(app)
+    install_openapi(app, lambda doc: (state_server_limits(doc, ingress.max_model_len, ingress.vocab_size),
+                                      state_stream_events(doc)))
     auth = (401,) if ingress.settings.api_key else ()
-    # 200: the JSON response, or with "stream": true server-sent events (data: <chunk JSON> ... data: [DONE])
-    generate_errors = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
+    # 200: the JSON response, or with "stream": true server-sent events (server/openapi_events.py)
+    generate_errors = {200: {"content": {"text/event-stream": {}}},
                        **error_responses(400, *auth, 404, 413, 429, 503)}
 
     @app.get("/health")

@@ -16,7 +16,15 @@ message content is a string or a list of ``{"type": "text"}`` parts.
 ``max_tokens`` defaults to 16 for completions (OpenAI's default) and, for
 chat, to whatever fits in the context (``max_model_len - prompt tokens``).
 Everything else (ranges of temperature, top_p, ...) is checked by
-``SamplingParams``.
+``SamplingParams``. A chat ``max_tokens`` sent beside ``max_completion_tokens``
+is unused but still held to ``[1, max_model_len - 1]``.
+
+Fields take only the JSON types their schema names (server/json_types.py: no
+``"5"`` or ``true`` for an integer, no ``0`` for a boolean). The OpenAPI schema
+states each bound (``_doc``), the rules between fields that JSON Schema can say
+as ``if``/``then`` (``top_logprobs`` needs ``logprobs``, ``stream_options`` needs
+``stream``), and, per running server, the context bounds of
+server/openapi_limits.py.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from tierserve.errors import InvalidParameterError
 from tierserve.sampling_params import SamplingParams
+from tierserve.server.json_types import JsonBool, JsonFloat, JsonInt
 
 #: OpenAI's default ``max_tokens`` for legacy completions.
 COMPLETION_DEFAULT_MAX_TOKENS = 16
@@ -39,7 +48,7 @@ class _Request(BaseModel):
 
 
 class StreamOptions(_Request):
-    include_usage: bool = False
+    include_usage: JsonBool = False
 
 
 def _doc(default: Any, **schema: Any) -> Any:
@@ -53,33 +62,45 @@ _PENALTY = {"minimum": -2.0, "maximum": 2.0}
 _LOGPROBS = {"minimum": 0, "maximum": 20}
 
 
+def _requires(field: str, field_type: str, other: str) -> dict:
+    """JSON Schema: when ``field`` is sent as a ``field_type``, ``other`` must be ``true``."""
+    return {"if": {"required": [field], "properties": {field: {"type": field_type}}},
+            "then": {"required": [other], "properties": {other: {"const": True}}}}
+
+
+#: Rules between fields that the server enforces (400 naming the first field) and JSON Schema can state.
+_STREAM_RULE = _requires("stream_options", "object", "stream")
+_TOP_LOGPROBS_RULE = _requires("top_logprobs", "integer", "logprobs")
+
+
 class _SamplingFields(_Request):
     """Fields shared by both endpoints."""
 
+    model_config = ConfigDict(json_schema_extra={"allOf": [_STREAM_RULE]})
     model: str | None = None
-    max_tokens: int | None = _doc(None, minimum=1)
-    temperature: float | None = _doc(None, minimum=0.0)
-    top_p: float | None = _doc(None, exclusiveMinimum=0.0, maximum=1.0)
-    n: int = _doc(1, minimum=1, maximum=1)
-    stream: bool = False
+    max_tokens: JsonInt | None = _doc(None, minimum=1)
+    temperature: JsonFloat | None = _doc(None, minimum=0.0)
+    top_p: JsonFloat | None = _doc(None, exclusiveMinimum=0.0, maximum=1.0)
+    n: JsonInt = _doc(1, minimum=1, maximum=1)
+    stream: JsonBool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = _doc(None, minLength=1, items={"type": "string", "minLength": 1})
-    seed: int | None = None
-    presence_penalty: float = _doc(0.0, **_PENALTY)
-    frequency_penalty: float = _doc(0.0, **_PENALTY)
+    seed: JsonInt | None = None
+    presence_penalty: JsonFloat = _doc(0.0, **_PENALTY)
+    frequency_penalty: JsonFloat = _doc(0.0, **_PENALTY)
     logit_bias: dict[str, float] | None = _doc(None, maxProperties=0)
     user: str | None = None
     # vLLM-style extensions
-    top_k: int = 0
-    min_p: float = _doc(0.0, **_UNIT)
-    top_h: float = _doc(0.0, **_UNIT)
-    repetition_penalty: float = _doc(1.0, exclusiveMinimum=0.0)
-    min_tokens: int = _doc(0, minimum=0)
-    ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
-    skip_special_tokens: bool = True
-    include_stop_str_in_output: bool = False
-    return_token_ids: bool = False
+    top_k: JsonInt = 0
+    min_p: JsonFloat = _doc(0.0, **_UNIT)
+    top_h: JsonFloat = _doc(0.0, **_UNIT)
+    repetition_penalty: JsonFloat = _doc(1.0, exclusiveMinimum=0.0)
+    min_tokens: JsonInt = _doc(0, minimum=0)
+    ignore_eos: JsonBool = False
+    stop_token_ids: list[JsonInt] | None = None
+    skip_special_tokens: JsonBool = True
+    include_stop_str_in_output: JsonBool = False
+    return_token_ids: JsonBool = False
 
     @property
     def include_usage(self) -> bool:
@@ -117,11 +138,11 @@ PROMPT_SCHEMA = {"anyOf": [_TEXT, _TOKEN_IDS,
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: Annotated[str | list[int] | list[str] | list[list[int]], WithJsonSchema(PROMPT_SCHEMA)]
-    logprobs: int | None = _doc(None, **_LOGPROBS)
-    echo: bool = _doc(False, enum=[False])
+    prompt: Annotated[str | list[JsonInt] | list[str] | list[list[JsonInt]], WithJsonSchema(PROMPT_SCHEMA)]
+    logprobs: JsonInt | None = _doc(None, **_LOGPROBS)
+    echo: JsonBool = _doc(False, enum=[False])
     suffix: str | None = _doc(None, maxLength=0)
-    best_of: int | None = _doc(None, minimum=1, maximum=1)
+    best_of: JsonInt | None = _doc(None, minimum=1, maximum=1)
 
     def prompt_input(self) -> str | list[int]:
         """The one prompt: a string or a list of token ids."""
@@ -166,14 +187,16 @@ class ChatMessageIn(_Request):
 
 
 class ChatCompletionRequest(_SamplingFields):
+    model_config = ConfigDict(json_schema_extra={"allOf": [_STREAM_RULE, _TOP_LOGPROBS_RULE]})
+
     messages: list[ChatMessageIn] = Field(min_length=1)
-    max_completion_tokens: int | None = _doc(None, minimum=1)
-    logprobs: bool = False
-    top_logprobs: int | None = _doc(None, **_LOGPROBS)
+    max_completion_tokens: JsonInt | None = _doc(None, minimum=1)
+    logprobs: JsonBool = False
+    top_logprobs: JsonInt | None = _doc(None, **_LOGPROBS)
     tools: list[dict[str, Any]] | None = _doc(None, maxItems=0)
     tool_choice: Any = None
     response_format: dict[str, Any] | None = _doc(None, properties={"type": {"enum": ["text"]}})
-    add_generation_prompt: bool = True
+    add_generation_prompt: JsonBool = True
 
     def template_messages(self) -> list[dict[str, str]]:
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
@@ -193,6 +216,9 @@ class ChatCompletionRequest(_SamplingFields):
         field = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
         if max_tokens is not None and max_tokens < 1:  # name the field the client sent
             raise InvalidParameterError(field, f"must be an integer >= 1, got {max_tokens}")
+        if field == "max_completion_tokens" and self.max_tokens is not None \
+                and not 1 <= self.max_tokens < max_model_len:  # unused then, but held to its documented range
+            raise InvalidParameterError("max_tokens", f"must be in [1, {max_model_len - 1}], got {self.max_tokens}")
         if max_tokens is None:
             check_context(num_prompt_tokens, 0, max_model_len, "messages")
             max_tokens = max_model_len - num_prompt_tokens

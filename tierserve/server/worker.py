@@ -76,6 +76,7 @@ class WorkerInfo:
     max_model_len: int
     block_size: int
     replica_id: str
+    vocab_size: int
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,8 @@ class LLMServer:
 
     # ------------------------------------------------------------------ calls
     async def info(self) -> WorkerInfo:
-        return WorkerInfo(self.model_name, self._info.max_model_len, self._info.block_size, self.replica_id)
+        return WorkerInfo(self.model_name, self._info.max_model_len, self._info.block_size, self.replica_id,
+                          self.engine.engine.vocab_size)
 
     async def get_tokenizer(self):
         return self.engine.tokenizer
