@@ -308,7 +308,7 @@ class KVCompressionConfig:
 
 #: SpeculativeConfig.method: "none" and the names in tierserve.engine.spec_decode.registry.PROPOSERS
 #: (a layer above this one; tests/test_spec_engine.py checks the two agree)
-SPECULATIVE_METHODS = ("none", "ngram")
+SPECULATIVE_METHODS = ("none", "ngram", "gumiho")
 
 
 @dataclass(frozen=True)
@@ -317,22 +317,29 @@ class SpeculativeConfig:
 
     ``method`` "ngram": prompt lookup over the request's own tokens, longest
     n-gram first with n in [``prompt_lookup_min``, ``prompt_lookup_max``].
+    ``method`` "gumiho": trained draft heads read from ``model`` (a folder
+    written by ``tierserve train-draft``; spec_decode/gumiho.py).
     ``num_speculative_tokens``: drafts verified per request and step (1..16).
     ``draft_backoff``: pause proposing for a request whose verifications
     accept nothing (spec_decode/gate.py), for steps where verification is
     not free (off by default: at batch 1 on CPU it costs nothing to verify).
     """
 
-    method: str = option("none", "speculative decoding: none, or ngram (prompt lookup)", name="speculative",
-                         choices=SPECULATIVE_METHODS)
+    method: str = option("none", "speculative decoding: none, ngram (prompt lookup) or gumiho (draft heads)",
+                         name="speculative", choices=SPECULATIVE_METHODS)
     num_speculative_tokens: int = option(4, "speculative decoding: draft tokens verified per step (1..16)")
     prompt_lookup_max: int = option(4, "ngram: longest n-gram matched")
     prompt_lookup_min: int = option(1, "ngram: shortest n-gram matched")
     draft_backoff: bool = option(False, "speculative decoding: a request whose drafts keep failing stops "
                                  "proposing for a while (tierserve/engine/spec_decode/gate.py)")
+    model: str | None = option(None, "gumiho: the draft heads folder (tierserve train-draft --out)",
+                               name="speculative_model")
 
     def __post_init__(self) -> None:
         _check_choice("speculative", self.method, SPECULATIVE_METHODS)
+        if (self.method == "gumiho") != (self.model is not None):
+            raise InvalidParameterError("speculative_model", "is required by speculative='gumiho' and only by it "
+                                        f"(speculative={self.method!r}, speculative_model={self.model!r})")
         if not 1 <= self.num_speculative_tokens <= 16:
             raise InvalidParameterError("num_speculative_tokens",
                                         f"must be in 1..16, got {self.num_speculative_tokens}")
