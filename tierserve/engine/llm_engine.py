@@ -41,6 +41,7 @@ from tierserve.engine.cuda_graphs import DecodeGraphs
 from tierserve.engine.detokenizer import IncrementalDetokenizer
 from tierserve.engine.device import resolve_device, resolve_dtype
 from tierserve.engine.engine_stats import EngineInfo, EngineStats
+from tierserve.engine.kv_tiers_setup import build_kv_tiers
 from tierserve.engine.model_runner import ModelRunner
 from tierserve.engine.model_source import load_tokenizer, resolve_model
 from tierserve.engine.outputs import RequestOutput
@@ -93,12 +94,13 @@ class LLMEngine:
         self.num_blocks = num_blocks
         self.kv_manager = KVCacheManager(num_blocks, spec.block_size, config.cache.enable_prefix_caching)
         self.runner = self._build_runner(config, spec, num_blocks)
-        self.kv_tiers = self._build_kv_tiers(config, spec)  # None unless --kv-tiers
+        self.kv_tiers = build_kv_tiers(config, spec, self.source, self.dtype, self.runner.kv_caches)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.max_model_len, self.kv_tiers)
         self.kv_evictor = self._bind_kv_compression()  # None unless an eviction method
         self.hooks: list[StepHook] = [h for h in (self.kv_tiers, self.kv_evictor, self.offload) if h is not None]
         self.sampler = Sampler()
-        self.spec = SpecDecoder(config.speculative, self.max_model_len)  # proposes nothing unless --speculative
+        self.spec = SpecDecoder(config.speculative, self.max_model_len, self.model)  # off unless --speculative
+        self.runner.keep_hidden = self.spec.needs_hidden
         self.stop_rules = StopRules.from_model(self.tokenizer, self.hf_config, self.max_model_len)
         self._live: dict[str, _Live] = {}
         self._requests: dict[str, Request] = {}
@@ -238,33 +240,9 @@ class LLMEngine:
         self._drop(request_id)
         return True
 
-    def _build_kv_tiers(self, config: EngineConfig, spec):
-        """The DRAM/disk/Redis chunk store (cache/tiers/), or None when off.
-
-        Its keys are prefixed by a tag of everything that changes KV besides the
-        tokens (model name, dtype, weight format, linear backend, KV layout, page
-        format), so engines share chunks only when their KV is identical. A KV
-        storage format (kv4, XQuant) stores its packed pages; eviction is refused.
-        """
-        if not config.kv_tiers.enabled:
-            return None
-        kvc = config.kv_compression
-        if kvc.evicts:
-            raise InvalidParameterError("kv_tiers", f"cannot be combined with the KV eviction method in "
-                                                    f"{kvc.method!r}: a table with evicted blocks no longer maps to "
-                                                    f"token chunks (storage formats such as kv4 combine)")
-        import hashlib
-
-        from tierserve.cache.tiers.connector import KVTierConnector
-
-        m = config.model
-        pages = f"{kvc.method}/g{kvc.group_size}/b{kvc.latent_bits}" if kvc.enabled else "plain"
-        ident = f"{self.source.name}|{self.dtype}|{self.source.quantization}|{m.linear_backend}|{spec}|{pages}"
-        return KVTierConnector(config.kv_tiers, spec, "tierserve-" + hashlib.sha256(ident.encode()).hexdigest()[:16],
-                               self.runner.kv_caches)
-
     def _drop(self, request_id: str) -> None:
         self.runner.release(request_id)
+        self.spec.forget(request_id)
         for hook in self.hooks:
             hook.on_release(request_id)
         self._live.pop(request_id, None)
@@ -321,6 +299,7 @@ class LLMEngine:
         for hook in self.hooks:
             hook.before_forward(sched, self._requests)
         run = self.runner.execute(sched, self._requests)
+        self.spec.begin_step(sched, run.hidden, self._requests)
         for hook in self.hooks:
             hook.after_forward(sched, self._requests)
         outputs = self._sample_and_postprocess(sched, run)

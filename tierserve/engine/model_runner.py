@@ -8,8 +8,11 @@ and computes logits only for the last token of requests that reach the end of
 their known tokens (those sample). A request verifying speculative drafts
 (``ScheduledRequest.spec_token_ids``) runs its last known token and the
 drafts, and gets logits for all of them (``RunnerOutput.num_rows``); such a
-step has more than one token per sequence, so it always runs eagerly. The KV pages are allocated once here and
-never reallocated.
+step has more than one token per sequence, so it always runs eagerly. With
+``keep_hidden`` (a proposer drafting from hidden states) every step runs
+eagerly and also returns the final hidden state of every token
+(``RunnerOutput.hidden``). The KV pages are allocated once here and never
+reallocated.
 
 Device: the model, the KV pages and the block tables live on ``device``;
 the step's token ids, positions and slots are computed on the host from host
@@ -54,6 +57,7 @@ class RunnerOutput:
     request_ids: list[str]
     logits: torch.Tensor | None
     num_rows: list[int] | None = None
+    hidden: torch.Tensor | None = None  # [T, H]: every token of the step, with ``keep_hidden``
 
 
 @dataclass
@@ -88,6 +92,7 @@ class ModelRunner:
         self._evicted = evicted_tokens
         self.block_tables = BlockTables(max_num_seqs, spec.blocks_for_tokens(max_model_len), self.device)
         self.graphs = None  # engine/cuda_graphs.DecodeGraphs, installed by the engine when enabled
+        self.keep_hidden = False  # set by the engine for a proposer that drafts from hidden states
 
     def release(self, request_id: str) -> None:
         self.block_tables.release(request_id)
@@ -101,7 +106,7 @@ class ModelRunner:
         if not out.scheduled:
             return RunnerOutput([], None)
         step = self._flatten(out, requests)
-        if self.graphs is not None and step.decode_only and self.graphs.fits(len(step.seq_lens)):
+        if self.graphs is not None and not self.keep_hidden and step.decode_only and self.graphs.fits(len(step.seq_lens)):
             logits = self.graphs.run(step, self.block_tables.table)
             return RunnerOutput(step.sample_ids, logits)
         return self._run_eager(step)
@@ -154,8 +159,9 @@ class ModelRunner:
         input_ids = torch.tensor(step.tokens, dtype=torch.long, device=dev)
         pos = torch.tensor(step.positions, dtype=torch.long, device=dev)
         hidden = self.model(input_ids, pos, ForwardContext(meta, self.kv_caches))
+        kept = hidden if self.keep_hidden else None
         if not step.sample_idx:
-            return RunnerOutput([], None)
+            return RunnerOutput([], None, hidden=kept)
         if len(step.sample_idx) != hidden.shape[0]:
             hidden = hidden[torch.tensor(step.sample_idx, dtype=torch.long, device=dev)]
-        return RunnerOutput(step.sample_ids, self.model.compute_logits(hidden), step.num_rows)
+        return RunnerOutput(step.sample_ids, self.model.compute_logits(hidden), step.num_rows, kept)

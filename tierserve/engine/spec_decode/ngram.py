@@ -41,10 +41,10 @@ class NgramProposer(Proposer):
         self.max_n = max_n
 
     @classmethod
-    def from_config(cls, config) -> NgramProposer:
+    def from_config(cls, config, model=None) -> NgramProposer:
         return cls(config.prompt_lookup_min, config.prompt_lookup_max)
 
-    def propose(self, token_ids: Sequence[int], num_tokens: int) -> list[int]:
+    def propose(self, token_ids: Sequence[int], num_tokens: int, request_id: str | None = None) -> list[int]:
         ids = token_ids
         length = len(ids)
         if num_tokens < 1 or length < 2:

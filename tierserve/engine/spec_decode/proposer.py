@@ -18,6 +18,12 @@ Contract:
 * ``num_tokens >= 1``; ``token_ids`` is never empty and is not modified.
 * Deterministic given its inputs (and its own state); it must not read or
   change engine state.
+* A proposer that drafts from the target's hidden states sets
+  ``needs_hidden``: the engine then calls ``observe(request_id, first_pos,
+  hidden, next_tokens)`` after every forward with the final hidden states of
+  the positions ``first_pos ..`` whose KV was kept and the token that follows
+  each, and ``forget(request_id)`` when the request leaves; ``propose`` gets
+  the ``request_id`` (the gumiho proposer keeps a window of states per request).
 * ``draft_probs`` is None for a proposer whose drafts are point masses
   (deterministic drafts such as prompt lookup): the verifier then accepts a
   draft ``x`` with probability ``p(x)``.
@@ -35,11 +41,21 @@ class Proposer(ABC):
     #: a registry name, for stats and errors
     name: str = ""
 
+    #: whether the engine must hand it the target's hidden states (``observe``)
+    needs_hidden: bool = False
+
     @classmethod
-    def from_config(cls, config) -> Proposer:
-        """Built from a ``SpeculativeConfig`` (tierserve/config.py); a proposer reads the fields it needs."""
+    def from_config(cls, config, model=None) -> Proposer:
+        """Built from a ``SpeculativeConfig`` (tierserve/config.py) and the target model; a proposer reads the
+        fields it needs."""
         return cls()
 
     @abstractmethod
-    def propose(self, token_ids: Sequence[int], num_tokens: int) -> list[int]:
+    def propose(self, token_ids: Sequence[int], num_tokens: int, request_id: str | None = None) -> list[int]:
         """At most ``num_tokens`` draft tokens to follow ``token_ids`` (empty: no proposal)."""
+
+    def observe(self, request_id: str, first_pos: int, hidden, next_tokens: list[int]) -> None:
+        """The target's final hidden states [n, H] of positions ``first_pos ..`` (``needs_hidden`` only)."""
+
+    def forget(self, request_id: str) -> None:
+        """``request_id`` left the engine: drop what is kept for it."""
