@@ -14,6 +14,8 @@ independent reference and end to end against the all-resident engine:
   kernels for the cold experts: not bitwise).
 - a host killed between steps: the next step completes (the pool reloads its experts on the survivor) and
   the layer still equals the reference.
+- spare slots with a cost model that always fetches: the slots' weights live on the worker's device and
+  greedy tokens equal all-resident (fp32).
 
 The CPU tests run here; the ``cuda`` ones on a GPU machine (benchmarks/device_check.sh).
 """
@@ -175,22 +177,37 @@ def test_cuda_worker_bf16_offload_within_bf16_bound_of_resident(tiny_moe):
         resident.close()
 
 
-@CUDA
-def test_cuda_spare_slots_live_on_the_device(tiny_moe):
-    """A prefill big enough for the measured cost model to fetch lands experts in device slots."""
-    offload = OffloadConfig(resident_experts=4, expert_hosts=2, timeout_s=20.0, spare_slots=4)
-    eng = LLMEngine(EngineConfig(model=ModelConfig(model=tiny_moe, dtype="float32"), device="cuda",
-                                 offload=offload, cache=CacheConfig(num_blocks=128, block_size=16),
-                                 scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=1024)))
+def _check_spare_slots(folder: str, device: str) -> None:
+    """Spare slots on the worker's device: with a cost model that always prefers fetching, every cold
+    expert a step routes to is copied into a slot (weights on the device) and computed there; greedy tokens
+    equal the all-resident engine's (fp32)."""
+    from tierserve.offload.spare_slots import CostModel
+
+    ref = _engine(folder, device, "float32", None)
+    offload = OffloadConfig(resident_experts=4, expert_hosts=2, timeout_s=20.0, spare_slots=6)
+    eng = LLMEngine(EngineConfig(model=ModelConfig(model=folder, dtype="float32"), device=device, offload=offload,
+                                 cache=CacheConfig(num_blocks=64, block_size=16),
+                                 scheduler=SchedulerConfig(max_num_seqs=4)))
     try:
+        fetch_always = CostModel(rtt_s=1.0, bandwidth_Bps=1e15)
+        for block in eng.offload.blocks:
+            block.cost = fetch_always
+        assert _greedy(eng) == _greedy(ref)
         spare = eng.offload.spare
-        eng.add_request([(3 * i + 1) % 380 + 1 for i in range(900)],
-                        SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
-        while eng.has_unfinished():
-            eng.step()
-        assert spare.fills > 0, eng.offload.blocks[0].cost
+        assert spare.fills > 0 and len(spare.keys()) == 6
         for key in spare.keys():
-            assert {p.device.type for p in spare.get(key).parameters()} == {"cuda"}
-        assert _layer_matches_reference(eng, seed=3) >= 0
+            module = spare.get(key)
+            tensors = list(module.parameters()) + list(module.buffers())  # a CPU backend packs into buffers
+            assert tensors and {t.device.type for t in tensors} == {torch.device(device).type}
     finally:
         eng.close()
+        ref.close()
+
+
+def test_cpu_worker_spare_slots(tiny_moe):
+    _check_spare_slots(tiny_moe, "cpu")
+
+
+@CUDA
+def test_cuda_spare_slots_live_on_the_device(tiny_moe):
+    _check_spare_slots(tiny_moe, "cuda")
