@@ -93,6 +93,9 @@ def _build_parser() -> argparse.ArgumentParser:
     from tierserve.tools.cli_commands import add_moe_parsers  # moefy, prune
 
     add_moe_parsers(sub)
+    from tierserve.tools.train_draft_cli import add_train_draft_parser
+
+    add_train_draft_parser(sub)
     return parser
 
 
