@@ -15,11 +15,13 @@ prefill, prefix caching and a batch; greedy output is token-identical to
 the engine without speculation; a resumed training run repeats an
 uninterrupted one loss for loss; heads for another model are refused with
 both shapes named. SmolLM2: heads trained a few steps on the Austen training
-split through ``train_draft_from_path`` draft in the engine with greedy
+split by ``tierserve train-draft`` draft in the engine with greedy
 output identical to plain decoding.
 """
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -27,12 +29,13 @@ from transformers import LlamaConfig
 
 from model_harness import build_and_save
 from tierserve import LLM, SamplingParams
+from tierserve.cli import main
 from tierserve.engine.spec_decode.gumiho_heads import GumihoConfig, GumihoHeads
 from tierserve.errors import InvalidParameterError
 from tierserve.models.loader import load_model
 from tierserve.tools.calibration import forward_hidden
 from tierserve.tools.random_model import word_tokenizer
-from tierserve.tools.train_draft import TrainDraftOptions, train_draft, train_draft_from_path
+from tierserve.tools.train_draft import TrainDraftOptions, train_draft
 
 VOCAB = 128
 GREEDY = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
@@ -217,10 +220,13 @@ def test_gumiho_needs_a_heads_folder(bigram, tmp_path):
         spec_llm(bigram[0], str(tmp_path))
 
 
-def test_smollm_heads_from_austen_draft_exactly(smollm_folder, smollm_llm, tmp_path):
-    opts = TrainDraftOptions(steps=12, batch_size=2, seq_len=64, num_windows=24, lr=3e-3, checkpoint_every=6)
-    result = train_draft_from_path(smollm_folder, str(tmp_path), opts, progress=False)
-    assert result.steps == 12 and result.losses[-1] < result.losses[0]
+def test_smollm_heads_from_austen_draft_exactly(smollm_folder, smollm_llm, tmp_path, capsys):
+    """``tierserve train-draft`` (the CLI) on SmolLM2, then the heads in the engine."""
+    argv = ["train-draft", "--model", smollm_folder, "--out", str(tmp_path), "--steps", "12", "--batch-size", "2",
+            "--seq-len", "64", "--num-windows", "24", "--lr", "3e-3", "--checkpoint-every", "6", "--no-progress"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 12 and summary["last_loss"] < summary["first_loss"]
     llm = LLM(smollm_folder, num_blocks=64, max_num_seqs=4, max_num_batched_tokens=32, speculative="gumiho",
               speculative_model=str(tmp_path), num_speculative_tokens=4)
     prompts_ = ["It is a truth universally acknowledged, that a single man in possession of a good fortune,",
