@@ -163,6 +163,11 @@ def test_app_builds_the_llm_autoscaling_config_and_serve_loads_the_policy():
     assert cfg.policy.get_policy().__name__ == "LLMAutoscalingPolicy"  # Serve's own loading path
     default = autoscaling_config(AppArgs.model_validate({"replicas": 2, "max_replicas": 4}).serve_options())
     assert default.policy.is_default_policy_function() and default.target_ongoing_requests == 16.0
+    # Serve's policy takes the same delays (options autoscale_*_delay_s), not Serve's own 30 s / 600 s
+    assert (default.upscale_delay_s, default.downscale_delay_s) == (30.0, 300.0)
+    quick = AppArgs.model_validate({"replicas": 1, "max_replicas": 3, "autoscale_upscale_delay_s": 5,
+                                    "autoscale_downscale_delay_s": 20}).serve_options()
+    assert (autoscaling_config(quick).upscale_delay_s, autoscaling_config(quick).downscale_delay_s) == (5, 20)
     # the deploy configs use the same policy as their args build
     deploy = Path(__file__).resolve().parent.parent / "deploy"
     svc = yaml.safe_load((deploy / "kuberay/rayservice.yaml").read_text())

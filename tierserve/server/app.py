@@ -9,7 +9,9 @@ EngineConfig, ServeOptions and two deployments:
 * ``LLMServer`` (worker.py): one engine per replica. ``replicas`` fixed
   replicas, or autoscaling when ``max_replicas`` is given (``min_replicas``
   .. ``max_replicas``, starting at ``replicas``, scaling on
-  ``target_ongoing_requests`` per replica with ``autoscaler: requests``,
+  ``target_ongoing_requests`` per replica with ``autoscaler: requests``
+  (Serve's policy, with ``autoscale_upscale_delay_s`` / ``autoscale_downscale_delay_s``
+  as its delays),
   or with ``autoscaler: llm`` on KV-cache usage, waiting requests and TTFT
   against the ``autoscale_*`` targets: the custom Serve policy
   ``LLMAutoscalingPolicy`` of server/autoscaling.py, which applies its own
@@ -132,7 +134,9 @@ def autoscaling_config(a: ServeOptions) -> AutoscalingConfig:
               "initial_replicas": a.replicas, "max_replicas": a.max_replicas,
               "target_ongoing_requests": a.target_ongoing_requests}
     configs = {
-        "requests": lambda: AutoscalingConfig(**bounds),
+        # Serve's policy with the same delays as the llm one (benchmarks/autoscale.py compares them)
+        "requests": lambda: AutoscalingConfig(**bounds, upscale_delay_s=a.autoscale_upscale_delay_s,
+                                              downscale_delay_s=a.autoscale_downscale_delay_s),
         # the policy applies its own delays (server/autoscaling.py): Serve's are 0 so they do not add up
         "llm": lambda: AutoscalingConfig(
             **bounds, upscale_delay_s=0, downscale_delay_s=0,

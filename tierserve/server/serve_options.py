@@ -77,9 +77,9 @@ class ServeOptions:
     autoscale_target_kv_usage: float = option(0.8, "llm autoscaler: KV-cache usage per replica to aim at")
     autoscale_target_waiting: float = option(2.0, "llm autoscaler: waiting requests per replica to aim at")
     autoscale_target_ttft_s: float = option(2.0, "llm autoscaler: mean time to first token to aim at")
-    autoscale_upscale_delay_s: float = option(30.0, "llm autoscaler: seconds a scale-up must be wanted before it "
-                                                    "happens")
-    autoscale_downscale_delay_s: float = option(300.0, "llm autoscaler: seconds a scale-down must be wanted "
+    autoscale_upscale_delay_s: float = option(30.0, "either autoscaler: seconds a scale-up must be wanted before "
+                                                    "it happens")
+    autoscale_downscale_delay_s: float = option(300.0, "either autoscaler: seconds a scale-down must be wanted "
                                                        "before it happens")
 
     def __post_init__(self) -> None:
