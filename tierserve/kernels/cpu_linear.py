@@ -7,7 +7,8 @@ the path torch.compile's CPU backend uses) reads the weight at close to
 memory bandwidth: measured on the 2-core dev machine, a 576x3072 fp32 weight
 streams at ~37 GB/s at 1-8 rows versus ~16 GB/s for ``F.linear`` (MKL sgemm),
 and ~2.3x faster at 128-2048 rows (prefill). Results differ from the
-reference only by summation order (tests: relative error <= 1e-5).
+reference only by summation order (tests: relative error <= 1e-5). Under
+``torch.compile`` the kernel runs as the opaque op ``tierserve::onednn_linear``.
 
 ``pack_linears(model)`` is a transform applied to a built model: it swaps every
 ``nn.Linear`` (and the tied LM head) for a :class:`PackedLinear` holding only
@@ -41,6 +42,19 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+@torch.library.custom_op("tierserve::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """``x [M, K] @ W^T + b`` on a weight packed by ``_reorder_linear_weight``: the same kernel as the eager
+    forward, as an opaque op for ``torch.compile`` (inductor's own lowering of ``_linear_pointwise`` needs
+    the weight frozen into the graph as a constant, which would compile every layer apart)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@onednn_linear.register_fake
+def _onednn_linear_fake(x, packed, bias, out_features):
+    return x.new_empty(x.shape[0], out_features)
+
+
 class PackedLinear(nn.Module):
     """A linear layer whose weight lives in oneDNN's packed layout (CPU only)."""
 
@@ -52,6 +66,9 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
+        if torch.compiler.is_compiling():  # models/decode_compile.py
+            y = onednn_linear(x.reshape(-1, self.in_features), self.packed, self.bias, self.out_features)
+            return y.reshape(*lead, self.out_features)
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.packed, self.bias,
                                               "none", [], "")
         return y.reshape(*lead, self.out_features)

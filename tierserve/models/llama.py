@@ -11,6 +11,8 @@ Architectures differ only through class hooks: ``qk_norm`` ("none", "per_head",
 "full"), ``qkv_bias``/``o_bias`` (which projections carry a bias), and
 ``make_mlp`` / ``mlp_slots`` (dense GatedMLP here; a SparseMoeBlock in the MoE
 families). RoPE cos/sin are looked up once per step and shared by all layers.
+``compile_decoder`` (``decode_compile.py``) may install compiled dense segments;
+``forward`` then runs them, and ``forward_eager`` stays the reference.
 Sliding-window layers (Mistral, Qwen2 ``layer_types``) pass their window to
 paged attention.
 """
@@ -69,6 +71,13 @@ class DecoderLM(CausalLMBase):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        compiled = self.__dict__.get("compiled_decode")  # models/decode_compile.py, when installed
+        if compiled is not None:
+            return compiled.forward(input_ids, positions, ctx)
+        return self.forward_eager(input_ids, positions, ctx)
+
+    def forward_eager(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """The reference forward (the compiled one is tested against it)."""
         self.rope.ensure(max(ctx.attn.seq_lens))
         cos, sin = self.rope.lookup(positions, self.dtype)
         h = self.embed_tokens(input_ids)

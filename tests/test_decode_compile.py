@@ -1,0 +1,82 @@
+"""The compiled decode segments (models/decode_compile.py) against the eager forward, the reference.
+
+A tiny random Llama runs one sequence through real paged attention (shuffled block
+table): a 7-token prefill, then decode steps, each step fed the eager run's greedy
+token. With the compiled segments installed the logits of every step stay within
+``BOUND`` of the eager ones (relative to the step's largest logit: inductor only
+reassociates float sums inside fused loops) and the greedy tokens are the same.
+This runs twice: on oneDNN-packed float32 linears, and on Q4_1 weights taking
+torch's int4 CPU kernel (the packed default's path, with its bf16 casts).
+Decoders the compiled path does not cover (per-head q/k norm: Qwen3) are refused.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from model_harness import PagedRunner, build_and_save
+from transformers import LlamaConfig, Qwen3Config
+
+from tierserve.kernels.cpu_linear import pack_linears
+from tierserve.kernels.quant.base import QuantizedLinear, get_format
+from tierserve.kernels.quant.cpu_fast import cpu_fast_module
+from tierserve.models.decode_compile import CompiledDecoder, compile_decoder, supported
+from tierserve.models.loader import load_model
+
+BOUND = 1e-5
+PROMPT = [3, 17, 42, 99, 5, 250, 7]
+TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=256, max_position_embeddings=64)
+
+
+def _to_q4_1(model: torch.nn.Module) -> None:
+    """Every layer linear becomes a Q4_1 QuantizedLinear on its int4 CPU fast path."""
+    fmt = get_format("q4_1")
+    for parent in list(model.layers.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                fast = cpu_fast_module(QuantizedLinear(fmt, fmt.quantize(child.weight.detach()), child.bias))
+                assert fast is not None
+                setattr(parent, name, fast)
+
+
+def _run(model, tokens: list[int] | None, steps: int):
+    runner = PagedRunner(model, block_size=4, num_blocks=16, seed=1)
+    logits = [runner.step(PROMPT)[-1]]
+    chosen = []
+    for i in range(steps):
+        nxt = int(logits[-1].argmax()) if tokens is None else tokens[i]
+        chosen.append(nxt)
+        logits.append(runner.step([nxt])[0])
+    return logits, chosen
+
+
+@pytest.mark.parametrize("weights", ["onednn_fp32", "int4_q4_1"])
+def test_compiled_equals_eager(tmp_path, weights):
+    build_and_save(LlamaConfig(**TINY), tmp_path)
+    model = load_model(str(tmp_path)).model
+    if weights == "onednn_fp32":
+        assert pack_linears(model) > 0
+    else:
+        _to_q4_1(model)
+    assert supported(model)
+    eager, tokens = _run(model, None, steps=6)
+    compiled = compile_decoder(model)
+    assert compiled.compile_s > 0 and model.compiled_decode is compiled
+    got, chosen = _run(model, tokens, steps=6)
+    assert chosen == tokens
+    for a, b in zip(eager, got):
+        scale = a.abs().max().item()
+        assert (a - b).abs().max().item() <= BOUND * scale, (weights, (a - b).abs().max().item(), scale)
+        assert int(a.argmax()) == int(b.argmax())
+    del model.compiled_decode
+    again, _ = _run(model, tokens, steps=2)  # uninstalled: the eager forward, bit for bit
+    assert all(torch.equal(a, b) for a, b in zip(eager, again))
+
+
+def test_unsupported_decoder_refused(tmp_path):
+    build_and_save(Qwen3Config(**TINY, head_dim=16), tmp_path)
+    model = load_model(str(tmp_path)).model
+    assert not supported(model)
+    with pytest.raises(ValueError, match="compiled decode"):
+        CompiledDecoder(model)
