@@ -94,6 +94,8 @@ class ModelConfig:
     attention_backend: str = option("auto", "paged attention implementation (auto: triton kernels on CUDA, the "
                                             "torch reference on the CPU)", choices=attention_backends)
     enforce_eager: bool = option(False, "never capture CUDA graphs (decode steps run eagerly)")
+    compile_decode: bool = option(False, "CPU: compile the decoder's dense layers with torch.compile (Llama "
+                                         "family; compiles at load, ~1 min the first time, cached on disk)")
 
     def __post_init__(self) -> None:
         if self.quantization is not None:
