@@ -128,6 +128,10 @@ class LLMEngine:
                                                config.model.linear_backend, self._host_launcher, device=self.device)
             loaded.model.to(self.device)
         apply_linear_backend(loaded.model, config.model.linear_backend)
+        if config.model.compile_decode:  # after the backend: the compiled code calls the swapped linears
+            from tierserve.models.decode_compile import compile_for_engine
+
+            compile_for_engine(loaded.model, self.device)
         return loaded
 
     def _with_checkpoint_kv_format(self, config: EngineConfig) -> EngineConfig:
