@@ -7,6 +7,8 @@ Model: a random-weight Llama (4 layers, hidden 256, GQA 8/2, vocab 1024) with a 
   for the weights' and the activations' rounding), the error of a residual stream grows like the square root
   of the number of layers it passes, and a factor 4 covers the amplification by the norms and the softmax.
 - fp32 on CUDA (triton attention, CUDA graphs, the eager path) vs fp32 on the CPU: greedy tokens identical.
+- a Q4_0 / NVFP4 checkpoint of the same model (tierserve quantize) on CUDA: every packed linear is a triton
+  kernel module, bf16 logits within the same bound of the CPU fp32 path over the same packed weights.
 """
 
 from __future__ import annotations
@@ -92,3 +94,32 @@ def test_weights_and_pages_live_on_the_device(tiny_llama):
     assert {p.dtype for p in eng.model.parameters()} == {torch.bfloat16}
     assert eng.runner.kv_caches[0].k.is_cuda and eng.runner.block_tables.table.is_cuda
     assert not eng.runner.block_tables.host.is_cuda
+
+
+def _quantized_engine(folder, device, dtype) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=ModelConfig(model=folder, dtype=dtype, quantization="auto"), device=device,
+                                  cache=CacheConfig(num_blocks=64, block_size=16),
+                                  scheduler=SchedulerConfig(max_num_seqs=8)))
+
+
+@pytest.mark.parametrize("scheme", ["q4_0", "nvfp4"])
+def test_quantized_checkpoint_served_by_the_triton_kernels(tiny_llama, tmp_path, scheme):
+    """A quantized checkpoint on CUDA: every packed linear runs its triton kernel module (gpu_linear), and
+    the bf16 logits stay within the bf16 bound of the CPU fp32 path over the same packed weights."""
+    from tierserve.kernels.gpu_linear import TritonLinear
+    from tierserve.kernels.quant.base import QuantizedLinear
+    from tierserve.models.quantized_checkpoint import load_for_engine
+    from tierserve.tools.quantize import quantize_checkpoint
+
+    out = str(tmp_path / scheme)
+    quantize_checkpoint(tiny_llama, out, scheme, {})
+    packed = load_for_engine(out, torch.float32, "auto").model
+    n_packed = len({id(m) for m in packed.modules() if isinstance(m, QuantizedLinear)})
+    assert n_packed >= 4 * LAYERS  # at least qkv, o, gate_up, down of every layer
+    cpu = _prefill_logits(_quantized_engine(out, "cpu", "float32"), PROMPTS[0])
+    eng = _quantized_engine(out, "cuda", "bfloat16")
+    assert len({id(m) for m in eng.model.modules() if isinstance(m, TritonLinear)}) == n_packed
+    assert not any(isinstance(m, QuantizedLinear) for m in eng.model.modules())
+    gpu = _prefill_logits(eng, PROMPTS[0])
+    rel = float((gpu - cpu).norm() / cpu.norm())
+    assert rel <= 8 * 2 ** -8 * math.sqrt(LAYERS), rel
