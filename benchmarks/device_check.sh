@@ -44,7 +44,7 @@ parallel_tests() {  # the cuda-marked tests in five processes; exit code: how ma
   local limit=$1 bad=0 pids=() names=()
   local py="python3 -m pytest -q -rs -p no:cacheprovider -m cuda"
   run_bg() { local name=$1; shift; timeout "$limit" "$@" > "$out/cuda_tests_$name.txt" 2>&1 & pids+=($!); names+=("$name"); }
-  run_bg engine $py tests/test_engine_cuda.py tests/test_offload_cuda.py
+  run_bg engine $py tests/test_engine_cuda.py tests/test_offload_cuda.py tests/test_kv_tiers_cuda.py
   run_bg attn_bf16 $py tests/test_paged_attention_triton.py -k bfloat16
   run_bg attn_fp16 $py tests/test_paged_attention_triton.py -k "float16 and not bfloat16"
   run_bg attn_fp32 $py tests/test_paged_attention_triton.py -k float32

@@ -18,6 +18,14 @@ fewer), so a hit copies packed bytes back without dequantizing and the
 loaded pages equal, bit for bit, what computing the tokens again would
 write. ``scatter`` copies a block range of a payload (a chunk partly covered
 by the device prefix cache) into other blocks of the pages.
+
+GPU pages: ``gather`` assembles the chunk on the device and moves it in ONE
+device-to-host copy into a pinned buffer, issued on a side stream that waits
+for the compute stream (so it reads the step's finished pages) and waited
+for before returning (one synchronisation per chunk instead of one per layer
+and part). ``scatter`` copies synchronously: the payload is a tier's buffer
+that the caller releases right after, so no copy may still read it later.
+Byte-identical either way (tests/test_kv_tiers_cuda.py on CUDA).
 """
 
 from __future__ import annotations
@@ -38,13 +46,19 @@ class ChunkLayout:
         self.row_bytes = [p[0].numel() * p.element_size() for p in self.parts]
         self.block_bytes = sum(self.row_bytes)
         self.payload_bytes = chunk_blocks * self.block_bytes
+        self._side = None  # CUDA pages: the stream of gather's device-to-host copies
 
     def gather(self, blocks: Sequence[int]) -> torch.Tensor:
         """The payload of the chunk made of pages ``blocks`` (``chunk_blocks`` of them): uint8, on the CPU."""
         if len(blocks) != self.chunk_blocks:
             raise ValueError(f"a chunk has {self.chunk_blocks} blocks, got {len(blocks)}")
         idx = torch.tensor(list(blocks), dtype=torch.long, device=self.parts[0].device)
-        return torch.cat([p.index_select(0, idx).reshape(-1).view(torch.uint8).cpu() for p in self.parts])
+        rows = [p.index_select(0, idx).reshape(-1).view(torch.uint8) for p in self.parts]
+        if not idx.is_cuda:
+            return torch.cat(rows)
+        if self._side is None:
+            self._side = torch.cuda.Stream(idx.device)
+        return _to_pinned(torch.cat(rows), self._side)
 
     def scatter(self, payload: torch.Tensor, first: int, blocks: Sequence[int]) -> None:
         """Copy blocks ``[first, first + len(blocks))`` of a chunk ``payload`` (uint8) into pages ``blocks``."""
@@ -62,3 +76,13 @@ class ChunkLayout:
             seg = seg.to(device)
             p.index_copy_(0, idx, seg.view(p.dtype).view(n, *p.shape[1:]))
             offset += self.chunk_blocks * rb
+
+
+def _to_pinned(chunk: torch.Tensor, side) -> torch.Tensor:
+    """``chunk`` (uint8, CUDA) copied into a pinned host buffer on stream ``side``, waited for (module doc)."""
+    side.wait_stream(torch.cuda.current_stream(chunk.device))
+    host = torch.empty(chunk.numel(), dtype=torch.uint8, pin_memory=True)
+    with torch.cuda.stream(side):
+        host.copy_(chunk, non_blocking=True)
+    side.synchronize()
+    return host
