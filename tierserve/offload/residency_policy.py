@@ -27,9 +27,12 @@ recorded trace by benchmarks/residency_policy.py.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 from tierserve.errors import InvalidParameterError
-from tierserve.offload.routing_trace import RoutingTrace
+
+if TYPE_CHECKING:  # only its ``layers``/``num_experts`` are read: this module stays torch-free
+    from tierserve.offload.routing_trace import RoutingTrace
 
 POLICIES = ("static", "lru", "prefetch")
 
@@ -67,7 +70,7 @@ def layer_cold_hits(rows: list[list[int]], ranking: list[int], capacity: int, po
     return cold
 
 
-def cold_hit_rate(trace: RoutingTrace, capacity: int, policy: str, calib: range, evaluate: range) -> float:
+def cold_hit_rate(trace: "RoutingTrace", capacity: int, policy: str, calib: range, evaluate: range) -> float:
     if not 0 <= capacity <= trace.num_experts:
         raise InvalidParameterError("capacity", f"must be in [0, {trace.num_experts}], got {capacity}")
     cold = total = 0
