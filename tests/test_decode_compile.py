@@ -7,7 +7,8 @@ token. With the compiled segments installed the logits of every step stay within
 reassociates float sums inside fused loops) and the greedy tokens are the same.
 This runs twice: on oneDNN-packed float32 linears, and on Q4_1 weights taking
 torch's int4 CPU kernel (the packed default's path, with its bf16 casts).
-Decoders the compiled path does not cover (per-head q/k norm: Qwen3) are refused.
+Decoders the compiled path does not cover (per-head q/k norm: Qwen3) are refused. Through the engine,
+``compile_decode=True`` on the packed SmolLM2 GGUF gives the eager engine's greedy tokens.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from transformers import LlamaConfig, Qwen3Config
 from tierserve.kernels.cpu_linear import pack_linears
 from tierserve.kernels.quant.base import QuantizedLinear, get_format
 from tierserve.kernels.quant.cpu_fast import cpu_fast_module
-from tierserve.models.decode_compile import CompiledDecoder, compile_decoder, supported
+from tierserve import LLM, SamplingParams
+from tierserve.errors import InvalidParameterError
+from tierserve.models.decode_compile import CompiledDecoder, compile_decoder, compile_for_engine, supported
 from tierserve.models.loader import load_model
 
 BOUND = 1e-5
@@ -80,3 +83,18 @@ def test_unsupported_decoder_refused(tmp_path):
     assert not supported(model)
     with pytest.raises(ValueError, match="compiled decode"):
         CompiledDecoder(model)
+    with pytest.raises(InvalidParameterError, match="compile_decode.*Qwen3ForCausalLM"):
+        compile_for_engine(model, torch.device("cpu"))
+
+
+def test_engine_option_same_tokens(smollm_gguf):
+    """``compile_decode=True`` on the packed SmolLM2 GGUF (the CPU default): the greedy tokens of two prompts
+    of different lengths (prefill, then decode steps of two sequences) equal the eager engine's."""
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompts = ["The capital of France is", "Once upon a time, in a small village by the sea, there"]
+    outs = []
+    for compile_decode in (False, True):
+        llm = LLM(smollm_gguf, quantization="auto", compile_decode=compile_decode, num_blocks=64, max_num_seqs=4)
+        assert ("compiled_decode" in llm.engine.model.__dict__) == compile_decode
+        outs.append([o.token_ids for o in llm.generate(prompts, params)])
+    assert outs[0] == outs[1]

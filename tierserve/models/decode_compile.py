@@ -41,6 +41,7 @@ import time
 import torch
 from torch import nn
 
+from tierserve.errors import InvalidParameterError
 from tierserve.models.context import ForwardContext
 from tierserve.models.layers import GatedMLP, RMSNorm
 
@@ -144,3 +145,13 @@ def compile_decoder(model: nn.Module, warm_up: bool = True) -> CompiledDecoder:
         compiled.warm_up()
     model.compiled_decode = compiled
     return compiled
+
+
+def compile_for_engine(model: nn.Module, device: torch.device) -> CompiledDecoder:
+    """The engine's ``compile_decode`` option: compile (and warm up) a supported decoder on the CPU, or refuse."""
+    if device.type != "cpu":
+        raise InvalidParameterError("compile_decode", f"runs on the CPU only, the model is on {device.type}")
+    if not supported(model):
+        raise InvalidParameterError("compile_decode", f"supports Llama-family decoders without q/k norm or clipping "
+                                                      f"and with float32 norms, not {type(model).__name__}")
+    return compile_decoder(model)
