@@ -2,8 +2,11 @@
 
 The workload itself is in benchmarks/serve_workload.py. One process starts a local Ray (dashboard off, 150 MB object store, as
 tests/ray_fixtures.py does) and Serve on a free port, then runs the tierserve
-app (``tierserve.server.app:build_app``) with ``--replicas`` LLMServer
-replicas of the default SmolLM2-135M model, once per router:
+app (``tierserve.server.app:build_app``) with LLMServer replicas of the
+default SmolLM2-135M model, once per router at every point of a sweep over
+``--replicas`` (default 2,3,4), ``--share`` (conversations per system prompt:
+1, 2, 4), ``--seeds`` (0,1,2: questions, think times, start order) and
+``--num-blocks`` (default 640):
 
 * ``prefix``: ``PrefixAwareRequestRouter`` (longest cached prefix, bounded by load);
 * ``pow2``: Ray Serve's default ``PowerOfTwoChoicesRequestRouter``.
@@ -11,9 +14,9 @@ replicas of the default SmolLM2-135M model, once per router:
 Each run deploys a fresh app (new replicas, empty caches, new prefix-tree and
 metrics actors) and tears it down afterwards. Both runs send the same workload:
 
-* ``--conversations`` conversations (default 16) over ``--system-prompts``
-  long system prompts (default: one per conversation; fewer makes users of
-  one assistant share its prompt: conversation i uses prompt ``i mod n``). A
+* ``--conversations`` conversations (default 16) over ``conversations /
+  share`` long system prompts (share 1: one per conversation; more makes users
+  of one assistant share its prompt: conversation i uses prompt ``i mod n``). A
   prompt is an instruction plus a passage of a Jane Austen novel
   (``tierserve.data.austen``; novel ``j mod 6``), ``--passage-chars``
   characters (~700-900 SmolLM2 tokens, ~55 blocks). Each conversation asks
@@ -47,12 +50,13 @@ against the deltas of ``tierserve:prefix_cache_hits_total`` /
 ``tierserve:prefix_cache_queries_total`` on /metrics; TTFT p50/p95 (nearest
 rank); throughput = completion tokens / wall time and requests / wall time of
 the measured phase. Ratios: hit rate prefix/pow2, p50 and p95 TTFT pow2/prefix,
-throughput prefix/pow2. Targets (the issue): hit-rate ratio >= 2, p50 TTFT
-ratio >= 1.5.
+throughput prefix/pow2, and their means over the seeds per setting with the
+targets of the issue (benchmarks/serve_report.py): p95 TTFT within 10% of
+power-of-two's, p50 TTFT >= 2x better, hit rate >= 1.4x.
 
-KV cache size: a sweep. ``--num-blocks`` is a comma list of per-replica
-cache sizes (blocks of 16 tokens; default 448,640,2048); each size runs both
-routers on fresh replicas. The working set is ~16 x 65 = ~1040 blocks
+KV cache size: ``--num-blocks`` is a comma list of per-replica cache sizes
+(blocks of 16 tokens; default 640); each size runs both routers on fresh
+replicas. The regimes below were measured with two replicas over 448,640,2048. The working set is ~16 x 65 = ~1040 blocks
 (prompts plus histories). The prefix router keeps each conversation on one
 replica, which then needs about half of it; power-of-two sends every
 conversation to both. 448 blocks hold a little less than one half (heavy
@@ -82,17 +86,18 @@ So a hit-rate ratio of 2 with two replicas needs a cache that holds about
 the prefix router's share of the working set and not much more (more
 replicas raise the ceiling: ~N). Time to first token separates the routers
 far more at every size, since a miss prefills ~1000 tokens. Shared prompts
-(``--system-prompts`` < conversations) let power-of-two hit a prompt that
+(``--share`` > 1) let power-of-two hit a prompt that
 any earlier conversation left on the replica it picks, which lowers the
 ratio further. Power-of-two's choices are not seedable from here, so its
 numbers vary from run to run (hit rate +-0.07 between runs at one size).
 The table also lists requests per replica (from the metrics board): the
 prefix router must not buy its hits with imbalance.
 
-Prints a table and writes benchmarks/results/serve.json.
+Prints the tables after every point, with the memory copy bandwidth and the load
+average, and writes benchmarks/results/serve.json.
 
-Usage: python benchmarks/serve.py [--conversations 16] [--system-prompts 16] [--turns 4] [--concurrency 4]
-       [--think-s 2] [--num-blocks 640,768,2048]
+Usage: python benchmarks/serve.py [--conversations 16] [--share 1,2,4] [--replicas 2,3,4] [--seeds 0,1,2]
+       [--turns 4] [--concurrency 4] [--think-s 2] [--num-blocks 640] [--routers prefix,pow2]
 """
 
 from __future__ import annotations
@@ -100,7 +105,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import random
 import re
@@ -112,6 +116,7 @@ from dataclasses import asdict, dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from serve_report import percentile, print_tables, ratios, summarize  # noqa: E402,F401  (percentile: re-exported)
 from serve_workload import QUESTIONS, Conversation, build_workload  # noqa: E402
 
 @dataclass
@@ -219,8 +224,8 @@ def start_serve() -> int:
     return port
 
 
-def app_args(router: str, num_blocks: int, args) -> dict:
-    return dict(router=router, replicas=args.replicas, max_num_seqs=args.concurrency, max_waiting_requests=16,
+def app_args(router: str, num_blocks: int, replicas: int, args) -> dict:
+    return dict(router=router, replicas=replicas, max_num_seqs=args.concurrency, max_waiting_requests=16,
                 num_blocks=num_blocks, num_threads=1, worker_cpus=0.5, max_model_len=2048,
                 metrics_interval_s=METRICS_INTERVAL_S)
 
@@ -258,95 +263,53 @@ async def drive(router: str, base_url: str, app: str, workload: list[Conversatio
     return RunResult(router, wall, records, q1 - q0, h1 - h0, per_replica)
 
 
-def run_router(router: str, num_blocks: int, port: int, workload: list[Conversation], args) -> RunResult:
+def run_router(router: str, num_blocks: int, replicas: int, port: int, workload: list[Conversation],
+               args) -> RunResult:
     """Deploy a fresh app with ``router``, drive the workload through it, tear it down."""
     from ray import serve
 
     from tierserve.server.app import build_app, delete_app
 
     app = f"bench-{router}"
-    serve.run(build_app(app_args(router, num_blocks, args)), name=app, route_prefix=f"/{app}")
+    serve.run(build_app(app_args(router, num_blocks, replicas, args)), name=app, route_prefix=f"/{app}")
     try:
         return asyncio.run(drive(router, f"http://127.0.0.1:{port}/{app}", app, workload, args))
     finally:
         delete_app(app)
 
 
-# ------------------------------------------------------------------ report
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100)."""
-    s = sorted(values)
-    return s[max(0, math.ceil(q / 100 * len(s)) - 1)]
-
-
-def summarize(r: RunResult, num_blocks: int) -> dict:
-    recs = r.records
-    prompt = sum(x.prompt_tokens for x in recs)
-    cached = sum(x.cached_tokens for x in recs)
-    ttft = [x.ttft_s for x in recs]
-    return {
-        "router": r.router, "num_blocks": num_blocks, "requests": len(recs), "wall_s": r.wall_s,
-        "prompt_tokens": prompt, "cached_tokens": cached, "hit_rate": cached / prompt if prompt else 0.0,
-        "metrics_hit_rate": r.metrics_hits / r.metrics_queries if r.metrics_queries else 0.0,
-        "ttft_p50_s": percentile(ttft, 50), "ttft_p95_s": percentile(ttft, 95),
-        "e2e_p50_s": percentile([x.e2e_s for x in recs], 50),
-        "output_tok_s": sum(x.completion_tokens for x in recs) / r.wall_s,
-        "req_s": len(recs) / r.wall_s,
-        "requests_per_replica": r.requests_per_replica,
-    }
-
-
-def ratios(p: dict, b: dict) -> dict:
-    div = lambda a, c: a / c if c else float("inf")  # noqa: E731
-    return {"hit_rate_prefix_over_pow2": div(p["hit_rate"], b["hit_rate"]),
-            "ttft_p50_pow2_over_prefix": div(b["ttft_p50_s"], p["ttft_p50_s"]),
-            "ttft_p95_pow2_over_prefix": div(b["ttft_p95_s"], p["ttft_p95_s"]),
-            "output_tok_s_prefix_over_pow2": div(p["output_tok_s"], b["output_tok_s"])}
-
-
-def print_table(rows: list[dict], rat: dict) -> None:
-    cols = [("num_blocks", "{}"), ("router", "{}"), ("requests", "{}"), ("hit_rate", "{:.3f}"), ("metrics_hit_rate", "{:.3f}"),
-            ("ttft_p50_s", "{:.3f}"), ("ttft_p95_s", "{:.3f}"), ("e2e_p50_s", "{:.3f}"),
-            ("output_tok_s", "{:.2f}"), ("req_s", "{:.3f}"), ("wall_s", "{:.1f}"),
-            ("requests_per_replica", "{}")]
-    print(" | ".join(f"{c:>16}" for c, _ in cols))
-    for row in rows:
-        print(" | ".join(f"{fmt.format(row[c]):>16}" for c, fmt in cols))
-    for nb, r in rat.items():
-        print(f"{nb} blocks/replica: " + ", ".join(f"{k} {v:.2f}x" for k, v in r.items()))
-        print(f"  targets: hit-rate ratio >= 2.0 ({'met' if r['hit_rate_prefix_over_pow2'] >= 2 else 'MISSED'}), "
-              f"p50 TTFT ratio >= 1.5 ({'met' if r['ttft_p50_pow2_over_prefix'] >= 1.5 else 'MISSED'})")
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in str(text).split(",")]
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--conversations", type=int, default=16)
-    ap.add_argument("--system-prompts", type=int, default=None, help="distinct system prompts (default: one each)")
+    ap.add_argument("--share", default="1,2,4", help="comma list: conversations per system prompt")
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--think-s", type=float, default=2.0, help="mean user think time between turns (0: none)")
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--passage-chars", type=int, default=3600)
-    ap.add_argument("--replicas", type=int, default=2)
-    ap.add_argument("--num-blocks", default="448,640,2048",
-                    help="comma list: per-replica KV blocks; each value runs every router")
+    ap.add_argument("--replicas", default="2,3,4", help="comma list: LLMServer replicas")
+    ap.add_argument("--num-blocks", default="640", help="comma list: per-replica KV blocks")
     ap.add_argument("--warmup", type=int, default=4)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0,1,2", help="comma list: workload seeds (questions, think times, order)")
     ap.add_argument("--routers", default="prefix,pow2")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                   "serve.json"))
     args = ap.parse_args(argv)
     if args.turns > len(QUESTIONS):
         ap.error(f"--turns must be <= {len(QUESTIONS)}, got {args.turns}")
-    if args.system_prompts is None:
-        args.system_prompts = args.conversations
-    if not 1 <= args.system_prompts <= args.conversations:
-        ap.error(f"--system-prompts must be in 1..--conversations ({args.conversations}), got {args.system_prompts}")
-    args.num_blocks = [int(x) for x in str(args.num_blocks).split(",")]
+    args.share, args.replicas, args.seeds = _ints(args.share), _ints(args.replicas), _ints(args.seeds)
+    args.num_blocks = _ints(args.num_blocks)
+    for share in args.share:
+        if share < 1 or args.conversations % share:
+            ap.error(f"--share values must divide --conversations ({args.conversations}), got {share}")
     return args
 
 
-def write_results(args, rows: list[dict], rat: dict, results: dict[str, RunResult]) -> None:
+def write_results(args, rows: list[dict], rat: list[dict], results: dict[str, RunResult]) -> None:
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"config": vars(args), "summary": rows, "ratios": rat,
@@ -354,23 +317,30 @@ def write_results(args, rows: list[dict], rat: dict, results: dict[str, RunResul
 
 
 def main(argv=None) -> None:
+    from decode import memcopy_bandwidth  # benchmarks/decode.py
+
     args = parse_args(argv)
-    workload = build_workload(args.conversations, args.system_prompts, args.turns, args.passage_chars,
-                              args.think_s, args.seed)
     port = start_serve()
-    results, rows, rat = {}, [], {}
-    for nb in args.num_blocks:
+    results, rows, rat = {}, [], []
+    points = [(n, sh, seed, nb) for n in args.replicas for sh in args.share for seed in args.seeds
+              for nb in args.num_blocks]
+    for replicas, share, seed, nb in points:
+        workload = build_workload(args.conversations, args.conversations // share, args.turns, args.passage_chars,
+                                  args.think_s, seed)
+        point = {"replicas": replicas, "share": share, "seed": seed, "num_blocks": nb}
         by_router = {}
         for router in args.routers.split(","):
             t = time.perf_counter()
-            res = run_router(router, nb, port, workload, args)
-            results[f"{router}@{nb}"] = res
-            by_router[router] = summarize(res, nb)
-            print(f"[{router} @ {nb} blocks] done in {time.perf_counter() - t:.1f}s", flush=True)
+            args.seed = seed  # the conversations' start order (measure)
+            res = run_router(router, nb, replicas, port, workload, args)
+            results[f"{router}@r{replicas}s{share}seed{seed}b{nb}"] = res
+            by_router[router] = summarize(res, point)
+            print(f"[{router} @ {point}] done in {time.perf_counter() - t:.1f}s", flush=True)
         rows.extend(by_router.values())
         if {"prefix", "pow2"} <= set(by_router):
-            rat[nb] = ratios(by_router["prefix"], by_router["pow2"])
-        print_table(rows, rat)  # after every point: a sweep that dies later keeps what it measured
+            rat.append(ratios(by_router["prefix"], by_router["pow2"]))
+        # after every point: a sweep that dies later keeps what it measured
+        print_tables(rows, rat, f"memcopy {memcopy_bandwidth():.1f} GB/s, load average {os.getloadavg()[0]:.2f}")
         write_results(args, rows, rat, results)
     print(f"wrote {args.out}")
 
