@@ -15,6 +15,7 @@
 #   offload     (13 (a)): GPU worker + 2 expert-host processes, trace routing, residency 100/50/25/10 %,
 #               batch 1 and 8, % of all-resident and the hardware bound.
 #   kv_tiers    (13 (b)): TTFT of a 4k-token shared prefix: recompute, GPU-page hit, DRAM (copy path here).
+#   residency   (13 item 3): static / LRU / prefetch cold-hit rates on the routing trace (pure Python, ~3 s).
 #   attention   (extra, last): paged decode attention torch vs triton vs kv4 (20 s before).
 set -u
 out="${1:?usage: benchmarks/device_check.sh OUT_DIR [BUDGET_S]}"
@@ -68,6 +69,7 @@ section kernels 50 python3 benchmarks/kernels_gpu.py --out "$out"
 section offload 80 python3 benchmarks/offload_gpu.py --out "$out" --layers 2 --residency 100,50,25,10 \
   --batches 1,8 --prompt-len 16 --new-tokens 8 --host-threads 6
 section kv_tiers 35 python3 benchmarks/kv_tiers_gpu.py --out "$out" --prefix 4096 --repeats 3
+section residency 20 python3 benchmarks/residency_policy.py --out "$out"
 section attention 30 python3 benchmarks/attention.py --out "$out" --reps 10
 echo "=== device check done in $(( $(date +%s) - start )) s: $failed failed or skipped section(s)"
 exit "$failed"
