@@ -63,13 +63,13 @@ limit=$(limit_for 170)
 echo "=== cuda_tests ($(date +%T), up to ${limit} s)"
 parallel_tests "$limit" 2>&1 | tee "$out/cuda_tests.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "=== cuda_tests FAILED"; failed=$((failed + 1)); }
+section residency 20 python3 benchmarks/residency_policy.py --out "$out"
 section decode 120 python3 benchmarks/decode_gpu.py --out "$out" --batches 1,8,32,128 --prompt-len 64 \
   --new-tokens 32 --moe-layers 2
 section kernels 50 python3 benchmarks/kernels_gpu.py --out "$out"
 section offload 80 python3 benchmarks/offload_gpu.py --out "$out" --layers 2 --residency 100,50,25,10 \
   --batches 1,8 --prompt-len 16 --new-tokens 8 --host-threads 6
 section kv_tiers 35 python3 benchmarks/kv_tiers_gpu.py --out "$out" --prefix 4096 --repeats 3
-section residency 20 python3 benchmarks/residency_policy.py --out "$out"
 section attention 30 python3 benchmarks/attention.py --out "$out" --reps 10
 echo "=== device check done in $(( $(date +%s) - start )) s: $failed failed or skipped section(s)"
 exit "$failed"
