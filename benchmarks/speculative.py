@@ -53,39 +53,73 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tierserve import LLM, SamplingParams
 from tierserve.data.austen import austen_texts
 from tierserve.models.default_model import ensure_default_model
+from tierserve.tools.calibration import HELDOUT_NOVELS
 
 from decode import memcopy_bandwidth  # noqa: E402  (benchmarks/decode.py)
 
 
-def tasks() -> dict[str, tuple[str, SamplingParams]]:
+def held_out_passages(n: int) -> list[str]:
+    """``n`` 600-character passages of the held-out novels (never in train-draft's data), evenly spaced."""
+    texts = austen_texts()
+    out = []
+    for i in range(n):
+        text = texts[HELDOUT_NOVELS[i % 2]]
+        start = 100000 + 37000 * (i // 2)
+        out.append(" ".join(text[start:start + 600].split()[1:]))
+    return out
+
+
+def tasks(batch: int) -> dict[str, tuple[list[str], SamplingParams]]:
     texts = austen_texts()
     passage = " ".join(texts["Persuasion"][20000:21000].split())
     passage = passage[passage.index(". ") + 2:]
     quote = (f"Passage:\n{passage}\n\nRepeat the passage above word for word.\n\nPassage:\n"
              f"{' '.join(passage.split()[:6])}")
-    cont = " ".join(texts["Emma"][300000:300600].split()[1:])
+    cont = held_out_passages(batch)
     greedy = SamplingParams(temperature=0.0, ignore_eos=True)
     sampled = SamplingParams(temperature=1.5, seed=7, ignore_eos=True)
-    return {"quote": (quote, greedy), "continuation": (cont, greedy), "sampled": (cont, sampled)}
+    if batch > 1:
+        return {"continuation": (cont, greedy)}
+    return {"quote": ([quote], greedy), "continuation": (cont, greedy), "sampled": (cont, sampled)}
 
 
-def timed(llm, prompt: str, params: SamplingParams, new_tokens: int) -> tuple[float, list[int]]:
-    """tokens/s of one generation and its tokens."""
+def timed(llm, prompts: list[str], params: SamplingParams, new_tokens: int) -> tuple[float, list[list[int]]]:
+    """tokens/s of one batched generation (all new tokens over its wall time) and its tokens."""
     params = dataclasses.replace(params, max_tokens=new_tokens)
     t = time.perf_counter()
-    (out,) = llm.generate(prompt, params)
-    return new_tokens / (time.perf_counter() - t), out.token_ids
+    outs = llm.generate(prompts, params)
+    return new_tokens * len(prompts) / (time.perf_counter() - t), [o.token_ids for o in outs]
 
 
-def run_modes(llms: list, prompt: str, params: SamplingParams, new_tokens: int, repeats: int):
-    """Best tokens/s of each engine over ``repeats`` interleaved runs (a shared machine's load hits all alike),
-    and each one's tokens from its last run."""
-    best, tokens = [0.0] * len(llms), [None] * len(llms)
+def spec_row(before, after, runs: int) -> dict:
+    """Per-generation speculation figures from two ``SpecDecodeStats`` snapshots."""
+    drafts = after.num_drafts - before.num_drafts
+    accepted = after.num_accepted_tokens - before.num_accepted_tokens
+    proposed = after.num_draft_tokens - before.num_draft_tokens
+    per_pos = [a - (before.accepted_per_position[i] if i < len(before.accepted_per_position) else 0)
+               for i, a in enumerate(after.accepted_per_position)]
+    return {"verifications": drafts / runs, "mean_accepted_length": 1 + accepted / drafts if drafts else 0.0,
+            "acceptance_rate": accepted / proposed if proposed else 0.0,
+            "accepted_per_position": [p / drafts for p in per_pos] if drafts else []}
+
+
+def run_task(llms: dict, prompts: list[str], params: SamplingParams, new_tokens: int, repeats: int) -> list[dict]:
+    """Best tokens/s of each engine over ``repeats`` interleaved runs (a shared machine's load hits all alike)."""
+    for llm in llms.values():  # warm-up
+        llm.generate(prompts, dataclasses.replace(params, max_tokens=4))
+    before = {m: llm.engine.spec_decode_stats() for m, llm in llms.items()}
+    best, tokens = dict.fromkeys(llms, 0.0), {}
     for _ in range(repeats):
-        for i, llm in enumerate(llms):
-            tps, tokens[i] = timed(llm, prompt, params, new_tokens)
-            best[i] = max(best[i], tps)
-    return best, tokens
+        for mode, llm in llms.items():
+            tps, tokens[mode] = timed(llm, prompts, params, new_tokens)
+            best[mode] = max(best[mode], tps)
+    rows = []
+    for mode, llm in llms.items():
+        row = {"mode": mode, "tok_s": best[mode], "speedup": best[mode] / best["plain"],
+               "identical": tokens[mode] == tokens["plain"] if params.temperature == 0 else None}
+        row.update(spec_row(before[mode], llm.engine.spec_decode_stats(), repeats))
+        rows.append(row)
+    return rows
 
 
 def main() -> None:
@@ -94,48 +128,36 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--heads", default=None, help="gumiho heads folder (tierserve train-draft --out); no gumiho "
+                                                  "rows without it")
+    ap.add_argument("--batches", default="1,8", help="batch sizes, comma-separated")
     args = ap.parse_args()
     folder = ensure_default_model()
-    common = {"num_blocks": 256, "max_num_seqs": 4, "num_threads": args.threads}
-    plain = LLM(folder, **common)
-    spec = LLM(folder, speculative="ngram", num_speculative_tokens=args.k, **common)
-    backoff = LLM(folder, speculative="ngram", num_speculative_tokens=args.k, draft_backoff=True, **common)
+    common = {"num_blocks": 512, "max_num_seqs": 8, "num_threads": args.threads}
+    k = {"num_speculative_tokens": args.k}
+    llms = {"plain": LLM(folder, **common), "ngram": LLM(folder, speculative="ngram", **k, **common),
+            "backoff": LLM(folder, speculative="ngram", draft_backoff=True, **k, **common)}
+    if args.heads:
+        llms["gumiho"] = LLM(folder, speculative="gumiho", speculative_model=args.heads, **k, **common)
     bandwidth = memcopy_bandwidth()
     rows = []
-    for name, (prompt, params) in tasks().items():
-        for llm in (plain, spec, backoff):  # warm-up
-            llm.generate(prompt, dataclasses.replace(params, max_tokens=4))
-        before = spec.engine.spec_decode_stats()
-        (tps_plain, tps_spec, tps_backoff), (ref, got, _) = run_modes([plain, spec, backoff], prompt, params,
-                                                                    args.new_tokens, args.repeats)
-        after = spec.engine.spec_decode_stats()
-        drafts = (after.num_drafts - before.num_drafts) / args.repeats  # per generation
-        accepted = (after.num_accepted_tokens - before.num_accepted_tokens) / args.repeats
-        proposed = (after.num_draft_tokens - before.num_draft_tokens) / args.repeats
-        per_pos = [(a - (before.accepted_per_position[i] if i < len(before.accepted_per_position) else 0))
-                   / args.repeats for i, a in enumerate(after.accepted_per_position)]
-        rows.append({"task": name, "prompt_tokens": len(spec.tokenizer.encode(prompt)),
-                     "temperature": params.temperature, "new_tokens": args.new_tokens,
-                     "plain_tok_s": tps_plain, "ngram_tok_s": tps_spec, "speedup": tps_spec / tps_plain,
-                     "backoff_tok_s": tps_backoff, "backoff_speedup": tps_backoff / tps_plain,
-                     "identical": got == ref if params.temperature == 0 else None, "verifications": drafts,
-                     "draft_tokens": proposed, "accepted": accepted,
-                     "mean_accepted_length": 1 + accepted / drafts if drafts else 0.0,
-                     "acceptance_rate": accepted / proposed if proposed else 0.0,
-                     "accepted_per_position": [p / drafts for p in per_pos] if drafts else []})
-    print(f"copy bandwidth {bandwidth:.1f} GB/s; k = {args.k}, {args.new_tokens} new tokens, best of {args.repeats}")
-    print(f"{'task':13s} {'plain tok/s':>11s} {'ngram tok/s':>11s} {'speedup':>7s} {'backoff':>10s} "
-          f"{'speedup':>7s} {'verif':>5s} {'mean acc len':>12s} {'acc rate':>8s}  identical  per-position")
+    for batch in (int(b) for b in args.batches.split(",")):
+        for name, (prompts, params) in tasks(batch).items():
+            for r in run_task(llms, prompts, params, args.new_tokens, args.repeats):
+                rows.append({"task": name, "batch": batch, "temperature": params.temperature, **r})
+    print(f"copy bandwidth {bandwidth:.1f} GB/s; k = {args.k}, {args.new_tokens} new tokens per request, "
+          f"best of {args.repeats}; load average {os.getloadavg()[0]:.1f}")
+    print(f"{'task':13s} {'batch':>5s} {'mode':8s} {'tok/s':>8s} {'speedup':>7s} {'verif':>6s} {'mean acc len':>12s} "
+          f"{'acc rate':>8s}  identical  acceptance per position")
     for r in rows:
         ident = "-" if r["identical"] is None else str(r["identical"])
-        print(f"{r['task']:13s} {r['plain_tok_s']:11.2f} {r['ngram_tok_s']:11.2f} {r['speedup']:7.2f} "
-              f"{r['backoff_tok_s']:10.2f} {r['backoff_speedup']:7.2f} {r['verifications']:5.1f} "
-              f"{r['mean_accepted_length']:12.2f} {r['acceptance_rate']:8.2f}  {ident:9s}  "
+        print(f"{r['task']:13s} {r['batch']:5d} {r['mode']:8s} {r['tok_s']:8.2f} {r['speedup']:7.2f} "
+              f"{r['verifications']:6.1f} {r['mean_accepted_length']:12.2f} {r['acceptance_rate']:8.2f}  {ident:9s}  "
               + " ".join(f"{p:.2f}" for p in r["accepted_per_position"]))
     out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "speculative.json"), "w") as f:
-        json.dump({"k": args.k, "copy_bandwidth_gb_s": bandwidth, "runs": rows}, f, indent=2)
+        json.dump({"k": args.k, "copy_bandwidth_gb_s": bandwidth, "heads": args.heads, "runs": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

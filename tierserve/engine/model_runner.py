@@ -106,7 +106,8 @@ class ModelRunner:
         if not out.scheduled:
             return RunnerOutput([], None)
         step = self._flatten(out, requests)
-        if self.graphs is not None and not self.keep_hidden and step.decode_only and self.graphs.fits(len(step.seq_lens)):
+        graphs = self.graphs is not None and not self.keep_hidden
+        if graphs and step.decode_only and self.graphs.fits(len(step.seq_lens)):
             logits = self.graphs.run(step, self.block_tables.table)
             return RunnerOutput(step.sample_ids, logits)
         return self._run_eager(step)
