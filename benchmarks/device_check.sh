@@ -9,13 +9,13 @@
 #   cuda_tests  (issue 12 (a), issue 13 items 1/6): five pytest processes at once (triton compiles on the
 #               CPU cores, the compiled attention grid is split by dtype): engine + offload, attention x3,
 #               quantized linears. Measured earlier: engine 26 s, attention grid ~150 s in one process.
+#   residency   (13 item 3): static / LRU / prefetch cold-hit rates on the routing trace (pure Python, ~3 s).
 #   decode      (12 (b) + (d)): Llama-3.2-1B and Qwen3-30B-A3B (2 layers) bf16 tok/s at batch 1/8/32/128 vs
 #               transformers generate, HBM roofline, CUDA graphs vs eager at batch 1.
 #   kernels     (12 (c)): each weight format at M = 1/16/128 on the 1B shapes vs bf16 F.linear (46 s before).
 #   offload     (13 (a)): GPU worker + 2 expert-host processes, trace routing, residency 100/50/25/10 %,
 #               batch 1 and 8, % of all-resident and the hardware bound.
 #   kv_tiers    (13 (b)): TTFT of a 4k-token shared prefix: recompute, GPU-page hit, DRAM (copy path here).
-#   residency   (13 item 3): static / LRU / prefetch cold-hit rates on the routing trace (pure Python, ~3 s).
 #   attention   (extra, last): paged decode attention torch vs triton vs kv4 (20 s before).
 set -u
 out="${1:?usage: benchmarks/device_check.sh OUT_DIR [BUDGET_S]}"
