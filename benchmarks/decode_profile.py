@@ -12,11 +12,14 @@ steps run under ``torch.profiler`` (CPU activities). Printed per form:
   Python, module dispatch and engine bookkeeping (scheduler, sampler, detokenizer);
 - time per decoder layer: wall time between a forward pre-hook and forward hook of
   each layer (median over steps), and the same for the LM head and the final norm.
+  The compiled forms (``packed+compile``, ``fp32+compile``: models/decode_compile.py)
+  do not call the layer modules, so only the LM head is timed there; their op table
+  lists inductor's generated loops (``graph_N_cpp_fused_*``) as kernels.
 
 The memory-copy bandwidth measured in the same run is printed beside the tables.
 Writes benchmarks/results/decode_profile.json.
 
-Usage: python benchmarks/decode_profile.py [--steps 32] [--threads 2] [--forms fp32,packed]
+Usage: python benchmarks/decode_profile.py [--steps 32] [--threads 2] [--forms fp32,packed,packed+compile,fp32+compile]
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import time
 from collections import defaultdict
 
 import torch
+import torch._inductor.config
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -127,8 +131,8 @@ def profile_form(llm: LLM, steps: int) -> dict:
         engine.step()
     ops = defaultdict(lambda: [0.0, 0])
     for ev in prof.key_averages():
-        if "::" not in ev.key:  # user ranges (record_function) hold Python time, not kernels
-            continue
+        if "::" not in ev.key and "cpp_fused" not in ev.key:  # user ranges hold Python time, not kernels;
+            continue  # inductor's generated loops (compiled forms) are kernels: "graph_N_cpp_fused_..."
         ops[ev.key][0] += ev.self_cpu_time_total / 1e6 / steps
         ops[ev.key][1] += ev.count / steps
     kernel = sum(v[0] for v in ops.values())
@@ -164,6 +168,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch._inductor.config.cpp.enable_kernel_profile = True  # compiled forms: name each generated loop
     bw = memcopy_bandwidth()
     print(f"SmolLM2-135M batch-1 decode profile, {torch.get_num_threads()} threads, {args.steps} steps;"
           f" memcopy {bw:.1f} GB/s")
@@ -173,6 +178,10 @@ def main() -> None:
             llm = LLM(ensure_default_model(), num_blocks=256, max_num_seqs=8)
         elif form == "packed":
             llm = LLM(default_gguf_path(), quantization="auto", num_blocks=256, max_num_seqs=8)
+        elif form == "packed+compile":
+            llm = LLM(default_gguf_path(), quantization="auto", compile_decode=True, num_blocks=256, max_num_seqs=8)
+        elif form == "fp32+compile":
+            llm = LLM(ensure_default_model(), compile_decode=True, num_blocks=256, max_num_seqs=8)
         else:
             raise SystemExit(f"unknown form {form!r}")
         r = profile_form(llm, args.steps)

@@ -1,0 +1,145 @@
+"""Batch-1 decode tokens/s of the embedded SmolLM2-135M: eager vs compiled, packed vs fp32, and llama.cpp.
+
+Forms (each loaded once, then measured in alternation, A/B/A/B, since the
+machine may be shared): ``packed`` (the GGUF kept packed, Q4_1 on torch's int4
+kernel: the CPU default), ``packed+compile`` (the same with ``compile_decode``,
+models/decode_compile.py), ``fp32`` (the fp32 conversion, oneDNN-packed
+linears), ``fp32+compile``, and ``llama.cpp`` (llama_cpp on the same GGUF)
+when ``llama_cpp`` is importable. Each run generates ``--new-tokens`` greedy
+tokens (eos ignored) from a fixed 32-token prompt; the table prints the median
+tokens/s of ``--rounds`` runs per form and thread count, its ratio to
+llama.cpp (or to the eager packed form without it), the compile seconds of the
+compiled forms at load, the load average and the memory-copy bandwidth.
+Writes benchmarks/results/decode_ab.json.
+
+Usage: python benchmarks/decode_ab.py [--threads 2,1] [--rounds 5] [--forms packed,packed+compile,fp32,fp32+compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tierserve import LLM, SamplingParams  # noqa: E402
+from tierserve.models.default_model import default_gguf_path, ensure_default_model  # noqa: E402
+
+from decode import TEXT, memcopy_bandwidth  # noqa: E402  (benchmarks/decode.py)
+
+PROMPT_LEN = 32
+
+
+class TierserveForm:
+    def __init__(self, form: str):
+        compiled = form.endswith("+compile")
+        t = time.perf_counter()
+        if form.startswith("packed"):
+            self.llm = LLM(default_gguf_path(), quantization="auto", compile_decode=compiled, num_blocks=64,
+                           max_num_seqs=4)
+        else:
+            self.llm = LLM(ensure_default_model(), compile_decode=compiled, num_blocks=64, max_num_seqs=4)
+        self.load_s = time.perf_counter() - t
+        dec = self.llm.engine.model.__dict__.get("compiled_decode")
+        self.compile_s = dec.compile_s if dec is not None else None
+        self.prompt = self.llm.tokenizer.encode(TEXT)[:PROMPT_LEN]
+        self.run(4)  # warm-up
+
+    def run(self, new_tokens: int) -> float:
+        params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+        t = time.perf_counter()
+        out = self.llm.generate([self.prompt], params)[0]
+        dt = time.perf_counter() - t
+        assert len(out.token_ids) == new_tokens
+        return new_tokens / dt
+
+
+class LlamaCppForm:
+    load_s = compile_s = None
+
+    def __init__(self):
+        from llama_cpp import Llama
+
+        self.Llama = Llama
+        self.models: dict[int, object] = {}
+        self.prompt = None
+
+    def _model(self):
+        n = torch.get_num_threads()
+        if n not in self.models:
+            self.models[n] = self.Llama(model_path=default_gguf_path(), n_ctx=512, n_threads=n, n_batch=64,
+                                        verbose=False)
+            if self.prompt is None:
+                self.prompt = self.models[n].tokenize(TEXT.encode(), add_bos=False)[:PROMPT_LEN]
+        return self.models[n]
+
+    def run(self, new_tokens: int) -> float:
+        llm = self._model()
+        llm.reset()
+        t = time.perf_counter()
+        n = 0
+        for tok in llm.generate(self.prompt, temp=0.0, reset=True):
+            n += 1
+            if n == new_tokens:
+                break
+        return n / (time.perf_counter() - t)
+
+
+def llama_cpp_available() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", default="2,1")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--forms", default="packed,packed+compile,fp32,fp32+compile")
+    args = ap.parse_args()
+    forms = {name: TierserveForm(name) for name in args.forms.split(",")}
+    if llama_cpp_available():
+        forms["llama.cpp"] = LlamaCppForm()
+    base = "llama.cpp" if "llama.cpp" in forms else next(iter(forms))
+    result: dict = {"new_tokens": args.new_tokens, "rounds": args.rounds, "runs": {}, "load": {}}
+    for name, f in forms.items():
+        result["load"][name] = {"load_s": f.load_s, "compile_s": f.compile_s}
+        if f.compile_s is not None:
+            print(f"{name}: load {f.load_s:.1f} s, of which compile + warm-up {f.compile_s:.1f} s")
+    for threads in [int(x) for x in args.threads.split(",")]:
+        torch.set_num_threads(threads)
+        bw = memcopy_bandwidth()
+        load0 = os.getloadavg()[0]
+        runs: dict[str, list[float]] = {name: [] for name in forms}
+        for _ in range(args.rounds):  # A/B/A/B: every form once per round
+            for name, f in forms.items():
+                runs[name].append(f.run(args.new_tokens))
+        load1 = os.getloadavg()[0]
+        med = {name: _median(v) for name, v in runs.items()}
+        result["runs"][threads] = {"tok_s": runs, "median": med, "memcopy_GBps": bw, "loadavg": [load0, load1]}
+        print(f"\n{threads} thread(s), batch 1, {args.new_tokens} new tokens, median of {args.rounds};"
+              f" memcopy {bw:.1f} GB/s; load average {load0:.1f} -> {load1:.1f}")
+        print(f"{'form':<16} {'tok/s':>7} {'vs ' + base:>14}   runs")
+        for name, v in med.items():
+            print(f"{name:<16} {v:>7.1f} {v / med[base]:>14.2f}   " + " ".join(f"{x:.0f}" for x in runs[name]))
+    out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "decode_ab.json"), "w") as fh:
+        json.dump(result, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
