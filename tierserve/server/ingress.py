@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -184,7 +185,7 @@ class OpenAIIngress:
             stream = None
             try:
                 stream = self.worker.options(stream=True).generate.remote(
-                    ids, params, rid, **routing_kwargs(ids, self.block_size))
+                    ids, params, rid, sent_at=time.time(), **routing_kwargs(ids, self.block_size))
                 first = await stream.__anext__()
             except BaseException as exc:
                 if stream is not None:

@@ -11,7 +11,9 @@ the request, which frees its sequence and KV pages at the next step.
 
 Admission bound: a replica holds at most ``max_num_seqs + max_waiting_requests``
 requests; one more raises ``QueueFullError`` before touching the engine (the
-ingress answers 429 with Retry-After). ``prefix_block_hashes`` is only read by
+ingress answers 429 with Retry-After), unless it had waited in Serve's queue
+(``sent_at``, the ingress's wall clock at the call): then it waits for a slot
+(server/admission.py ``AdmissionGate``). ``prefix_block_hashes`` is only read by
 the request router; the worker ignores it. Every exception that leaves
 ``generate`` is an ``APIError`` (server/errors.py ``to_api_error``: a 4xx for a
 bad request, 500 for a failed step), which crosses the Ray boundary intact.
@@ -60,6 +62,7 @@ from dataclasses import dataclass
 from tierserve.config import EngineConfig
 from tierserve.engine.outputs import RequestOutput
 from tierserve.sampling_params import SamplingParams
+from tierserve.server.admission import AdmissionGate
 from tierserve.server.autoscaling import SIGNAL_KV_USAGE, SIGNAL_TTFT_S, SIGNAL_WAITING
 from tierserve.server.cache_reporter import CacheMirror, TierMirror
 from tierserve.server.errors import QueueFullError, replica_lost, to_api_error
@@ -121,7 +124,7 @@ class LLMServer:
         self._mirror = CacheMirror()
         self._tier_mirror = TierMirror(engine_config.kv_tiers.chunk_blocks) if engine_config.kv_tiers.enabled else None
         self.engine.record_cache_events()
-        self._active = 0
+        self._gate = AdmissionGate(self.capacity)
         self._closed = False
         self._report_wake = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -136,10 +139,11 @@ class LLMServer:
         return self.engine.tokenizer
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
-                       prefix_block_hashes: list[bytes] | None = None) -> AsyncIterator[RequestOutput]:
-        if self._active >= self.capacity:
+                       prefix_block_hashes: list[bytes] | None = None,
+                       sent_at: float | None = None) -> AsyncIterator[RequestOutput]:
+        waited_s = time.time() - sent_at if sent_at is not None else 0.0
+        if not await self._gate.enter(waited_s):
             raise to_api_error(QueueFullError(self.capacity, self.retry_after_s))
-        self._active += 1
         start = time.monotonic()
         last = None
         reason = "abort"
@@ -161,14 +165,14 @@ class LLMServer:
         except Exception as exc:  # validation (4xx) or a failed step (500): a picklable APIError for the ingress
             raise to_api_error(exc, self.retry_after_s) from None
         finally:
-            self._active -= 1
+            self._gate.leave()
             if last is not None:
                 self._metrics.observe_finish(start, time.monotonic(), reason)
             self._report_wake.set()
 
     async def stats(self) -> WorkerStats:
         s = self.engine.stats()
-        return WorkerStats(self.replica_id, self._active, s.running, s.waiting, s.kv_usage, s.num_free_blocks,
+        return WorkerStats(self.replica_id, self._gate.active, s.running, s.waiting, s.kv_usage, s.num_free_blocks,
                            s.prefix_queries, s.prefix_hits)
 
     async def record_routing_stats(self) -> dict[str, int]:
