@@ -27,7 +27,9 @@ EngineConfig, ServeOptions and two deployments:
   ``ROUTING_STATS_PERIOD_S``), or by Ray Serve's default power-of-two-choices
   router when it is ``"pow2"`` (the baseline of benchmarks/serve.py). ``max_ongoing_requests``
   is ``max_num_seqs + max_waiting_requests + 1`` so that the worker itself
-  sees the request that overflows its queue and answers 429.
+  sees the request that overflows its queue and answers 429 (at once for a
+  fresh request; one that waited in Serve's queue waits for a slot instead,
+  server/admission.py, so a queue built during an outage is served in order).
   ``max_queued_requests`` bounds Serve's own per-caller queue (requests not
   yet assigned to a replica: every replica full, or the router still
   choosing) at ``4 * (max_num_seqs + max_waiting_requests)``; beyond it callers
