@@ -7,8 +7,11 @@ Prints a table and writes benchmarks/results/decode.json:
 - median per-step decode time at context 128, 512, 2048, 4096 (one sequence);
 - achieved weight bandwidth at batch 1 against a measured memory-copy
   bandwidth (the roofline for fp32 decode);
-- the GGUF kept packed (the embedded default on the CPU) at batch 1;
-- llama.cpp (llama_cpp) on the Q4_1 GGUF at batch 1 if importable.
+- the GGUF kept packed (the embedded default on the CPU) at batch 1, eager and with
+  ``compile_decode`` (models/decode_compile.py);
+- llama.cpp (llama_cpp) on the Q4_1 GGUF at batch 1 if importable, with the ratios.
+
+benchmarks/decode_ab.py compares the batch-1 forms in alternating runs (medians).
 
 Usage: python benchmarks/decode.py [--new-tokens 64] [--threads 2]
 """
@@ -158,9 +161,19 @@ def main() -> None:
     pk = max(bench_ours(packed, ps, args.new_tokens) for _ in range(args.repeats))
     result["packed_b1"] = pk
     print(f"tierserve packed Q4_1 GGUF (the default) batch 1: {pk:.1f} tok/s")
+    del packed
+    compiled = LLM(default_gguf_path(), quantization="auto", compile_decode=True, num_blocks=256, max_num_seqs=8)
+    pkc = max(bench_ours(compiled, ps, args.new_tokens) for _ in range(args.repeats))
+    result["packed_compiled_b1"] = pkc
+    print(f"tierserve packed Q4_1 GGUF, compile_decode batch 1: {pkc:.1f} tok/s ({pkc / pk:.2f}x eager)")
+    del compiled
     lc = bench_llama_cpp(args.new_tokens)
     result["llama_cpp_b1"] = lc
-    print("llama.cpp (Q4_1) batch 1:", f"{lc:.1f} tok/s" if lc else "llama_cpp not importable")
+    if lc:
+        print(f"llama.cpp (Q4_1) batch 1: {lc:.1f} tok/s; tierserve packed / llama.cpp {pk / lc:.2f},"
+              f" compiled / llama.cpp {pkc / lc:.2f}")
+    else:
+        print("llama.cpp (Q4_1) batch 1: llama_cpp not importable")
     out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "decode.json"), "w") as f:
