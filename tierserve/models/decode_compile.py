@@ -16,7 +16,9 @@ Three compiled functions serve every layer: the layers are passed as arguments
 and torch.compile lifts their weights to graph inputs, so one compilation is
 shared by all 30 layers of SmolLM2 (``torch._dynamo`` recompiles only when the
 token count changes: ``dynamic=None`` makes the token dimension symbolic after
-its second distinct value). Inductor fuses the float32<->bfloat16 casts around
+its second distinct value, or when ``torch.set_num_threads`` changes: the thread
+count is part of dynamo's guarded global state; dynamo allows 8 compilations per
+function, so a process that keeps changing its thread count fails). Inductor fuses the float32<->bfloat16 casts around
 torch's int4 kernels into the neighbouring norm, activation and residual loops,
 and writes each segment's pointwise work as a few C++ loops instead of ~20
 dispatched ops.
@@ -50,9 +52,15 @@ def _head(layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     return layer.self_attn._qkv_rope_merged(layer.input_layernorm(h), cos, sin)
 
 
+def _rows(o: torch.Tensor) -> torch.Tensor:
+    """Attention output ``[T, Hq, D]`` as ``[T, Hq*D]`` with standard strides (dynamo guards on every stride,
+    even of a size-1 dimension, and the backends' outputs differ in them: one stride, no recompile)."""
+    flat = o.reshape(o.shape[0], -1)
+    return flat if flat.stride() == (flat.shape[1], 1) else flat.clone(memory_format=torch.contiguous_format)
+
+
 def _mlp_block(layer: nn.Module, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
-    attn = layer.self_attn
-    h = h + attn.o_proj(o.reshape(o.shape[0], attn.q_size))
+    h = h + layer.self_attn.o_proj(o)
     return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
@@ -111,7 +119,7 @@ class CompiledDecoder:
             attn = layer.self_attn
             o = ctx.attn.backend.forward(q, k, v, ctx.kv_caches[i], ctx.attn, scale=attn.scale,
                                          sliding_window=attn.sliding_window, logit_softcap=attn.softcap)
-            o = o.contiguous()  # one stride for every backend and step kind: no recompile on a stride guard
+            o = _rows(o)
             if i < last:
                 h, q, k, v = self.middle(layer, layers[i + 1], h, o, cos, sin)
             else:
@@ -130,7 +138,7 @@ class CompiledDecoder:
         for t in token_counts:
             cos, sin = model.rope.lookup(torch.arange(t), model.dtype)
             h = torch.zeros(t, model.cfg.hidden_size, dtype=model.dtype)
-            o = torch.zeros(t, attn.num_heads, attn.head_dim, dtype=model.dtype)
+            o = torch.zeros(t, attn.q_size, dtype=model.dtype)
             self.head(layers[0], h, cos, sin)
             self.middle(layers[0], layers[min(1, len(layers) - 1)], h, o, cos, sin)
             self.tail(layers[-1], model.norm, h, o)
