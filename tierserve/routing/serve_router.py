@@ -32,8 +32,15 @@ One routing step (``choose_replicas``):
    node lost) is looked up again by name (``get_or_create_tree_actor``
    recreates it; replicas re-send their whole cache to it, server/worker.py),
    so routing by prefix resumes without a redeploy;
-3. load of each candidate = Ray Serve's replica queue-length cache
-   (``replica_queue_len_cache``; an unknown entry counts as 0 ongoing);
+3. load of each candidate = the larger of Ray Serve's replica queue-length
+   cache (``replica_queue_len_cache``; an unknown entry counts as 0) and the
+   router's own count of requests it sent there that have not completed
+   (``on_send_request`` +1, ``decrement_queue_len_cache`` -1, floor 0). Serve's
+   cache alone can lose a request in flight: a queue-length probe answered
+   just before the request reached the replica lands after the send and
+   overwrites the entry with the older count (seen with Ray 2.60: a replica
+   holding a request read 0, so routing by load sent the next request to it);
+   the router's own count cannot be overwritten that way;
 4. ``PrefixAwarePolicy.rank`` orders every candidate (``num_request_blocks =
    len(hashes)``, so a best match shorter than ``min_match_ratio`` of the
    request routes by load); the router returns one
@@ -159,6 +166,7 @@ class PrefixAwareRequestRouter(RequestRouter):
             raise InvalidParameterError("policy", f"must be one of {ROUTER_POLICIES}, got {policy!r}")
         self._policy = make_policy(policy, tier_weights=weights, **policy_kwargs[policy])
         self._match_timeout_s = match_timeout_s
+        self._sent: dict[str, int] = {}  # replica id -> requests this router sent that have not completed
         self._max_blocks_per_replica = max_blocks_per_replica
         self._named_tree = tree_actor is None  # the deployment's named actor: looked up again if it dies
         if tree_actor is None:
@@ -183,11 +191,25 @@ class PrefixAwareRequestRouter(RequestRouter):
 
     def on_replica_actor_died(self, replica_id) -> None:
         super().on_replica_actor_died(replica_id)
+        self._sent.pop(replica_id.unique_id, None)
         self._tree_actor.drop_replica.remote(replica_id.unique_id)
 
+    def on_send_request(self, replica_id) -> None:
+        super().on_send_request(replica_id)
+        self._sent[replica_id.unique_id] = self._sent.get(replica_id.unique_id, 0) + 1
+
+    def decrement_queue_len_cache(self, replica_id) -> None:
+        super().decrement_queue_len_cache(replica_id)
+        left = self._sent.get(replica_id.unique_id, 0) - 1
+        if left > 0:
+            self._sent[replica_id.unique_id] = left
+        else:
+            self._sent.pop(replica_id.unique_id, None)
+
     def _ongoing(self, replica: RunningReplica) -> int:
-        queue_len = self.replica_queue_len_cache.get(replica.replica_id)
-        return queue_len if queue_len is not None else 0
+        """Step 3 of the module doc: Serve's cached queue length, never below what this router has in flight."""
+        queue_len = self.replica_queue_len_cache.get(replica.replica_id) or 0
+        return max(queue_len, self._sent.get(replica.replica_id.unique_id, 0))
 
     async def _lookup(self, hashes: list[bytes], replica_ids: list[str]) -> PrefixMatch:
         try:
