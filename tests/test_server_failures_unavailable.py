@@ -107,15 +107,11 @@ def test_no_live_replica_queues_then_answers_503_with_retry_after(app, smollm_ll
     assert f"max_queued_requests={QUEUE}" in err["message"]
     for t in threads:
         t.join(timeout=300)
-    # Nothing is lost: once the replica is back every queued request gets an answer. Serve sends it up to
-    # max_ongoing_requests = capacity + 1 = 3 of them at once; the engine holds capacity = 2 (served, the
-    # offline reference's text) and answers each one beyond with 429 queue_full (server/app.py), so between
-    # 2 and all 8 are served, depending on how soon the first two finish.
+    # Nothing is lost: once the replica is back every queued request is served. Serve sends it up to
+    # max_ongoing_requests = capacity + 1 = 3 of them at once; the one beyond the engine's capacity of 2 has
+    # waited in Serve's queue (longer than the admission grace), so it waits for a slot at the replica
+    # instead of getting 429 (server/admission.py): all 8 get the offline reference's text.
     statuses = [answers[i].status_code for i in range(QUEUE)]
-    assert set(statuses) <= {200, 429} and statuses.count(200) >= 2, statuses
+    assert statuses == [200] * QUEUE, [(a.status_code, a.text[:200]) for a in answers.values()]
     for i in range(QUEUE):
-        if statuses[i] == 200:
-            assert answers[i].json()["choices"][0]["text"] == refs[i]
-        else:
-            assert error_body(answers[i], 429)["code"] == "queue_full"
-            assert answers[i].headers["Retry-After"] == str(RETRY_AFTER_S)
+        assert answers[i].json()["choices"][0]["text"] == refs[i]
