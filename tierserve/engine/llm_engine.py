@@ -18,7 +18,10 @@ drafts become the next step's ``Request.spec_token_ids``; the scheduler
 schedules them, the runner returns logits for every verified position, and
 postprocess appends the accepted tokens (stop rules checked after each) and
 rolls the rejected drafts' KV back (``Scheduler.rollback``,
-``ModelRunner.truncate``). Off, nothing is proposed and the step is as before.
+``ModelRunner.truncate``). A proposer that drafts from the target's hidden
+states (gumiho) gets the step's hidden states after the forward
+(``SpecDecoder.begin_step``; the runner then keeps them and runs eagerly). Off,
+nothing is proposed and the step is as before.
 
 The server and the CLI read the engine through its methods (``info``,
 ``stats``, ``drain_cache_events``, ``tier_holdings``, ``expert_metrics``,
