@@ -95,3 +95,23 @@ def tiny_moe_reference(path: str, seed: int, new_tokens: int):
     tokens = PagedRunner(ref).greedy(MOE_PROMPT, new_tokens)
     rec.detach()
     return ref, logits, tokens, prefill_counts, usage
+
+
+def engine_prefill_logits(eng, prompt: list[int]) -> torch.Tensor:
+    """The logits of ``prompt``'s last position as the engine's first step computes them (fp32, on the CPU)."""
+    from tierserve.engine.model_runner import ModelRunner
+    from tierserve.sampling_params import SamplingParams
+
+    captured = {}
+    execute = ModelRunner.execute
+
+    def spy(self, out, requests):
+        run = execute(self, out, requests)
+        captured.setdefault("logits", run.logits.float().cpu())
+        return run
+
+    eng.runner.execute = spy.__get__(eng.runner)
+    eng.add_request(prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+    while eng.has_unfinished():
+        eng.step()
+    return captured["logits"][0]

@@ -19,7 +19,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from model_harness import build_and_save
+from model_harness import build_and_save, engine_prefill_logits
 from tierserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from tierserve.engine.llm_engine import LLMEngine
 from tierserve.sampling_params import SamplingParams
@@ -46,24 +46,6 @@ def _engine(folder, device, dtype, eager=False) -> LLMEngine:
                                   scheduler=SchedulerConfig(max_num_seqs=8)))
 
 
-def _prefill_logits(eng: LLMEngine, prompt: list[int]) -> torch.Tensor:
-    from tierserve.engine.model_runner import ModelRunner
-
-    captured = {}
-    execute = ModelRunner.execute
-
-    def spy(self, out, requests):
-        run = execute(self, out, requests)
-        captured.setdefault("logits", run.logits.float().cpu())
-        return run
-
-    eng.runner.execute = spy.__get__(eng.runner)
-    eng.add_request(prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
-    while eng.has_unfinished():
-        eng.step()
-    return captured["logits"][0]
-
-
 def _greedy(eng: LLMEngine) -> list[list[int]]:
     ids = [eng.add_request(p, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)) for p in PROMPTS]
     out = {i: [] for i in ids}
@@ -74,8 +56,8 @@ def _greedy(eng: LLMEngine) -> list[list[int]]:
 
 
 def test_bf16_cuda_logits_within_bf16_bound_of_cpu_fp32(tiny_llama):
-    cpu = _prefill_logits(_engine(tiny_llama, "cpu", "float32"), PROMPTS[0])
-    gpu = _prefill_logits(_engine(tiny_llama, "cuda", "bfloat16"), PROMPTS[0])
+    cpu = engine_prefill_logits(_engine(tiny_llama, "cpu", "float32"), PROMPTS[0])
+    gpu = engine_prefill_logits(_engine(tiny_llama, "cuda", "bfloat16"), PROMPTS[0])
     rel = float((gpu - cpu).norm() / cpu.norm())
     assert rel <= 8 * 2 ** -8 * math.sqrt(LAYERS), rel
 
@@ -116,10 +98,10 @@ def test_quantized_checkpoint_served_by_the_triton_kernels(tiny_llama, tmp_path,
     packed = load_for_engine(out, torch.float32, "auto").model
     n_packed = len({id(m) for m in packed.modules() if isinstance(m, QuantizedLinear)})
     assert n_packed >= 4 * LAYERS  # at least qkv, o, gate_up, down of every layer
-    cpu = _prefill_logits(_quantized_engine(out, "cpu", "float32"), PROMPTS[0])
+    cpu = engine_prefill_logits(_quantized_engine(out, "cpu", "float32"), PROMPTS[0])
     eng = _quantized_engine(out, "cuda", "bfloat16")
     assert len({id(m) for m in eng.model.modules() if isinstance(m, TritonLinear)}) == n_packed
     assert not any(isinstance(m, QuantizedLinear) for m in eng.model.modules())
-    gpu = _prefill_logits(eng, PROMPTS[0])
+    gpu = engine_prefill_logits(eng, PROMPTS[0])
     rel = float((gpu - cpu).norm() / cpu.norm())
     assert rel <= 8 * 2 ** -8 * math.sqrt(LAYERS), rel

@@ -30,7 +30,7 @@ import pytest
 import torch
 from transformers import Qwen3MoeConfig
 
-from model_harness import MOE_PROMPT, TINY_QWEN3_MOE, build_and_save
+from model_harness import MOE_PROMPT, TINY_QWEN3_MOE, build_and_save, engine_prefill_logits
 from tierserve.config import CacheConfig, EngineConfig, ModelConfig, OffloadConfig, SchedulerConfig
 from tierserve.engine.llm_engine import LLMEngine
 from tierserve.models.moe import sum_slots
@@ -146,30 +146,12 @@ def test_cuda_worker_host_killed_between_steps(tiny_moe):
     _check_host_killed(tiny_moe, "cuda")
 
 
-def _prefill_logits(eng: LLMEngine) -> torch.Tensor:
-    from tierserve.engine.model_runner import ModelRunner
-
-    captured = {}
-    execute = ModelRunner.execute
-
-    def spy(self, out, requests):
-        run = execute(self, out, requests)
-        captured.setdefault("logits", run.logits.float().cpu())
-        return run
-
-    eng.runner.execute = spy.__get__(eng.runner)
-    eng.add_request(PROMPTS[1], SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
-    while eng.has_unfinished():
-        eng.step()
-    return captured["logits"][0]
-
-
 @CUDA
 def test_cuda_worker_bf16_offload_within_bf16_bound_of_resident(tiny_moe):
     resident = _engine(tiny_moe, "cuda", "bfloat16", None)
     offloaded = _engine(tiny_moe, "cuda", "bfloat16", 4)
     try:
-        a, b = _prefill_logits(resident), _prefill_logits(offloaded)
+        a, b = engine_prefill_logits(resident, PROMPTS[1]), engine_prefill_logits(offloaded, PROMPTS[1])
         rel = float((b - a).norm() / a.norm())
         assert rel <= 8 * 2 ** -8 * math.sqrt(TINY_QWEN3_MOE["num_hidden_layers"]), rel
     finally:

@@ -35,7 +35,7 @@ from tierserve.offload.placement import Placement, Swap
 from tierserve.offload.promotion import promote
 from tierserve.offload.spare_slots import SpareSlots
 from tierserve.offload.usage import ExpertMetrics, ExpertUsage
-from tierserve.offload.usage_hook import UsageRecorderHandle
+from tierserve.offload.usage_hook import RouteHandle
 from tierserve.step.hooks import StepHook
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class OffloadHook(StepHook):
     spare: SpareSlots | None
     base: list[list[int]]
     live: ExpertUsage
-    recorder: UsageRecorderHandle | None = None
+    recorder: RouteHandle | None = None
     launcher: HostLauncher | None = None  # started the hosts (offload_from_config): close() shuts them down
     usage_file: str | None = None
     min_gain: int = 64

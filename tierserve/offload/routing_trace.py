@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tierserve.errors import InvalidParameterError
-from tierserve.offload.usage_hook import routed_blocks
+from tierserve.offload.usage_hook import RouteHandle, routed_blocks
 
 
 @dataclass
@@ -85,29 +85,16 @@ class RoutingTrace:
         return trace
 
 
-@dataclass
-class TraceHandle:
-    blocks: list[torch.nn.Module]
-    previous: list
-
-    def detach(self) -> None:
-        for block, prev in zip(self.blocks, self.previous):
-            if prev is None:
-                block.__dict__.pop("route", None)
-            else:
-                block.route = prev
-
-
-def _wrap(model: torch.nn.Module, make) -> TraceHandle:
+def _wrap(model: torch.nn.Module, make) -> RouteHandle:
     blocks = routed_blocks(model)
     previous = []
     for layer, block in enumerate(blocks):
         previous.append(block.__dict__.get("route"))
         block.route = make(layer, block, block.route)
-    return TraceHandle(blocks, previous)
+    return RouteHandle(blocks, previous)
 
 
-def record_routing(model: torch.nn.Module) -> tuple[RoutingTrace, TraceHandle]:
+def record_routing(model: torch.nn.Module) -> tuple[RoutingTrace, RouteHandle]:
     """A trace that fills as the model runs, and the handle that stops recording (module doc)."""
     blocks = routed_blocks(model)
     if not blocks:
@@ -149,7 +136,7 @@ def map_by_rank(source: RoutingTrace, num_experts: int, top_k: int, num_layers: 
     return out
 
 
-def replay_routing(model: torch.nn.Module, trace: RoutingTrace) -> TraceHandle:
+def replay_routing(model: torch.nn.Module, trace: RoutingTrace) -> RouteHandle:
     """Route every MoE block of ``model`` by ``trace`` (module doc)."""
     blocks = routed_blocks(model)
     if len(blocks) > len(trace.layers) or any(b.num_experts != trace.num_experts or b.top_k != trace.top_k

@@ -23,7 +23,9 @@ from tierserve.offload.usage import ExpertUsage
 
 
 @dataclass
-class UsageRecorderHandle:
+class RouteHandle:
+    """Blocks whose ``route`` was wrapped on the instance (usage recorder, routing traces); ``detach`` restores."""
+
     blocks: list[torch.nn.Module]
     previous: list  # each block's own ``route`` instance attribute before attaching (None: the class method)
 
@@ -45,7 +47,7 @@ def routed_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
             if isinstance(m, SparseMoeBlock) or getattr(type(m), "route", None) is SparseMoeBlock.route]
 
 
-def attach_usage_recorder(model: torch.nn.Module, usage: ExpertUsage) -> UsageRecorderHandle:
+def attach_usage_recorder(model: torch.nn.Module, usage: ExpertUsage) -> RouteHandle:
     blocks = routed_blocks(model)
     if len(blocks) != usage.num_layers:
         raise InvalidParameterError("num_layers", f"usage has {usage.num_layers} layers but the model has "
@@ -64,4 +66,4 @@ def attach_usage_recorder(model: torch.nn.Module, usage: ExpertUsage) -> UsageRe
             return weights, ids
 
         block.route = route  # instance attribute shadows the class method
-    return UsageRecorderHandle(blocks, previous)
+    return RouteHandle(blocks, previous)
