@@ -123,6 +123,8 @@ def main() -> None:
         torch.set_num_threads(threads)
         bw = memcopy_bandwidth()
         load0 = os.getloadavg()[0]
+        for f in forms.values():  # warm-up at this thread count (a compiled form recompiles for it)
+            f.run(4)
         runs: dict[str, list[float]] = {name: [] for name in forms}
         for _ in range(args.rounds):  # A/B/A/B: every form once per round
             for name, f in forms.items():
