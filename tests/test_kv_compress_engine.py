@@ -105,16 +105,20 @@ def test_kv4_logits_close_to_fp32(smollm_folder, prompts, baseline):
     tokens, logits = _run(eng, prompts, 12)
     base = torch.cat(baseline[1])
     got = torch.cat(logits[: len(baseline[1])])
-    # compare next-token distributions on the first step (same inputs): KL and top-1
-    p = torch.log_softmax(base[:2], -1)
-    q = torch.log_softmax(got[:2], -1)
-    kl = (p.exp() * (p - q)).sum(-1)
+    # compare next-token distributions where the inputs are the same: every step of the full prompt (its
+    # greedy tokens agree, asserted); the 97-token prompt is cut mid-sentence and its flat first
+    # distribution makes its tokens diverge after one step, so its later steps are not comparable
     agree = sum(a == b for a, b in zip(tokens[0], baseline[0][0]))
-    print(f"kv4 vs fp32 KV: first-step KL {kl.tolist()}, greedy agreement {agree}/12")
-    # measured: 0.016 (full sentence) and 0.21 (the 97-token prompt, cut mid-sentence: a flat,
-    # sensitive distribution); fp32 KV gives exactly 0. The per-element error of the 4-bit pages is bounded
-    # exactly in test_kv_compress_units.py; here the bounds sit 1.5x above the measured KLs
-    assert kl[0] < 0.025 and kl[1] < 0.32, kl
+    assert agree == 12, (tokens[0], baseline[0][0])
+    p = torch.log_softmax(base[0::2], -1)
+    q = torch.log_softmax(got[0::2], -1)
+    kl = (p.exp() * (p - q)).sum(-1)
+    print(f"kv4 vs fp32 KV, full prompt, 12 steps: KL mean {kl.mean():.4f} max {kl.max():.4f}")
+    # measured (AVX-512 machine): mean 0.018, max 0.029 (its first step 0.0072 here, 0.016 on another
+    # machine: one distribution moves 2x between CPUs, the mean of 12 much less); fp32 KV gives exactly 0.
+    # The per-element error of the 4-bit pages is bounded exactly in test_kv_compress_units.py; here the
+    # bounds sit about 1.5x above the measured values
+    assert kl.mean() < 0.03 and kl.max() < 0.045, kl
     assert base[0].argmax() == got[0].argmax()
     # greedy continuations: measured 12 of 12 equal; allow one late divergence (4-bit KV is lossy)
     assert agree >= 11, (tokens[0], baseline[0][0])
@@ -160,11 +164,8 @@ def test_kv4_with_streaming_evicts_like_streaming(smollm_folder, prompts):
     for step in both_tables:
         for computed, evicted, blocks in step.values():
             assert computed - evicted <= budget + BS and blocks == -(-(computed - evicted) // BS)
-    # first step (the prefill, before any eviction): kv4's own deviation from fp32 KV, bounded as in
-    # test_kv4_logits_close_to_fp32 (measured KL 0.016 / 0.21)
-    p = torch.log_softmax(plain_logits[0][:2], -1)
-    q = torch.log_softmax(logits[0][:2], -1)
-    kl = (p.exp() * (p - q)).sum(-1)
-    assert kl[0] < 0.025 and kl[1] < 0.32, kl
+    # first step (the prefill, before any eviction): exactly kv4 alone's logits (the same 4-bit pages)
+    _, _, (_, kv4_logits) = tables_of(KVCompressionConfig("kv4"))
+    assert torch.equal(logits[0], kv4_logits[0])
     assert all(len(t) == 12 for t in tokens) and tokens[0][0] == plain_tokens[0][0]
     assert both.kv_manager.num_free_blocks == both.num_blocks  # every evicted and finished block returned
