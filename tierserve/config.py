@@ -27,6 +27,8 @@ _CHANNELS = ("socket", "ray")
 #: OffloadConfig.host_weight_format: the keys of tierserve.offload.host_storage.HOST_WEIGHT_FORMATS
 #: (a layer above this one; tests/test_config_fields.py checks the two agree)
 HOST_WEIGHT_FORMATS = ("raw", "dfloat11")
+#: Spare-slot prefetch policies (tierserve/offload/prefetch.py).
+PREFETCH_POLICIES = ("none", "previous_step")
 
 
 def linear_backends() -> tuple[str, ...]:
@@ -174,6 +176,8 @@ class OffloadConfig:
     ``promotion_min_gain``. Usage is saved on close and every ``usage_save_interval_s``.
     ``host_weight_format``: how hosts keep experts at rest ("raw", or "dfloat11":
     lossless coding of bf16 weights, tierserve/offload/host_storage.py).
+    ``prefetch`` (option ``offload_prefetch``): "previous_step" starts, at each decode step, copies of the cold
+    experts the previous step routed to into the spare slots (tierserve/offload/prefetch.py); "none" (default).
     """
 
     resident_experts: int | None = option(None, "MoE expert offload: experts kept on the worker, summed over "
@@ -192,6 +196,9 @@ class OffloadConfig:
     host_weight_format: str = option("raw", "how hosts keep experts at rest (dfloat11: lossless bf16 coding)",
                                      choices=HOST_WEIGHT_FORMATS)
     host_threads: int = option(1, "torch threads of each expert host")
+    prefetch: str = option("none", "prefetch cold experts into the spare slots at each decode step "
+                                   "(previous_step: the experts the previous step routed to)",
+                           name="offload_prefetch", choices=PREFETCH_POLICIES)
 
     @property
     def enabled(self) -> bool:
@@ -216,6 +223,10 @@ class OffloadConfig:
         _check_choice("host_weight_format", self.host_weight_format, HOST_WEIGHT_FORMATS)
         if self.host_threads < 1:
             raise InvalidParameterError("host_threads", f"must be >= 1, got {self.host_threads}")
+        _check_choice("offload_prefetch", self.prefetch, PREFETCH_POLICIES)
+        if self.prefetch != "none" and self.enabled and self.spare_slots == 0:
+            raise InvalidParameterError("offload_prefetch", f"{self.prefetch!r} needs spare slots to prefetch "
+                                                            f"into (set spare_slots >= 1)")
         if self.usage_save_interval_s < 0:
             raise InvalidParameterError("usage_save_interval_s", f"must be >= 0, got {self.usage_save_interval_s}")
 
