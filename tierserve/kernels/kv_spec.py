@@ -19,6 +19,7 @@ class KVSpec:
     head_dim: int
     block_size: int
     dtype: str = "float32"
+    hidden_size: int = 0  # the model's hidden width (0: not given); formats that cache the layer input need it
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPE_BYTES:
@@ -26,6 +27,8 @@ class KVSpec:
         for name in ("num_layers", "num_kv_heads", "head_dim", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"KVSpec.{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden_size < 0:
+            raise ValueError(f"KVSpec.hidden_size must be >= 0, got {self.hidden_size}")
 
     @property
     def dtype_bytes(self) -> int:
