@@ -65,7 +65,8 @@ class CausalLMBase(nn.Module):
 
     def kv_spec(self, block_size: int) -> KVSpec:
         return KVSpec(num_layers=self.cfg.num_hidden_layers, num_kv_heads=self.cfg.num_key_value_heads,
-                      head_dim=self.cfg.head_dim, block_size=block_size, dtype=_DTYPE_NAMES[self.dtype])
+                      head_dim=self.cfg.head_dim, block_size=block_size, dtype=_DTYPE_NAMES[self.dtype],
+                      hidden_size=self.cfg.hidden_size)
 
     def hf_slots(self) -> dict[str, Slot]:
         """HF tensor name -> Slot for the whole model (subclasses add their layers)."""
