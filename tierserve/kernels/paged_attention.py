@@ -22,6 +22,15 @@ A cache object with a ``gather(table) -> (keys, values)`` method (packed
 storage format dequantizes inside the gather; plain ``LayerKV`` pages are
 indexed directly.
 
+Tree masks (speculative draft trees, engine/spec_decode/tree.py): with
+``AttentionMetadata.tree_bits`` set, query row ``r`` of a sequence's block of
+``n`` queries (positions ``L - n ..``) sees the keys before the block and, in
+the block, key ``L - n + j`` iff bit ``j`` of ``tree_bits[row]`` is set; a row
+whose bits are -1 (all set) is plain causal. So a draft tree verifies in one
+forward with each node seeing its ancestors only (the key order inside the
+block is the tree's flattened order; positions for RoPE come from the caller).
+Not combined with a sliding window (refused: the window counts slots).
+
 ``paged_decode`` (decode-only steps) and ``paged_prefill`` (any mix of query
 lengths) are the attend-only halves, same-named with the triton kernels in
 ``kernels/attention/paged_decode_triton.py`` and ``paged_prefill_triton.py``,
@@ -38,6 +47,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from tierserve.errors import InvalidParameterError
 from tierserve.kernels.attention.base import AttentionBackend
 from tierserve.kernels.kv_pages import LayerKV
 
@@ -73,6 +83,9 @@ class AttentionMetadata:
     #: static buffers; None: built from the host lists on first use (``device_ints``)
     seq_lens_t: torch.Tensor | None = None
     query_start_t: torch.Tensor | None = None
+    #: per query token, the mask of visible keys inside its sequence's query block (bit j: the block's key j;
+    #: -1: causal); None: every sequence is causal (see the module docstring)
+    tree_bits: list[int] | None = None
     _masks: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -112,6 +125,29 @@ class AttentionMetadata:
             self._masks[key] = t
         return t
 
+    def tree_bits_t(self, device) -> torch.Tensor:
+        """``tree_bits`` as an int64 tensor on ``device`` (memoised per step)."""
+        key = ("tree_bits", str(device))
+        t = self._masks.get(key)
+        if t is None:
+            t = torch.tensor(self.tree_bits, dtype=torch.int64, device=device)
+            self._masks[key] = t
+        return t
+
+    def block_mask(self, i: int, device) -> torch.Tensor | None:
+        """Sequence ``i``'s [n, n] bool mask inside its query block, or None when it is causal."""
+        if self.tree_bits is None:
+            return None
+        lo, hi = self.query_start[i], self.query_start[i + 1]
+        bits = self.tree_bits[lo:hi]
+        if all(b == -1 for b in bits):
+            return None
+        n = hi - lo
+        if n > 63:
+            raise ValueError(f"a tree query block holds at most 63 rows, got {n}")
+        rows = torch.tensor(bits, dtype=torch.int64, device=device)[:, None]
+        return ((rows >> torch.arange(n, device=device)[None, :]) & 1).bool()
+
     def decode_mask(self, width: int, sliding_window: int | None, device) -> torch.Tensor:
         """[B, 1, 1, width] bool: key j valid for sequence b (memoised per step)."""
         key = (width, sliding_window)
@@ -146,11 +182,14 @@ def paged_decode(q: torch.Tensor, kv, meta: AttentionMetadata, scale: float, sli
 def paged_prefill(q: torch.Tensor, kv, meta: AttentionMetadata, scale: float, sliding_window: int | None = None,
                   logit_softcap: float | None = None) -> torch.Tensor:
     """Attend any step (chunked prefill, prefix hits, decode rows) over the pages as written; one SDPA per sequence."""
+    if meta.tree_bits is not None and sliding_window is not None:
+        raise InvalidParameterError("sliding_window", "tree attention masks (draft trees) do not support "
+                                                      f"sliding-window layers (window {sliding_window})")
     out = torch.empty_like(q)
     for i, seq_len in enumerate(meta.seq_lens):
         lo, hi = meta.query_start[i], meta.query_start[i + 1]
         out[lo:hi] = _prefill_one(q[lo:hi], kv, meta.block_tables[i], seq_len, meta.block_size,
-                                  scale, sliding_window, logit_softcap)
+                                  scale, sliding_window, logit_softcap, meta.block_mask(i, q.device))
     return out
 
 
@@ -169,14 +208,14 @@ def _gather_kv(kv, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _gather(kv.k, table), _gather(kv.v, table)
 
 
-def _prefill_one(q, kv, table, seq_len, block_size, scale, window, softcap):
+def _prefill_one(q, kv, table, seq_len, block_size, scale, window, softcap, block_mask=None):
     n = q.shape[0]
     nb = -(-seq_len // block_size)
     keys, vals = _gather_kv(kv, table[:nb])
     keys, vals = keys[:seq_len].transpose(0, 1), vals[:seq_len].transpose(0, 1)  # [Hkv, L, D]
     qh = q.transpose(0, 1)  # [Hq, n, D]
     start = seq_len - n
-    if start == 0 and window is None and softcap is None:
+    if start == 0 and window is None and softcap is None and block_mask is None:
         out = F.scaled_dot_product_attention(qh[None], keys[None], vals[None], is_causal=True,
                                              scale=scale, enable_gqa=True)[0]
         return out.transpose(0, 1)
@@ -185,6 +224,8 @@ def _prefill_one(q, kv, table, seq_len, block_size, scale, window, softcap):
     mask = kpos <= qpos
     if window is not None:
         mask &= kpos > qpos - window
+    if block_mask is not None:
+        mask[:, start:] &= block_mask
     return _attend(qh[None], keys[None], vals[None], mask[None, None], scale, softcap)[0].transpose(0, 1)
 
 
