@@ -336,6 +336,11 @@ class SpeculativeConfig:
     ``draft_backoff``: pause proposing for a request whose verifications
     accept nothing (spec_decode/gate.py), for steps where verification is
     not free (off by default: at batch 1 on CPU it costs nothing to verify).
+    ``draft_tree_width`` (1..8, default 1: a chain): gumiho drafts a tree,
+    expanding the ``draft_tree_width`` best nodes of each depth into their
+    ``draft_tree_width`` most likely children; ``num_speculative_tokens`` is
+    its depth limit and ``draft_tree_nodes`` (1..62, default 12) its node
+    budget (spec_decode/gumiho_tree.py). ngram always drafts a chain.
     """
 
     method: str = option("none", "speculative decoding: none, ngram (prompt lookup) or gumiho (draft heads)",
@@ -347,6 +352,9 @@ class SpeculativeConfig:
                                  "proposing for a while (tierserve/engine/spec_decode/gate.py)")
     model: str | None = option(None, "gumiho: the draft heads folder (tierserve train-draft --out)",
                                name="speculative_model")
+    draft_tree_width: int = option(1, "gumiho: children per expanded node and nodes expanded per depth of the "
+                                      "draft tree (1..8; 1 drafts a chain)")
+    draft_tree_nodes: int = option(12, "gumiho: node budget of the draft tree (1..62; draft_tree_width > 1)")
 
     def __post_init__(self) -> None:
         _check_choice("speculative", self.method, SPECULATIVE_METHODS)
@@ -356,6 +364,10 @@ class SpeculativeConfig:
         if not 1 <= self.num_speculative_tokens <= 16:
             raise InvalidParameterError("num_speculative_tokens",
                                         f"must be in 1..16, got {self.num_speculative_tokens}")
+        if not 1 <= self.draft_tree_width <= 8:
+            raise InvalidParameterError("draft_tree_width", f"must be in 1..8, got {self.draft_tree_width}")
+        if not 1 <= self.draft_tree_nodes <= 62:
+            raise InvalidParameterError("draft_tree_nodes", f"must be in 1..62, got {self.draft_tree_nodes}")
         if self.prompt_lookup_min < 1:
             raise InvalidParameterError("prompt_lookup_min", f"must be >= 1, got {self.prompt_lookup_min}")
         if self.prompt_lookup_max < self.prompt_lookup_min:
