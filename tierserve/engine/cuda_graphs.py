@@ -24,8 +24,8 @@ a sequence's end do no work).
 Requirements checked at construction: a CUDA device; an attention backend
 that reads sequence lengths from the device (``triton``); a model whose
 forward has no host synchronisation (``CausalLMBase.supports_cuda_graphs``:
-MoE routing sizes its expert batches on the host, so MoE models decode
-eagerly). Outputs equal the eager path's and the CPU fp32 path's
+MoE routing sizes its expert batches on the host, so MoE and expert-offload
+models get piecewise graphs instead, engine/piecewise_graphs.py). Outputs equal the eager path's and the CPU fp32 path's
 (tests/test_engine_cuda.py, CUDA only); the bucket table is tested on CPU
 (tests/test_device_config.py).
 """
@@ -73,11 +73,17 @@ class DecodeGraphs:
     def fits(self, batch: int) -> bool:
         return batch <= self.buckets[-1]
 
+    def context(self, batch: int, host_seq_lens: list[int] | None = None) -> ForwardContext:
+        """The static buffers' first ``batch`` rows as a step's context; host ``seq_lens`` default to
+        ``max_model_len`` (a captured graph's grid, module doc)."""
+        lens = host_seq_lens if host_seq_lens is not None else [self.max_model_len] * batch
+        meta = AttentionMetadata(self.slots[:batch], self.tables[:batch], list(range(batch + 1)), lens,
+                                 self.block_size, backend=self.attention, seq_lens_t=self.seq_lens[:batch],
+                                 query_start_t=self.query_start[: batch + 1])
+        return ForwardContext(meta, self.kv_caches)
+
     def _forward(self, batch: int) -> torch.Tensor:
-        meta = AttentionMetadata(self.slots[:batch], self.tables[:batch], list(range(batch + 1)),
-                                 [self.max_model_len] * batch, self.block_size, backend=self.attention,
-                                 seq_lens_t=self.seq_lens[:batch], query_start_t=self.query_start[: batch + 1])
-        hidden = self.model(self.input_ids[:batch], self.positions[:batch], ForwardContext(meta, self.kv_caches))
+        hidden = self.model(self.input_ids[:batch], self.positions[:batch], self.context(batch))
         return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
@@ -97,6 +103,12 @@ class DecodeGraphs:
 
     def run(self, step, device_table: torch.Tensor) -> torch.Tensor:
         """Replay the bucket of a decode-only step; logits ``[n, vocab]`` of its sampling rows."""
+        n, batch = self.load(step, device_table)
+        self._graphs[batch].replay()
+        return self._logits[batch][:n].clone()  # every decode row samples; the buffer is the next replay's
+
+    def load(self, step, device_table: torch.Tensor) -> tuple[int, int]:
+        """Copy a decode-only step into the static buffers, padding rows reset; (its rows ``n``, its bucket)."""
         n = len(step.seq_lens)
         batch = next(b for b in self.buckets if b >= n)
         dev = self.device
@@ -108,8 +120,7 @@ class DecodeGraphs:
         self.tables[:n].copy_(device_table.index_select(0, rows))
         if batch > n:
             self._reset_padding_rows(n, batch)
-        self._graphs[batch].replay()
-        return self._logits[batch][:n].clone()  # every decode row samples; the buffer is the next replay's
+        return n, batch
 
     def _reset_padding_rows(self, lo: int, hi: int) -> None:
         """Rows ``lo..hi-1`` read and write only the scratch page, with one token of context."""

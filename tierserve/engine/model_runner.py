@@ -21,8 +21,10 @@ one small tensor each; the device's block table receives only appended block
 ids. Attention runs through ``attention`` (kernels/attention/registry.py:
 "torch" reference or "triton" kernels), set on every step's metadata.
 
-CUDA graphs (``cuda_graphs``, engine/cuda_graphs.py): a decode-only step of
-at most the largest captured batch replays a graph captured for its bucket;
+CUDA graphs (``install_decode_graphs``): a decode-only step of at most the
+largest captured batch replays the graph captured for its bucket (a dense
+model: one graph, engine/cuda_graphs.py), or the captured segments between its
+eager MoE blocks (a MoE or expert-offload model: engine/piecewise_graphs.py);
 prefill and mixed steps run eagerly.
 
 KV compression: ``kv_caches`` may come from a storage compressor (packed
@@ -40,7 +42,10 @@ from dataclasses import dataclass
 import torch
 
 from tierserve.engine.block_table import BlockTables
+from tierserve.engine.cuda_graphs import DecodeGraphs
+from tierserve.engine.piecewise_graphs import PiecewiseGraphs
 from tierserve.engine.request import Request
+from tierserve.errors import InvalidParameterError
 from tierserve.kernels.attention.base import AttentionBackend
 from tierserve.kernels.kv_pages import LayerKV, allocate_kv_cache
 from tierserve.kernels.kv_spec import KVSpec
@@ -91,8 +96,24 @@ class ModelRunner:
                                          else allocate_kv_cache(spec, num_blocks, self.device))
         self._evicted = evicted_tokens
         self.block_tables = BlockTables(max_num_seqs, spec.blocks_for_tokens(max_model_len), self.device)
-        self.graphs = None  # engine/cuda_graphs.DecodeGraphs, installed by the engine when enabled
+        self.graphs = None  # DecodeGraphs or PiecewiseGraphs: install_decode_graphs
         self.keep_hidden = False  # set by the engine for a proposer that drafts from hidden states
+
+    def install_decode_graphs(self, mode: str, scratch_block: int, max_num_seqs: int, max_model_len: int,
+                              capture: bool = True) -> None:
+        """Decode graphs of ``mode`` ("full" or "piecewise", ``decode_graph_mode``); ``scratch_block``: a KV page
+        no request owns (the padding rows'); ``capture=False`` keeps the piecewise segments eager (CPU)."""
+        kinds = {"full": DecodeGraphs, "piecewise": PiecewiseGraphs}
+        if mode not in kinds:
+            raise InvalidParameterError("mode", f"must be one of {sorted(kinds)}, got {mode!r}")
+        if mode == "full" and not capture:
+            raise InvalidParameterError("capture", "full decode graphs only replay captured graphs")
+        graphs = kinds[mode](self.model, self.kv_caches, self.attention, self.spec.block_size,
+                             self.block_tables.max_blocks_per_seq, max_model_len, scratch_block=scratch_block,
+                             max_num_seqs=max_num_seqs, device=self.device)
+        if capture:
+            graphs.capture()
+        self.graphs = graphs
 
     def release(self, request_id: str) -> None:
         self.block_tables.release(request_id)

@@ -15,7 +15,13 @@ Contract the engine relies on (every architecture class subclasses this):
   e.g. ``rotary_emb.inv_freq``); with tied embeddings ``lm_head.weight`` is
   skipped too, since the head is the embedding tensor.
 - ``kv_spec(block_size) -> KVSpec``.
-- ``supports_cuda_graphs()``: False when a submodule sets ``graph_capturable = False``.
+- ``supports_cuda_graphs()``: False when a submodule is not ``graph_capturable`` (below): such a
+  module synchronises with the host in its forward.
+- ``graph_capturable(module)``: False for a module that declares ``graph_capturable = False`` (the
+  resident ``SparseMoeBlock``: its routing sizes expert batches on the host) and for any module routing
+  with ``SparseMoeBlock.route`` (a transform's replacement block, e.g. the expert-offload block, which
+  also plans its dispatch on the host). A model whose only such modules are MoE blocks decodes with
+  piecewise CUDA graphs around them (tierserve/engine/piecewise_graphs.py).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from tierserve.kernels.kv_spec import KVSpec
 from tierserve.errors import ModelLoadError
 from tierserve.models.arch_config import ModelArchConfig
 from tierserve.models.layers import Slot, linear
+from tierserve.models.moe import SparseMoeBlock
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -49,9 +56,8 @@ class CausalLMBase(nn.Module):
         self.logits_head = TiedLMHead(self.embed_tokens) if self.lm_head is None else self.lm_head
 
     def supports_cuda_graphs(self) -> bool:
-        """Whether a forward can be captured in a CUDA graph: no submodule declares ``graph_capturable = False``
-        (a module that synchronises with the host in its forward, e.g. MoE routing sizing expert batches)."""
-        return all(getattr(m, "graph_capturable", True) for m in self.modules())
+        """Whether a whole forward can be captured in one CUDA graph: every submodule is ``graph_capturable``."""
+        return all(graph_capturable(m) for m in self.modules())
 
     def head_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
@@ -103,6 +109,13 @@ class CausalLMBase(nn.Module):
             more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
             raise ModelLoadError(f"checkpoint is missing tensor {missing[0]!r} for {self.cfg.architecture}: "
                                  f"missing {missing[:5]}{more}")
+
+
+def graph_capturable(module: nn.Module) -> bool:
+    """Whether ``module``'s own forward can run inside a CUDA graph (module doc); submodules not included."""
+    if not getattr(module, "graph_capturable", True):
+        return False
+    return getattr(type(module), "route", None) is not SparseMoeBlock.route
 
 
 class TiedLMHead(nn.Module):
