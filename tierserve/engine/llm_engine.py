@@ -40,7 +40,6 @@ from tierserve.cache.compress.base import build_compressor
 from tierserve.cache.compress.driver import EvictionDriver
 from tierserve.cache.kv_cache_manager import KVCacheManager
 from tierserve.config import EngineConfig
-from tierserve.engine.cuda_graphs import DecodeGraphs
 from tierserve.engine.detokenizer import IncrementalDetokenizer
 from tierserve.engine.device import resolve_device, resolve_dtype
 from tierserve.engine.engine_stats import EngineInfo, EngineStats
@@ -48,6 +47,7 @@ from tierserve.engine.kv_tiers_setup import build_kv_tiers
 from tierserve.engine.model_runner import ModelRunner
 from tierserve.engine.model_source import load_tokenizer, resolve_model
 from tierserve.engine.outputs import RequestOutput
+from tierserve.engine.piecewise_graphs import decode_graph_mode
 from tierserve.engine.request import Request
 from tierserve.engine.sampler import Sampler, SamplingBatch
 from tierserve.engine.scheduler import Scheduler
@@ -148,23 +148,20 @@ class LLMEngine:
 
     def _build_runner(self, config: EngineConfig, spec, num_blocks: int) -> ModelRunner:
         """The runner on the engine's device with its attention backend; decode CUDA graphs where they apply
-        (CUDA, triton attention, a capturable model, plain KV pages, not ``enforce_eager``): one extra KV page
-        then serves as the graphs' padding scratch."""
+        (CUDA, triton attention, plain KV pages, not ``enforce_eager``; full graphs for a capturable model,
+        piecewise ones for a MoE model): one extra KV page then serves as the graphs' padding scratch."""
         m = config.model
         name = m.attention_backend if m.attention_backend != "auto" else (
             "triton" if self.device.type == "cuda" else "torch")
         attention = build_attention_backend(name)
+        mode = decode_graph_mode(self.model)  # "full", "piecewise" (MoE / offloaded MoE) or None
         graphs = (self.device.type == "cuda" and not m.enforce_eager and name == "triton"
-                  and self.kv_compressor is None and self.model.supports_cuda_graphs())
+                  and self.kv_compressor is None and mode is not None)
         pages = num_blocks + 1 if graphs else num_blocks
         runner = ModelRunner(self.model, spec, pages, config.scheduler.max_num_seqs, self.max_model_len,
                              device=self.device, attention=attention, **self._kv_compression_runner_args(num_blocks))
         if graphs:
-            runner.graphs = DecodeGraphs(self.model, runner.kv_caches, attention, spec.block_size,
-                                         runner.block_tables.max_blocks_per_seq, self.max_model_len,
-                                         scratch_block=num_blocks, max_num_seqs=config.scheduler.max_num_seqs,
-                                         device=self.device)
-            runner.graphs.capture()
+            runner.install_decode_graphs(mode, num_blocks, config.scheduler.max_num_seqs, self.max_model_len)
         return runner
 
     def _check_eviction_supported(self, arch) -> None:
