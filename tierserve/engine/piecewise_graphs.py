@@ -142,6 +142,7 @@ class SegmentBuffers:
         self.h = torch.zeros(top, hidden, dtype=dtype, device=device)
         self.x = torch.zeros(top, hidden, dtype=dtype, device=device)
         self.y = torch.zeros(top, hidden, dtype=dtype, device=device)
+        model.rope.ensure(1)  # the tables exist (their length does not matter here)
         cos, sin = model.rope.lookup(torch.zeros(top, dtype=torch.long, device=device), dtype)
         self.cos, self.sin = torch.zeros_like(cos), torch.zeros_like(sin)
 
