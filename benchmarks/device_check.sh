@@ -70,6 +70,7 @@ section kernels 50 python3 benchmarks/kernels_gpu.py --out "$out"
 section offload 80 python3 benchmarks/offload_gpu.py --out "$out" --layers 2 --residency 100,50,25,10 \
   --batches 1,8 --prompt-len 16 --new-tokens 8 --host-threads 6
 section kv_tiers 35 python3 benchmarks/kv_tiers_gpu.py --out "$out" --prefix 4096 --repeats 3
+section piecewise 100 bash -c 'python3 -m pytest -q -rs -p no:cacheprovider -m cuda tests/test_piecewise_graphs_cuda.py && python3 benchmarks/piecewise_graphs_gpu.py --out "$0"' "$out"  # 13 item 2
 section attention 30 python3 benchmarks/attention.py --out "$out" --reps 10
 echo "=== device check done in $(( $(date +%s) - start )) s: $failed failed or skipped section(s)"
 exit "$failed"
