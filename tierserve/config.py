@@ -247,8 +247,9 @@ class KVCompressionConfig:
     never evicted). ``group_size``: kv4's quantization group along head_dim.
     ``interval``: decode steps between two Expected Attention compressions
     (None: one block). ``latent_bits``: XQuant's latent, 4-bit or 0
-    (unquantized, lossless). A string ``"kv4,streaming"`` is accepted for
-    ``methods`` as everywhere else a list option is.
+    (unquantized, lossless); XQuant-CL's deltas, 4, 3 or 2 bits, or 0. A
+    string ``"kv4,streaming"`` is accepted for ``methods`` as everywhere
+    else a list option is.
     """
 
     methods: tuple[str, ...] = option((), "KV-cache compression (tierserve/cache/compress/): a storage format, "
@@ -256,10 +257,10 @@ class KVCompressionConfig:
                                       choices=kv_compression_names)
     budget: int | None = option(None, "eviction methods: kept KV tokens per sequence")
     ratio: float | None = option(None, "eviction methods: fraction of the prompt's KV to drop (instead of kv_budget)")
-    group_size: int = option(32, "kv4: quantization group along head_dim; xquant: along the latent "
-                                 "(a power of two)")
+    group_size: int = option(32, "kv4: quantization group along head_dim; xquant: along the latent; "
+                                 "xquant_cl: along the hidden size (a power of two)")
     latent_bits: int = option(4, "xquant: bits per latent value (4), or 0 to keep the latent unquantized "
-                                 "in the KV dtype (lossless)")
+                                 "in the KV dtype (lossless); xquant_cl: bits per delta (4, 3, 2) or 0")
     interval: int | None = option(None, "expected_attention: decode steps between two compressions "
                                         "(default: one block)")
 
@@ -313,10 +314,12 @@ class KVCompressionConfig:
             raise InvalidParameterError("kv_group_size", f"must be a power of two >= 2, got {self.group_size}")
         if self.interval is not None and self.interval < 1:
             raise InvalidParameterError("kv_interval", f"must be >= 1, got {self.interval}")
-        if self.latent_bits not in (0, 4):
-            raise InvalidParameterError("kv_latent_bits", f"must be 4 or 0 (unquantized), got {self.latent_bits}")
-        if self.latent_bits != 4 and "xquant" not in methods:
-            raise InvalidParameterError("kv_latent_bits", f"only xquant takes a latent width, not {self.method!r}")
+        if self.latent_bits not in ((0, 4) if "xquant" in methods else (0, 2, 3, 4)):
+            allowed = "4 or 0" if "xquant" in methods else "4, 3, 2 or 0"
+            raise InvalidParameterError("kv_latent_bits", f"must be {allowed} (unquantized), got {self.latent_bits}")
+        if self.latent_bits != 4 and not {"xquant", "xquant_cl"} & set(methods):
+            raise InvalidParameterError("kv_latent_bits", f"only xquant and xquant_cl take a latent width, "
+                                                          f"not {self.method!r}")
 
 
 #: SpeculativeConfig.method: "none" and the names in tierserve.engine.spec_decode.registry.PROPOSERS
