@@ -182,4 +182,4 @@ def build_compressor(config, spec: KVSpec) -> KVCompressor | None:
 
 
 # Fill the registry (each module registers its class on import).
-from tierserve.cache.compress import kv4, paged_eviction, expected_attention, streaming, xquant  # noqa: E402,F401
+from tierserve.cache.compress import kv4, paged_eviction, expected_attention, streaming, xquant, xquant_cl  # noqa: E402,F401,E501

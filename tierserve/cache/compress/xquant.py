@@ -32,8 +32,8 @@ per token for the position over all layers. ``latent_bits`` 0 keeps the
 latent unquantized in the KV dtype: lossless up to the rounding of the two
 rotations (logits equal plain KV within fp32 noise; tests).
 
-XQuant-CL (deltas to the previous layer's X) is not built: the latent bases
-differ per layer. Models: one RoPE table for every layer (``model.rope``:
+XQuant-CL (deltas to the previous layer's X) caches X itself, not this latent (the latent bases differ
+per layer): xquant_cl.py. Models: one RoPE table for every layer (``model.rope``:
 Llama, Mistral, Qwen, OLMoE); Gemma3's local/global RoPE and sliding windows
 are refused with a clear error, and so
 is the triton attention backend (its kernels read plain or kv4 pages in

@@ -1,0 +1,301 @@
+"""XQuant-CL KV storage: each layer's input X as a low-bit delta to the previous layer's (arXiv 2508.10395).
+
+XQuant caches the attention input X instead of K and V and rematerialises
+both when attending. The residual stream changes little from one layer to
+the next, so once normalised the inputs of successive layers are close:
+XQuant-CL stores each layer's as a low-bit delta to the previous layer's
+*reconstructed* input (error feedback: layer i's delta also carries the
+rounding error of layers < i, so the error never accumulates). Per token
+and attention layer i, ``x_i`` the attention's (post-norm) input ``[hidden]``:
+
+    u_i = x_i / s_i              s_i: the layer's input norm applied to a vector of ones (its per-channel
+                                 gain; channels with |s| < 1e-6 use 1), so u_i is the normalised stream h_i/rms(h_i)
+    d_i = u_i - u^_{i-1}         (u^_{-1} = 0: layer 0 stores u_0 itself, at 4 bits)
+    store Q_b(H (w_i * d_i))     asymmetric b-bit codes in groups of g consecutive channels, fp16 scale and min,
+                                 after a block Hadamard rotation H of size g (spreads the residual stream's
+                                 massive-activation channels, as kv4 does for keys) of the delta weighted by
+                                 w_i,c = |row c of [W_k; W_v] diag(s_i)| (RMS 1, floor 0.3): an error in
+                                 channel c moves K and V in proportion to w_i,c
+    u^_i = u^_{i-1} + H deQ(.) / w_i
+    read: x^_i = u^_i * s_i,  k = RoPE(x^_i W_k^T + b_k, stored positions),  v = x^_i W_v^T + b_v
+
+(``s_i`` folded into the projection: ``[W_k; W_v] diag(s_i)``, read off the projection module's output on
+the identity as in xquant.py, so packed weight formats work too.)
+
+Codes: ``q = clamp(round((d - m) / s), 0, 2^b - 1)``, ``s = fp16((max - min) / (2^b - 1))``, ``m = fp16(min)``
+per group (kv4.py's codec at b bits), bit-packed little-endian (code j occupies bits ``j*b .. j*b+b-1`` of
+the row). Bytes per token and layer: ``hidden * b / 8 + 4 * hidden / g`` (layer 0: b = 4), plus 4 bytes per
+token for its position. SmolLM2-135M (hidden 576; K and V 384 wide; kv4: 240 B per token and layer at
+g 32): b 2, g 64: 180 B; b 3, g 64: 252 B. ``latent_bits`` 0 keeps the deltas in fp32: lossless up to
+rounding (logits equal plain KV within fp32 noise; tests). Measured on SmolLM2 (one prompt's first-token KL
+against plain KV): kv4 0.037; b 3, g 64: 0.02-0.08; b 2, g 64: 0.24 (without the rotation 2.5, without the
+weights 0.50): the attention input is 1.5x wider than K and V together in this GQA model and moves ~25% of
+its norm per layer, so the deltas need ~3 bits (benchmarks/kv_quality.py has the perplexities).
+
+Reading layer i needs ``u^_i``, the sum of layers 0..i's deltas. Within a step the attention gathers in
+layer order with the same block table, so each layer's ``u^`` is kept for the next (keyed by step and
+table; a miss, e.g. an eviction method reading one layer, sums from layer 0). Writes chain the same way
+through the step's tokens. Rematerialising costs a ``[N, hidden] x [hidden, 2 d_kv]`` matmul per layer
+over the N gathered tokens.
+
+Models: one RoPE table (``model.rope``), no sliding windows, no q/k norm or clipping (K must be affine in
+X); the torch attention backend (the triton kernels read plain or kv4 pages; pages.py refuses these).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tierserve.cache.compress.base import KVCompressor, register
+from tierserve.cache.compress.xquant import apply_rope, projection_weights
+from tierserve.errors import InvalidParameterError
+from tierserve.kernels.quant.hadamard import hadamard_matrix
+
+CL_BITS = (0, 2, 3, 4)
+BASE_BITS = 4  # layer 0 stores u_0 itself, not a delta
+IMPORTANCE_FLOOR = 0.3  # channel weights w_c below this (RMS 1) are raised to it
+
+
+def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes ``[..., n]`` (< 2^bits) -> ``[..., n * bits / 8]`` bytes, code j at bits j*b.. of the row."""
+    *lead, n = q.shape
+    planes = (q[..., None] >> torch.arange(bits, dtype=torch.uint8, device=q.device)) & 1
+    planes = planes.reshape(*lead, n * bits // 8, 8)
+    return (planes << torch.arange(8, dtype=torch.uint8, device=q.device)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of ``pack_bits``: uint8 codes ``[..., 8 * bytes / bits]``."""
+    *lead, nbytes = packed.shape
+    planes = (packed[..., None] >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1
+    planes = planes.reshape(*lead, nbytes * 8 // bits, bits)
+    return (planes << torch.arange(bits, dtype=torch.uint8, device=packed.device)).sum(-1, dtype=torch.uint8)
+
+
+def quantize(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x [..., d]`` -> codes uint8 ``[..., d]`` (unpacked), fp16 scale and min ``[..., d / group]``."""
+    *lead, d = x.shape
+    xg = x.float().reshape(*lead, d // group, group)
+    levels = (1 << bits) - 1
+    lo, hi = xg.amin(-1), xg.amax(-1)
+    scale = ((hi - lo) / levels).to(torch.float16)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = lo.to(torch.float16)
+    q = torch.round((xg - zero.float()[..., None]) / scale.float()[..., None]).clamp_(0, levels)
+    return q.to(torch.uint8).reshape(*lead, d), scale, zero
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> torch.Tensor:
+    *lead, d = q.shape
+    x = zero.float()[..., None] + q.float().reshape(*lead, d // group, group) * scale.float()[..., None]
+    return x.reshape(*lead, d)
+
+
+class DeltaPages:
+    """One layer's stored deltas, block-major: packed codes, scale, min (or fp32 values at 0 bits)."""
+
+    def __init__(self, num_blocks: int, block_size: int, hidden: int, bits: int, group: int, device):
+        self.bits, self.group, self.hidden = bits, group, hidden
+        self.rotation = hadamard_matrix(group, torch.float32, device)
+        self.weight = torch.ones(hidden, device=device)  # per-channel importance (set at bind)
+        shape = (num_blocks, block_size)
+        if bits:
+            self.tensors = (torch.zeros(*shape, hidden * bits // 8, dtype=torch.uint8, device=device),
+                            torch.ones(*shape, hidden // group, dtype=torch.float16, device=device),
+                            torch.zeros(*shape, hidden // group, dtype=torch.float16, device=device))
+        else:
+            self.tensors = (torch.zeros(*shape, hidden, dtype=torch.float32, device=device),)
+
+    def write(self, slots: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """Store ``d [T, hidden]`` at flat ``slots``; returns what a read will give back (fp32)."""
+        if not self.bits:
+            stored = (d.float(),)
+            out = stored[0]
+        else:
+            q, scale, zero = quantize(self._rotate(d * self.weight), self.bits, self.group)
+            stored = (pack_bits(q, self.bits), scale, zero)
+            out = self._rotate(dequantize(q, scale, zero, self.group)) / self.weight
+        for dst, src in zip(self.tensors, stored):
+            dst.view(-1, dst.shape[-1]).index_copy_(0, slots, src)
+        return out
+
+    def read(self, table: torch.Tensor) -> torch.Tensor:
+        """The blocks of ``table`` (any shape) as fp32 ``[numel(table) * block_size, hidden]``."""
+        flat = table.reshape(-1)
+        parts = [torch.index_select(t, 0, flat).reshape(-1, t.shape[-1]) for t in self.tensors]
+        if not self.bits:
+            return parts[0]
+        return self._rotate(dequantize(unpack_bits(parts[0], self.bits), parts[1], parts[2], self.group)) / self.weight
+
+    def _rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """The block Hadamard rotation (its own inverse: ``H`` is symmetric and orthonormal)."""
+        return (x.float().reshape(-1, self.hidden // self.group, self.group) @ self.rotation).reshape(x.shape)
+
+
+class _CLState:
+    """Shared by every layer: the step counter, positions and attention inputs, and the running u^."""
+
+    def __init__(self):
+        self.step = 0
+        self.positions: torch.Tensor | None = None
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.written: tuple[int, int, torch.Tensor] | None = None  # (step, layer, u^ at the step's slots)
+        self.gathered: dict[tuple, tuple[int, torch.Tensor]] = {}  # table key -> (layer, u^ of its tokens)
+        self.layers: list = []
+
+
+class XQuantCLLayerKV:
+    """One layer's delta pages (``LayerKV``'s ``write`` contract plus ``gather`` and ``parts``)."""
+
+    def __init__(self, layer: int, pages: DeltaPages, heads: int, dim: int, dtype: torch.dtype,
+                 positions: torch.Tensor, state: _CLState):
+        self.layer, self.pages, self.heads, self.dim, self.dtype = layer, pages, heads, dim, dtype
+        self.positions, self.state = positions, state  # positions [num_blocks, block_size] int32, shared
+        self.gain = self.proj = self.bias = self.rope = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.positions.device
+
+    def parts(self) -> tuple[torch.Tensor, ...]:
+        """Storage tensors, block-major: the delta codes, scales, mins (or fp32 deltas), and, in layer 0 only,
+        the positions (one tensor serves every layer)."""
+        return self.pages.tensors + ((self.positions,) if self.layer == 0 else ())
+
+    def write(self, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        st = self.state
+        x = st.inputs.pop(self.layer, None)
+        if self.proj is None or x is None:
+            raise RuntimeError("xquant_cl pages written before the compressor was bound to the model")
+        u = x.float().reshape(-1, self.pages.hidden) / self.gain
+        if self.layer == 0:
+            prev = torch.zeros_like(u)
+        elif st.written is not None and st.written[:2] == (st.step, self.layer - 1):
+            prev = st.written[2]
+        else:
+            raise RuntimeError(f"xquant_cl layer {self.layer} written before layer {self.layer - 1} in this step")
+        u_hat = prev + self.pages.write(slot_mapping, u - prev)
+        st.written = (st.step, self.layer, u_hat)
+        if self.layer == 0:
+            self.positions.view(-1).index_copy_(0, slot_mapping, st.positions.to(torch.int32))
+
+    def reconstruct(self, table: torch.Tensor) -> torch.Tensor:
+        """u^ of this layer for the tokens of ``table``: the previous layer's (kept from this step) plus this
+        layer's delta, or the sum from layer 0."""
+        st = self.state
+        key = (tuple(table.shape), tuple(table.reshape(-1).tolist()))
+        hit = st.gathered.get(key)
+        if self.layer > 0 and hit is not None and hit[0] == self.layer - 1:
+            u_hat = hit[1] + self.pages.read(table)
+        else:
+            u_hat = sum(st.layers[j].pages.read(table) for j in range(self.layer + 1))
+        st.gathered[key] = (self.layer, u_hat)
+        return u_hat
+
+    def gather(self, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pages of ``table [..., nb]`` rematerialised: keys and values ``[..., nb * bs, H, D]`` in the KV dtype."""
+        lead = table.shape[:-1]
+        kv = torch.addmm(self.bias, self.reconstruct(table), self.proj)
+        k_pre, vals = kv.split(self.heads * self.dim, dim=-1)
+        pos = torch.index_select(self.positions, 0, table.reshape(-1)).reshape(-1).long()
+        self.rope.ensure(int(pos.max()) + 1 if pos.numel() else 1)
+        cos, sin = self.rope.lookup(pos, torch.float32)
+        keys = apply_rope(k_pre.reshape(-1, self.heads, self.dim), cos, sin)
+        shape = (*lead, -1, self.heads, self.dim)
+        return keys.reshape(shape).to(self.dtype), vals.reshape(shape).to(self.dtype)
+
+
+@register
+class XQuantCLCompressor(KVCompressor):
+    name = "xquant_cl"
+    evicts = False
+
+    def __init__(self, config, spec):
+        super().__init__(config, spec)
+        hidden, g, bits = spec.hidden_size, config.group_size, config.latent_bits
+        if hidden < 1:
+            raise InvalidParameterError("kv_compression", "xquant_cl needs the model's hidden size "
+                                                          "(KVSpec.hidden_size), got none")
+        if bits not in CL_BITS:
+            raise InvalidParameterError("kv_latent_bits", f"xquant_cl takes {CL_BITS[1:]} bits per delta or 0 "
+                                                          f"(unquantized), got {bits}")
+        if bits and hidden % g:
+            raise InvalidParameterError("kv_group_size", f"xquant_cl needs the hidden size {hidden} divisible "
+                                                         f"by the group size {g}")
+        self.state = _CLState()
+        self._hooks: list = []
+
+    def layer_bits(self, layer: int) -> int:
+        bits = self.config.latent_bits
+        return BASE_BITS if bits and layer == 0 else bits
+
+    def layer_token_bytes(self, layer: int) -> int:
+        hidden, bits = self.spec.hidden_size, self.layer_bits(layer)
+        return hidden * bits // 8 + 4 * (hidden // self.config.group_size) if bits else 4 * hidden
+
+    def page_size_bytes(self) -> int:
+        s = self.spec
+        return s.block_size * (sum(self.layer_token_bytes(i) for i in range(s.num_layers)) + 4)
+
+    def allocate_cache(self, num_blocks: int, device="cpu") -> list[XQuantCLLayerKV]:
+        s = self.spec
+        positions = torch.zeros(num_blocks, s.block_size, dtype=torch.int32, device=device)
+        self.state.layers = [
+            XQuantCLLayerKV(i, DeltaPages(num_blocks, s.block_size, s.hidden_size, self.layer_bits(i),
+                                          self.config.group_size, device),
+                            s.num_kv_heads, s.head_dim, getattr(torch, s.dtype), positions, self.state)
+            for i in range(s.num_layers)]
+        return self.state.layers
+
+    def bind(self, model: torch.nn.Module, kv_caches: list) -> None:
+        super().bind(model, kv_caches)
+        rope, layers = getattr(model, "rope", None), getattr(model, "layers", None)
+        if rope is None or layers is None:
+            raise InvalidParameterError("kv_compression", f"xquant_cl needs a model with one RoPE table for "
+                                                          f"every layer (model.rope); {type(model).__name__} has none")
+        hidden, dtype = model.cfg.hidden_size, getattr(model, "dtype", torch.float32)
+        for i, (layer, kv) in enumerate(zip(layers, kv_caches)):
+            attn = layer.self_attn
+            self._check_layer(i, attn)
+            kv.gain = self._gain(layer, hidden, dtype, kv.device)
+            w = projection_weights(attn.qkv_proj, hidden, dtype, kv.device)[attn.q_size:]
+            with torch.no_grad():
+                bias = attn.qkv_proj(torch.zeros(1, hidden, dtype=dtype, device=kv.device)).float()[0]
+            kv.proj = (w * kv.gain).T.contiguous()
+            importance = kv.proj.norm(dim=1)  # how much an error in channel c moves K and V
+            kv.pages.weight = (importance / importance.pow(2).mean().sqrt()).clamp(min=IMPORTANCE_FLOOR)
+            kv.bias = bias[attn.q_size:].contiguous()
+            kv.rope = rope
+            self._hooks.append(attn.register_forward_pre_hook(self._capture_input(i)))
+        self._hooks.append(model.register_forward_pre_hook(self._new_step))
+
+    @staticmethod
+    def _check_layer(i: int, attn) -> None:
+        if attn.sliding_window is not None:
+            raise InvalidParameterError("kv_compression", f"xquant_cl does not support sliding-window layers "
+                                                          f"(layer {i}, window {attn.sliding_window})")
+        if getattr(attn, "qk_norm", "none") != "none" or getattr(attn, "clip", None) is not None:
+            raise InvalidParameterError("kv_compression", f"xquant_cl needs K and V affine in the layer input; "
+                                                          f"layer {i} has q/k norm {attn.qk_norm!r} or clipping")
+
+    @staticmethod
+    def _gain(layer, hidden: int, dtype: torch.dtype, device) -> torch.Tensor:
+        norm = getattr(layer, "input_layernorm", None)
+        if norm is None:
+            return torch.ones(hidden, device=device)
+        with torch.no_grad():
+            gain = norm(torch.ones(1, hidden, dtype=dtype, device=device)).float()[0]
+        return torch.where(gain.abs() < 1e-6, torch.ones_like(gain), gain)
+
+    def _new_step(self, module, args) -> None:
+        st = self.state
+        st.step += 1
+        st.positions = args[1]
+        st.inputs.clear()
+        st.gathered.clear()
+        st.written = None
+
+    def _capture_input(self, layer: int):
+        def hook(module, args) -> None:
+            self.state.inputs[layer] = args[0]
+        return hook
