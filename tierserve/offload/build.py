@@ -24,7 +24,7 @@ called by the engine on a freshly loaded model BEFORE the linear-backend transfo
    a fraction of a host's, so the crossover to fetching falls inside a normal prefill);
 6. the hook gets the launcher (``close()`` shuts the hosts down), the usage file, the
    promotion thresholds (``promotion_min_gain``, ``promotion_max_swaps``) and
-   ``usage_save_interval_s``.
+   ``usage_save_interval_s``, and the prefetch policy (``prefetch``, tierserve/offload/prefetch.py).
 """
 
 from __future__ import annotations
@@ -83,4 +83,5 @@ def offload_from_config(model: nn.Module, offload_config: OffloadConfig, weights
     hook.usage_file = file
     hook.min_gain, hook.max_swaps = cfg.promotion_min_gain, cfg.promotion_max_swaps
     hook.save_interval_s = cfg.usage_save_interval_s
+    hook.prefetch = cfg.prefetch
     return hook

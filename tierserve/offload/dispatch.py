@@ -2,11 +2,16 @@
 
 Per forward (one MoE layer, one step) with tokens ``x [T, hidden]``:
 
-1. route exactly as ``SparseMoeBlock.route`` (the same method runs on this module);
+1. route exactly as ``SparseMoeBlock.route`` (the same method runs on this module); with a
+   spare ring, finish this layer's copies in flight that are routed now (a prefetched expert is
+   never read before its copy completed) or already done, and pin the routed held slots for the
+   layer (``_settle``; the pins are released when the layer returns); ``last_rows`` keeps the
+   rows per expert for the next step's prefetch (tierserve.offload.prefetch);
 2. plan (``plan_dispatch``, tierserve.offload.dispatch_plan: pure, over the expert ids):
    rows grouped by expert (ascending expert id, rows ascending); resident experts and
    spare-slot hits run locally; a cold expert whose rows make fetching cheaper than
-   remote compute (``CostModel``) is copied into a spare slot; every other cold expert
+   remote compute (``CostModel``, decided per layer, step and expert) is copied into a
+   spare slot while the ring has a free slot; every other cold expert
    goes to its host, ONE ``HostMessage`` per host;
 3. start the spare-slot fetches, then send each host's message (``x[rows // k]``, no
    padding, its experts' groups concatenated in ascending expert id, and their expert
@@ -41,6 +46,7 @@ a fetch started this step), ``bytes_received`` output bytes read back from hosts
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -106,6 +112,7 @@ class OffloadedMoeBlock(nn.Module):
         self.cost = cost or CostModel()
         self.counters = DispatchCounters()
         self.moves = DeviceRows()
+        self.last_rows: Counter = Counter()  # expert id -> rows routed to it by the last forward (prefetch)
 
     route = SparseMoeBlock.route
 
@@ -118,31 +125,67 @@ class OffloadedMoeBlock(nn.Module):
         def put(rows: torch.Tensor, y: torch.Tensor) -> None:
             buf.index_copy_(0, rows, y * flat_w.index_select(0, rows))
 
-        plan = self.plan(ids.tolist())
-        fetches = [(g, self._start_fetch(g)) for g in plan.fetches]
-        pending = self._send(plan, x)
-        for g in plan.local:
-            rows = _rows(g.rows, x.device)
-            put(rows, self._local_module(g.expert, g.source)(x.index_select(0, rows // k)))
-        self._collect(pending, plan, x, put)
-        for g, future in fetches:
-            module = self._finish_fetch(g.expert, future)
-            if module is None:  # its host died while copying: the pool moved the expert
-                self._run_groups([g], x, put)
-            else:
+        routed = ids.tolist()
+        self.last_rows = Counter(e for slots in routed for e in slots)
+        try:
+            self._settle(self.last_rows)
+            plan = self.plan(routed)
+            fetches = [(g, self._start_fetch(g)) for g in plan.fetches]
+            pending = self._send(plan, x)
+            for g in plan.local:
                 rows = _rows(g.rows, x.device)
-                put(rows, module(x.index_select(0, rows // k)))
+                put(rows, self._local_module(g.expert, g.source)(x.index_select(0, rows // k)))
+            self._collect(pending, plan, x, put)
+            for g, future in fetches:
+                module = self._finish_fetch(g.expert, future) if future is not None else None
+                if module is None:  # no free slot, or its host died while copying: the pool moved the expert
+                    self._run_groups([g], x, put)
+                else:
+                    rows = _rows(g.rows, x.device)
+                    put(rows, module(x.index_select(0, rows // k)))
+        finally:
+            if self.spare is not None:
+                self.spare.ledger.release_layer(self.layer)
         out = sum_slots(buf, t, k)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
+
+    def finish_done(self) -> None:
+        """Finish this layer's copies in flight that have completed (between steps; waits for none)."""
+        if self.spare is not None:
+            for (_, e), future in self.spare.pending(self.layer):
+                if future.done():
+                    self._finish_fetch(e, future)
+
+    def _settle(self, routed: Counter) -> None:
+        """Before planning: finish this layer's copies in flight that are routed now (waiting for them: a slot is
+        never read before its copy completed) or already done, then pin the routed held slots for this layer
+        so that this layer's own fetches cannot evict them."""
+        spare = self.spare
+        if spare is None:
+            return
+        for (_, e), future in spare.pending(self.layer):
+            if e in routed or future.done():
+                self._finish_fetch(e, future)
+        for e in routed:
+            if (self.layer, e) in spare:
+                spare.ledger.need((self.layer, e), self.layer)
 
     # ------------------------------------------------------------------ planning
     def plan(self, expert_ids: list[list[int]]) -> DispatchPlan:
         """This layer's ``DispatchPlan`` for the routed ids, from the live placement, ring and cost model."""
         spare = self.spare
         held = {e for (j, e) in spare.keys() if j == self.layer} if spare is not None else ()
-        prefer = (lambda n: self.cost.prefer_fetch(n, self.expert_bytes)) if spare is not None else None
+        prefer = None
+        if spare is not None:
+            budget = [spare.free_slots()]  # fetches beyond the free slots are sent to their hosts
+
+            def prefer(n: int) -> bool:
+                if budget[0] > 0 and self.cost.prefer_fetch(n, self.expert_bytes):
+                    budget[0] -= 1
+                    return True
+                return False
         plan = plan_dispatch(self.layer, expert_ids, self.num_experts, {int(e) for e in self.experts},
                              LayerOwners(self.pool, self.layer), held, prefer)
         self.counters.spare_rows += sum(len(g.rows) for g in plan.local if g.source == "spare")
@@ -156,7 +199,7 @@ class OffloadedMoeBlock(nn.Module):
             return self.spare.get((self.layer, e))  # a hit: moves the slot to the ring's end
         return self.pool.local[(self.layer, e)]
 
-    def _start_fetch(self, g: ExpertGroup) -> Future:
+    def _start_fetch(self, g: ExpertGroup) -> Future | None:
         key = (self.layer, g.expert)
         return self.spare.fetch(key, self.pool.transport(self.pool.owner(key)))
 

@@ -95,6 +95,27 @@ def _to_device(mlp: torch.nn.Module, device: torch.device, stream) -> None:
     stream.synchronize()
 
 
+def build_expert_on_stream(w: ExpertWeights, linear_backend: str, device: torch.device,
+                           stream) -> tuple[torch.nn.Module, "torch.cuda.Event"]:
+    """``build_expert`` on a CUDA ``device`` without waiting: the weights are copied through pinned buffers
+    and the linear backend applied on ``stream``, whose event (recorded after both) is returned; a consumer
+    waits for the event before it reads the module (tierserve.offload.spare_slots)."""
+    dtype = getattr(torch, w.dtype)
+    inter2, hidden = w.gate_up.shape
+    mlp = GatedMLP(hidden, inter2 // 2, w.act, dtype)
+    with torch.no_grad():
+        mlp.gate_up_proj.weight.copy_(numpy_to_tensor(w.gate_up, dtype))
+        mlp.down_proj.weight.copy_(numpy_to_tensor(w.down, dtype))
+    mlp.eval().requires_grad_(False)
+    with torch.no_grad(), torch.cuda.stream(stream):
+        for p in mlp.parameters():
+            p.data = p.data.pin_memory().to(device, non_blocking=True)
+        apply_linear_backend(mlp, linear_backend)
+        done = torch.cuda.Event()
+        done.record(stream)
+    return mlp, done
+
+
 @dataclass(frozen=True)
 class _Part:
     name: str        # HF tensor name

@@ -18,6 +18,12 @@ Request boundaries. ``at_request_boundary()`` (between engine steps) applies up 
 ``max_swaps`` promotions with count gain >= ``min_gain`` (tierserve.offload.promotion)
 and updates ``placement``; ``promotions`` counts the swaps applied so far.
 
+Prefetch. With ``prefetch = "previous_step"`` and a spare ring, ``before_forward`` of a
+decode step (every scheduled request past its prompt) first finishes the ring's copies that
+are done, then starts copying the cold experts the previous step routed to (each block's
+``last_rows``) and pins them for their layer (tierserve.offload.prefetch ``plan_prefetch``);
+``stats()`` carries nothing new, the counters are ``spare.prefetch``.
+
 Closing. ``close()`` saves the usage, closes the hosts' transports and the spare ring,
 and, when a launcher is attached (``launcher``: the hook was built by
 ``offload_from_config``, which started the hosts), shuts the hosts down. Idempotent.
@@ -27,16 +33,20 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from tierserve.offload.host_pool import HostPool
 from tierserve.offload.launcher import HostLauncher
 from tierserve.offload.placement import Placement, Swap
+from tierserve.offload.prefetch import plan_prefetch
 from tierserve.offload.promotion import promote
 from tierserve.offload.spare_slots import SpareSlots
 from tierserve.offload.usage import ExpertMetrics, ExpertUsage
 from tierserve.offload.usage_hook import RouteHandle
 from tierserve.step.hooks import StepHook
+from tierserve.step.request_view import RequestView as Request
+from tierserve.step.schedule import SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +66,7 @@ class OffloadHook(StepHook):
     min_gain: int = 64
     max_swaps: int = 0
     save_interval_s: float = 300.0
+    prefetch: str = "none"  # "previous_step": prefetch from the previous step's routing (module doc)
     swaps: list[Swap] = field(default_factory=list)
     _last_save: float = field(default_factory=time.monotonic)
     _closed: bool = False
@@ -77,6 +88,25 @@ class OffloadHook(StepHook):
         if self.usage_file is not None and time.monotonic() - self._last_save >= self.save_interval_s:
             self.save_usage()
         return applied
+
+    def before_forward(self, sched: SchedulerOutput, requests: Mapping[str, Request]) -> None:
+        """Prefetch for a decode step (module doc)."""
+        spare = self.spare
+        if self.prefetch != "previous_step" or spare is None or sched.is_empty:
+            return
+        if any(sr.request_id not in requests or sr.start < requests[sr.request_id].num_prompt_tokens
+               for sr in sched.scheduled):
+            return  # a prefill in the step: the previous routing predicts little
+        for block in self.blocks:
+            block.finish_done()
+        previous = {b.layer: b.last_rows for b in self.blocks if b.last_rows}
+        resident = {b.layer: {int(e) for e in b.experts} for b in self.blocks}
+        fetch, pin = plan_prefetch(previous, resident, lambda key: self.pool.owner(key) is not None, spare.ledger)
+        for key in pin:
+            spare.ledger.need(key, key[0])
+        for key in fetch:
+            if spare.fetch(key, self.pool.transport(self.pool.owner(key)), prefetch=True) is not None:
+                spare.ledger.need(key, key[0])
 
     def save_usage(self, path: str | None = None) -> None:
         path = path or self.usage_file

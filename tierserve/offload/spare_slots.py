@@ -30,34 +30,40 @@ whose local rows cost a hundredth of a host CPU's, crosses over much earlier.
 tests/test_expert_cost_decision.py checks the dispatcher's decision against this formula
 with the constants ``measure`` gives at start-up, on both sides of the crossover they imply.
 
-**Ring.** ``capacity`` slots, least-recently-used eviction (an ``OrderedDict``: a hit
-moves the key to the end, an insert beyond capacity drops the front). ``fetch(key,
-transport)`` starts a copy on a background thread (``ThreadPoolExecutor`` with one
-thread): ``fetch_expert(transport, key)`` (tierserve.offload.expert_transit: one
-``get_expert_payload`` call on the host's transport; what crosses the wire is the
-host's at-rest form, raw arrays from a ``"raw"`` host, the DFloat11-coded expert from a ``"dfloat11"`` host,
-decoded on this thread) then ``build_expert`` with the worker's linear backend, so a
-slot computes bit-identically to the host. Counters: ``fills`` (experts inserted),
-``hits``, and ``fill_bytes`` (a ``TransitBytes``: the payload bytes of the inserted
-fills as they crossed the wire, ``.wire``, and as raw arrays, ``.raw``). What overlaps on CPU:
-the fetch is started as soon as the layer's routing is known, before the worker
-issues the other hosts' fused calls and computes its resident experts; the copy
-(network receive, which releases the GIL) runs while the main
-thread computes the resident experts and waits for the hosts; the DFloat11 decode of a
-coded expert and the prepacking in ``build_expert`` compete for the same cores. Routing is only known per layer, so on a
-CPU worker the copy cannot overlap the attention of the same layer; it overlaps the
-rest of this layer's MoE and, once in the ring, every later step is a hit. ``close()``
-stops the thread. On a CUDA worker (``device``) the slots live in device memory: the
-ring's thread copies each fetched expert's weights host-to-device through pinned
-buffers on its own copy stream and waits for them there, so the compute stream never
-waits on a fill and a slot is complete when ``finish`` hands it out.
+**Ring.** ``capacity`` slots; which key is in flight, held, pinned or evicted (least recently
+used first, never a pinned or in-flight key) is ``SlotLedger``'s bookkeeping
+(tierserve.offload.slot_ledger). ``fetch(key, transport, prefetch=False)`` reserves a slot
+(None when every slot is in flight or pinned: the caller sends the rows instead) and starts
+a copy on a background thread (``ThreadPoolExecutor`` with one thread): ``fetch_expert(transport,
+key)`` (tierserve.offload.expert_transit: one ``get_expert_payload`` call on the host's
+transport; what crosses the wire is the host's at-rest form, raw arrays from a ``"raw"`` host,
+the DFloat11-coded expert from a ``"dfloat11"`` host, decoded on this thread) then
+``build_expert`` with the worker's linear backend, so a slot computes bit-identically to the
+host. ``finish(key, future)`` waits for the copy and makes the slot readable; a failed copy
+frees its slot and re-raises. A key is never readable before ``finish``: the dispatcher
+(tierserve.offload.dispatch) finishes a layer's routed in-flight keys before planning the layer.
+Counters: ``fills`` (copies finished), ``hits`` (reads of a held slot), ``fill_bytes`` (a
+``TransitBytes``: the payload bytes of the fills as they crossed the wire, ``.wire``, and as
+raw arrays, ``.raw``), ``prefetch`` (issued / used / wasted, tierserve.offload.prefetch).
+
+**Overlap.** On the CPU a fetch started when a layer's routing is known overlaps the rest of
+that layer's MoE (the network receive releases the GIL); a prefetch
+(``OffloadConfig.prefetch = "previous_step"``) is started before the step's first layer and
+overlaps every earlier layer. On a CUDA worker (``device``) the slots live in device memory:
+the ring's thread copies each fetched expert's weights host-to-device through pinned buffers
+on the ring's own copy stream and records an event there (``build_expert_on_stream``); it does
+not wait. ``finish`` makes the consuming (current) stream wait for that event and records the
+slot's tensors on it, so the compute stream is never blocked by the host: a prefetched
+expert's copy overlaps the attention of every layer before it, and the consuming layer's
+kernels are ordered after the copy. (A fetch decided inside layer L cannot overlap layer
+L+1's attention: L's output needs it; such fetches pay off in prefills, where n is large.)
+``close()`` stops the thread.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -66,8 +72,9 @@ import torch
 
 from tierserve.errors import InvalidParameterError
 from tierserve.offload.expert_transit import TransitBytes, fetch_expert
-from tierserve.offload.expert_weights import build_expert, tensor_to_numpy
+from tierserve.offload.expert_weights import build_expert, build_expert_on_stream, tensor_to_numpy
 from tierserve.offload.host_pool import ExpertHostError
+from tierserve.offload.slot_ledger import PrefetchCounters, SlotLedger
 
 Key = tuple[int, int]
 
@@ -142,68 +149,98 @@ def _local_seconds(module: torch.nn.Module, x: torch.Tensor, repeats: int) -> fl
 
 
 class SpareSlots:
-    """LRU ring of ``capacity`` locally held cold experts, filled asynchronously (module doc)."""
+    """Ring of ``capacity`` locally held cold experts, filled asynchronously (module doc); the states, pins
+    and eviction order are ``SlotLedger``'s (tierserve.offload.slot_ledger)."""
 
     def __init__(self, capacity: int, linear_backend: str, device: torch.device | str = "cpu"):
-        if capacity < 1:
-            raise InvalidParameterError("spare_slots", f"must be >= 1, got {capacity}")
+        self.ledger = SlotLedger(capacity)
         self.capacity = capacity
         self.linear_backend = linear_backend
         self.device = torch.device(device)
         self._copy_stream = None  # CUDA: the stream the ring's host-to-device weight copies run on
-        self._slots: OrderedDict[Key, torch.nn.Module] = OrderedDict()
-        self._pending: dict[Key, Future] = {}  # each yields (module, TransitBytes)
+        self._slots: dict[Key, torch.nn.Module] = {}
+        self._pending: dict[Key, Future] = {}  # each yields (module, copy event or None, TransitBytes)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spare-slots")
         self.hits = 0
         self.fills = 0
         self.fill_bytes = TransitBytes()
 
     def __contains__(self, key: Key) -> bool:
-        return key in self._slots
+        return self.ledger.ready(key)
 
     def keys(self) -> list[Key]:
-        return list(self._slots)
+        """Readable keys, least recently used first."""
+        return self.ledger.held()
 
     def in_flight(self) -> list[Key]:
         """The keys whose copy was started and not yet ``finish``-ed."""
         return list(self._pending)
 
-    def get(self, key: Key) -> torch.nn.Module | None:
-        module = self._slots.get(key)
-        if module is not None:
-            self._slots.move_to_end(key)
-            self.hits += 1
-        return module
+    @property
+    def prefetch(self) -> PrefetchCounters:
+        return self.ledger.prefetch
 
-    def fetch(self, key: Key, transport) -> Future:
-        """Start copying ``key`` from the host behind ``transport`` (or join the copy in flight); pass the
-        future to ``finish``."""
+    def free_slots(self) -> int:
+        return self.ledger.free_slots()
+
+    def get(self, key: Key) -> torch.nn.Module | None:
+        if not self.ledger.ready(key):
+            return None
+        self.ledger.touch(key)
+        self.hits += 1
+        return self._slots[key]
+
+    def fetch(self, key: Key, transport, prefetch: bool = False) -> Future | None:
+        """Start copying ``key`` from the host behind ``transport`` into a slot (or join the copy in flight);
+        pass the future to ``finish``. None when every slot is in flight or pinned (send the rows instead)."""
         if key in self._pending:
             return self._pending[key]
+        evicted = self.ledger.reserve(key, prefetch)
+        if evicted is None:
+            return None
+        for k in evicted:
+            self._slots.pop(k, None)
         future = self._pool.submit(self._copy, key, transport)
         self._pending[key] = future
         return future
 
-    def _copy(self, key: Key, transport) -> tuple[torch.nn.Module, TransitBytes]:
+    def _copy(self, key: Key, transport):
         fetched = fetch_expert(transport, key, None)  # the transport's own timeout; finish() bounds the wait
-        if self.device.type == "cuda" and self._copy_stream is None:
+        if self.device.type != "cuda":
+            return build_expert(fetched.weights, self.linear_backend, self.device), None, fetched.bytes
+        if self._copy_stream is None:
             self._copy_stream = torch.cuda.Stream(self.device)
-        return build_expert(fetched.weights, self.linear_backend, self.device, self._copy_stream), fetched.bytes
+        module, done = build_expert_on_stream(fetched.weights, self.linear_backend, self.device, self._copy_stream)
+        return module, done, fetched.bytes
 
     def finish(self, key: Key, future: Future, timeout_s: float) -> torch.nn.Module:
-        """Wait for a fetch and insert it into the ring (evicting the LRU slot); raises what the copy raised."""
+        """Wait for a fetch and make its slot readable; raises what the copy raised (the slot is freed). On
+        CUDA the current stream waits for the copy's event: later kernels read the slot after it landed."""
         try:
-            module, moved = future.result(timeout=timeout_s)
-        finally:
+            module, done, moved = future.result(timeout=timeout_s)
+        except BaseException:
             self._pending.pop(key, None)
+            self.ledger.cancel(key)
+            raise
+        self._pending.pop(key, None)
+        if done is not None:
+            consumer = torch.cuda.current_stream(self.device)
+            consumer.wait_event(done)
+            for t in list(module.parameters()) + list(module.buffers()):
+                if t.is_cuda:
+                    t.record_stream(consumer)  # allocated on the copy stream, read on this one
+        self.ledger.complete(key)
         self._slots[key] = module
-        self._slots.move_to_end(key)
         self.fills += 1
         self.fill_bytes.merge(moved)
-        while len(self._slots) > self.capacity:
-            self._slots.popitem(last=False)
         return module
+
+    def pending(self, layer: int) -> list[tuple[Key, Future]]:
+        """The copies in flight for ``layer``."""
+        return [(k, f) for k, f in self._pending.items() if k[0] == layer]
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pending.clear()
         self._slots.clear()
+        self.ledger.clear()
