@@ -4,12 +4,14 @@
 - the plans of tiny random Mixtral / Qwen2-MoE (a dense layer between MoE layers) / OLMoE models: the
   boundaries are exactly the MoE layers, every named submodule exists, and segments + boundaries list the
   model's forward in order (every layer's four parts once, embedding first, final norm and head last).
+- ``ModelRunner.install_decode_graphs`` names a bad ``mode`` and refuses uncaptured full graphs.
 - ``decode_graph_mode``: "full" for a dense decoder, "piecewise" for a MoE one and for the same model after
   expert offload (whose blocks must not pass as capturable: they plan dispatch on the host).
 - ``PiecewiseGraphs`` before capture (segments run eagerly around eager MoE blocks, padding rows on a scratch
   page) against the model's own forward on the same KV pages: logits bit-identical (``torch.equal``) at
-  batches 1 (bucket 1), 2 (bucket 2) and 3 (bucket 4: one padding row), for the all-resident tiny Qwen3-MoE
-  and for it with 10 of 16 experts on two socket expert-host processes; the offloaded blocks route exactly
+  batches 1 (bucket 1), 2 (bucket 2) and 3 (bucket 4: one padding row), for the all-resident tiny Qwen3-MoE,
+  a tiny Qwen2-MoE whose middle layer is dense (run whole inside a segment) with a shared expert, and the
+  Qwen3-MoE with 10 of 16 experts on two socket expert-host processes; the offloaded blocks route exactly
   ``n * top_k`` rows per layer and step (padding rows never reach an expert).
 """
 
@@ -102,6 +104,16 @@ def test_dense_model_gets_full_graphs():
         PiecewiseGraphs(model, [], None, 4, 4, 16, scratch_block=0, max_num_seqs=2, device=torch.device("cpu"))
 
 
+def test_install_decode_graphs_rejects_bad_input():
+    model = _build("llama")
+    runner = ModelRunner(model, model.kv_spec(4), 9, 2, 16)
+    with pytest.raises(InvalidParameterError, match="mode.*'full', 'piecewise'.*'partial'"):
+        runner.install_decode_graphs("partial", 8, 2, 16)
+    with pytest.raises(InvalidParameterError, match="capture.*only replay captured"):
+        runner.install_decode_graphs("full", 8, 2, 16, capture=False)
+    assert runner.graphs is None
+
+
 # ------------------------------------------------------------------ segmented forward == model forward
 BS, NUM_BLOCKS, MAX_SEQS, MAX_LEN = 4, 48, 4, 64
 PROMPTS = [[3, 17, 42, 99, 5, 250, 7, 31, 64, 128, 11], [9, 8, 7, 6, 5], [200, 1, 300, 2, 40, 41, 42]]
@@ -111,6 +123,16 @@ PROMPTS = [[3, 17, 42, 99, 5, 250, 7, 31, 64, 128, 11], [9, 8, 7, 6, 5], [200, 1
 def tiny_moe(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("tiny_moe_piecewise"))
     build_and_save(Qwen3MoeConfig(**TINY_QWEN3_MOE), path, seed=29, noise=0.2)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2_moe(tmp_path_factory) -> str:
+    """3 layers, the middle one dense (a segment that runs a whole layer), a shared expert in the MoE ones."""
+    path = str(tmp_path_factory.mktemp("tiny_qwen2_moe_piecewise"))
+    cfg = Qwen2MoeConfig(**{**TINY_QWEN3_MOE, "num_hidden_layers": 3}, shared_expert_intermediate_size=40,
+                         mlp_only_layers=[1])
+    build_and_save(cfg, path, seed=30, noise=0.2)
     return path
 
 
@@ -158,11 +180,11 @@ class Sequences:
                           list(range(len(seqs) + 1)), lens, list(range(len(seqs))), [f"s{i}" for i in seqs])
 
 
-def _check_segmented_equals_forward(model) -> None:
+def _check_segmented_equals_forward(model, segments: int) -> None:
     seqs = Sequences(model)
     seqs.runner.install_decode_graphs("piecewise", NUM_BLOCKS, MAX_SEQS, MAX_LEN, capture=False)
     graphs = seqs.runner.graphs
-    assert graphs.buckets == [1, 2, 4] and len(graphs.plan) == TINY_QWEN3_MOE["num_hidden_layers"] + 1
+    assert graphs.buckets == [1, 2, 4] and len(graphs.plan) == segments
     for batch in ([0], [2, 1], [0, 1, 2], [1, 2, 0]):
         want = seqs.forward(batch, [1] * len(batch))
         got = graphs.run(seqs.decode_step(batch), seqs.runner.block_tables.table)
@@ -172,8 +194,13 @@ def _check_segmented_equals_forward(model) -> None:
 
 
 def test_segmented_forward_is_bit_identical_resident(tiny_moe):
-    model = load_model(tiny_moe).model
-    _check_segmented_equals_forward(model)
+    _check_segmented_equals_forward(load_model(tiny_moe).model, 3)
+
+
+def test_segmented_forward_is_bit_identical_with_a_dense_layer(tiny_qwen2_moe):
+    model = load_model(tiny_qwen2_moe).model
+    assert boundary_layers(model) == [0, 2]
+    _check_segmented_equals_forward(model, 3)
 
 
 def test_segmented_forward_is_bit_identical_offloaded(tiny_moe, hosts):
@@ -187,7 +214,7 @@ def test_segmented_forward_is_bit_identical_offloaded(tiny_moe, hosts):
         assert decode_graph_mode(model) == "piecewise" and not model.supports_cuda_graphs()
         before = [sum(row) for row in hook.live.counts]
         routed = {b.layer: 0 for b in hook.blocks}
-        _check_segmented_equals_forward(model)
+        _check_segmented_equals_forward(model, 3)
         # (token, slot) rows routed per layer: the prefills, then each of the 4 decode steps (1+2+3+3 real rows)
         # twice, by the reference forward and by the segmented one: padding rows are never routed
         k = TINY_QWEN3_MOE["num_experts_per_tok"]

@@ -19,6 +19,12 @@ models/base.py ``graph_capturable``) there are ``K + 1`` segments:
                 layer m_j's attention half as above                (1 <= j < K)
     segment K:  h = h + y, layers m_{K-1}+1..L-1 whole, final norm, logits
 
+The router runs with its block, eagerly: both block types compute ``route(x)`` inside
+their forward, and ``route`` is where usage recorders and routing traces attach
+(tierserve/offload/usage_hook.py), which must see every step (a replayed graph
+runs no Python). It is one ``[n, hidden] x [hidden, E]`` GEMM, softmax and top-k
+per layer next to the dispatch's own host work.
+
 Each op is the one ``DecoderLayer.forward`` / ``DecoderLM.forward_eager`` runs, in
 the same order, so the segmented forward run eagerly equals the model's forward
 bit for bit (tests/test_piecewise_graphs.py, CPU, with and without offload).
