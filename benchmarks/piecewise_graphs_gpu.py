@@ -17,7 +17,7 @@ greedy tokens of the two modes are compared and printed (equal in fp32; bf16 may
 so the figures say nothing about graphs; use a small shape (``--layers 2 --experts 8 --vocab 512``).
 The device's and the host's copy bandwidth are printed beside the table.
 
-Usage: python benchmarks/piecewise_graphs_gpu.py --out DIR [--layers 8] [--experts 16] [--batches 1,8]
+Usage: python benchmarks/piecewise_graphs_gpu.py --out DIR [--layers 4] [--experts 16] [--batches 1,8]
 Without CUDA (and without ``--device cpu``) it exits 0 and measures nothing.
 """
 
@@ -142,13 +142,13 @@ def measure(model, batch: int, args, device: torch.device) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--vocab", type=int, default=32768)
     ap.add_argument("--residency", default="100,50")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--host-threads", type=int, default=4)
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     args = ap.parse_args()

@@ -31,6 +31,7 @@ from transformers import Qwen3MoeConfig
 from model_harness import MOE_PROMPT, TINY_QWEN3_MOE, build_and_save
 from tierserve.config import CacheConfig, EngineConfig, ModelConfig, OffloadConfig, SchedulerConfig
 from tierserve.engine.llm_engine import LLMEngine
+from tierserve.engine.model_runner import ModelRunner
 from tierserve.engine.piecewise_graphs import PiecewiseGraphs
 from tierserve.sampling_params import SamplingParams
 from tierserve.tools.random_model import word_tokenizer
@@ -59,10 +60,10 @@ def _engine(folder: str, dtype: str, eager: bool, resident: int | None = 4) -> L
 def _run(eng: LLMEngine, prompts, new_tokens: int = 12):
     """(greedy tokens per prompt, the logits of every decode-only step in order, graph replays)."""
     steps, replays = [], [0]
-    execute = eng.runner.execute
+    execute = ModelRunner.execute.__get__(eng.runner)  # the class's: a reused engine's spy is not stacked
     graphs = eng.runner.graphs
     if graphs is not None:
-        run = graphs.run
+        run = PiecewiseGraphs.run.__get__(graphs)
 
         def counted(step, table):
             replays[0] += 1
@@ -90,24 +91,29 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize("prompts", [PROMPTS, PROMPTS[:2]], ids=["batch3", "batch2"])
-def test_fp32_piecewise_replay_equals_eager_with_offload(tiny_moe, prompts):
+@pytest.fixture(scope="module")
+def fp32_offloaded(tiny_moe):
+    """(eager engine, piecewise-graph engine), fp32, 4 of 16 experts resident; reused by both batch sizes."""
     eager, graphs = _engine(tiny_moe, "float32", True), _engine(tiny_moe, "float32", False)
-    try:
-        assert eager.runner.graphs is None
-        pw = graphs.runner.graphs
-        assert isinstance(pw, PiecewiseGraphs) and pw.captured and len(pw.plan) == 3
-        tok_e, steps_e, _ = _run(eager, prompts)
-        tok_g, steps_g, replays = _run(graphs, prompts)
-        assert tok_g == tok_e
-        assert replays == len(steps_g) > 0 and len(steps_g) == len(steps_e)
-        worst = max(_rel(g, e) for g, e in zip(steps_g, steps_e))
-        assert worst <= FP32_REL, worst
-        assert graphs.offload.live.counts == eager.offload.live.counts  # padding rows never routed
-        assert sum(graphs.offload.pool.stats.messages.values()) > 0 and not graphs.offload.pool.stats.failures
-    finally:
-        graphs.close()
-        eager.close()
+    yield eager, graphs
+    graphs.close()
+    eager.close()
+
+
+@pytest.mark.parametrize("prompts", [PROMPTS, PROMPTS[:2]], ids=["batch3", "batch2"])
+def test_fp32_piecewise_replay_equals_eager_with_offload(fp32_offloaded, prompts):
+    eager, graphs = fp32_offloaded
+    assert eager.runner.graphs is None
+    pw = graphs.runner.graphs
+    assert isinstance(pw, PiecewiseGraphs) and pw.captured and len(pw.plan) == 3
+    tok_e, steps_e, _ = _run(eager, prompts)
+    tok_g, steps_g, replays = _run(graphs, prompts)
+    assert tok_g == tok_e
+    assert replays == len(steps_g) > 0 and len(steps_g) == len(steps_e)
+    worst = max(_rel(g, e) for g, e in zip(steps_g, steps_e))
+    assert worst <= FP32_REL, worst
+    assert graphs.offload.live.counts == eager.offload.live.counts  # padding rows never routed
+    assert sum(graphs.offload.pool.stats.messages.values()) > 0 and not graphs.offload.pool.stats.failures
 
 
 def test_resident_moe_decodes_with_piecewise_graphs(tiny_moe):
