@@ -10,7 +10,9 @@ proposer keeps, per request, a window of the last ``window`` pairs
 (``_Window``, a position-indexed buffer: observing a position again, after a
 rollback or a preemption's recompute, overwrites it and drops what follows).
 
-Drafting (top-1 per position, a chain the linear verifier checks):
+Drafting a tree (``draft_tree_width`` > 1): ``propose_tree``, see gumiho_tree.py.
+
+Drafting a chain (top-1 per position, the linear verifier checks it):
 ``propose`` runs the serial head on the window for ``d_1``, appends
 ``(z, d_1)`` and runs it again, ``serial_depth`` times at most, then every MLP
 head at once on ``(z, d_last)`` for the drafts after. Token embeddings and
@@ -29,7 +31,9 @@ from dataclasses import dataclass, field
 import torch
 
 from tierserve.engine.spec_decode.gumiho_heads import GumihoHeads
+from tierserve.engine.spec_decode.gumiho_tree import draft_tree
 from tierserve.engine.spec_decode.proposer import Proposer
+from tierserve.engine.spec_decode.tree import DraftTree
 
 
 @dataclass
@@ -89,12 +93,28 @@ class GumihoProposer(Proposer):
     def _embed(self, ids: list[int]) -> torch.Tensor:
         return self.model.embed_tokens(torch.tensor(ids, dtype=torch.long, device=self.vocab.device)).float()
 
-    def _top1(self, feats: torch.Tensor) -> list[int]:
+    def _logits(self, feats: torch.Tensor) -> torch.Tensor:
+        """[N, draft_vocab] logits of the heads' features [N, H] over the draft vocabulary."""
         if self.lm_head is None:
-            logits = self.model.compute_logits(feats.to(self.model.dtype))[:, self.vocab]
-        else:
-            logits = feats @ self.lm_head.T
-        return self.vocab[logits.argmax(dim=-1)].tolist()
+            return self.model.compute_logits(feats.to(self.model.dtype))[:, self.vocab].float()
+        return feats @ self.lm_head.T
+
+    def _top1(self, feats: torch.Tensor) -> list[int]:
+        return self.vocab[self._logits(feats).argmax(dim=-1)].tolist()
+
+    def log_probs(self, feats: torch.Tensor) -> torch.Tensor:
+        """[N, draft_vocab] draft log-probabilities (indices into ``self.vocab``)."""
+        return torch.log_softmax(self._logits(feats), dim=-1)
+
+    @torch.inference_mode()
+    def propose_tree(self, token_ids: Sequence[int], depth: int, width: int, budget: int,
+                     request_id: str | None = None) -> DraftTree:
+        """A draft tree of at most ``budget`` nodes and ``depth`` levels (gumiho_tree.py); empty like ``propose``."""
+        w = self.windows.get(request_id)
+        if w is None or w.end != len(token_ids) - 1 or depth < 1 or budget < 1:
+            return DraftTree((), ())
+        pairs = self.heads.pairs(w.hidden, self._embed(w.tokens))
+        return draft_tree(self, pairs, depth, width, budget)
 
     @torch.inference_mode()
     def propose(self, token_ids: Sequence[int], num_tokens: int, request_id: str | None = None) -> list[int]:

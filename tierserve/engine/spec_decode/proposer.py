@@ -24,6 +24,8 @@ Contract:
   the positions ``first_pos ..`` whose KV was kept and the token that follows
   each, and ``forget(request_id)`` when the request leaves; ``propose`` gets
   the ``request_id`` (the gumiho proposer keeps a window of states per request).
+* ``propose_tree(token_ids, depth, width, budget)``: a ``DraftTree``
+  (tree.py) for ``draft_tree_width`` > 1; by default the chain of ``propose``.
 * ``draft_probs`` is None for a proposer whose drafts are point masses
   (deterministic drafts such as prompt lookup): the verifier then accepts a
   draft ``x`` with probability ``p(x)``.
@@ -33,6 +35,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+
+from tierserve.engine.spec_decode.tree import DraftTree
 
 
 class Proposer(ABC):
@@ -53,6 +57,12 @@ class Proposer(ABC):
     @abstractmethod
     def propose(self, token_ids: Sequence[int], num_tokens: int, request_id: str | None = None) -> list[int]:
         """At most ``num_tokens`` draft tokens to follow ``token_ids`` (empty: no proposal)."""
+
+    def propose_tree(self, token_ids: Sequence[int], depth: int, width: int, budget: int,
+                     request_id: str | None = None) -> DraftTree:
+        """A draft tree (tree.py) of at most ``budget`` nodes and ``depth`` levels; a proposer without trees
+        drafts the chain of ``propose``."""
+        return DraftTree.chain(self.propose(token_ids, min(depth, budget), request_id)[:min(depth, budget)])
 
     def observe(self, request_id: str, first_pos: int, hidden, next_tokens: list[int]) -> None:
         """The target's final hidden states [n, H] of positions ``first_pos ..`` (``needs_hidden`` only)."""

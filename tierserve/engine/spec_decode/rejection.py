@@ -20,7 +20,18 @@ the vocabulary order, as the sampler does (tierserve/engine/sampler.py).
 If the residual has no mass (p == q, so rejection had probability 0 and
 only rounding can reach it), ``p`` itself is sampled.
 
-Tests (tests/test_spec_rejection.py): over many seeds on a small vocabulary,
+Several drafts for one position (the children of a draft-tree node, tried in
+order; SpecInfer's multi-step speculative sampling, as EAGLE): child ``c_i``
+with draft distribution ``q_i`` is accepted with probability
+``min(1, p(c_i) / q_i(c_i))``; on rejection ``p <- norm(max(p - q_i, 0))`` and the
+next child is tried against that residual; if every child is rejected, the
+token is drawn from the last residual (``multi_draft_verify``). For children
+drawn independently from ``q`` the emitted token is distributed as ``p``; for
+deterministic children (point masses, e.g. the top-k of a draft head) each
+rejection removes the child from ``p``, so distinct children are accepted with
+probability ``p(c_1)``, ``p(c_2)``, ... exactly as if sampled from ``p``.
+
+Tests (tests/test_spec_rejection.py, tests/test_spec_tree_sampling.py): over many seeds on a small vocabulary,
 the emitted token's empirical distribution equals ``p`` (chi-square), for a
 point-mass draft and for a random ``q``; acceptance frequencies match
 min(1, p/q).
@@ -69,3 +80,29 @@ def point_mass_verify(p: torch.Tensor, draft: int, generator: torch.Generator | 
     if float(residual.sum()) <= 0.0:
         residual = p
     return inverse_cdf(residual, uniform(generator)), False
+
+
+def multi_draft_verify(p: torch.Tensor, children: list[int], qs: list[torch.Tensor | None],
+                       generator: torch.Generator | None) -> tuple[int, int | None]:
+    """(emitted token, index of the accepted child or None) for sibling drafts tried in order; ``qs[i]`` is
+    child ``i``'s draft distribution, None for a deterministic draft (a point mass)."""
+    p = p.double()
+    for i, (x, q) in enumerate(zip(children, qs)):
+        px = float(p[x])
+        if q is None:
+            if uniform(generator) < px:
+                return x, i
+            residual = p.clone()
+            residual[x] = 0.0
+        else:
+            q = q.double()
+            qx = float(q[x])
+            if qx <= 0.0:
+                raise ValueError(f"draft token {x} has probability 0 under its own draft distribution")
+            if uniform(generator) * qx < px:
+                return x, i
+            residual = (p - q).clamp(min=0.0)
+        total = float(residual.sum())
+        if total > 0.0:  # no mass left: rejection had probability 0 (rounding); keep p
+            p = residual / total
+    return inverse_cdf(p, uniform(generator)), None

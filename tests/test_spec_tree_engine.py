@@ -1,0 +1,144 @@
+"""Draft trees verified in the engine: greedy output token-identical to plain decoding.
+
+Two proposers:
+
+* ``ContinuationTrees``: trees built around the target's own greedy
+  continuation (from a plain run), with decoy siblings (random tokens)
+  always placed before the true token at depth 1 and randomly elsewhere,
+  decoy subtrees, and the true token left out at random depths. So
+  verification accepts paths through non-first children (the accepted nodes'
+  KV must be moved to consecutive positions, or the next step attends over
+  a decoy's KV) and stops at corrections. This checks the tree forward (mask,
+  positions), the walk, the compaction and the rollback on SmolLM2, with
+  several sequences per step (one tree each), chunked prefill and prefix
+  caching (the second run of the same prompts hits the cache).
+* the real gumiho proposer (random heads on a tiny Llama): its trees go
+  through the same path, and a width-1 tree equals its chain.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from model_harness import build_and_save
+from tierserve import LLM, SamplingParams
+from tierserve.engine.spec_decode.gumiho import GumihoProposer
+from tierserve.engine.spec_decode.gumiho_heads import GumihoConfig, GumihoHeads
+from tierserve.engine.spec_decode.proposer import Proposer
+from tierserve.engine.spec_decode.tree import DraftTree
+from tierserve.errors import InvalidParameterError
+from tierserve.models.loader import load_model
+from tierserve.tools.random_model import word_tokenizer
+
+GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+
+
+class ContinuationTrees(Proposer):
+    """Trees around known greedy continuations (see the module docstring)."""
+
+    name = "continuation"
+
+    def __init__(self, sequences: list[list[int]], vocab: int):
+        self.sequences, self.vocab = sequences, vocab
+
+    def propose(self, token_ids, num_tokens, request_id=None):
+        return []
+
+    def propose_tree(self, token_ids, depth, width, budget, request_id=None):
+        ids = list(token_ids)
+        seq = next((s for s in self.sequences if s[:len(ids)] == ids), None)
+        if seq is None:
+            return DraftTree((), ())
+        rng = random.Random(len(ids))
+        truth = seq[len(ids):len(ids) + depth]
+        tokens: list[int] = []
+        parents: list[int] = []
+        anchor, decoy = -1, None  # the true path's last node; a decoy of the previous depth
+        for d, true in enumerate(truth):
+            kids = [rng.randrange(self.vocab) for _ in range(1 if d == 0 else rng.randrange(0, width))]
+            if d == 0 or rng.random() > 0.15:
+                kids.insert(rng.randrange(1 if d == 0 else 0, len(kids) + 1), true)
+            level = [(k, anchor) for k in kids] + ([(rng.randrange(self.vocab), decoy)] if decoy is not None else [])
+            first = len(tokens)
+            for tok, parent in level[:budget - len(tokens)]:
+                tokens.append(tok)
+                parents.append(parent)
+            placed = [first + i for i, (tok, p) in enumerate(level) if p == anchor and tok == true
+                      and first + i < len(tokens)]
+            decoy = next((first + i for i, (tok, p) in enumerate(level) if p == anchor and tok != true
+                          and first + i < len(tokens)), None)
+            if not placed:
+                break
+            anchor = placed[0]
+        return DraftTree(tuple(tokens), tuple(parents))
+
+
+PROMPTS = ["It is a truth universally acknowledged, that a single man in possession of a good fortune, must be",
+           "The capital of France is",
+           "It is a truth universally acknowledged, that a single man in possession of a good fortune, is"]
+
+
+def test_smollm_trees_with_batching_and_prefix_caching(smollm_folder, smollm_llm):
+    ref = smollm_llm.generate(PROMPTS, GREEDY)
+    llm = LLM(smollm_folder, num_blocks=64, max_num_seqs=4, max_num_batched_tokens=48, enable_prefix_caching=True,
+              speculative="ngram", num_speculative_tokens=5, draft_tree_width=3, draft_tree_nodes=12)
+    spec = llm.engine.spec
+    spec.proposer = ContinuationTrees([r.prompt_token_ids + r.token_ids for r in ref], llm.engine.vocab_size)
+    first = llm.generate(PROMPTS[:2], GREEDY)  # two sequences per step, one tree each
+    again = llm.generate(PROMPTS[2:], GREEDY)  # shares the first prompt's leading blocks
+    assert [o.token_ids for o in first + again] == [r.token_ids for r in ref]
+    assert again[0].num_cached_tokens >= 16  # a prefix-cache hit on blocks written with trees around
+    stats = llm.engine.spec_decode_stats()
+    assert stats.mean_accepted_length > 2.0 and stats.num_draft_tokens > 3 * stats.num_drafts, stats
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tiny"))
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
+    build_and_save(cfg, path, seed=3, noise=0.3)
+    word_tokenizer(128).save_pretrained(path)
+    heads = str(tmp_path_factory.mktemp("heads"))
+    torch.manual_seed(0)
+    GumihoHeads(GumihoConfig(hidden_size=64, vocab_size=128, num_heads=4, intermediate_size=64, window=8)).save(heads)
+    return path, heads
+
+
+def test_gumiho_trees_exact_on_a_tiny_model(tiny):
+    path, heads = tiny
+    prompts = [[5, 9, 33, 2, 71, 8], [40, 41, 42], [5, 9, 33, 2, 71, 8, 100, 3, 17]]
+    ref = LLM(path, num_blocks=64, max_num_seqs=4).generate(prompts, GREEDY)
+    llm = LLM(path, num_blocks=64, max_num_seqs=4, max_num_batched_tokens=40, speculative="gumiho",
+              speculative_model=heads, num_speculative_tokens=4, draft_tree_width=3, draft_tree_nodes=10)
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == [r.token_ids for r in ref]
+    stats = llm.engine.spec_decode_stats()
+    assert stats.num_drafts > 10 and stats.num_draft_tokens > 8 * stats.num_drafts, stats  # trees, not chains
+
+
+def test_width_one_tree_is_the_chain(tiny):
+    path, heads = tiny
+    model = load_model(path, torch.float32).model.eval()
+    prop = GumihoProposer(GumihoHeads.load(heads), model)
+    g = torch.Generator().manual_seed(1)
+    prop.observe("r", 0, torch.randn(7, 64, generator=g), [3, 1, 4, 1, 5, 9, 2])
+    ids = [0, 3, 1, 4, 1, 5, 9, 2]
+    chain = prop.propose(ids, 5, "r")
+    assert len(chain) == 5 and prop.propose_tree(ids, 5, 1, 12, "r") == DraftTree.chain(chain)
+    tree = prop.propose_tree(ids, 5, 3, 12, "r")
+    assert len(tree) == 12 and tree.depth <= 5 and len(tree.children(-1)) == 3
+    assert tree.tokens[tree.children(-1)[0]] == chain[0]  # the most likely root child comes first
+
+
+def test_tree_options_are_checked(tiny):
+    path, heads = tiny
+    for field, value in (("draft_tree_width", 9), ("draft_tree_width", 0), ("draft_tree_nodes", 63)):
+        with pytest.raises(InvalidParameterError, match=field):
+            LLM(path, speculative="gumiho", speculative_model=heads, **{field: value})
+    with pytest.raises(InvalidParameterError, match="draft_tree_width.*plain KV"):
+        LLM(path, num_blocks=64, speculative="gumiho", speculative_model=heads, draft_tree_width=2,
+            kv_compression="kv4", kv_group_size=16)
