@@ -103,7 +103,7 @@ class LLMEngine:
         self.hooks: list[StepHook] = [h for h in (self.kv_tiers, self.kv_evictor, self.offload) if h is not None]
         self.sampler = Sampler()
         self.spec = SpecDecoder(config.speculative, self.max_model_len, self.model)  # off unless --speculative
-        self.runner.keep_hidden = self.spec.needs_hidden
+        self.spec.attach(self.runner)  # hidden states for a proposer that needs them; trees
         self.stop_rules = StopRules.from_model(self.tokenizer, self.hf_config, self.max_model_len)
         self._live: dict[str, _Live] = {}
         self._requests: dict[str, Request] = {}
@@ -302,7 +302,7 @@ class LLMEngine:
             self.runner.release(rid)
         for hook in self.hooks:
             hook.before_forward(sched, self._requests)
-        run = self.runner.execute(sched, self._requests)
+        run = self.spec.execute(sched, self._requests)  # the runner's forward (tree masks for draft trees)
         self.spec.begin_step(sched, run.hidden, self._requests)
         for hook in self.hooks:
             hook.after_forward(sched, self._requests)
