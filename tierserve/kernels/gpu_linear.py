@@ -15,6 +15,8 @@ every name it is registered (a shared module is converted once), for the
 |                 |                     | group in torch, decoded in the kernel)                      |
 | dfloat11        | DFloat11TritonLinear| ``dfloat11_triton`` decodes the bf16 weight on the device  |
 |                 |                     | each call, then ``F.linear`` (bit-identical to bf16)       |
+| offq            | OffQTritonLinear    | ``offq_triton``: W4A4 integer dot per weight group (token  |
+|                 |                     | codes in torch); W4A16 offq keeps its QuantizedLinear      |
 
 Formats without an entry (sigmascale: two small dense factors) keep their
 ``QuantizedLinear``. Tile sizes are chosen per call from M and the weight's
@@ -149,7 +151,14 @@ def _packed(module: TritonLinear, keys: tuple[str, ...]):
                         {k: getattr(module, k) for k in keys}, module.meta)
 
 
-GPU_KERNEL_PATHS: dict[str, Callable[[QuantizedLinear], TritonLinear]] = {
+def _offq_module(q: QuantizedLinear) -> TritonLinear | None:
+    """OffQ W4A4 (``quant/offq_triton.py``; None for a weight its kernel does not take)."""
+    from tierserve.kernels.quant.offq_triton import offq_cuda_module
+
+    return offq_cuda_module(q)
+
+
+GPU_KERNEL_PATHS: dict[str, Callable[[QuantizedLinear], TritonLinear | None]] = {
     "q4_0": GGMLTritonLinear,
     "q4_1": GGMLTritonLinear,
     "q8_0": GGMLTritonLinear,
@@ -157,6 +166,7 @@ GPU_KERNEL_PATHS: dict[str, Callable[[QuantizedLinear], TritonLinear]] = {
     "mxfp4": FP4TritonLinear,
     "nvfp4": FP4TritonLinear,
     "dfloat11": DFloat11TritonLinear,
+    "offq": _offq_module,
 }
 
 
