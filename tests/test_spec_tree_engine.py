@@ -32,6 +32,7 @@ from tierserve.engine.spec_decode.proposer import Proposer
 from tierserve.engine.spec_decode.tree import DraftTree
 from tierserve.errors import InvalidParameterError
 from tierserve.models.loader import load_model
+from tierserve.tools.calibration import forward_hidden
 from tierserve.tools.random_model import word_tokenizer
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
@@ -109,6 +110,23 @@ def tiny(tmp_path_factory):
     return path, heads
 
 
+@pytest.mark.parametrize("attention_backend", ["torch", "triton"])
+def test_continuation_trees_exact_on_a_tiny_model(tiny, attention_backend):
+    """The same trees on the tiny Llama (block size 4: compaction moves cross pages), both attention paths."""
+    path, _ = tiny
+    prompts = [[5, 9, 33, 2, 71, 8, 6, 6, 1], [40, 41, 42], [5, 9, 33, 2, 71, 8, 6, 6, 2, 3]]
+    ref = LLM(path, num_blocks=64, max_num_seqs=4).generate(prompts, GREEDY)
+    llm = LLM(path, num_blocks=64, block_size=4, max_num_seqs=4, max_num_batched_tokens=24,
+              enable_prefix_caching=True, speculative="ngram", num_speculative_tokens=5, draft_tree_width=3,
+              draft_tree_nodes=12, attention_backend=attention_backend)
+    llm.engine.spec.proposer = ContinuationTrees([r.prompt_token_ids + r.token_ids for r in ref], 128)
+    out = llm.generate(prompts[:2], GREEDY) + llm.generate(prompts[2:], GREEDY)
+    assert [o.token_ids for o in out] == [r.token_ids for r in ref]
+    assert out[2].num_cached_tokens >= 8
+    stats = llm.engine.spec_decode_stats()
+    assert stats.mean_accepted_length > 2.0 and stats.num_draft_tokens > 3 * stats.num_drafts, stats
+
+
 def test_gumiho_trees_exact_on_a_tiny_model(tiny):
     path, heads = tiny
     prompts = [[5, 9, 33, 2, 71, 8], [40, 41, 42], [5, 9, 33, 2, 71, 8, 100, 3, 17]]
@@ -118,6 +136,33 @@ def test_gumiho_trees_exact_on_a_tiny_model(tiny):
     assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == [r.token_ids for r in ref]
     stats = llm.engine.spec_decode_stats()
     assert stats.num_drafts > 10 and stats.num_draft_tokens > 8 * stats.num_drafts, stats  # trees, not chains
+
+
+def test_accepted_paths_hidden_states_reach_the_gumiho_window(tiny):
+    """Gumiho observing the target's hidden states while trees around the true continuation are verified: after
+    every step the window holds the full recompute's hidden states of its positions (the root's and the accepted
+    path's rows, not the rows that follow the root in flattened order)."""
+    path, heads = tiny
+    prompts = [[5, 9, 33, 2, 71, 8, 6, 6, 1], [40, 41, 42]]
+    ref = LLM(path, num_blocks=64, max_num_seqs=4).generate(prompts, GREEDY)
+    llm = LLM(path, num_blocks=64, block_size=4, max_num_seqs=4, speculative="gumiho", speculative_model=heads,
+              num_speculative_tokens=5, draft_tree_width=3, draft_tree_nodes=12)
+    eng, model = llm.engine, load_model(path, torch.float32).model.eval()
+    prop, oracle = eng.spec.proposer, ContinuationTrees([r.prompt_token_ids + r.token_ids for r in ref], 128)
+    prop.propose_tree = oracle.propose_tree
+    for p in prompts:
+        eng.add_request(p, GREEDY)
+    checked = 0
+    while eng.has_unfinished():
+        eng.step()
+        for rid in eng.request_ids():
+            w, seq = prop.windows[rid], eng.get_request(rid).token_ids()
+            with torch.no_grad():
+                full = forward_hidden(model, torch.tensor([seq[:w.end]]))
+            assert w.tokens == seq[w.end - len(w.tokens) + 1:w.end + 1]
+            torch.testing.assert_close(w.hidden, full[w.end - len(w.tokens):w.end], atol=1e-4, rtol=1e-4)
+            checked += 1
+    assert checked >= 6 and eng.spec_decode_stats().mean_accepted_length > 2.0
 
 
 def test_width_one_tree_is_the_chain(tiny):
