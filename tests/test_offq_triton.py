@@ -84,3 +84,20 @@ def test_refuses_what_it_cannot_run():
         assert not offq_triton_supported(packed)
         with pytest.raises(InvalidParameterError, match="offq.*multiples of 32"):
             offq_linear_triton(fmt, torch.randn(2, weight.shape[1]), packed)
+
+
+def test_module_for_the_cuda_backend():
+    """``offq_cuda_module`` (what kernels/gpu_linear.py swaps in on CUDA), run here on CPU tensors: the same
+    output as the QuantizedLinear it replaces; a W4A16 weight keeps its QuantizedLinear (None)."""
+    from tierserve.kernels.gpu_linear import GPU_KERNEL_PATHS
+    from tierserve.kernels.quant.base import QuantizedLinear
+    from tierserve.kernels.quant.offq_triton import offq_cuda_module
+
+    w, x, calib = _weight_and_inputs(32, 64, 4, seed=3)
+    fmt = OffQFormat(rotation="offq", group=32)
+    q = QuantizedLinear(fmt, fmt.quantize(w, "w", activations=calib), torch.randn(32))
+    module = GPU_KERNEL_PATHS["offq"](q)
+    assert type(module).__name__ == "OffQTritonLinear"
+    torch.testing.assert_close(module(x[None]), q(x[None]), rtol=1e-5, atol=1e-4)
+    w16 = OffQFormat(rotation="none", group=32, act_quant=False)
+    assert offq_cuda_module(QuantizedLinear(w16, w16.quantize(w, "w"), None)) is None
