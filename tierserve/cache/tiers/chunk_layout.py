@@ -19,13 +19,16 @@ loaded pages equal, bit for bit, what computing the tokens again would
 write. ``scatter`` copies a block range of a payload (a chunk partly covered
 by the device prefix cache) into other blocks of the pages.
 
-GPU pages: ``gather`` assembles the chunk on the device and moves it in ONE
-device-to-host copy into a pinned buffer, issued on a side stream that waits
-for the compute stream (so it reads the step's finished pages) and waited
-for before returning (one synchronisation per chunk instead of one per layer
-and part). ``scatter`` copies synchronously: the payload is a tier's buffer
-that the caller releases right after, so no copy may still read it later.
-Byte-identical either way (tests/test_kv_tiers_cuda.py on CUDA).
+GPU pages: ``gather_async`` assembles the chunk on the device on the compute stream
+(``index_select`` + ``cat`` into a staging tensor: the step's pages are read in stream
+order, and later kernels may overwrite them at once since only the staging tensor is
+read afterwards), then moves it in ONE device-to-host copy into a pinned buffer on a
+side stream that waits for the compute stream, and returns the buffer with the copy's
+event without waiting (the asynchronous stores of connector.py; ``gather`` waits for
+it). ``scatter`` copies host-to-device on the compute stream, without blocking the host
+when the payload is pinned (the caching host allocator keeps a pinned buffer until its
+copy has run), so a load is ordered before the step's forward on the same stream.
+Byte-identical either way (tests/test_kv_tiers_cuda.py, tests/test_kv_tiers_async_cuda.py on CUDA).
 """
 
 from __future__ import annotations
@@ -50,12 +53,20 @@ class ChunkLayout:
 
     def gather(self, blocks: Sequence[int]) -> torch.Tensor:
         """The payload of the chunk made of pages ``blocks`` (``chunk_blocks`` of them): uint8, on the CPU."""
+        payload, done = self.gather_async(blocks)
+        if done is not None:
+            done.synchronize()
+        return payload
+
+    def gather_async(self, blocks: Sequence[int]) -> tuple[torch.Tensor, "torch.cuda.Event | None"]:
+        """``gather`` without waiting (module doc): the host payload and the event after which it is complete
+        (None: complete now, CPU pages). Do not read the payload before the event completed."""
         if len(blocks) != self.chunk_blocks:
             raise ValueError(f"a chunk has {self.chunk_blocks} blocks, got {len(blocks)}")
         idx = torch.tensor(list(blocks), dtype=torch.long, device=self.parts[0].device)
         rows = [p.index_select(0, idx).reshape(-1).view(torch.uint8) for p in self.parts]
         if not idx.is_cuda:
-            return torch.cat(rows)
+            return torch.cat(rows), None
         if self._side is None:
             self._side = torch.cuda.Stream(idx.device)
         return _to_pinned(torch.cat(rows), self._side)
@@ -73,16 +84,19 @@ class ChunkLayout:
             seg = payload[offset + first * rb: offset + (first + n) * rb]
             if seg.storage_offset() % p.element_size():  # a dtype view needs an aligned start
                 seg = seg.clone()
-            seg = seg.to(device)
+            seg = seg.to(device, non_blocking=seg.is_pinned())
             p.index_copy_(0, idx, seg.view(p.dtype).view(n, *p.shape[1:]))
             offset += self.chunk_blocks * rb
 
 
-def _to_pinned(chunk: torch.Tensor, side) -> torch.Tensor:
-    """``chunk`` (uint8, CUDA) copied into a pinned host buffer on stream ``side``, waited for (module doc)."""
-    side.wait_stream(torch.cuda.current_stream(chunk.device))
-    host = torch.empty(chunk.numel(), dtype=torch.uint8, pin_memory=True)
+def _to_pinned(staged: torch.Tensor, side) -> tuple[torch.Tensor, "torch.cuda.Event"]:
+    """``staged`` (uint8, CUDA, written on the compute stream) copied into a pinned host buffer on stream
+    ``side``; returns the buffer and the copy's event, not waited for (module doc)."""
+    side.wait_stream(torch.cuda.current_stream(staged.device))
+    host = torch.empty(staged.numel(), dtype=torch.uint8, pin_memory=True)
     with torch.cuda.stream(side):
-        host.copy_(chunk, non_blocking=True)
-    side.synchronize()
-    return host
+        host.copy_(staged, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(side)
+    staged.record_stream(side)  # allocated on the compute stream, read on the side stream
+    return host, done

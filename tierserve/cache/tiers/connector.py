@@ -43,16 +43,25 @@ The blocks are registered in the device prefix cache by the scheduler as usual.
 
 Store (``after_forward`` for every request whose prompt finished computing in
 the step, and ``on_finish``): every whole chunk of the request's computed
-tokens is gathered from its blocks into one record buffer and put into every
-tier that does not have it yet (each backend is asked ``contains``; Redis
-answers a miss without a call while its breaker is open). Stores are
-synchronous copies into LMCache buffers; disk and Redis writes then finish on
-LMCache's event loop. A store that fails is logged and never fails the request,
-and it is counted in that tier's ``failures``: a failing tier call or write
+tokens that some tier lacks (each backend is asked ``contains``; Redis answers
+a miss without a call while its breaker is open) and that is not already being
+stored is gathered from its blocks into a host buffer (``ChunkLayout.gather_async``)
+and registered as a pending store (store_ledger.py). On CPU pages the copy is
+complete at once; on GPU pages it is a device-to-host copy on a side stream with
+an event, and the step does not wait for it. Pending stores complete, oldest
+first, at the next hook call whose copies have landed (``before_forward``,
+``after_forward``, ``on_finish``), every one of them at ``close``: the record is
+written (chunk.py) into an LMCache buffer and put into every tier that lacked the
+chunk; disk and Redis writes then finish on LMCache's event loop. A chunk is
+readable only once its store completed: a lookup (``match``) that meets a pending
+key waits for that store first. A store that fails is logged and never fails the
+request, and it is counted in that tier's ``failures``: a failing tier call or write
 by the backend itself (backend.py; the disk tier also counts a write that
 fails later on the event loop, disk.py), and a chunk the connector could not
 build (no free LMCache buffer, an error gathering it) once for every tier
 that lacked it. A failed chunk is tried again at the request's next store.
+Loads from GPU pages stage the verified payload in pinned memory and copy it
+host-to-device on the compute stream without blocking the host.
 
 Holdings for the router (``holdings() -> TierHoldings``, read by the worker's
 cache reporter, server/cache_reporter.py ``TierMirror``): the chunk keys each
@@ -76,7 +85,9 @@ tests/test_kv_tiers_store_failures.py (stores failing on disk and for lack of
 buffer space, a stopped Redis: counted exactly, output identical to an engine
 without tiers),
 tests/test_kv_tiers_pressure.py (a full DRAM tier evicts LRU chunks; the walk
-stops at the first evicted chunk; output identical to a recompute).
+stops at the first evicted chunk; output identical to a recompute),
+tests/test_store_ledger.py (pending stores: order, readability),
+tests/test_kv_tiers_async_cuda.py (asynchronous stores from GPU pages, ``cuda``).
 """
 
 from __future__ import annotations
@@ -94,6 +105,7 @@ from tierserve.cache.tiers.chunk_layout import ChunkLayout
 from tierserve.cache.tiers.config import KVTierConfig
 from tierserve.cache.tiers.registry import build_tiers
 from tierserve.cache.tiers.stats import KVTierStats
+from tierserve.cache.tiers.store_ledger import StoreLedger
 from tierserve.errors import InvalidParameterError
 from tierserve.kernels.kv_spec import KVSpec
 from tierserve.step.hooks import StepHook
@@ -118,6 +130,15 @@ class TierHoldings:
 
 
 @dataclass
+class _Store:
+    """A chunk store in flight: its host payload, complete once ``done`` (None: already) completed."""
+
+    payload: torch.Tensor
+    done: object | None  # torch.cuda.Event on GPU pages
+    todo: list[TierBackend]
+
+
+@dataclass
 class _Fetched:
     start: int                       # first token the hit covers (the device hit h)
     end: int                         # h + e
@@ -137,10 +158,12 @@ class KVTierConnector(StepHook):
         self.shape = (spec.num_layers, 2, self.chunk_tokens, spec.num_kv_heads, spec.head_dim)
         self.layout = ChunkLayout(self.kv_caches, self.chunk_blocks)
         self.payload_bytes = self.layout.payload_bytes
+        self._pinned = self.layout.parts[0].is_cuda  # loads staged in pinned memory: copied without blocking
         self.runtime, self.backends = build_tiers(config, model_tag, spec.dtype, self.chunk_tokens, self.shape)
         self._fetched: dict[str, _Fetched] = {}
         self._pending: list[tuple[list[int], list[tuple[int, torch.Tensor]], int]] = []
         self._hashes: dict[str, list[bytes]] = {}
+        self._stores: StoreLedger[_Store] = StoreLedger()
         names = [b.name for b in self.backends]
         self._hits = dict.fromkeys(names, 0)
         self._hit_tokens = dict.fromkeys(names, 0)
@@ -201,6 +224,7 @@ class KVTierConnector(StepHook):
 
     def _fetch(self, key: bytes) -> torch.Tensor | None:
         """The verified payload of chunk ``key`` from the fastest tier that has a valid record, or None."""
+        self._complete_stores(wait_for=key)  # a chunk is readable only once its store completed
         for i, backend in enumerate(self.backends):
             record = backend.get(key)
             if record is None:
@@ -214,7 +238,7 @@ class KVTierConnector(StepHook):
                 record.release()
                 backend.remove(key)
                 continue
-            out = torch.empty(self.payload_bytes, dtype=torch.uint8)
+            out = torch.empty(self.payload_bytes, dtype=torch.uint8, pin_memory=self._pinned)
             out.numpy()[:] = payload
             for faster in self.backends[:i]:
                 if faster.caches_lower_hits:
@@ -240,6 +264,7 @@ class KVTierConnector(StepHook):
     # ------------------------------------------------------ engine side (StepHook)
     def before_forward(self, sched: SchedulerOutput, requests: Mapping[str, RequestView]) -> None:
         """Copy every committed chunk slice into its blocks (the loads of this step's admissions)."""
+        self._complete_stores()
         if not self._pending:
             return
         t0 = time.perf_counter()
@@ -273,34 +298,62 @@ class KVTierConnector(StepHook):
         self._hashes.pop(request_id, None)
 
     def _store(self, req: RequestView, num_tokens: int) -> None:
-        """Put every whole chunk of ``req``'s first ``num_tokens`` computed tokens into the tiers."""
+        """Start storing every whole chunk of ``req``'s first ``num_tokens`` computed tokens (module doc, Store)."""
         num_chunks = min(num_tokens, req.num_computed_tokens) // self.chunk_tokens
         if num_chunks == 0:
             return
         keys = self._request_keys(req, num_chunks)
         for j in range(num_chunks):
+            if self._stores.pending(keys[j]):
+                continue  # its copy is under way: the tiers get it when it completes
             todo = [b for b in self.backends if not b.contains(keys[j])]
             if not todo:
                 continue
             try:
-                built = self._store_chunk(keys[j], req.block_ids[j * self.chunk_blocks:(j + 1) * self.chunk_blocks],
-                                          todo)
+                payload, done = self.layout.gather_async(
+                    req.block_ids[j * self.chunk_blocks:(j + 1) * self.chunk_blocks])
             except Exception:  # a tier's store failing must never fail the request
                 logger.exception("KV tier store of chunk %s failed", keys[j].hex()[:16])
-                built = False
-            if not built:  # no tier got the chunk: one failure for each tier that should have (module doc)
-                for backend in todo:
-                    self._store_failures[backend.name] += 1
+                self._count_store_failure(todo)
+                continue
+            self._stores.issue(keys[j], _Store(payload, done, todo))
+        self._complete_stores()
 
-    def _store_chunk(self, key: bytes, blocks: list[int], todo: list[TierBackend]) -> bool:
-        """Gather the chunk into a record and hand it to every tier in ``todo``; False when no buffer was free."""
+    def _complete_stores(self, wait_for: bytes | None = None, wait_all: bool = False) -> None:
+        """Write every pending store whose copy completed into its tiers, oldest first (module doc, Store);
+        waits for the copies up to ``wait_for`` (or all of them with ``wait_all``)."""
+        waiting = wait_all or (wait_for is not None and self._stores.pending(wait_for))
+        for key in self._stores.oldest():
+            st = self._stores.ticket(key)
+            if st.done is not None:
+                if waiting:
+                    st.done.synchronize()
+                elif not st.done.query():
+                    break  # one side stream: the later copies are not done either
+            self._stores.complete(key)
+            try:
+                built = self._store_chunk(key, st.payload, st.todo)
+            except Exception:  # a tier's store failing must never fail the request
+                logger.exception("KV tier store of chunk %s failed", key.hex()[:16])
+                built = False
+            if not built:
+                self._count_store_failure(st.todo)
+            if key == wait_for and not wait_all:
+                waiting = False
+
+    def _count_store_failure(self, todo: list[TierBackend]) -> None:
+        """No tier got the chunk: one failure for each tier that should have (module doc)."""
+        for backend in todo:
+            self._store_failures[backend.name] += 1
+
+    def _store_chunk(self, key: bytes, payload: torch.Tensor, todo: list[TierBackend]) -> bool:
+        """Write the chunk's record and hand it to every tier in ``todo``; False when no buffer was free."""
         record = self.runtime.allocate(record_size(self.payload_bytes))
         if record is None:
             logger.warning("KV tiers: no DRAM buffer space for a %d-byte chunk; not stored", self.payload_bytes)
             return False
         try:
-            raw = self.layout.gather(blocks).numpy()
-            write_record(record.view(), key, self.spec.dtype, self.shape, memoryview(raw))
+            write_record(record.view(), key, self.spec.dtype, self.shape, memoryview(payload.numpy()))
             for backend in todo:
                 if backend.put(key, record):
                     self._stored[backend.name] += self.payload_bytes
@@ -327,7 +380,8 @@ class KVTierConnector(StepHook):
                            dict(self._corrupt), failures, self._lookups, self._load_s)
 
     def close(self) -> None:
-        """Close every backend, then the shared LMCache runtime (its event loop thread)."""
+        """Finish the stores in flight, close every backend, then the shared LMCache runtime (its event loop)."""
+        self._complete_stores(wait_all=True)
         for backend in self.backends:
             backend.close()
         self.runtime.close()
