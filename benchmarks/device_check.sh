@@ -6,7 +6,7 @@
 # cap and never runs past the budget: it gets min(cap, time left); a section with under 20 s left is skipped
 # and reported. A failing section is reported and the next one still runs; the exit code is the number of
 # failed or skipped sections. Sections, most needed first:
-#   cuda_tests  (issue 12 (a), issue 13 items 1/6): five pytest processes at once (triton compiles on the
+#   cuda_tests  (issue 12 (a), issue 13 items 1/3/6): five pytest processes at once (triton compiles on the
 #               CPU cores, the compiled attention grid is split by dtype): engine + offload, attention x3,
 #               quantized linears. Measured earlier: engine 26 s, attention grid ~150 s in one process.
 #   residency   (13 item 3): static / LRU / prefetch cold-hit rates on the routing trace (pure Python, ~3 s).
@@ -14,8 +14,10 @@
 #               transformers generate, HBM roofline, CUDA graphs vs eager at batch 1.
 #   kernels     (12 (c)): each weight format at M = 1/16/128 on the 1B shapes vs bf16 F.linear (46 s before).
 #   offload     (13 (a)): GPU worker + 2 expert-host processes, trace routing, residency 100/50/25/10 %,
-#               batch 1 and 8, % of all-resident and the hardware bound.
-#   kv_tiers    (13 (b)): TTFT of a 4k-token shared prefix: recompute, GPU-page hit, DRAM (copy path here).
+#               batch 1 and 8, % of all-resident and the hardware bound; at 25 % a 16-slot spare ring with
+#               prefetch none vs previous_step (13 item 3: tok/s, rows in slots, prefetch issued/used/wasted).
+#   kv_tiers    (13 (b)): TTFT of a 4k-token shared prefix: recompute, GPU-page hit, DRAM (copy path here);
+#               host time of storing the prefix: synchronous gather vs asynchronous (13 item 6).
 #   attention   (extra, last): paged decode attention torch vs triton vs kv4 (20 s before).
 set -u
 out="${1:?usage: benchmarks/device_check.sh OUT_DIR [BUDGET_S]}"
@@ -45,7 +47,8 @@ parallel_tests() {  # the cuda-marked tests in five processes; exit code: how ma
   local limit=$1 bad=0 pids=() names=()
   local py="python3 -m pytest -q -rs -p no:cacheprovider -m cuda"
   run_bg() { local name=$1; shift; timeout "$limit" "$@" > "$out/cuda_tests_$name.txt" 2>&1 & pids+=($!); names+=("$name"); }
-  run_bg engine $py tests/test_engine_cuda.py tests/test_offload_cuda.py tests/test_kv_tiers_cuda.py
+  run_bg engine $py tests/test_engine_cuda.py tests/test_offload_cuda.py tests/test_kv_tiers_cuda.py \
+    tests/test_kv_tiers_async_cuda.py tests/test_prefetch_cuda.py
   run_bg attn_bf16 $py tests/test_paged_attention_triton.py -k bfloat16
   run_bg attn_fp16 $py tests/test_paged_attention_triton.py -k "float16 and not bfloat16"
   run_bg attn_fp32 $py tests/test_paged_attention_triton.py -k float32
@@ -67,8 +70,8 @@ section residency 20 python3 benchmarks/residency_policy.py --out "$out"
 section decode 120 python3 benchmarks/decode_gpu.py --out "$out" --batches 1,8,32,128 --prompt-len 64 \
   --new-tokens 32 --moe-layers 2
 section kernels 50 python3 benchmarks/kernels_gpu.py --out "$out"
-section offload 80 python3 benchmarks/offload_gpu.py --out "$out" --layers 2 --residency 100,50,25,10 \
-  --batches 1,8 --prompt-len 16 --new-tokens 8 --host-threads 6
+section offload 100 python3 benchmarks/offload_gpu.py --out "$out" --layers 2 --residency 100,50,25,10 \
+  --batches 1,8 --prompt-len 16 --new-tokens 8 --host-threads 6 --prefetch-residency 25 --spare-slots 16
 section kv_tiers 35 python3 benchmarks/kv_tiers_gpu.py --out "$out" --prefix 4096 --repeats 3
 section piecewise 100 bash -c 'python3 -m pytest -q -rs -p no:cacheprovider -m cuda tests/test_piecewise_graphs_cuda.py && python3 benchmarks/piecewise_graphs_gpu.py --out "$0"' "$out"  # 13 item 2
 section attention 30 python3 benchmarks/attention.py --out "$out" --reps 10

@@ -16,6 +16,11 @@ GPU with two plain-process expert hosts (``ProcessHostLauncher``, no Ray,
 warm-up round, then a round whose decode steps (after every request's first
 token) are timed: tok/s = decode tokens / seconds.
 
+Prefetch rows (``--prefetch-residency``, default 25 %): the same residency with a spare ring of
+``--spare-slots`` slots, ``offload_prefetch`` none vs previous_step (tierserve/offload/prefetch.py), on
+the same replayed routing: tok/s, its ratio to none, and the ring's counters (rows sent to hosts / computed
+in slots, prefetches issued / used / wasted).
+
 Hardware bound for the same split, summed over the timed steps (the routing
 of each step is recorded as it runs): the GPU part reads the dense weights
 (attention, routers, LM head), the KV of the batch and every resident expert
@@ -134,9 +139,11 @@ def run_batch(engine: LLMEngine, batch: int, prompt_len: int, new_tokens: int, v
                 resident_experts_per_step=resident_n / steps, cold_experts_per_step=cold_n / steps)
 
 
-def engine_for(folder: str, device: str, dtype: str, resident: int | None, usage: str, args) -> LLMEngine:
+def engine_for(folder: str, device: str, dtype: str, resident: int | None, usage: str, args, spare_slots: int = 0,
+               prefetch: str = "none") -> LLMEngine:
     offload = OffloadConfig(resident_experts=resident, expert_hosts=2, timeout_s=120.0, usage_path=usage,
-                            host_threads=args.host_threads, promotion_max_swaps=0)
+                            host_threads=args.host_threads, promotion_max_swaps=0, spare_slots=spare_slots,
+                            prefetch=prefetch)
     max_b = max(int(b) for b in args.batches.split(","))
     blocks = max_b * (-(-(args.prompt_len + args.new_tokens) // 16) + 1) + 8
     return LLMEngine(EngineConfig(model=ModelConfig(model=folder, dtype=dtype), device=device, offload=offload,
@@ -156,6 +163,8 @@ def main() -> int:
     ap.add_argument("--host-threads", type=int, default=4)
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--trace", default=TRACE)
+    ap.add_argument("--prefetch-residency", default="25", help="residencies of the prefetch rows ('' : none)")
+    ap.add_argument("--spare-slots", type=int, default=16, help="spare ring of the prefetch rows")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("offload_gpu: CUDA is absent on this machine; nothing to measure")
@@ -193,10 +202,55 @@ def main() -> int:
             del engine
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        prefetch_rows = run_prefetch_rows(tmp, trace, usage_file, cfg, hbm, host, args)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "offload_gpu.json"), "w") as f:
-        json.dump(dict(device_copy_gbs=hbm, host_copy_gbs=host, layers=args.layers, rows=rows), f, indent=1)
+        json.dump(dict(device_copy_gbs=hbm, host_copy_gbs=host, layers=args.layers, rows=rows,
+                       prefetch_rows=prefetch_rows), f, indent=1)
     return 0
+
+
+def _ring_counters(engine: LLMEngine) -> dict:
+    blocks, spare = engine.offload.blocks, engine.offload.spare
+    return dict(remote_rows=sum(b.counters.remote_rows for b in blocks),
+                spare_rows=sum(b.counters.spare_rows for b in blocks), fills=spare.fills, hits=spare.hits,
+                issued=spare.prefetch.issued, used=spare.prefetch.used, wasted=spare.prefetch.wasted)
+
+
+def run_prefetch_rows(folder: str, trace, usage_file: str, cfg, hbm: float, host: float, args) -> list[dict]:
+    """Spare ring of ``--spare-slots`` at each ``--prefetch-residency``: prefetch none vs previous_step on the
+    same replayed routing (each engine replays the trace from its start); the ring counters cover the warm-up
+    and the timed round of each batch."""
+    out: list[dict] = []
+    pcts = [int(p) for p in args.prefetch_residency.split(",") if p.strip()]
+    if pcts:
+        print(f"prefetch rows: spare ring of {args.spare_slots} slots; device copy {hbm:.0f} GB/s, host copy "
+              f"{host:.1f} GB/s")
+    for pct in pcts:
+        resident = round(pct / 100 * args.layers * cfg.num_experts)
+        base: dict[int, float] = {}
+        for policy in ("none", "previous_step"):
+            engine = engine_for(folder, args.device, "bfloat16", resident, usage_file, args, args.spare_slots,
+                                policy)
+            replay = replay_routing(engine.model, trace)
+            for b in (int(x) for x in args.batches.split(",")):
+                before = _ring_counters(engine)
+                r = run_batch(engine, b, args.prompt_len, args.new_tokens, cfg.vocab_size, cfg, 2, hbm, host)
+                r.update({k: v - before[k] for k, v in _ring_counters(engine).items()})
+                base.setdefault(b, r["tok_s"])
+                r.update(residency_pct=pct, prefetch=policy, spare_slots=args.spare_slots,
+                         x_of_no_prefetch=r["tok_s"] / base[b])
+                out.append(r)
+                print(f"residency {pct:3}% B={b:<2} prefetch {policy:<13} {r['tok_s']:8.1f} tok/s "
+                      f"x{r['x_of_no_prefetch']:.2f} of none | rows remote {r['remote_rows']} spare "
+                      f"{r['spare_rows']} | prefetch issued {r['issued']} used {r['used']} wasted {r['wasted']}",
+                      flush=True)
+            replay.detach()
+            engine.close()
+            del engine
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+    return out
 
 
 def _fmt(r: dict) -> str:
