@@ -62,8 +62,15 @@ At temperature 1.5 the text degenerates and no gumiho draft holds (at 0.5 and
 bandwidth 22.7 GB/s, 64 tokens, best of 3, continuation from Emma): quote
 1.83x, continuation 2.12x, sampled 0.99x.
 
+Modes gumiho-chain (``draft_tree_width=1``) and gumiho-tree (``--tree-width``
+children per expanded node, ``--tree-nodes`` node budget, depth ``--k``;
+spec_decode/gumiho_tree.py): the same heads, the tree verified in one forward
+with tree attention masks. For gumiho-tree, "acc rate" is accepted nodes over
+drafted nodes (a tree drafts more nodes than it can accept).
+
 Usage: python benchmarks/speculative.py [--heads HEADS] [--batches 1,8] [--new-tokens 64] [--k 4]
-       [--threads 2] [--repeats 3]
+       [--threads 2] [--repeats 3] [--tasks quote,continuation] [--modes gumiho-chain,gumiho-tree]
+       [--tree-width 3] [--tree-nodes 12]
 """
 
 from __future__ import annotations
@@ -158,33 +165,48 @@ def main() -> None:
     ap.add_argument("--heads", default=None, help="gumiho heads folder (tierserve train-draft --out); no gumiho "
                                                   "rows without it")
     ap.add_argument("--batches", default="1,8", help="batch sizes, comma-separated")
+    ap.add_argument("--tasks", default=None, help="tasks, comma-separated (default: all)")
+    ap.add_argument("--modes", default=None, help="modes besides plain, comma-separated: ngram, backoff, "
+                                                  "gumiho-chain, gumiho-tree (default: all available)")
+    ap.add_argument("--tree-width", type=int, default=3, help="gumiho-tree: draft_tree_width")
+    ap.add_argument("--tree-nodes", type=int, default=12, help="gumiho-tree: draft_tree_nodes")
     args = ap.parse_args()
     folder = ensure_default_model()
     common = {"num_blocks": 512, "max_num_seqs": 8, "num_threads": args.threads}
     k = {"num_speculative_tokens": args.k}
-    llms = {"plain": LLM(folder, **common), "ngram": LLM(folder, speculative="ngram", **k, **common),
-            "backoff": LLM(folder, speculative="ngram", draft_backoff=True, **k, **common)}
+    builders = {"plain": lambda: LLM(folder, **common),
+                "ngram": lambda: LLM(folder, speculative="ngram", **k, **common),
+                "backoff": lambda: LLM(folder, speculative="ngram", draft_backoff=True, **k, **common)}
     if args.heads:
-        llms["gumiho"] = LLM(folder, speculative="gumiho", speculative_model=args.heads, **k, **common)
+        gumiho = {"speculative": "gumiho", "speculative_model": args.heads, **k, **common}
+        builders["gumiho-chain"] = lambda: LLM(folder, **gumiho)
+        builders["gumiho-tree"] = lambda: LLM(folder, draft_tree_width=args.tree_width,
+                                              draft_tree_nodes=args.tree_nodes, **gumiho)
+    modes = ["plain"] + [m for m in (args.modes.split(",") if args.modes else builders) if m != "plain"]
+    llms = {m: builders[m]() for m in modes}
     bandwidth = memcopy_bandwidth()
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
         for name, (prompts, params) in tasks(batch).items():
+            if args.tasks and name not in args.tasks.split(","):
+                continue
             for r in run_task(llms, prompts, params, args.new_tokens, args.repeats):
                 rows.append({"task": name, "batch": batch, "temperature": params.temperature, **r})
     print(f"copy bandwidth {bandwidth:.1f} GB/s; k = {args.k}, {args.new_tokens} new tokens per request, "
-          f"best of {args.repeats}; load average {os.getloadavg()[0]:.1f}")
-    print(f"{'task':13s} {'batch':>5s} {'mode':8s} {'tok/s':>8s} {'speedup':>7s} {'verif':>6s} {'mean acc len':>12s} "
+          f"best of {args.repeats}; gumiho-tree width {args.tree_width}, {args.tree_nodes} nodes; "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"{'task':13s} {'batch':>5s} {'mode':12s} {'tok/s':>8s} {'speedup':>7s} {'verif':>6s} {'mean acc len':>12s} "
           f"{'acc rate':>8s}  identical  acceptance per position")
     for r in rows:
         ident = "-" if r["identical"] is None else str(r["identical"])
-        print(f"{r['task']:13s} {r['batch']:5d} {r['mode']:8s} {r['tok_s']:8.2f} {r['speedup']:7.2f} "
+        print(f"{r['task']:13s} {r['batch']:5d} {r['mode']:12s} {r['tok_s']:8.2f} {r['speedup']:7.2f} "
               f"{r['verifications']:6.1f} {r['mean_accepted_length']:12.2f} {r['acceptance_rate']:8.2f}  {ident:9s}  "
               + " ".join(f"{p:.2f}" for p in r["accepted_per_position"]))
     out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "speculative.json"), "w") as f:
-        json.dump({"k": args.k, "copy_bandwidth_gb_s": bandwidth, "heads": args.heads, "runs": rows}, f, indent=2)
+        json.dump({"k": args.k, "copy_bandwidth_gb_s": bandwidth, "heads": args.heads,
+                   "tree": {"width": args.tree_width, "nodes": args.tree_nodes}, "runs": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

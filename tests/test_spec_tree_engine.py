@@ -112,17 +112,21 @@ def tiny(tmp_path_factory):
 
 @pytest.mark.parametrize("attention_backend", ["torch", "triton"])
 def test_continuation_trees_exact_on_a_tiny_model(tiny, attention_backend):
-    """The same trees on the tiny Llama (block size 4: compaction moves cross pages), both attention paths."""
+    """The same trees on the tiny Llama (block size 4: compaction moves cross pages), both attention paths; the
+    last prompt extends the first one's output, so its prefix-cache hit reads KV that tree steps wrote."""
     path, _ = tiny
     prompts = [[5, 9, 33, 2, 71, 8, 6, 6, 1], [40, 41, 42], [5, 9, 33, 2, 71, 8, 6, 6, 2, 3]]
-    ref = LLM(path, num_blocks=64, max_num_seqs=4).generate(prompts, GREEDY)
+    plain = LLM(path, num_blocks=64, max_num_seqs=4)
+    ref = plain.generate(prompts, GREEDY)
+    prompts.append(prompts[0] + ref[0].token_ids[:11])  # its KV after the prompt was written by tree steps
+    ref += plain.generate(prompts[3:], GREEDY)
     llm = LLM(path, num_blocks=64, block_size=4, max_num_seqs=4, max_num_batched_tokens=24,
               enable_prefix_caching=True, speculative="ngram", num_speculative_tokens=5, draft_tree_width=3,
               draft_tree_nodes=12, attention_backend=attention_backend)
     llm.engine.spec.proposer = ContinuationTrees([r.prompt_token_ids + r.token_ids for r in ref], 128)
-    out = llm.generate(prompts[:2], GREEDY) + llm.generate(prompts[2:], GREEDY)
+    out = llm.generate(prompts[:2], GREEDY) + llm.generate(prompts[2:3], GREEDY) + llm.generate(prompts[3:], GREEDY)
     assert [o.token_ids for o in out] == [r.token_ids for r in ref]
-    assert out[2].num_cached_tokens >= 8
+    assert out[2].num_cached_tokens >= 8 and out[3].num_cached_tokens >= 16  # prefix-cache hits
     stats = llm.engine.spec_decode_stats()
     assert stats.mean_accepted_length > 2.0 and stats.num_draft_tokens > 3 * stats.num_drafts, stats
 
