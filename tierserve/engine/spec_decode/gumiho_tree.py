@@ -22,8 +22,8 @@ heads' logits), summed along a node's path.
 With ``w = 1`` every depth has one node and the tree is the chain
 ``GumihoProposer.propose`` drafts (tests/test_spec_tree.py checks this).
 Cost: one serial forward per serial depth (a batch of ``w`` windows) and one
-pass of the MLP heads per leaf, plus a ``[w, draft_vocab]`` logits product per
-expansion.
+pass of the MLP heads over the ``w`` leaves, each with one logits product over
+the draft vocabulary.
 """
 
 from __future__ import annotations
@@ -74,16 +74,17 @@ def draft_tree(prop, pairs: torch.Tensor, depth: int, width: int, budget: int) -
             add(c, d + 1, cands[c].score, z[row], seqs[row], logp[row])
         level, d = list(range(first, len(cands))), d + 1
     more = min(depth - d, cfg.num_mlp_heads)
-    if more > 0:
+    if more > 0:  # every leaf's MLP heads in one batch, their logits in one product
         leaves = _best(cands, level, width)
-        for leaf in leaves:
-            feats = heads.mlp_forward(state[leaf].z[None], prop._embed([cands[leaf].token]))[:more]
+        z = torch.stack([state[leaf].z for leaf in leaves])
+        feats = heads.mlp_forward(z, prop._embed([cands[leaf].token for leaf in leaves]))[:more]
+        logps = prop.log_probs(torch.cat(feats)).view(more, len(leaves), -1)
+        for b, leaf in enumerate(leaves):
             below = [leaf]
-            for j, f in enumerate(feats):
-                logp = prop.log_probs(f)[0]
+            for j in range(more):
                 first = len(cands)
                 for c in _best(cands, below, width):
-                    add(c, d + 1 + j, cands[c].score, state[leaf].z, state[leaf].pairs, logp)
+                    add(c, d + 1 + j, cands[c].score, state[leaf].z, state[leaf].pairs, logps[j, b])
                 below = list(range(first, len(cands)))
     tree, _ = select_tree(cands, budget)
     return tree
