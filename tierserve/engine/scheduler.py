@@ -44,6 +44,9 @@ scheduled without drafts (drafts never cause a preemption).
 engine, and an undo log entry (computed tokens and block count before the
 step; O(1) per request) lets ``rollback`` return the request to the
 computed tokens the verification kept, freeing only blocks past them.
+A draft tree (spec_decode/tree.py) arrives as its flattened nodes, so it is
+budgeted per node (1 + nodes tokens, a slot each); a trimmed tree is the
+prefix of its breadth-first order, which is a tree again.
 
 Capacity: ``add_request`` rejects a request whose prompt + max_tokens - 1
 tokens (the most it can ever have computed) need more blocks than the whole
