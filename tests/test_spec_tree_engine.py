@@ -9,9 +9,11 @@ Two proposers:
   verification accepts paths through non-first children (the accepted nodes'
   KV must be moved to consecutive positions, or the next step attends over
   a decoy's KV) and stops at corrections. This checks the tree forward (mask,
-  positions), the walk, the compaction and the rollback on SmolLM2, with
-  several sequences per step (one tree each), chunked prefill and prefix
-  caching (the second run of the same prompts hits the cache).
+  positions), the walk, the compaction and the rollback on SmolLM2 (marked
+  slow) and on a tiny Llama with both attention backends, with several
+  sequences per step (one tree each, trimmed to the step's token budget),
+  chunked prefill and prefix caching (later prompts hit blocks written by
+  tree steps).
 * the real gumiho proposer (random heads on a tiny Llama): its trees go
   through the same path, and a width-1 tree equals its chain.
 """
@@ -83,6 +85,7 @@ PROMPTS = ["It is a truth universally acknowledged, that a single man in possess
            "It is a truth universally acknowledged, that a single man in possession of a good fortune, is"]
 
 
+@pytest.mark.slow  # ~40 s on the shared 2-core machine; the tiny-model tests below check the same paths fast
 def test_smollm_trees_with_batching_and_prefix_caching(smollm_folder, smollm_llm):
     ref = smollm_llm.generate(PROMPTS, GREEDY)
     llm = LLM(smollm_folder, num_blocks=64, max_num_seqs=4, max_num_batched_tokens=48, enable_prefix_caching=True,
