@@ -62,6 +62,31 @@ At temperature 1.5 the text degenerates and no gumiho draft holds (at 0.5 and
 bandwidth 22.7 GB/s, 64 tokens, best of 3, continuation from Emma): quote
 1.83x, continuation 2.12x, sampled 0.99x.
 
+Gumiho chain vs tree (same heads as above; the machine shared with four other
+jobs, copy bandwidth 6.0-6.2 GB/s, load average 1.3-4.1; fp32, 48 new tokens,
+k = 4 (the tree's depth limit), best of 2, one thread; width 3; ``python
+benchmarks/speculative.py --heads HEADS --batches 1 --tasks quote,continuation
+--modes gumiho-chain,gumiho-tree --new-tokens 48 --threads 1 --repeats 2
+--tree-nodes N``; each N a separate run, so plain differs between runs):
+
+    task          nodes  plain tok/s  chain tok/s (x)  tree tok/s (x)  chain acc len  tree acc len  tree per position
+    quote            12        17.50     20.40 (1.17)    18.75 (1.07)           1.77          2.14  0.77 0.27 0.09
+    continuation     12        15.71     22.12 (1.41)    22.70 (1.44)           2.09          2.88  0.88 0.81 0.19
+    quote             6        16.40     20.56 (1.25)    19.04 (1.16)           1.77          2.04  0.78 0.26
+    continuation      6        16.52     23.73 (1.44)    22.74 (1.38)           2.09          2.42  0.89 0.53
+    quote             8        14.72     18.41 (1.25)    16.94 (1.15)           1.77          2.04  0.74 0.26 0.04
+    continuation      8        12.62     21.61 (1.71)    20.42 (1.62)           2.09          2.71  0.94 0.76 0.00
+
+(the 12- and 6-node runs drafted the MLP depths leaf by leaf, the 8-node run
+in one batch.) Greedy tokens identical to plain decoding in every row. The
+tree lifts the mean accepted length by 0.3-0.8 tokens (the first draft is
+accepted 74-94% of the time against 64-65% for the chain) but is not faster
+here: on one CPU thread a verification of 1 + 12 rows costs about 96 ms
+against 72 ms for 1 + 4 (the forward is compute-bound at a dozen tokens; the
+LM head alone 14 ms against 8 ms) and drafting a tree 16 ms against 12 ms.
+So ``draft_tree_width`` stays 1 by default; trees are for devices where
+verifying tens of rows costs about one row (GPU).
+
 Modes gumiho-chain (``draft_tree_width=1``) and gumiho-tree (``--tree-width``
 children per expanded node, ``--tree-nodes`` node budget, depth ``--k``;
 spec_decode/gumiho_tree.py): the same heads, the tree verified in one forward
