@@ -143,6 +143,10 @@ def test_gumiho_trees_exact_on_a_tiny_model(tiny):
     assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == [r.token_ids for r in ref]
     stats = llm.engine.spec_decode_stats()
     assert stats.num_drafts > 10 and stats.num_draft_tokens > 8 * stats.num_drafts, stats  # trees, not chains
+    sampled = [SamplingParams(max_tokens=8, temperature=0.8, seed=s, ignore_eos=True, logprobs=1) for s in (1, 2)]
+    runs = [llm.generate(prompts[:2], sampled) for _ in range(2)]
+    assert [o.token_ids for o in runs[0]] == [o.token_ids for o in runs[1]]  # seeded: the same tree walks
+    assert all(len(o.token_ids) == 8 and len(o.logprobs) == 8 for o in runs[0])
 
 
 def test_accepted_paths_hidden_states_reach_the_gumiho_window(tiny):
