@@ -3,7 +3,9 @@
 Configurations: the uncompressed baseline; 4-bit KV (``kv4``: 6.4x smaller
 pages, nothing evicted) and XQuant (``xquant``: the 4-bit SVD latent of
 the pre-RoPE keys and the values, the same bytes per token as kv4 plus a
-4-byte position); and, at 25% and 50% compression (``ratio`` r: each
+4-byte position); XQuant-CL (``xquant_cl:B:G``: each layer's attention
+input as a B-bit delta to the previous layer's, groups of G; the rows print
+their bytes per token against kv4's); and, at 25% and 50% compression (``ratio`` r: each
 sequence keeps ``ceil((1 - r) * prompt tokens)`` KV tokens, plus at most one
 block), PagedEviction, Expected Attention and the StreamingLLM baseline (sink
 block + recent window); and the composed format, 4-bit pages with an
@@ -25,7 +27,11 @@ document (``long_prefill_token_threshold``).
 SmolLM2-135M is a weak long-context model (trained at 2k, 8k max): the
 baseline's needle accuracy bounds what any compressor can show.
 
+The table is printed with the machine's memory copy bandwidth and load average
+(benchmarks/decode.py ``memcopy_bandwidth``); quality does not depend on them.
+
 Usage: python benchmarks/kv_quality.py [--context 2048] [--eval-tokens 256] [--needle-trials 8]
+       [--storage kv4 xquant xquant_cl:3:64 xquant_cl:2:64]
 Writes benchmarks/results/kv_quality.json.
 """
 
@@ -53,6 +59,15 @@ from tierserve.sampling_params import SamplingParams  # noqa: E402
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "kv_quality.json")
 BLOCK = 16
 EVICTORS = ("paged_eviction", "expected_attention", "streaming")
+
+
+def storage_config(spec: str) -> tuple[str, KVCompressionConfig]:
+    """``kv4``, ``xquant`` or ``xquant_cl:BITS:GROUP`` (XQuant-CL's delta bits and group) -> (label, config)."""
+    name, *rest = spec.split(":")
+    if not rest:
+        return name, KVCompressionConfig(name)
+    bits, group = (int(x) for x in rest)
+    return f"{name} b{bits} g{group}", KVCompressionConfig(name, latent_bits=bits, group_size=group)
 
 
 def make_engine(kvc: KVCompressionConfig, args) -> LLMEngine:
@@ -137,16 +152,24 @@ def run_config(label: str, kvc: KVCompressionConfig, windows, args) -> dict:
     page = engine.kv_compressor.page_size_bytes() if engine.kv_compressor else engine.model.kv_spec(BLOCK).page_size_bytes
     row = {"config": label, "method": kvc.method, "ratio": kvc.ratio, "ppl": math.exp(nll / count),
            "kept_tokens_end": max(kept), "peak_kept_tokens": max(peak),
-           "kv_bytes_per_token": page / BLOCK, "kv_bytes_end": max(kept) * page // BLOCK, "needle_acc": acc, "needle_answers": answers,
+           "kv_bytes_per_token": page / BLOCK, "kv4_bytes_per_token": kv4_token_bytes(engine),
+           "kv_bytes_end": max(kept) * page // BLOCK, "needle_acc": acc, "needle_answers": answers,
            "seconds": round(time.time() - t0, 1)}
     print(fmt(row), flush=True)
     return row
 
 
+def kv4_token_bytes(engine: LLMEngine) -> float:
+    from tierserve.cache.compress.base import build_compressor
+
+    return build_compressor(KVCompressionConfig("kv4"), engine.model.kv_spec(BLOCK)).page_size_bytes() / BLOCK
+
+
 def fmt(r: dict) -> str:
     acc = "-" if r["needle_acc"] is None else f"{r['needle_acc']:.2f}"
     return (f"{r['config']:<28} ppl {r['ppl']:8.3f}  kept {r['kept_tokens_end']:5d} (peak {r['peak_kept_tokens']:5d})"
-            f"  KV B/token {r['kv_bytes_per_token']:8.0f}  KV MB at end {r['kv_bytes_end'] / 1e6:7.2f}  needle {acc:>5}  {r['seconds']:6.1f}s")
+            f"  KV B/token {r['kv_bytes_per_token']:8.0f} ({r['kv_bytes_per_token'] / r['kv4_bytes_per_token']:4.2f}x kv4)"
+            f"  KV MB at end {r['kv_bytes_end'] / 1e6:7.2f}  needle {acc:>5}  {r['seconds']:6.1f}s")
 
 
 def main() -> None:
@@ -160,7 +183,8 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=256, help="prefill chunk (tokens per step)")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
     p.add_argument("--methods", nargs="+", default=list(EVICTORS))
-    p.add_argument("--storage", nargs="*", default=["kv4", "xquant"], help="storage formats (nothing evicted)")
+    p.add_argument("--storage", nargs="*", default=["kv4", "xquant", "xquant_cl:3:64", "xquant_cl:2:64"],
+                   help="storage formats (nothing evicted); xquant_cl:BITS:GROUP")
     p.add_argument("--composed", nargs="*", default=["expected_attention"],
                    help="eviction methods also run on 4-bit pages (kv4 + method)")
     p.add_argument("--skip-plain", action="store_true", help="only the kv4 and composed rows and the baseline")
@@ -176,15 +200,21 @@ def main() -> None:
     windows = austen_token_windows(probe.tokenizer, HELDOUT_NOVELS, args.windows,
                                    args.context + args.eval_tokens).tolist()
     del probe
-    configs = [("none", KVCompressionConfig())] + [(name, KVCompressionConfig(name)) for name in args.storage]
+    configs = [("none", KVCompressionConfig())] + [storage_config(name) for name in args.storage]
     for r in args.ratios:
         if not args.skip_plain:
             configs += [(f"{m} @{int(r * 100)}%", KVCompressionConfig(m, ratio=r)) for m in args.methods]
         configs += [(f"kv4+{m} @{int(r * 100)}%", KVCompressionConfig(("kv4", m), ratio=r)) for m in args.composed]
+    from decode import memcopy_bandwidth  # noqa: E402  (benchmarks/decode.py)
+
+    bw, load = memcopy_bandwidth(), os.getloadavg()
+    print(f"memory copy bandwidth {bw:.1f} GB/s, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
     rows = [run_config(label, kvc, windows, args) for label, kvc in configs]
+    print(f"memory copy bandwidth {memcopy_bandwidth():.1f} GB/s (before: {bw:.1f}), "
+          f"load average {os.getloadavg()[0]:.2f}", flush=True)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+        json.dump({"args": vars(args), "copy_bandwidth_gbs": bw, "load_average": load, "rows": rows}, f, indent=1)
     print(f"wrote {args.out}")
 
 

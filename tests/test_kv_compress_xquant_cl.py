@@ -35,18 +35,19 @@ def test_pack_bits_matches_a_bit_string(bits):
     assert torch.equal(unpack_bits(packed, bits), q)
 
 
-@pytest.mark.parametrize("bits", [2, 3])
-def test_codec_error_bound(bits):
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_codec_levels_and_error_bound(bits):
     torch.manual_seed(0)
     x = torch.randn(40, 64) * 3
-    q, scale, zero = quantize(x, bits, 16)
-    assert int(q.max()) <= (1 << bits) - 1
-    err = (dequantize(q, scale, zero, 16) - x).abs().reshape(40, 4, 16)
-    xg = x.reshape(40, 4, 16)
-    step = (xg.amax(-1) - xg.amin(-1)) / ((1 << bits) - 1)
-    # half a step, plus fp16 rounding of min and of the step (relative 2^-11 each, times 2^b - 1 steps)
-    bound = step / 2 + xg.abs().amax(-1) * 2 ** -10 + step * (1 << bits) * 2 ** -10
+    q, scale = quantize(x, bits, 16)
+    assert int(q.max()) == (1 << bits) - 1 and int(q.min()) == 0  # every level used at the extremes
+    err = (dequantize(q, scale, bits, 16) - x).abs().reshape(40, 4, 16)
+    step = x.reshape(40, 4, 16).abs().amax(-1) / ((1 << (bits - 1)) - 0.5)
+    # half a step, plus the fp16 rounding of the step (relative 2^-11) over at most 2^(b-1) steps
+    bound = step / 2 + step * (1 << (bits - 1)) * 2 ** -11
     assert (err <= bound[..., None] + 1e-6).all()
+    # the levels are symmetric: -x is coded as the mirror image of x
+    torch.testing.assert_close(dequantize(*quantize(-x, bits, 16), bits, 16), -dequantize(q, scale, bits, 16))
 
 
 def test_error_feedback_keeps_the_error_at_one_rounding():
@@ -112,11 +113,11 @@ def test_low_bit_deltas_bytes_and_error(smollm_folder, plain):
     engine, tokens, logits = _run(smollm_folder, KVCompressionConfig("xquant_cl", latent_bits=3, group_size=64),
                                   max_tokens=2)
     spec = engine.model.kv_spec(16)
-    # layer 0 at 4 bits (288 + 36), 29 layers of 3-bit deltas (216 + 36), 4 bytes of position
-    assert engine.kv_compressor.page_size_bytes() == 16 * (324 + 29 * 252 + 4)
+    # layer 0 at 4 bits (288 + 18), 29 layers of 3-bit deltas (216 + 18), 4 bytes of position
+    assert engine.kv_compressor.page_size_bytes() == 16 * (306 + 29 * 234 + 4)
     two_bit = build_compressor(KVCompressionConfig("xquant_cl", latent_bits=2, group_size=64), spec)
     kv4 = build_compressor(KVCompressionConfig("kv4"), spec)
-    assert two_bit.page_size_bytes() == 16 * (324 + 29 * 180 + 4) < 0.8 * kv4.page_size_bytes()
+    assert two_bit.page_size_bytes() == 16 * (306 + 29 * 162 + 4) < 0.8 * kv4.page_size_bytes()
     p, q = torch.log_softmax(plain[2][0], -1), torch.log_softmax(logits[0], -1)
     kl = float((p.exp() * (p - q)).sum())
     # measured 0.02-0.08 on this prompt (kv4: 0.037); 3 bits without the Hadamard rotation and channel weights: 0.09
@@ -130,7 +131,7 @@ def test_pages_move_through_chunk_layout():
     for part in [p for c in caches for p in c.parts()]:
         part.copy_(torch.randint(0, 100, part.shape).to(part.dtype))
     layout = ChunkLayout(caches, chunk_blocks=2)
-    assert layout.block_bytes == comp.page_size_bytes() == 4 * ((32 + 8) + (24 + 8) + 4)
+    assert layout.block_bytes == comp.page_size_bytes() == 4 * ((32 + 4) + (24 + 4) + 4)
     fresh = comp.allocate_cache(num_blocks=6)
     ChunkLayout(fresh, chunk_blocks=2).scatter(layout.gather([4, 1]), 0, [0, 5])
     for c, f in zip(caches, fresh):
@@ -147,3 +148,17 @@ def test_refusals_name_the_limit():
         build_compressor(KVCompressionConfig("xquant_cl"), KVSpec(2, 2, 16, 4, hidden_size=48))
     with pytest.raises(InvalidParameterError, match="kv_compression.*hidden size"):
         build_compressor(KVCompressionConfig("xquant_cl"), KVSpec(2, 2, 16, 4))
+
+
+def test_refuses_a_model_with_qk_norm(tmp_path):
+    """Qwen3's per-head k norm makes K non-affine in X: rematerialising from X would not give the model's K."""
+    from transformers import Qwen3Config
+
+    from model_harness import build_and_save
+
+    cfg = Qwen3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=128, head_dim=16)
+    build_and_save(cfg, str(tmp_path))
+    config = build_engine_config(str(tmp_path), num_blocks=16, kv_compression="xquant_cl")
+    with pytest.raises(InvalidParameterError, match="kv_compression.*affine in the layer input; layer 0"):
+        LLMEngine(config)

@@ -11,7 +11,7 @@ and attention layer i, ``x_i`` the attention's (post-norm) input ``[hidden]``:
     u_i = x_i / s_i              s_i: the layer's input norm applied to a vector of ones (its per-channel
                                  gain; channels with |s| < 1e-6 use 1), so u_i is the normalised stream h_i/rms(h_i)
     d_i = u_i - u^_{i-1}         (u^_{-1} = 0: layer 0 stores u_0 itself, at 4 bits)
-    store Q_b(H (w_i * d_i))     asymmetric b-bit codes in groups of g consecutive channels, fp16 scale and min,
+    store Q_b(H (w_i * d_i))     symmetric b-bit codes in groups of g consecutive channels, one fp16 scale,
                                  after a block Hadamard rotation H of size g (spreads the residual stream's
                                  massive-activation channels, as kv4 does for keys) of the delta weighted by
                                  w_i,c = |row c of [W_k; W_v] diag(s_i)| (RMS 1, floor 0.3): an error in
@@ -22,15 +22,21 @@ and attention layer i, ``x_i`` the attention's (post-norm) input ``[hidden]``:
 (``s_i`` folded into the projection: ``[W_k; W_v] diag(s_i)``, read off the projection module's output on
 the identity as in xquant.py, so packed weight formats work too.)
 
-Codes: ``q = clamp(round((d - m) / s), 0, 2^b - 1)``, ``s = fp16((max - min) / (2^b - 1))``, ``m = fp16(min)``
-per group (kv4.py's codec at b bits), bit-packed little-endian (code j occupies bits ``j*b .. j*b+b-1`` of
-the row). Bytes per token and layer: ``hidden * b / 8 + 4 * hidden / g`` (layer 0: b = 4), plus 4 bytes per
-token for its position. SmolLM2-135M (hidden 576; K and V 384 wide; kv4: 240 B per token and layer at
-g 32): b 2, g 64: 180 B; b 3, g 64: 252 B. ``latent_bits`` 0 keeps the deltas in fp32: lossless up to
-rounding (logits equal plain KV within fp32 noise; tests). Measured on SmolLM2 (one prompt's first-token KL
-against plain KV): kv4 0.037; b 3, g 64: 0.02-0.08; b 2, g 64: 0.24 (without the rotation 2.5, without the
-weights 0.50): the attention input is 1.5x wider than K and V together in this GQA model and moves ~25% of
-its norm per layer, so the deltas need ~3 bits (benchmarks/kv_quality.py has the perplexities).
+Codes (mid-rise, no zero level: the rotated deltas are centred and a group's 2^b levels all carry
+information, as many as an asymmetric codec's over [min, max] with the same step, at one fp16 number
+per group instead of two): ``h = 2^(b-1)``, ``s = fp16(max |y| / (h - 1/2))``,
+``q = clamp(floor(y / s), -h, h - 1) + h`` stored, ``y^ = (q - h + 1/2) s``; |y - y^| <= s/2 inside the
+range. Codes bit-packed little-endian (code j occupies bits ``j*b .. j*b+b-1`` of the row). Bytes per token
+and layer: ``hidden * b / 8 + 2 * hidden / g`` (layer 0: b = 4), plus 4 bytes per token for its position.
+SmolLM2-135M (hidden 576; K and V 384 wide; kv4: 240 B per token and layer at g 32): b 3, g 64: 234 B
+(0.975x kv4's page); b 2, g 32: 180 B; b 2, g 64: 162 B. ``latent_bits`` 0 keeps the deltas in fp32:
+lossless up to rounding (logits equal plain KV within fp32 noise; tests). The attention input is 1.5x
+wider than K and V together in this GQA model and moves ~25% of its norm per layer, so the deltas need
+~3 bits. Measured (benchmarks/kv_formats_quality.py, 8 x 512 held-out tokens; ppl vs plain KV / KL):
+kv4 +2.92% / 0.035 at 7200 B per token; b 3, g 64 +1.49% / 0.054 at 7096 B (0.99x kv4); b 3, g 32
++2.27% / 0.043 at 1.06x; b 2: +42% to +65% (an asymmetric min/scale codec did better at 2 bits, +14% at
+0.92x, and worse at 3). Without the rotation, 2-bit deltas gave first-token KL 2.5 on a test prompt; with
+it but without the channel weights 0.50; with both 0.24.
 
 Reading layer i needs ``u^_i``, the sum of layers 0..i's deltas. Within a step the attention gathers in
 layer order with the same block table, so each layer's ``u^`` is kept for the next (keyed by step and
@@ -72,27 +78,26 @@ def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return (planes << torch.arange(bits, dtype=torch.uint8, device=packed.device)).sum(-1, dtype=torch.uint8)
 
 
-def quantize(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``x [..., d]`` -> codes uint8 ``[..., d]`` (unpacked), fp16 scale and min ``[..., d / group]``."""
+def quantize(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [..., d]`` -> codes uint8 ``[..., d]`` (unpacked, 0 .. 2^b - 1) and fp16 scales ``[..., d / group]``
+    (the symmetric mid-rise codec of the module docstring)."""
     *lead, d = x.shape
     xg = x.float().reshape(*lead, d // group, group)
-    levels = (1 << bits) - 1
-    lo, hi = xg.amin(-1), xg.amax(-1)
-    scale = ((hi - lo) / levels).to(torch.float16)
+    half = 1 << (bits - 1)
+    scale = (xg.abs().amax(-1) / (half - 0.5)).to(torch.float16)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    zero = lo.to(torch.float16)
-    q = torch.round((xg - zero.float()[..., None]) / scale.float()[..., None]).clamp_(0, levels)
-    return q.to(torch.uint8).reshape(*lead, d), scale, zero
+    q = torch.floor(xg / scale.float()[..., None]).clamp_(-half, half - 1) + half
+    return q.to(torch.uint8).reshape(*lead, d), scale
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> torch.Tensor:
+def dequantize(q: torch.Tensor, scale: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     *lead, d = q.shape
-    x = zero.float()[..., None] + q.float().reshape(*lead, d // group, group) * scale.float()[..., None]
-    return x.reshape(*lead, d)
+    levels = q.float().reshape(*lead, d // group, group) - ((1 << (bits - 1)) - 0.5)
+    return (levels * scale.float()[..., None]).reshape(*lead, d)
 
 
 class DeltaPages:
-    """One layer's stored deltas, block-major: packed codes, scale, min (or fp32 values at 0 bits)."""
+    """One layer's stored deltas, block-major: packed codes and scales (or fp32 values at 0 bits)."""
 
     def __init__(self, num_blocks: int, block_size: int, hidden: int, bits: int, group: int, device):
         self.bits, self.group, self.hidden = bits, group, hidden
@@ -101,8 +106,7 @@ class DeltaPages:
         shape = (num_blocks, block_size)
         if bits:
             self.tensors = (torch.zeros(*shape, hidden * bits // 8, dtype=torch.uint8, device=device),
-                            torch.ones(*shape, hidden // group, dtype=torch.float16, device=device),
-                            torch.zeros(*shape, hidden // group, dtype=torch.float16, device=device))
+                            torch.ones(*shape, hidden // group, dtype=torch.float16, device=device))
         else:
             self.tensors = (torch.zeros(*shape, hidden, dtype=torch.float32, device=device),)
 
@@ -112,9 +116,9 @@ class DeltaPages:
             stored = (d.float(),)
             out = stored[0]
         else:
-            q, scale, zero = quantize(self._rotate(d * self.weight), self.bits, self.group)
-            stored = (pack_bits(q, self.bits), scale, zero)
-            out = self._rotate(dequantize(q, scale, zero, self.group)) / self.weight
+            q, scale = quantize(self._rotate(d * self.weight), self.bits, self.group)
+            stored = (pack_bits(q, self.bits), scale)
+            out = self._rotate(dequantize(q, scale, self.bits, self.group)) / self.weight
         for dst, src in zip(self.tensors, stored):
             dst.view(-1, dst.shape[-1]).index_copy_(0, slots, src)
         return out
@@ -125,7 +129,8 @@ class DeltaPages:
         parts = [torch.index_select(t, 0, flat).reshape(-1, t.shape[-1]) for t in self.tensors]
         if not self.bits:
             return parts[0]
-        return self._rotate(dequantize(unpack_bits(parts[0], self.bits), parts[1], parts[2], self.group)) / self.weight
+        codes = unpack_bits(parts[0], self.bits)
+        return self._rotate(dequantize(codes, parts[1], self.bits, self.group)) / self.weight
 
     def _rotate(self, x: torch.Tensor) -> torch.Tensor:
         """The block Hadamard rotation (its own inverse: ``H`` is symmetric and orthonormal)."""
@@ -158,7 +163,7 @@ class XQuantCLLayerKV:
         return self.positions.device
 
     def parts(self) -> tuple[torch.Tensor, ...]:
-        """Storage tensors, block-major: the delta codes, scales, mins (or fp32 deltas), and, in layer 0 only,
+        """Storage tensors, block-major: the delta codes and scales (or fp32 deltas), and, in layer 0 only,
         the positions (one tensor serves every layer)."""
         return self.pages.tensors + ((self.positions,) if self.layer == 0 else ())
 
@@ -231,7 +236,7 @@ class XQuantCLCompressor(KVCompressor):
 
     def layer_token_bytes(self, layer: int) -> int:
         hidden, bits = self.spec.hidden_size, self.layer_bits(layer)
-        return hidden * bits // 8 + 4 * (hidden // self.config.group_size) if bits else 4 * hidden
+        return hidden * bits // 8 + 2 * (hidden // self.config.group_size) if bits else 4 * hidden
 
     def page_size_bytes(self) -> int:
         s = self.spec
