@@ -134,6 +134,29 @@ def test_continuation_trees_exact_on_a_tiny_model(tiny, attention_backend):
     assert stats.mean_accepted_length > 2.0 and stats.num_draft_tokens > 3 * stats.num_drafts, stats
 
 
+def test_continuation_trees_exact_under_preemption(tiny):
+    """12 pages of 4 tokens for three requests of up to 25 tokens: requests are preempted and recomputed between
+    tree steps (a tree's drafts never preempt: they are dropped when their pages do not fit)."""
+    path, _ = tiny
+    prompts = [[5, 9, 33, 2, 71, 8, 6, 6, 1], [40, 41, 42, 43, 44, 45, 46], [7, 7, 8, 100, 3, 17]]
+    ref = LLM(path, num_blocks=64, max_num_seqs=4).generate(prompts, GREEDY)
+    llm = LLM(path, num_blocks=12, block_size=4, max_num_seqs=4, max_num_batched_tokens=24, speculative="ngram",
+              num_speculative_tokens=5, draft_tree_width=3, draft_tree_nodes=12)
+    llm.engine.spec.proposer = ContinuationTrees([r.prompt_token_ids + r.token_ids for r in ref], 128)
+    eng = llm.engine
+    for p in prompts:
+        eng.add_request(p, GREEDY)
+    out: dict[str, list[int]] = {rid: [] for rid in eng.request_ids()}
+    preemptions = 0
+    while eng.has_unfinished():
+        for rid in eng.request_ids():
+            preemptions = max(preemptions, eng.get_request(rid).num_preemptions)
+        for o in eng.step():
+            out[o.request_id].extend(o.new_token_ids)
+    assert list(out.values()) == [r.token_ids for r in ref]
+    assert preemptions > 0 and eng.spec_decode_stats().num_accepted_tokens > 10
+
+
 def test_gumiho_trees_exact_on_a_tiny_model(tiny):
     path, heads = tiny
     prompts = [[5, 9, 33, 2, 71, 8], [40, 41, 42], [5, 9, 33, 2, 71, 8, 100, 3, 17]]
