@@ -6,4 +6,8 @@
 * ``verifier``: one request's verified logits rows -> the tokens it emits.
 * ``gate``: per-request draft back-off where drafts keep failing.
 * ``decoder``: what the engine holds: proposals per request, verification, counters.
+* ``tree``: draft trees (no torch): parents, depths, ancestor masks, selection, compaction moves;
+  ``gumiho_tree``: the gumiho heads' trees; ``tree_verifier``: the tree walk (greedy and the
+  multi-draft sampling rule of ``rejection``); ``tree_step``: the tree-masked forward and the
+  accepted path's KV compaction.
 """
