@@ -221,3 +221,19 @@ def test_tree_options_are_checked(tiny):
     with pytest.raises(InvalidParameterError, match="draft_tree_width.*plain KV"):
         LLM(path, num_blocks=64, speculative="gumiho", speculative_model=heads, draft_tree_width=2,
             kv_compression="kv4", kv_group_size=16)
+
+
+def test_trees_on_a_sliding_window_model_are_refused(tmp_path):
+    from transformers import Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=16, vocab_size=384, max_position_embeddings=128,
+                           sliding_window=8, query_pre_attn_scalar=24, tie_word_embeddings=False,
+                           layer_types=["sliding_attention", "full_attention"])
+    build_and_save(cfg, str(tmp_path / "model"))
+    word_tokenizer(384).save_pretrained(str(tmp_path / "model"))
+    GumihoHeads(GumihoConfig(hidden_size=64, vocab_size=384, num_heads=4, intermediate_size=64)).save(
+        str(tmp_path / "heads"))
+    with pytest.raises(InvalidParameterError, match="draft_tree_width.*sliding-window attention \\(1 layers\\)"):
+        LLM(str(tmp_path / "model"), num_blocks=16, speculative="gumiho", speculative_model=str(tmp_path / "heads"),
+            draft_tree_width=2)
