@@ -342,8 +342,10 @@ class SpeculativeConfig:
     ``draft_tree_width`` (1..8, default 1: a chain): gumiho drafts a tree,
     expanding the ``draft_tree_width`` best nodes of each depth into their
     ``draft_tree_width`` most likely children; ``num_speculative_tokens`` is
-    its depth limit and ``draft_tree_nodes`` (1..62, default 12) its node
-    budget (spec_decode/gumiho_tree.py). ngram always drafts a chain.
+    its depth limit and ``draft_tree_nodes`` (1..62, default 6) its node
+    budget (spec_decode/gumiho_tree.py; benchmarks/speculative.py measures
+    width 2 with 6 nodes on par with the chain on one CPU thread, wider or
+    larger trees slower there). ngram always drafts a chain.
     """
 
     method: str = option("none", "speculative decoding: none, ngram (prompt lookup) or gumiho (draft heads)",
@@ -357,7 +359,7 @@ class SpeculativeConfig:
                                name="speculative_model")
     draft_tree_width: int = option(1, "gumiho: children per expanded node and nodes expanded per depth of the "
                                       "draft tree (1..8; 1 drafts a chain)")
-    draft_tree_nodes: int = option(12, "gumiho: node budget of the draft tree (1..62; draft_tree_width > 1)")
+    draft_tree_nodes: int = option(6, "gumiho: node budget of the draft tree (1..62; draft_tree_width > 1)")
 
     def __post_init__(self) -> None:
         _check_choice("speculative", self.method, SPECULATIVE_METHODS)
