@@ -64,28 +64,37 @@ bandwidth 22.7 GB/s, 64 tokens, best of 3, continuation from Emma): quote
 
 Gumiho chain vs tree (same heads as above; the machine shared with four other
 jobs, copy bandwidth 6.0-6.2 GB/s, load average 1.3-4.1; fp32, 48 new tokens,
-k = 4 (the tree's depth limit), best of 2, one thread; width 3; ``python
+k = 4 (the tree's depth limit), best of 2, one thread; ``python
 benchmarks/speculative.py --heads HEADS --batches 1 --tasks quote,continuation
 --modes gumiho-chain,gumiho-tree --new-tokens 48 --threads 1 --repeats 2
---tree-nodes N``; each N a separate run, so plain differs between runs):
+--tree-width W --tree-nodes N``; each row pair a separate run, so plain
+differs between runs):
 
-    task          nodes  plain tok/s  chain tok/s (x)  tree tok/s (x)  chain acc len  tree acc len  tree per position
-    quote            12        17.50     20.40 (1.17)    18.75 (1.07)           1.77          2.14  0.77 0.27 0.09
-    continuation     12        15.71     22.12 (1.41)    22.70 (1.44)           2.09          2.88  0.88 0.81 0.19
-    quote             6        16.40     20.56 (1.25)    19.04 (1.16)           1.77          2.04  0.78 0.26
-    continuation      6        16.52     23.73 (1.44)    22.74 (1.38)           2.09          2.42  0.89 0.53
-    quote             8        14.72     18.41 (1.25)    16.94 (1.15)           1.77          2.04  0.74 0.26 0.04
-    continuation      8        12.62     21.61 (1.71)    20.42 (1.62)           2.09          2.71  0.94 0.76 0.00
+    task          width nodes load  plain tok/s  chain tok/s (x)  tree tok/s (x)  chain/tree acc len  tree per position
+    quote             3    12  4.1        17.50     20.40 (1.17)    18.75 (1.07)           1.77 / 2.14  0.77 0.27 0.09
+    continuation      3    12  4.1        15.71     22.12 (1.41)    22.70 (1.44)           2.09 / 2.88  0.88 0.81 0.19
+    quote             3     6  2.9        16.40     20.56 (1.25)    19.04 (1.16)           1.77 / 2.04  0.78 0.26
+    continuation      3     6  2.9        16.52     23.73 (1.44)    22.74 (1.38)           2.09 / 2.42  0.89 0.53
+    quote             3     8  1.3        14.72     18.41 (1.25)    16.94 (1.15)           1.77 / 2.04  0.74 0.26 0.04
+    continuation      3     8  1.3        12.62     21.61 (1.71)    20.42 (1.62)           2.09 / 2.71  0.94 0.76 0.00
+    quote             2     6  4.5        14.12     17.73 (1.26)    20.01 (1.42)           1.77 / 2.04  0.78 0.26
+    continuation      2     6  4.5        13.11     17.81 (1.36)    25.02 (1.91)           2.09 / 2.56  0.78 0.61 0.17
+    quote             2     6  4.6        15.30     19.68 (1.29)    17.96 (1.17)           1.77 / 2.04  0.78 0.26
+    continuation      2     6  4.6        16.30     23.71 (1.45)    25.48 (1.56)           2.09 / 2.56  0.78 0.61 0.17
 
-(the 12- and 6-node runs drafted the MLP depths leaf by leaf, the 8-node run
-in one batch.) Greedy tokens identical to plain decoding in every row. The
-tree lifts the mean accepted length by 0.3-0.8 tokens (the first draft is
-accepted 74-94% of the time against 64-65% for the chain) but is not faster
-here: on one CPU thread a verification of 1 + 12 rows costs about 96 ms
-against 72 ms for 1 + 4 (the forward is compute-bound at a dozen tokens; the
-LM head alone 14 ms against 8 ms) and drafting a tree 16 ms against 12 ms.
-So ``draft_tree_width`` stays 1 by default; trees are for devices where
-verifying tens of rows costs about one row (GPU).
+(the first two runs drafted the MLP depths leaf by leaf, the others in one
+batch; the last run best of 3.) Greedy tokens identical to plain decoding in
+every row. The tree lifts the mean accepted length by 0.3-0.8 tokens (the
+first draft is accepted 74-94% of the time against 64-65% for the chain), but
+on one CPU thread a verification of 1 + 12 rows costs about 96 ms against 72
+ms for 1 + 4 (the forward is compute-bound at a dozen tokens; the LM head
+alone 14 ms against 8 ms) and drafting a tree of width 3 16 ms against 12
+ms; so width 3 is slower than the chain here, and width 2 with 6 nodes is on
+par with it (faster on the held-out continuation in both runs, 1.56-1.91x
+against 1.36-1.45x; slower on the quote in one run of two; the run-to-run
+spread on this shared machine is +-20%). ``draft_tree_width`` stays 1 by
+default (``draft_tree_nodes`` 6); trees are for devices where verifying tens
+of rows costs about one row (GPU): rerun there.
 
 Modes gumiho-chain (``draft_tree_width=1``) and gumiho-tree (``--tree-width``
 children per expanded node, ``--tree-nodes`` node budget, depth ``--k``;
@@ -95,7 +104,7 @@ drafted nodes (a tree drafts more nodes than it can accept).
 
 Usage: python benchmarks/speculative.py [--heads HEADS] [--batches 1,8] [--new-tokens 64] [--k 4]
        [--threads 2] [--repeats 3] [--tasks quote,continuation] [--modes gumiho-chain,gumiho-tree]
-       [--tree-width 3] [--tree-nodes 12]
+       [--tree-width 2] [--tree-nodes 6]
 """
 
 from __future__ import annotations
@@ -193,8 +202,8 @@ def main() -> None:
     ap.add_argument("--tasks", default=None, help="tasks, comma-separated (default: all)")
     ap.add_argument("--modes", default=None, help="modes besides plain, comma-separated: ngram, backoff, "
                                                   "gumiho-chain, gumiho-tree (default: all available)")
-    ap.add_argument("--tree-width", type=int, default=3, help="gumiho-tree: draft_tree_width")
-    ap.add_argument("--tree-nodes", type=int, default=12, help="gumiho-tree: draft_tree_nodes")
+    ap.add_argument("--tree-width", type=int, default=2, help="gumiho-tree: draft_tree_width")
+    ap.add_argument("--tree-nodes", type=int, default=6, help="gumiho-tree: draft_tree_nodes")
     args = ap.parse_args()
     folder = ensure_default_model()
     common = {"num_blocks": 512, "max_num_seqs": 8, "num_threads": args.threads}
