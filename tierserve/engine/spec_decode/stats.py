@@ -1,9 +1,10 @@
 """Speculative-decoding counters: drafts proposed and accepted (no torch).
 
 ``num_drafts``: verifications (a request's drafts checked in one step);
-``num_draft_tokens``: draft tokens verified; ``num_accepted_tokens``: drafts
-accepted; ``accepted_per_position[i]``: verifications whose draft ``i`` was
-accepted (so position 0 counts every verification with at least one accepted
+``num_draft_tokens``: draft tokens verified (a draft tree's nodes, of which
+at most one per depth can be accepted); ``num_accepted_tokens``: drafts
+accepted; ``accepted_per_position[i]``: verifications whose draft ``i`` (a
+tree's node at depth ``i + 1``) was accepted (so position 0 counts every verification with at least one accepted
 draft). A verification emits ``accepted + 1`` tokens, so the mean accepted
 length (tokens per verifying step of a request) is
 ``1 + num_accepted_tokens / num_drafts``. A draft counts as accepted by the
