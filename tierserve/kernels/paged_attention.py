@@ -135,9 +135,16 @@ class AttentionMetadata:
         return t
 
     def block_mask(self, i: int, device) -> torch.Tensor | None:
-        """Sequence ``i``'s [n, n] bool mask inside its query block, or None when it is causal."""
+        """Sequence ``i``'s [n, n] bool mask inside its query block, or None when it is causal (memoised per step:
+        every layer asks)."""
         if self.tree_bits is None:
             return None
+        key = ("block_mask", i, str(device))
+        if key not in self._masks:
+            self._masks[key] = self._block_mask(i, device)
+        return self._masks[key]
+
+    def _block_mask(self, i: int, device) -> torch.Tensor | None:
         lo, hi = self.query_start[i], self.query_start[i + 1]
         bits = self.tree_bits[lo:hi]
         if all(b == -1 for b in bits):
