@@ -1,4 +1,4 @@
-"""Cold-hit rate of three residency policies on the recorded routing trace: static hot set, LRU, prefetch.
+"""Cold-hit rate of residency policies on the recorded routing trace: static hot set, LRU, prefetch, ring.
 
 Trace: benchmarks/traces/smollm2_moe_austen.json (the MoEfied SmolLM2 on *Emma*:
 30 layers x 8 experts, top-4, 511 tokens in text order), as recorded and mapped
@@ -7,8 +7,10 @@ tierserve/offload/routing_trace.py ``map_by_rank``). Calibration: the first
 half of the tokens (the static ranking, and the start of LRU); evaluation: the
 second half, one token per step. Policies and the cold-hit rate (routed
 (token, slot) assignments whose expert the worker did not hold when the step
-started): tierserve/offload/residency_policy.py. Residency = capacity per
-layer / experts per layer.
+started): tierserve/offload/residency_policy.py; ``ring`` is the rule the engine runs with
+``offload_prefetch=previous_step`` (a static hot set plus a ring of spare slots filled from the
+previous step's routing); benchmarks/offload_gpu.py measures it live (prefetch issued / used /
+wasted). Residency = capacity per layer / experts per layer.
 
 Target (issue: GPU worker with CPU expert hosts): prefetch's cold-hit rate below
 the static hot set's at the same residency. Pure Python over the trace: no

@@ -34,7 +34,7 @@ from tierserve.errors import InvalidParameterError
 if TYPE_CHECKING:  # only its ``layers``/``num_experts`` are read: this module stays torch-free
     from tierserve.offload.routing_trace import RoutingTrace
 
-POLICIES = ("static", "lru", "prefetch")
+POLICIES = ("static", "lru", "prefetch", "ring")
 
 
 def static_ranking(rows: list[list[int]], num_experts: int) -> list[int]:
@@ -49,6 +49,8 @@ def layer_cold_hits(rows: list[list[int]], ranking: list[int], capacity: int, po
     """Cold hits of one layer's ``rows`` (one step each) under ``policy`` (module doc)."""
     if policy not in POLICIES:
         raise InvalidParameterError("policy", f"must be one of {POLICIES}, got {policy!r}")
+    if policy == "ring":
+        return _ring_cold_hits(rows, ranking, capacity)
     static = ranking[:capacity]
     held = set(static)
     lru: OrderedDict[int, None] = OrderedDict((e, None) for e in reversed(static))
@@ -66,6 +68,29 @@ def layer_cold_hits(rows: list[list[int]], ranking: list[int], capacity: int, po
             while len(lru) > capacity:
                 lru.popitem(last=False)
             held = set(lru)
+        prev = row
+    return cold
+
+
+def _ring_cold_hits(rows: list[list[int]], ranking: list[int], capacity: int) -> int:
+    """Cold hits of the ``ring`` policy (module doc)."""
+    r = min(len(rows[0]) if rows else 0, capacity // 2)
+    resident = set(ranking[:capacity - r])
+    ring: OrderedDict[int, None] = OrderedDict()
+    cold = 0
+    prev: list[int] | None = None
+    for row in rows:
+        if prev is not None and r:
+            wanted = sorted({e for e in prev if e not in resident}, key=lambda e: (-prev.count(e), e))[:r]
+            for e in wanted:
+                ring.pop(e, None)
+                ring[e] = None
+            while len(ring) > r:
+                ring.pop(next(e for e in ring if e not in wanted))
+        cold += sum(1 for e in row if e not in resident and e not in ring)
+        for e in row:
+            if e in ring:
+                ring.move_to_end(e)
         prev = row
     return cold
 
