@@ -24,6 +24,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("kernels",),
     ("cache",),
     ("config_fields",),
+    ("config_speculative",),
     ("config",),
     ("models",),
     ("offload",),

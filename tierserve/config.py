@@ -18,7 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tierserve.cache.tiers.config import KVTierConfig  # DRAM/disk/Redis chunk store
-from tierserve.config_fields import option, split_commas
+from tierserve.config_fields import check_choice, option, split_commas
+from tierserve.config_speculative import SPECULATIVE_METHODS, SpeculativeConfig  # noqa: F401 (re-exported)
 from tierserve.errors import InvalidParameterError
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -59,11 +60,6 @@ def kv_compression_names() -> tuple[str, ...]:
     return ("none", *sorted(base.KV_COMPRESSORS))
 
 
-def _check_choice(field_name: str, value, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise InvalidParameterError(field_name, f"must be one of {allowed}, got {value!r}")
-
-
 @dataclass(frozen=True)
 class ModelConfig:
     """Which weights to run and how.
@@ -101,12 +97,12 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.quantization is not None:
-            _check_choice("quantization", self.quantization, quantization_names())
+            check_choice("quantization", self.quantization, quantization_names())
         if self.linear_backend != "auto":  # "auto" is always registered; others need the registry
-            _check_choice("linear_backend", self.linear_backend, linear_backends())
-        _check_choice("dtype", self.dtype, ("auto", *_DTYPES))
+            check_choice("linear_backend", self.linear_backend, linear_backends())
+        check_choice("dtype", self.dtype, ("auto", *_DTYPES))
         if self.attention_backend != "auto":
-            _check_choice("attention_backend", self.attention_backend, attention_backends())
+            check_choice("attention_backend", self.attention_backend, attention_backends())
         if self.max_model_len is not None and self.max_model_len < 1:
             raise InvalidParameterError("max_model_len", f"must be >= 1, got {self.max_model_len}")
 
@@ -213,17 +209,17 @@ class OffloadConfig:
             raise InvalidParameterError("per_layer_floor", f"must be >= 0, got {self.per_layer_floor}")
         if self.timeout_s <= 0:
             raise InvalidParameterError("timeout_s", f"must be > 0, got {self.timeout_s}")
-        _check_choice("channel", self.channel, _CHANNELS)
+        check_choice("channel", self.channel, _CHANNELS)
         if self.spare_slots < 0:
             raise InvalidParameterError("spare_slots", f"must be >= 0, got {self.spare_slots}")
         if self.promotion_min_gain < 1:
             raise InvalidParameterError("promotion_min_gain", f"must be >= 1, got {self.promotion_min_gain}")
         if self.promotion_max_swaps < 0:
             raise InvalidParameterError("promotion_max_swaps", f"must be >= 0, got {self.promotion_max_swaps}")
-        _check_choice("host_weight_format", self.host_weight_format, HOST_WEIGHT_FORMATS)
+        check_choice("host_weight_format", self.host_weight_format, HOST_WEIGHT_FORMATS)
         if self.host_threads < 1:
             raise InvalidParameterError("host_threads", f"must be >= 1, got {self.host_threads}")
-        _check_choice("offload_prefetch", self.prefetch, PREFETCH_POLICIES)
+        check_choice("offload_prefetch", self.prefetch, PREFETCH_POLICIES)
         if self.prefetch != "none" and self.enabled and self.spare_slots == 0:
             raise InvalidParameterError("offload_prefetch", f"{self.prefetch!r} needs spare slots to prefetch "
                                                             f"into (set spare_slots >= 1)")
@@ -283,7 +279,7 @@ class KVCompressionConfig:
     def __post_init__(self) -> None:
         methods = split_commas(self.methods) if isinstance(self.methods, str) else tuple(self.methods)
         for m in methods:
-            _check_choice("kv_compression", m, kv_compression_names())
+            check_choice("kv_compression", m, kv_compression_names())
         if "none" in methods:
             if len(methods) > 1:
                 raise InvalidParameterError("kv_compression", f"'none' cannot be combined with other methods, "
@@ -320,64 +316,6 @@ class KVCompressionConfig:
         if self.latent_bits != 4 and not {"xquant", "xquant_cl"} & set(methods):
             raise InvalidParameterError("kv_latent_bits", f"only xquant and xquant_cl take a latent width, "
                                                           f"not {self.method!r}")
-
-
-#: SpeculativeConfig.method: "none" and the names in tierserve.engine.spec_decode.registry.PROPOSERS
-#: (a layer above this one; tests/test_spec_engine.py checks the two agree)
-SPECULATIVE_METHODS = ("none", "ngram", "gumiho")
-
-
-@dataclass(frozen=True)
-class SpeculativeConfig:
-    """Speculative decoding (tierserve/engine/spec_decode/); off while ``method`` is "none".
-
-    ``method`` "ngram": prompt lookup over the request's own tokens, longest
-    n-gram first with n in [``prompt_lookup_min``, ``prompt_lookup_max``].
-    ``method`` "gumiho": trained draft heads read from ``model`` (a folder
-    written by ``tierserve train-draft``; spec_decode/gumiho.py).
-    ``num_speculative_tokens``: drafts verified per request and step (1..16).
-    ``draft_backoff``: pause proposing for a request whose verifications
-    accept nothing (spec_decode/gate.py), for steps where verification is
-    not free (off by default: at batch 1 on CPU it costs nothing to verify).
-    ``draft_tree_width`` (1..8, default 1: a chain): gumiho drafts a tree,
-    expanding the ``draft_tree_width`` best nodes of each depth into their
-    ``draft_tree_width`` most likely children; ``num_speculative_tokens`` is
-    its depth limit and ``draft_tree_nodes`` (1..62, default 6) its node
-    budget (spec_decode/gumiho_tree.py; benchmarks/speculative.py measures
-    width 2 with 6 nodes on par with the chain on one CPU thread, wider or
-    larger trees slower there). ngram always drafts a chain.
-    """
-
-    method: str = option("none", "speculative decoding: none, ngram (prompt lookup) or gumiho (draft heads)",
-                         name="speculative", choices=SPECULATIVE_METHODS)
-    num_speculative_tokens: int = option(4, "speculative decoding: draft tokens verified per step (1..16)")
-    prompt_lookup_max: int = option(4, "ngram: longest n-gram matched")
-    prompt_lookup_min: int = option(1, "ngram: shortest n-gram matched")
-    draft_backoff: bool = option(False, "speculative decoding: a request whose drafts keep failing stops "
-                                 "proposing for a while (tierserve/engine/spec_decode/gate.py)")
-    model: str | None = option(None, "gumiho: the draft heads folder (tierserve train-draft --out)",
-                               name="speculative_model")
-    draft_tree_width: int = option(1, "gumiho: children per expanded node and nodes expanded per depth of the "
-                                      "draft tree (1..8; 1 drafts a chain)")
-    draft_tree_nodes: int = option(6, "gumiho: node budget of the draft tree (1..62; draft_tree_width > 1)")
-
-    def __post_init__(self) -> None:
-        _check_choice("speculative", self.method, SPECULATIVE_METHODS)
-        if (self.method == "gumiho") != (self.model is not None):
-            raise InvalidParameterError("speculative_model", "is required by speculative='gumiho' and only by it "
-                                        f"(speculative={self.method!r}, speculative_model={self.model!r})")
-        if not 1 <= self.num_speculative_tokens <= 16:
-            raise InvalidParameterError("num_speculative_tokens",
-                                        f"must be in 1..16, got {self.num_speculative_tokens}")
-        if not 1 <= self.draft_tree_width <= 8:
-            raise InvalidParameterError("draft_tree_width", f"must be in 1..8, got {self.draft_tree_width}")
-        if not 1 <= self.draft_tree_nodes <= 62:
-            raise InvalidParameterError("draft_tree_nodes", f"must be in 1..62, got {self.draft_tree_nodes}")
-        if self.prompt_lookup_min < 1:
-            raise InvalidParameterError("prompt_lookup_min", f"must be >= 1, got {self.prompt_lookup_min}")
-        if self.prompt_lookup_max < self.prompt_lookup_min:
-            raise InvalidParameterError("prompt_lookup_max", f"must be >= prompt_lookup_min = "
-                                        f"{self.prompt_lookup_min}, got {self.prompt_lookup_max}")
 
 
 @dataclass(frozen=True)

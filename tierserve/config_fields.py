@@ -223,3 +223,9 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, opt
 def namespace_values(ns: argparse.Namespace, opts: Sequence[Option]) -> dict[str, Any]:
     """``{name: value}`` of ``opts`` from parsed arguments."""
     return {o.name: getattr(ns, o.name) for o in opts}
+
+
+def check_choice(field_name: str, value, allowed: tuple[str, ...]) -> None:
+    """Raise InvalidParameterError naming ``field_name`` unless ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise InvalidParameterError(field_name, f"must be one of {allowed}, got {value!r}")
