@@ -126,19 +126,22 @@ def test_the_live_worker_refuses_a_fresh_call_and_admits_a_queued_one(servers):
     headers = {"Authorization": f"Bearer {STRICT_KEY}"}
     long_body = {"prompt": "Go on:", "max_tokens": 1000, "temperature": 0, "ignore_eos": True, "stream": True}
     stops = [threading.Event() for _ in range(3)]
+    streaming: list[int] = []  # holders whose stream started (the 2 running; the waiting one has no event yet)
 
-    def hold(stop):
+    def hold(i):
         with requests.post(url, json=long_body, headers=headers, stream=True, timeout=120) as r:
             lines = r.iter_lines()
             next(lines)
-            stop.wait()
+            streaming.append(i)
+            stops[i].wait()
 
-    holders = [threading.Thread(target=hold, args=(s,)) for s in stops]
+    holders = [threading.Thread(target=hold, args=(i,)) for i in range(3)]
     params = SamplingParams(max_tokens=2, temperature=0)
     try:
         for t in holders:
             t.start()
-        wait_for(lambda: worker.stats.remote().result().active == 3, show=lambda: worker.stats.remote().result())
+        wait_for(lambda: worker.stats.remote().result().active == 3 and len(streaming) == 2,
+                 show=lambda: (worker.stats.remote().result(), streaming))
         t0 = time.monotonic()
         with pytest.raises(Exception) as e:       # fresh: refused at once
             list(worker.options(stream=True).generate.remote([1, 2, 3], params, "fresh", sent_at=time.time()))
@@ -150,7 +153,14 @@ def test_the_live_worker_refuses_a_fresh_call_and_admits_a_queued_one(servers):
         reader.start()
         time.sleep(2)
         assert not outs and reader.is_alive()     # waits while the replica is full
-        stops[0].set()                            # one slot frees: the queued call takes it and finishes
+        # A running stream's client leaves: its worker slot goes to the queued call (the engine's waiting
+        # holder takes the freed running row and starts streaming); once that holder leaves as well, the
+        # queued call runs and finishes. (Freeing the waiting holder first would free nothing: it has no
+        # response to close before it runs.)
+        stops[streaming[0]].set()
+        wait_for(lambda: len(streaming) == 3, show=lambda: (worker.stats.remote().result(), streaming, outs))
+        assert not outs
+        stops[streaming[2]].set()
         reader.join(timeout=120)
         assert outs and outs[-1].finished and sum(len(o.new_token_ids) for o in outs) == 2
     finally:
