@@ -56,6 +56,8 @@ import torch
 from tierserve.errors import InvalidParameterError
 from tierserve.kernels.quant.gptq import GPTQ_BLOCK, GPTQ_DAMP, ColumnQuantizer, gptq_rounds
 
+INHERITED_RIDGE = 1.0  # lam_c = INHERITED_RIDGE x (in_features / calibration rows) x mean diag H~
+
 
 @dataclass(frozen=True)
 class PairedInputs:
@@ -83,7 +85,27 @@ def paired_inputs(activations, tensor_name: str, in_features: int) -> PairedInpu
 
 
 def qronos_moments(inputs: PairedInputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(2 X~^T X~ / n, 2 X^T X~ / n)`` in float64 (all leading dims of the inputs are rows)."""
+    """``(H~, C')`` in float64: ``H~ = 2 X~^T X~ / n`` and the cross moment with the inherited error ridge-fitted.
+
+    ``C = 2 X^T X~ / n`` would fit the inherited error ``X - X~`` by plain least squares on the ``n``
+    calibration rows; ``C' = H~ + (C - H~) (H~ + lam_c I)^-1 H~`` is ``2 X^^T X~ / n`` for
+    ``X^ = X~ + X~ beta``, ``beta`` the ridge regression of ``X - X~`` on ``X~`` with
+    ``lam_c = (in / n) mean diag H~`` (module doc; ``lam_c -> 0`` gives ``C`` back, ``X~ = X`` gives ``H~``).
+    All leading dims of the inputs are rows.
+    """
+    x = inputs.float_inputs.reshape(-1, inputs.float_inputs.shape[-1]).double()
+    xq = inputs.quant_inputs.reshape(-1, inputs.quant_inputs.shape[-1]).double()
+    n, cols = max(1, x.shape[0]), x.shape[1]
+    h, c = 2.0 * xq.T @ xq / n, 2.0 * x.T @ xq / n
+    lam = INHERITED_RIDGE * cols / n * float(h.diagonal().mean())
+    if lam <= 0.0:  # no live input: nothing to fit
+        return h, c
+    ridge = h + lam * torch.eye(cols, dtype=h.dtype, device=h.device)
+    return h, h + (c - h) @ torch.linalg.solve(ridge, h)
+
+
+def raw_moments(inputs: PairedInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(2 X~^T X~ / n, 2 X^T X~ / n)`` in float64: the paper's moments, the inherited error fit unregularised."""
     x = inputs.float_inputs.reshape(-1, inputs.float_inputs.shape[-1]).double()
     xq = inputs.quant_inputs.reshape(-1, inputs.quant_inputs.shape[-1]).double()
     n = max(1, x.shape[0])

@@ -1,0 +1,135 @@
+"""Why Qronos's KL against GPTQ's: rounding variants side by side, with per-layer output errors.
+
+On one model (SmolLM2-135M by default; ``--gemma`` for Gemma-3-270m) and one
+format (``--scheme nvfp4 --hadamard`` or ``--scheme q4_0``), each variant
+quantizes a fresh copy on ``--calib-windows`` x ``--seq-len`` tokens of
+``CALIBRATION_NOVELS`` and is evaluated on ``--windows`` x ``--seq-len``
+held-out tokens (``HELDOUT_NOVELS``; perplexity and KL(P_fp32 || P_q) as in
+``quality.py``). Variants (``--variants``):
+
+- ``gptq``: GPTQ on the float model's inputs X (one float pass; ``quality.py``'s row);
+- ``gptq-seq``: GPTQ as in its original sequential mode: the Hessian of the
+  inputs X~ of the partially quantized model (``SequentialCalibration``'s X~);
+- ``qronos``: Qronos at its default damping (``qronos.QRONOS_DAMP``);
+- ``qronos-d<r>``: Qronos with relative damping ``r`` (e.g. ``qronos-d0.01``, the former default).
+
+Per-layer error (``--layers``): for every quantized linear, the relative
+output error ``||X W^T - X~ Q^T|| / ||X W^T||`` of the quantized model (its
+own inputs X~) against the float model (inputs X), on the first calibration
+windows and on the held-out windows; printed for a few layers and averaged.
+
+Usage: OMP_NUM_THREADS=2 python benchmarks/qronos_study.py [--gemma] [--scheme nvfp4|q4_0] [--hadamard]
+       [--calib-windows 16] [--windows 4] [--variants gptq gptq-seq qronos] [--layers]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from quality import evaluate, reference_logprobs  # noqa: E402
+
+import tierserve.kernels.quant.fp4_format as fp4_format  # noqa: E402
+import tierserve.kernels.quant.q4_0_calibrated as q4_0_calibrated  # noqa: E402
+from tierserve.kernels.quant.qronos import qronos_quantize  # noqa: E402
+from tierserve.kernels.quant.transform import DEFAULT_SKIP, linear_modules, matches, quantize_model  # noqa: E402
+from tierserve.models.loader import load_model  # noqa: E402
+from tierserve.tools.calibration import (CALIBRATION_NOVELS, HELDOUT_NOVELS, austen_token_windows,  # noqa: E402
+                                         calibration_activations, forward_logits)
+from tierserve.tools.sequential_calibration import SequentialCalibration  # noqa: E402
+
+
+def _with_damp(damp: float | None) -> None:
+    """Install a qronos_quantize with relative damping ``damp`` in the formats (None: the default)."""
+    kw = {} if damp is None else {"damp": damp}
+    fp4_format.qronos_quantize = lambda w, h, c, q, block=128, damp=None: qronos_quantize(w, h, c, q, block, **kw)
+    q4_0_calibrated.qronos_quantize = lambda w, h, c, q: qronos_quantize(w, h, c, q, **kw)
+
+
+@torch.inference_mode()
+def linear_outputs(model, names, windows, batch) -> dict[str, torch.Tensor]:
+    """Per linear name, its outputs over ``windows`` ``[tokens, out]``."""
+    outs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    mods = dict(model.named_modules())
+    handles = [mods[n].register_forward_hook(lambda _m, _a, y, _n=n: outs[_n].append(y.detach().clone()))
+               for n in names]
+    try:
+        for s in range(0, windows.shape[0], batch):
+            forward_logits(model, windows[s:s + batch])
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: torch.cat([y.reshape(-1, y.shape[-1]) for y in v]) for n, v in outs.items()}
+
+
+def relative_errors(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {n: float((ref[n] - got[n]).norm() / ref[n].norm()) for n in ref}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--gemma", action="store_true")
+    p.add_argument("--scheme", default="nvfp4")
+    p.add_argument("--hadamard", action="store_true")
+    p.add_argument("--calib-windows", type=int, default=16)
+    p.add_argument("--windows", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--variants", nargs="+", default=["gptq", "gptq-seq", "qronos"])
+    p.add_argument("--layers", action="store_true", help="per-layer relative output errors")
+    args = p.parse_args()
+    from transformers import AutoTokenizer
+
+    from tierserve.models.default_model import ensure_converted, ensure_default_model, gemma3_270m_gguf_path
+
+    folder = ensure_converted(gemma3_270m_gguf_path()) if args.gemma else ensure_default_model()
+    load = os.getloadavg()
+    print(f"{folder}; {args.scheme} hadamard={args.hadamard}; calibration {args.calib_windows} x {args.seq_len}, "
+          f"held-out {args.windows} x {args.seq_len}; threads {torch.get_num_threads()}, "
+          f"load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
+    tok = AutoTokenizer.from_pretrained(folder)
+    base = load_model(folder).model.eval()
+    held = austen_token_windows(tok, HELDOUT_NOVELS, args.windows, args.seq_len)
+    calw = austen_token_windows(tok, CALIBRATION_NOVELS, args.calib_windows, args.seq_len)
+    ref = reference_logprobs(base, held, args.batch)
+    names = [n for n in linear_modules(base) if not matches(n, DEFAULT_SKIP)]
+    calib = calibration_activations(base, tok, names, args.calib_windows, args.seq_len, args.batch,
+                                    CALIBRATION_NOVELS)
+    probe = calw[:min(4, calw.shape[0])]
+    if args.layers:
+        float_cal, float_held = (linear_outputs(base, names, w, args.batch) for w in (probe, held))
+    opts = {"hadamard": True} if args.hadamard else {}
+    for variant in args.variants:
+        t0 = time.perf_counter()
+        model = copy.deepcopy(base)
+        if variant == "gptq":
+            quantize_model(model, args.scheme, calibration=calib, gptq=True, **opts)
+        elif variant == "gptq-seq":
+            seq = SequentialCalibration(model, calw, calib, names, args.batch)
+            quantize_model(model, args.scheme, calibration=lambda n: seq(n).quant_inputs, gptq=True, **opts)
+        else:
+            _with_damp(float(variant[len("qronos-d"):]) if variant.startswith("qronos-d") else None)
+            seq = SequentialCalibration(model, calw, calib, names, args.batch)
+            quantize_model(model, args.scheme, calibration=seq, qronos=True, **opts)
+        res = evaluate(model, held, ref, args.batch)
+        line = f"{variant:<16} ppl {res['ppl']:8.3f}  KL {res['kl']:.5f}  ({time.perf_counter() - t0:.0f}s)"
+        if args.layers:
+            ec = relative_errors(float_cal, linear_outputs(model, names, probe, args.batch))
+            eh = relative_errors(float_held, linear_outputs(model, names, held, args.batch))
+            line += (f"  mean rel out err calib {sum(ec.values()) / len(ec):.4f} held-out "
+                     f"{sum(eh.values()) / len(eh):.4f}")
+            pick = [names[i] for i in (0, 1, 2, 3, len(names) // 2, len(names) - 2, len(names) - 1)]
+            line += "\n" + "\n".join(f"    {n:<28} calib {ec[n]:.4f}  held-out {eh[n]:.4f}" for n in pick)
+        print(line, flush=True)
+        del model
+
+
+if __name__ == "__main__":
+    main()
