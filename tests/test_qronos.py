@@ -2,7 +2,9 @@
 
 * X~ = X: exactly GPTQ's codes (also with a dead input column and blocks that split the columns);
 * X~ != X: the objective ||X W^T - X~ Q^T|| is below GPTQ's, both GPTQ on X~ and GPTQ on X;
-* a direct transcription of the paper's Algorithm 1 (each step an explicit least-squares solve,
+* held out: fitted on 3 x in_features rows and judged on fresh rows, below GPTQ on X~ (the paper's plain
+  least-squares fit of the inherited error, ``raw_moments``, is not: it overfits the calibration rows);
+* a direct transcription of the paper's Algorithm 1 (on ``raw_moments``) (each step an explicit least-squares solve,
   ``torch.linalg.lstsq``; damping as the augmented rows ``sqrt(lam) I``) gives the same codes;
 * nvfp4 (+hadamard) and q4_0 with ``qronos=True`` and X~ = X write the same bytes as ``gptq=True``;
   with X~ != X they lower the layer's output error against the float layer;
