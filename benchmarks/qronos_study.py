@@ -10,8 +10,9 @@ held-out tokens (``HELDOUT_NOVELS``; perplexity and KL(P_fp32 || P_q) as in
 - ``gptq``: GPTQ on the float model's inputs X (one float pass; ``quality.py``'s row);
 - ``gptq-seq``: GPTQ as in its original sequential mode: the Hessian of the
   inputs X~ of the partially quantized model (``SequentialCalibration``'s X~);
-- ``qronos``: Qronos at its default damping (``qronos.QRONOS_DAMP``);
-- ``qronos-d<r>``: Qronos with relative damping ``r`` (e.g. ``qronos-d0.01``, the former default).
+- ``qronos``: Qronos as the formats run it (the inherited error ridge-fitted, ``qronos.qronos_moments``);
+- ``qronos-plain``: the paper's plain least-squares fit of the inherited error (``qronos.raw_moments``);
+- ``qronos-d<r>``: ``qronos-plain`` with relative damping ``r`` instead of GPTQ's 0.01.
 
 Per-layer error (``--layers``): for every quantized linear, the relative
 output error ``||X W^T - X~ Q^T|| / ||X W^T||`` of the quantized model (its
@@ -38,7 +39,7 @@ from quality import evaluate, reference_logprobs  # noqa: E402
 
 import tierserve.kernels.quant.fp4_format as fp4_format  # noqa: E402
 import tierserve.kernels.quant.q4_0_calibrated as q4_0_calibrated  # noqa: E402
-from tierserve.kernels.quant.qronos import qronos_quantize  # noqa: E402
+from tierserve.kernels.quant.qronos import qronos_moments, qronos_quantize, raw_moments  # noqa: E402
 from tierserve.kernels.quant.transform import DEFAULT_SKIP, linear_modules, matches, quantize_model  # noqa: E402
 from tierserve.models.loader import load_model  # noqa: E402
 from tierserve.tools.calibration import (CALIBRATION_NOVELS, HELDOUT_NOVELS, austen_token_windows,  # noqa: E402
@@ -47,8 +48,9 @@ from tierserve.tools.sequential_calibration import SequentialCalibration  # noqa
 
 
 def _with_damp(damp: float | None) -> None:
-    """Install a qronos_quantize with relative damping ``damp`` in the formats (None: the default)."""
+    """In the formats: None = Qronos as shipped; else the plain fit (raw_moments) at relative damping ``damp``."""
     kw = {} if damp is None else {"damp": damp}
+    fp4_format.qronos_moments = q4_0_calibrated.qronos_moments = qronos_moments if damp is None else raw_moments
     fp4_format.qronos_quantize = lambda w, h, c, q, block=128, damp=None: qronos_quantize(w, h, c, q, block, **kw)
     q4_0_calibrated.qronos_quantize = lambda w, h, c, q: qronos_quantize(w, h, c, q, **kw)
 
@@ -115,7 +117,8 @@ def main() -> None:
             seq = SequentialCalibration(model, calw, calib, names, args.batch)
             quantize_model(model, args.scheme, calibration=lambda n: seq(n).quant_inputs, gptq=True, **opts)
         else:
-            _with_damp(float(variant[len("qronos-d"):]) if variant.startswith("qronos-d") else None)
+            plain = {"qronos": None, "qronos-plain": 0.01}
+            _with_damp(plain[variant] if variant in plain else float(variant[len("qronos-d"):]))
             seq = SequentialCalibration(model, calw, calib, names, args.batch)
             quantize_model(model, args.scheme, calibration=seq, qronos=True, **opts)
         res = evaluate(model, held, ref, args.batch)
