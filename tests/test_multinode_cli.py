@@ -29,10 +29,14 @@ import sys
 import tempfile
 import time
 
+import pytest
+
 from model_harness import MOE_PROMPT, tiny_moe_reference
 from multinode_driver import node_processes
 from polling import pid_gone
 from ray_fixtures import free_port
+
+pytestmark = pytest.mark.ray  # its subprocesses start Ray: one Ray instance at a time (tests/conftest.py)
 
 HEAD_IP, NODE_IP = "127.0.0.2", "127.0.0.3"
 
