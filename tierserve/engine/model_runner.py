@@ -14,6 +14,16 @@ eagerly and also returns the final hidden state of every token
 (``RunnerOutput.hidden``). The KV pages are allocated once here and never
 reallocated.
 
+Plain decode steps (CPU): a decode-only step where every request runs its
+one next token, without drafts, from a live block-table row, and samples,
+skips the lists: its inputs go straight into preallocated buffers
+(engine/step_inputs.py ``DecodeBuffers``: numpy stores, views ``[:n]``, no
+torch op before the model) and every row's logits are computed, with no
+``sample_idx`` gather. The values, shapes and contiguity handed to the model
+are those of the general path, so its outputs are bit-identical (tested
+against it). Tree steps (spec_decode/tree_step.py) go through ``flatten`` and
+``run`` with their ``StepInputs.tree_bits`` and depth positions.
+
 Device: the model, the KV pages and the block tables live on ``device``;
 the step's token ids, positions and slots are computed on the host from host
 ints (the block tables keep a host mirror, engine/block_table.py) and sent as
@@ -45,6 +55,7 @@ from tierserve.engine.block_table import BlockTables
 from tierserve.engine.cuda_graphs import DecodeGraphs
 from tierserve.engine.piecewise_graphs import PiecewiseGraphs
 from tierserve.engine.request import Request
+from tierserve.engine.step_inputs import DecodeBuffers, StepInputs
 from tierserve.errors import InvalidParameterError
 from tierserve.kernels.attention.base import AttentionBackend
 from tierserve.kernels.kv_pages import LayerKV, allocate_kv_cache
@@ -65,25 +76,6 @@ class RunnerOutput:
     hidden: torch.Tensor | None = None  # [T, H]: every token of the step, with ``keep_hidden``
 
 
-@dataclass
-class StepInputs:
-    """One step flattened on the host: what the forward pass needs, before it goes to the device."""
-
-    tokens: list[int]
-    positions: list[int]
-    slots: torch.Tensor          # [T] long, host
-    rows: list[int]              # block-table row per sequence
-    query_start: list[int]
-    seq_lens: list[int]
-    sample_idx: list[int]
-    sample_ids: list[str]
-    num_rows: list[int] | None = None  # logits rows per sampling sequence when some verify drafts
-
-    @property
-    def decode_only(self) -> bool:
-        return self.query_start[-1] == len(self.seq_lens)
-
-
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, spec: KVSpec, num_blocks: int, max_num_seqs: int,
                  max_model_len: int, device: str | torch.device = "cpu", kv_caches: list | None = None,
@@ -98,6 +90,9 @@ class ModelRunner:
         self.block_tables = BlockTables(max_num_seqs, spec.blocks_for_tokens(max_model_len), self.device)
         self.graphs = None  # DecodeGraphs or PiecewiseGraphs: install_decode_graphs
         self.keep_hidden = False  # set by the engine for a proposer that drafts from hidden states
+        #: plain decode steps' inputs (CPU; None: every step goes through ``flatten``)
+        self.decode_buffers = (DecodeBuffers(max_num_seqs, self.block_tables.host, spec.block_size)
+                               if self.device.type == "cpu" else None)
 
     def install_decode_graphs(self, mode: str, scratch_block: int, max_num_seqs: int, max_model_len: int,
                               capture: bool = True) -> None:
@@ -126,14 +121,57 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput, requests: dict[str, Request]) -> RunnerOutput:
         if not out.scheduled:
             return RunnerOutput([], None)
-        step = self._flatten(out, requests)
-        graphs = self.graphs is not None and not self.keep_hidden
+        if self.decode_buffers is not None and self.graphs is None and self._plain_decode(out, requests):
+            return self._run_decode(out, requests)
+        return self.run(self.flatten(out, requests))
+
+    @torch.inference_mode()
+    def run(self, step: StepInputs) -> RunnerOutput:
+        """The forward of a flattened step: a decode graph's replay when one fits, else eager (a step with
+        ``tree_bits``, a draft tree's, always eager)."""
+        graphs = self.graphs is not None and not self.keep_hidden and step.tree_bits is None
         if graphs and step.decode_only and self.graphs.fits(len(step.seq_lens)):
             logits = self.graphs.run(step, self.block_tables.table)
             return RunnerOutput(step.sample_ids, logits)
         return self._run_eager(step)
 
-    def _flatten(self, out: SchedulerOutput, requests: dict[str, Request]) -> StepInputs:
+    def _row(self, sr, req: Request) -> int:
+        """The request's block-table row, brought up to date with the step's new blocks."""
+        if sr.resumed or sr.request_id not in self.block_tables:
+            return self.block_tables.reset(sr.request_id, req.block_ids)
+        self.block_tables.append(sr.request_id, sr.new_block_ids)
+        return self.block_tables.row(sr.request_id)
+
+    def _plain_decode(self, out: SchedulerOutput, requests: dict[str, Request]) -> bool:
+        """Every scheduled request runs its one next token, without drafts, from a live row, and samples."""
+        for sr in out.scheduled:
+            if (sr.num_tokens != 1 or sr.spec_token_ids or sr.resumed or sr.request_id not in self.block_tables
+                    or sr.start + 1 != requests[sr.request_id].num_tokens):
+                return False
+        return True
+
+    def _run_decode(self, out: SchedulerOutput, requests: dict[str, Request]) -> RunnerOutput:
+        """A plain decode step through the preallocated buffers (step_inputs.py); the same forward as
+        ``_run_eager`` on the same values."""
+        tokens, positions, slot_pos, rows, seq_lens, ids = [], [], [], [], [], []
+        for sr in out.scheduled:
+            req = requests[sr.request_id]
+            rows.append(self._row(sr, req))
+            off = self._evicted(sr.request_id) if self._evicted is not None else 0
+            tokens.append(req.token_ids(sr.start, sr.start + 1)[0])
+            positions.append(sr.start)
+            slot_pos.append(sr.start - off)
+            seq_lens.append(sr.start + 1 - off)
+            ids.append(sr.request_id)
+        width = -(-max(seq_lens) // self.spec.block_size)
+        input_ids, pos, slots, table = self.decode_buffers.load(tokens, positions, slot_pos, rows, width)
+        meta = AttentionMetadata(slots, table, list(range(len(rows) + 1)), seq_lens, self.spec.block_size,
+                                 backend=self.attention)
+        hidden = self.model(input_ids, pos, ForwardContext(meta, self.kv_caches))
+        return RunnerOutput(ids, self.model.compute_logits(hidden), None, hidden if self.keep_hidden else None)
+
+    def flatten(self, out: SchedulerOutput, requests: dict[str, Request]) -> StepInputs:
+        """The step as lists (any mix of prefill chunks, decodes and drafts); block-table rows updated."""
         tokens: list[int] = []
         positions: list[int] = []
         slot_pos: list[int] = []
@@ -146,11 +184,7 @@ class ModelRunner:
         num_rows: list[int] = []
         for sr in out.scheduled:
             req = requests[sr.request_id]
-            if sr.resumed or sr.request_id not in self.block_tables:
-                row = self.block_tables.reset(sr.request_id, req.block_ids)
-            else:
-                row = self.block_tables.row(sr.request_id)
-                self.block_tables.append(sr.request_id, sr.new_block_ids)
+            row = self._row(sr, req)
             end = sr.start + sr.num_tokens
             off = self._evicted(sr.request_id) if self._evicted is not None else 0
             drafts = sr.spec_token_ids
@@ -177,7 +211,8 @@ class ModelRunner:
         width = -(-max(step.seq_lens) // self.spec.block_size)
         rows = torch.tensor(step.rows, dtype=torch.long, device=dev)
         meta = AttentionMetadata(step.slots.to(dev), self.block_tables.table[rows, :width], step.query_start,
-                                 step.seq_lens, self.spec.block_size, backend=self.attention)
+                                 step.seq_lens, self.spec.block_size, backend=self.attention,
+                                 tree_bits=step.tree_bits)
         input_ids = torch.tensor(step.tokens, dtype=torch.long, device=dev)
         pos = torch.tensor(step.positions, dtype=torch.long, device=dev)
         hidden = self.model(input_ids, pos, ForwardContext(meta, self.kv_caches))

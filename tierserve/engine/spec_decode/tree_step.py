@@ -4,10 +4,11 @@ Forward (``run_tree_step``): the runner flattens the step as usual
 (engine/model_runner.py: a request verifying drafts runs its last known token
 and its drafts, written to the slots of the next consecutive positions, with
 logits for all of them); for a request whose drafts are a tree (tree.py, the
-flattened nodes, possibly trimmed by the scheduler to a prefix) the query
-rows' RoPE positions become ``root + depth`` and their attention mask the
-tree's ancestor bits (``AttentionMetadata.tree_bits``; every other row is
-causal). The forward then runs as the runner's eager path does.
+flattened nodes, possibly trimmed by the scheduler to a prefix) ``tree_inputs``
+sets the query rows' RoPE positions to ``root + depth`` and their attention
+mask to the tree's ancestor bits (``StepInputs.tree_bits``, passed on as
+``AttentionMetadata.tree_bits``; every other row is causal). The runner then
+runs the step itself (``ModelRunner.run``: eager, since it has tree bits).
 
 Compaction (``compact_kv``): after verification the node at depth ``d`` of
 the accepted path must hold the KV of position ``root + d``; its entries move,
@@ -20,18 +21,22 @@ packed or evicting cache is refused when the tree option is set).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from tierserve.engine.model_runner import RunnerOutput
 from tierserve.engine.spec_decode.tree import DraftTree
-from tierserve.kernels.paged_attention import AttentionMetadata
-from tierserve.models.context import ForwardContext
+from tierserve.engine.step_inputs import StepInputs
 
 
-@torch.inference_mode()
 def run_tree_step(runner, sched, requests, trees: dict[str, DraftTree]) -> RunnerOutput:
-    """The runner's eager forward of ``sched`` with ``trees[request_id]`` masks and positions."""
-    step = runner._flatten(sched, requests)
+    """The runner's forward of ``sched`` with ``trees[request_id]`` masks and positions."""
+    return runner.run(tree_inputs(runner.flatten(sched, requests), sched, trees))
+
+
+def tree_inputs(step: StepInputs, sched, trees: dict[str, DraftTree]) -> StepInputs:
+    """``step`` (the runner's flattening of ``sched``) with the tree rows' depth positions and ancestor bits."""
     positions = list(step.positions)
     bits = [-1] * len(step.tokens)
     for i, sr in enumerate(sched.scheduled):
@@ -42,20 +47,7 @@ def run_tree_step(runner, sched, requests, trees: dict[str, DraftTree]) -> Runne
         lo, hi = step.query_start[i], step.query_start[i + 1]
         positions[lo:hi] = tree.positions(sr.start)
         bits[lo:hi] = tree.ancestor_bits()
-    dev = runner.device
-    width = -(-max(step.seq_lens) // runner.spec.block_size)
-    rows = torch.tensor(step.rows, dtype=torch.long, device=dev)
-    meta = AttentionMetadata(step.slots.to(dev), runner.block_tables.table[rows, :width], step.query_start,
-                             step.seq_lens, runner.spec.block_size, backend=runner.attention, tree_bits=bits)
-    input_ids = torch.tensor(step.tokens, dtype=torch.long, device=dev)
-    pos = torch.tensor(positions, dtype=torch.long, device=dev)
-    hidden = runner.model(input_ids, pos, ForwardContext(meta, runner.kv_caches))
-    kept = hidden if runner.keep_hidden else None
-    if not step.sample_idx:
-        return RunnerOutput([], None, hidden=kept)
-    if len(step.sample_idx) != hidden.shape[0]:
-        hidden = hidden[torch.tensor(step.sample_idx, dtype=torch.long, device=dev)]
-    return RunnerOutput(step.sample_ids, runner.model.compute_logits(hidden), step.num_rows, kept)
+    return replace(step, positions=positions, tree_bits=bits)
 
 
 def slot(block_ids: list[int], block_size: int, position: int) -> int:
