@@ -36,9 +36,10 @@ GPTQ 202.67 / 0.228, Qronos 192.98 / 0.312; q4_0 GPTQ 169.80 / 0.287, Qronos 173
 Cause (benchmarks/qronos_study.py --hadamard --layers, SmolLM2 nvfp4 +had, 16 x 256): the plain
 least-squares fit of the inherited error overfits the calibration tokens (mean relative output
 error of the linears 0.076 on calibration text against GPTQ's 0.144, 0.209 on held-out text
-against 0.190). Same settings (two runs, load average 2-17 on 2 shared cores): GPTQ 64.14 / 0.1170, GPTQ seq 61.51 / 0.1086, Qronos
-(plain fit) 60.67 / 0.1445, Qronos 61.00 / 0.1022 (held-out output error 0.178): the KL target
-is met there; q4_0 and Gemma with the ridge: QRONOS_Q4_0_PENDING.
+against 0.190). Same settings (two runs; load average 2-17 on 2 shared cores): GPTQ
+64.14 / 0.1170, GPTQ seq 61.51 / 0.1086, Qronos (plain fit) 60.67 / 0.1445, Qronos 61.00 / 0.1022
+(held-out output error 0.178): the KL target is met there. q4_0 and Gemma-3-270m with the ridge:
+not measured yet (``qronos_study.py --scheme q4_0``; ``--gemma``).
 SigmaScale on the FFN layers only (gate_up_proj, down_proj) at
 keep_ratio 0.75 / 0.5 / 0.25 of each FFN weight's parameters, calibrated on
 ``--calib-windows`` x ``--seq-len`` tokens of ``CALIBRATION_NOVELS``, against
