@@ -36,7 +36,6 @@ Without CUDA it exits 0 unless ``--device cpu`` (smoke run: ``--layers 1 --prefi
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.util
 import json
@@ -50,7 +49,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from decode_gpu import copy_bandwidth, sync  # noqa: E402
+from decode_gpu import sync  # noqa: E402
+from gpu_setup import parse_device_args  # noqa: E402
 from tierserve.cache.tiers.chunk_layout import ChunkLayout  # noqa: E402
 from tierserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig  # noqa: E402
 from tierserve.engine.llm_engine import LLMEngine  # noqa: E402
@@ -138,19 +138,17 @@ def dram_hit(folder, args, shared, asks) -> tuple[str, list[float], dict]:
     return "DRAM copy path (LMCache absent: no lookup/checksum)", times, store
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True)
+def _add_arguments(ap) -> None:
     ap.add_argument("--prefix", type=int, default=4096)
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    args = ap.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("kv_tiers_gpu: CUDA is absent on this machine; nothing to measure")
+
+
+def main() -> int:
+    run = parse_device_args("kv_tiers_gpu", __doc__, _add_arguments)
+    if run is None:
         return 0
-    device = torch.device(args.device)
-    bw = copy_bandwidth(device, 2**31 if device.type == "cuda" else 2**27)
+    args, device, bw = run.args, run.device, run.copy_gbs
     gen = torch.Generator().manual_seed(0)
 
     def rand(n):

@@ -40,19 +40,18 @@ shape, and the figures speak of nothing).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from decode_gpu import copy_bandwidth, sync  # noqa: E402
+from decode_gpu import sync  # noqa: E402
+from gpu_setup import host_bandwidth, parse_device_args  # noqa: E402
 from tierserve.config import CacheConfig, EngineConfig, ModelConfig, OffloadConfig, SchedulerConfig  # noqa: E402
 from tierserve.engine.llm_engine import LLMEngine  # noqa: E402
 from tierserve.offload.routing_trace import RoutingTrace, map_by_rank, record_routing, replay_routing  # noqa: E402
@@ -62,18 +61,6 @@ from tierserve.sampling_params import SamplingParams  # noqa: E402
 from tierserve.tools.random_model import shape_config, word_tokenizer  # noqa: E402
 
 TRACE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "traces", "smollm2_moe_austen.json")
-
-
-def host_bandwidth(nbytes: int = 2**30) -> float:
-    """Host copy bandwidth, GB/s of bytes read + written (best of 3 numpy copies)."""
-    src = np.ones(nbytes, dtype=np.uint8)
-    dst = np.empty_like(src)
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - t)
-    return 2 * nbytes / best / 1e9
 
 
 def save_model(out: str, layers: int, experts: int | None, dtype: torch.dtype, device: str):
@@ -151,9 +138,7 @@ def engine_for(folder: str, device: str, dtype: str, resident: int | None, usage
                                   scheduler=SchedulerConfig(max_num_seqs=max_b)))
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True)
+def _add_arguments(ap) -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--experts", type=int, default=None, help="shrink the shape's 128 experts (smoke runs)")
     ap.add_argument("--residency", default="100,50,25,10")
@@ -161,16 +146,16 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--host-threads", type=int, default=4)
-    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--trace", default=TRACE)
     ap.add_argument("--prefetch-residency", default="25", help="residencies of the prefetch rows ('' : none)")
     ap.add_argument("--spare-slots", type=int, default=16, help="spare ring of the prefetch rows")
-    args = ap.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("offload_gpu: CUDA is absent on this machine; nothing to measure")
+
+
+def main() -> int:
+    run = parse_device_args("offload_gpu", __doc__, _add_arguments)
+    if run is None:
         return 0
-    device = torch.device(args.device)
-    hbm = copy_bandwidth(device, 2**31 if device.type == "cuda" else 2**27)
+    args, device, hbm = run.args, run.device, run.copy_gbs
     host = host_bandwidth()
     print(f"device copy {hbm:.0f} GB/s, host copy {host:.1f} GB/s (read + write)")
     rows = []

@@ -23,7 +23,6 @@ Without CUDA (and without ``--device cpu``) it exits 0 and measures nothing.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -34,8 +33,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from decode_gpu import copy_bandwidth, sync  # noqa: E402
-from offload_gpu import host_bandwidth  # noqa: E402
+from decode_gpu import sync  # noqa: E402
+from gpu_setup import host_bandwidth, parse_device_args  # noqa: E402
 from tierserve.engine.model_runner import ModelRunner  # noqa: E402
 from tierserve.engine.piecewise_graphs import decode_graph_mode  # noqa: E402
 from tierserve.engine.request import Request  # noqa: E402
@@ -139,9 +138,7 @@ def measure(model, batch: int, args, device: torch.device) -> dict:
                 capture_s=capture_s, segments=len(dec.runner.graphs.plan))
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True)
+def _add_arguments(ap) -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--vocab", type=int, default=32768)
@@ -150,13 +147,13 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--host-threads", type=int, default=4)
-    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    args = ap.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("piecewise_graphs_gpu: CUDA is absent on this machine; nothing to measure")
+
+
+def main() -> int:
+    run = parse_device_args("piecewise_graphs_gpu", __doc__, _add_arguments)
+    if run is None:
         return 0
-    device = torch.device(args.device)
-    dev_bw = copy_bandwidth(device, 2**31 if device.type == "cuda" else 2**27)
+    args, device, dev_bw = run.args, run.device, run.copy_gbs
     host_bw = host_bandwidth(2**28)
     rows = []
     from tierserve.offload.launcher import HostSpec, ProcessHostLauncher
