@@ -115,3 +115,56 @@ def engine_prefill_logits(eng, prompt: list[int]) -> torch.Tensor:
     while eng.has_unfinished():
         eng.step()
     return captured["logits"][0]
+
+
+def save_tiny_moe(path: str, seed: int) -> str:
+    """Save TINY_QWEN3_MOE (parameters perturbed with noise 0.2) and a word tokenizer at ``path``; return it."""
+    from transformers import Qwen3MoeConfig
+
+    from tierserve.tools.random_model import word_tokenizer
+
+    build_and_save(Qwen3MoeConfig(**TINY_QWEN3_MOE), path, seed=seed, noise=0.2)
+    word_tokenizer(TINY_QWEN3_MOE["vocab_size"]).save_pretrained(path)
+    return path
+
+
+def compressed_engine(folder: str, kv_compression, **engine_kw):
+    """An LLMEngine on ``folder`` (``build_engine_config(folder, **engine_kw)``) with ``kv_compression``."""
+    import dataclasses
+
+    from tierserve.engine.llm import build_engine_config
+    from tierserve.engine.llm_engine import LLMEngine
+
+    cfg = build_engine_config(folder, **engine_kw)
+    return LLMEngine(dataclasses.replace(cfg, kv_compression=kv_compression))
+
+
+def greedy_run(engine, prompts: list[list[int]], max_tokens: int, decode_only: bool = False, after_step=None):
+    """Greedy generation of ``prompts`` batched on ``engine`` (temperature 0, ignore_eos), recording the runner's
+    raw logits: (tokens per prompt, logits [rows, vocab] of each step that computed logits, fp32 on the CPU).
+    ``decode_only`` keeps only steps in which every scheduled sequence decoded one token; ``after_step(engine,
+    request_ids)`` runs after each step. The runner's ``execute`` is restored afterwards."""
+    from tierserve.sampling_params import SamplingParams
+
+    logits: list[torch.Tensor] = []
+    execute = engine.runner.execute
+
+    def recording(out, requests):  # records the real output, changes nothing
+        run = execute(out, requests)
+        if run.logits is not None and not (decode_only and any(s.num_tokens != 1 for s in out.scheduled)):
+            logits.append(run.logits.float().cpu().clone())
+        return run
+
+    engine.runner.execute = recording
+    try:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        ids = [engine.add_request(p, params) for p in prompts]
+        tokens: dict = {i: [] for i in ids}
+        while engine.has_unfinished():
+            for out in engine.step():
+                tokens[out.request_id].extend(out.new_token_ids)
+            if after_step is not None:
+                after_step(engine, ids)
+    finally:
+        engine.runner.execute = execute
+    return [tokens[i] for i in ids], logits

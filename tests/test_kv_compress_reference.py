@@ -12,14 +12,10 @@ positions (and the tokens after them). Logits must agree to fp32 noise
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
+from model_harness import compressed_engine, greedy_run
 from tierserve.config import KVCompressionConfig
-from tierserve.engine.llm import build_engine_config
-from tierserve.engine.llm_engine import LLMEngine
-from tierserve.sampling_params import SamplingParams
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
         "must be in want of a wife. However little known the feelings or views of such a man may be on "
@@ -32,27 +28,19 @@ BS = 16
 
 def test_evicted_attention_matches_masked_transformers(smollm_folder, hf_smollm):
     hf, _ = hf_smollm
-    cfg = build_engine_config(smollm_folder, num_blocks=32, block_size=BS, max_num_seqs=1,
-                              enable_prefix_caching=False, linear_backend="torch")
-    engine = LLMEngine(dataclasses.replace(cfg, kv_compression=KVCompressionConfig("paged_eviction", budget=48)))
+    engine = compressed_engine(smollm_folder, KVCompressionConfig("paged_eviction", budget=48), num_blocks=32,
+                               block_size=BS, max_num_seqs=1, enable_prefix_caching=False, linear_backend="torch")
     ids = engine.tokenize(TEXT)
     n = len(ids)
     assert n > 48 + 2 * BS
-    logits, tables, tokens = [], [], []
-    execute = engine.runner.execute
+    tables = []
 
-    def recording(out, requests):  # records the real output, changes nothing
-        run = execute(out, requests)
-        logits.append(run.logits[0].clone())
-        return run
+    def record_table(eng, rids):
+        if eng.has_unfinished():
+            tables.append(list(eng.get_request(rids[0]).block_ids))
 
-    engine.runner.execute = recording
-    rid = engine.add_request(ids, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
-    while engine.has_unfinished():
-        for out in engine.step():
-            tokens.extend(out.new_token_ids)
-        if engine.has_unfinished():
-            tables.append(list(engine.get_request(rid).block_ids))
+    tokens, logits = greedy_run(engine, [ids], 3, after_step=record_table)
+    tokens, logits = tokens[0], torch.cat(logits)
     # a fresh pool hands out blocks 0, 1, 2, ... so block b held positions [16 b, 16 b + 16)
     kept = tables[0]
     assert tables[0] == tables[1] and len(kept) < -(-n // BS)  # evicted after the prefill, not again

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
 
+from model_harness import compressed_engine, greedy_run
 from tierserve.cache.compress.base import build_compressor
 from tierserve.cache.compress.xquant import apply_rope as xquant_rope
 from tierserve.cache.compress.xquant import projection_basis, unrope
@@ -45,25 +44,10 @@ def test_basis_orders_the_latent_by_singular_value():
         projection_basis(torch.randn(24, 8))
 
 
-def _run(folder, kvc, max_tokens=6, **kw):
-    kw = kw or {"linear_backend": "torch"}
-    cfg = build_engine_config(folder, num_blocks=48, block_size=16, max_num_seqs=1, **kw)
-    engine = LLMEngine(dataclasses.replace(cfg, kv_compression=kvc))
-    logits = []
-    execute = engine.runner.execute
-
-    def recording(out, requests):  # records the real output, changes nothing
-        run = execute(out, requests)
-        logits.append(run.logits[0].clone())
-        return run
-
-    engine.runner.execute = recording
-    engine.add_request(engine.tokenize(TEXT), SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
-    tokens = []
-    while engine.has_unfinished():
-        for out in engine.step():
-            tokens.extend(out.new_token_ids)
-    return engine, tokens, torch.stack(logits)
+def _run(folder, kvc, max_tokens=6):
+    engine = compressed_engine(folder, kvc, num_blocks=48, block_size=16, max_num_seqs=1, linear_backend="torch")
+    tokens, logits = greedy_run(engine, [engine.tokenize(TEXT)], max_tokens)
+    return engine, tokens[0], torch.cat(logits)
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +73,8 @@ def test_lossless_latent_over_packed_weights(smollm_gguf):
     whole-model logits are not a fp32-noise comparison."""
     engines = []
     for kvc in (KVCompressionConfig(), KVCompressionConfig("xquant", latent_bits=0)):
-        cfg = build_engine_config(smollm_gguf, num_blocks=8, block_size=16, quantization="auto",
-                                  enable_prefix_caching=False)
-        engine = LLMEngine(dataclasses.replace(cfg, kv_compression=kvc))
+        engine = compressed_engine(smollm_gguf, kvc, num_blocks=8, block_size=16, quantization="auto",
+                                   enable_prefix_caching=False)
         ids = engine.tokenize(TEXT)[:30]
         engine.add_request(ids, SamplingParams(max_tokens=1, temperature=0.0))
         engine.step()

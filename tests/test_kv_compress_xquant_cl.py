@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
+from model_harness import compressed_engine, greedy_run
 from tierserve.cache.compress.base import build_compressor
 from tierserve.cache.compress.xquant_cl import DeltaPages, dequantize, pack_bits, quantize, unpack_bits
 from tierserve.cache.tiers.chunk_layout import ChunkLayout
@@ -15,7 +14,6 @@ from tierserve.engine.llm import build_engine_config
 from tierserve.engine.llm_engine import LLMEngine
 from tierserve.errors import InvalidParameterError
 from tierserve.kernels.kv_spec import KVSpec
-from tierserve.sampling_params import SamplingParams
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
         "want of a wife. However little known the feelings or views of such a man may be on his first entering")
@@ -76,23 +74,9 @@ def test_error_feedback_keeps_the_error_at_one_rounding():
 
 
 def _run(folder, kvc, max_tokens=6):
-    cfg = build_engine_config(folder, num_blocks=48, block_size=16, max_num_seqs=1, linear_backend="torch")
-    engine = LLMEngine(dataclasses.replace(cfg, kv_compression=kvc))
-    logits = []
-    execute = engine.runner.execute
-
-    def recording(out, requests):  # records the real output, changes nothing
-        run = execute(out, requests)
-        logits.append(run.logits[0].clone())
-        return run
-
-    engine.runner.execute = recording
-    engine.add_request(engine.tokenize(TEXT), SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
-    tokens = []
-    while engine.has_unfinished():
-        for out in engine.step():
-            tokens.extend(out.new_token_ids)
-    return engine, tokens, torch.stack(logits)
+    engine = compressed_engine(folder, kvc, num_blocks=48, block_size=16, max_num_seqs=1, linear_backend="torch")
+    tokens, logits = greedy_run(engine, [engine.tokenize(TEXT)], max_tokens)
+    return engine, tokens[0], torch.cat(logits)
 
 
 @pytest.fixture(scope="module")
