@@ -20,7 +20,8 @@ layer rotates them back by the step's RoPE angles (captured by a forward
 pre-hook on the attention module: ``k_pre = R(-theta) k / (cos^2 + sin^2)``,
 the division undoing a RoPE ``attention_scaling`` other than 1), and stores
 each token's position (int32, one tensor shared by all layers) so that a
-read can apply RoPE again at the stored positions.
+read can apply RoPE again at the stored positions (``rematerialise``, shared
+with xquant_cl.py's read).
 
 Quantization (``latent_bits`` 4): each token's latent is quantized in groups
 of ``g = group_size`` consecutive latent channels with kv4's asymmetric 4-bit
@@ -78,6 +79,19 @@ def projection_weights(qkv_proj: torch.nn.Module, hidden: int, dtype: torch.dtyp
 def unrope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """The inverse of ``apply_rope(x, cos, sin)`` (a rotation scaled by ``cos^2 + sin^2``)."""
     return apply_rope(x, cos, -sin) / (cos * cos + sin * sin).repeat(1, 1, 2)
+
+
+def rematerialise(k_pre: torch.Tensor, vals: torch.Tensor, positions: torch.Tensor, table: torch.Tensor, rope,
+                  heads: int, dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of the pages ``table [..., nb]`` from their pre-RoPE keys and values (rows in table order):
+    RoPE applied to the keys at the positions stored per slot (``positions [num_blocks, bs]``, the table grown to
+    cover the largest), both shaped ``[..., nb * bs, heads, dim]`` in ``dtype``."""
+    pos = torch.index_select(positions, 0, table.reshape(-1)).reshape(-1).long()
+    rope.ensure(int(pos.max()) + 1 if pos.numel() else 1)
+    cos, sin = rope.lookup(pos, torch.float32)
+    keys = apply_rope(k_pre.reshape(-1, heads, dim), cos, sin)
+    shape = (*table.shape[:-1], -1, heads, dim)
+    return keys.reshape(shape).to(dtype), vals.reshape(shape).to(dtype)
 
 
 class _StepCapture:
@@ -140,14 +154,9 @@ class XQuantLayerKV:
 
     def gather(self, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pages of ``table [..., nb]`` rematerialised: keys and values ``[..., nb * bs, H, D]`` in the KV dtype."""
-        lead = table.shape[:-1]
-        k_pre = (self._load(self.k_latent, table) @ self.basis_k).reshape(-1, self.heads, self.dim)
-        vals = (self._load(self.v_latent, table) @ self.basis_v).reshape(*lead, -1, self.heads, self.dim)
-        pos = torch.index_select(self.positions, 0, table.reshape(-1)).reshape(-1).long()
-        self.rope.ensure(int(pos.max()) + 1 if pos.numel() else 1)
-        cos, sin = self.rope.lookup(pos, torch.float32)
-        keys = apply_rope(k_pre, cos, sin).reshape(*lead, -1, self.heads, self.dim)
-        return keys.to(self.dtype), vals.to(self.dtype)
+        k_pre = self._load(self.k_latent, table) @ self.basis_k
+        vals = self._load(self.v_latent, table) @ self.basis_v
+        return rematerialise(k_pre, vals, self.positions, table, self.rope, self.heads, self.dim, self.dtype)
 
 
 @register

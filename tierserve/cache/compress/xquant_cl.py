@@ -53,7 +53,7 @@ from __future__ import annotations
 import torch
 
 from tierserve.cache.compress.base import KVCompressor, register
-from tierserve.cache.compress.xquant import apply_rope, projection_weights
+from tierserve.cache.compress.xquant import projection_weights, rematerialise
 from tierserve.errors import InvalidParameterError
 from tierserve.kernels.quant.hadamard import hadamard_matrix
 
@@ -199,15 +199,9 @@ class XQuantCLLayerKV:
 
     def gather(self, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pages of ``table [..., nb]`` rematerialised: keys and values ``[..., nb * bs, H, D]`` in the KV dtype."""
-        lead = table.shape[:-1]
         kv = torch.addmm(self.bias, self.reconstruct(table), self.proj)
         k_pre, vals = kv.split(self.heads * self.dim, dim=-1)
-        pos = torch.index_select(self.positions, 0, table.reshape(-1)).reshape(-1).long()
-        self.rope.ensure(int(pos.max()) + 1 if pos.numel() else 1)
-        cos, sin = self.rope.lookup(pos, torch.float32)
-        keys = apply_rope(k_pre.reshape(-1, self.heads, self.dim), cos, sin)
-        shape = (*lead, -1, self.heads, self.dim)
-        return keys.reshape(shape).to(self.dtype), vals.reshape(shape).to(self.dtype)
+        return rematerialise(k_pre, vals, self.positions, table, self.rope, self.heads, self.dim, self.dtype)
 
 
 @register
