@@ -68,31 +68,39 @@ class ExpertWeights:
                    act, dtype)
 
 
-def build_expert(w: ExpertWeights, linear_backend: str, device: torch.device | None = None,
-                 stream=None) -> torch.nn.Module:
-    """A ``GatedMLP`` holding ``w``, with ``linear_backend`` applied (module doc); on ``device`` when given (a
-    CUDA worker's spare slots and rebuilt experts), its weights copied there on ``stream`` (None: the current
-    one) and waited for, so the module is ready to run on any stream of that device."""
+def _host_module(w: ExpertWeights) -> GatedMLP:
+    """A CPU ``GatedMLP`` holding ``w`` in its dtype, in eval mode, without gradients."""
     dtype = getattr(torch, w.dtype)
     inter2, hidden = w.gate_up.shape
     mlp = GatedMLP(hidden, inter2 // 2, w.act, dtype)
     with torch.no_grad():
         mlp.gate_up_proj.weight.copy_(numpy_to_tensor(w.gate_up, dtype))
         mlp.down_proj.weight.copy_(numpy_to_tensor(w.down, dtype))
-    mlp.eval().requires_grad_(False)
-    if device is not None and torch.device(device).type == "cuda":
-        _to_device(mlp, torch.device(device), stream)
-    apply_linear_backend(mlp, linear_backend)  # after the move: a CUDA module is left to the CUDA kernels
-    return mlp
+    return mlp.eval().requires_grad_(False)
 
 
-def _to_device(mlp: torch.nn.Module, device: torch.device, stream) -> None:
-    """Move ``mlp``'s weights to ``device`` through pinned buffers on ``stream`` and wait for the copies."""
-    stream = stream or torch.cuda.current_stream(device)
-    with torch.no_grad(), torch.cuda.stream(stream):
+def _copy_to(mlp: torch.nn.Module, device: torch.device) -> None:
+    """Point ``mlp``'s parameters at copies on ``device``, issued through pinned buffers on the current stream
+    without waiting."""
+    with torch.no_grad():
         for p in mlp.parameters():
             p.data = p.data.pin_memory().to(device, non_blocking=True)
-    stream.synchronize()
+
+
+def build_expert(w: ExpertWeights, linear_backend: str, device: torch.device | None = None,
+                 stream=None) -> torch.nn.Module:
+    """A ``GatedMLP`` holding ``w``, with ``linear_backend`` applied (module doc); on ``device`` when given (a
+    CUDA worker's spare slots and rebuilt experts), its weights copied there on ``stream`` (None: the current
+    one) and waited for, so the module is ready to run on any stream of that device."""
+    mlp = _host_module(w)
+    if device is not None and torch.device(device).type == "cuda":
+        device = torch.device(device)
+        stream = stream or torch.cuda.current_stream(device)
+        with torch.cuda.stream(stream):
+            _copy_to(mlp, device)
+        stream.synchronize()
+    apply_linear_backend(mlp, linear_backend)  # after the move: a CUDA module is left to the CUDA kernels
+    return mlp
 
 
 def build_expert_on_stream(w: ExpertWeights, linear_backend: str, device: torch.device,
@@ -100,16 +108,9 @@ def build_expert_on_stream(w: ExpertWeights, linear_backend: str, device: torch.
     """``build_expert`` on a CUDA ``device`` without waiting: the weights are copied through pinned buffers
     and the linear backend applied on ``stream``, whose event (recorded after both) is returned; a consumer
     waits for the event before it reads the module (tierserve.offload.spare_slots)."""
-    dtype = getattr(torch, w.dtype)
-    inter2, hidden = w.gate_up.shape
-    mlp = GatedMLP(hidden, inter2 // 2, w.act, dtype)
-    with torch.no_grad():
-        mlp.gate_up_proj.weight.copy_(numpy_to_tensor(w.gate_up, dtype))
-        mlp.down_proj.weight.copy_(numpy_to_tensor(w.down, dtype))
-    mlp.eval().requires_grad_(False)
+    mlp = _host_module(w)
     with torch.no_grad(), torch.cuda.stream(stream):
-        for p in mlp.parameters():
-            p.data = p.data.pin_memory().to(device, non_blocking=True)
+        _copy_to(mlp, device)
         apply_linear_backend(mlp, linear_backend)
         done = torch.cuda.Event()
         done.record(stream)
