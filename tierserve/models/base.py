@@ -17,11 +17,10 @@ Contract the engine relies on (every architecture class subclasses this):
 - ``kv_spec(block_size) -> KVSpec``.
 - ``supports_cuda_graphs()``: False when a submodule is not ``graph_capturable`` (below): such a
   module synchronises with the host in its forward.
-- ``graph_capturable(module)``: False for a module that declares ``graph_capturable = False`` (the
-  resident ``SparseMoeBlock``: its routing sizes expert batches on the host) and for any module routing
-  with ``SparseMoeBlock.route`` (a transform's replacement block, e.g. the expert-offload block, which
-  also plans its dispatch on the host). A model whose only such modules are MoE blocks decodes with
-  piecewise CUDA graphs around them (tierserve/engine/piecewise_graphs.py).
+- ``graph_capturable(module)``: False exactly for a module that declares ``graph_capturable = False``
+  (the resident ``SparseMoeBlock``: its routing sizes expert batches on the host; the expert-offload
+  block, which also plans its dispatch on the host). A model whose only such modules are MoE blocks
+  decodes with piecewise CUDA graphs around them (tierserve/engine/piecewise_graphs.py).
 """
 
 from __future__ import annotations
@@ -35,7 +34,6 @@ from tierserve.kernels.kv_spec import KVSpec
 from tierserve.errors import ModelLoadError
 from tierserve.models.arch_config import ModelArchConfig
 from tierserve.models.layers import Slot, linear
-from tierserve.models.moe import SparseMoeBlock
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -113,9 +111,7 @@ class CausalLMBase(nn.Module):
 
 def graph_capturable(module: nn.Module) -> bool:
     """Whether ``module``'s own forward can run inside a CUDA graph (module doc); submodules not included."""
-    if not getattr(module, "graph_capturable", True):
-        return False
-    return getattr(type(module), "route", None) is not SparseMoeBlock.route
+    return bool(getattr(module, "graph_capturable", True))
 
 
 class TiedLMHead(nn.Module):

@@ -95,6 +95,8 @@ def _rows(rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
 
 
 class OffloadedMoeBlock(nn.Module):
+    graph_capturable = False  # the dispatch plan, host messages and spare-slot pins run on the host per layer
+
     def __init__(self, block: SparseMoeBlock, layer: int, resident: tuple[int, ...], pool: HostPool,
                  expert_bytes: int, spare: SpareSlots | None = None, cost: CostModel | None = None):
         super().__init__()
