@@ -26,15 +26,11 @@ import math
 
 import pytest
 import torch
-from transformers import Qwen3MoeConfig
 
-from model_harness import MOE_PROMPT, TINY_QWEN3_MOE, build_and_save
+from model_harness import MOE_PROMPT, TINY_QWEN3_MOE, greedy_run, save_tiny_moe
 from tierserve.config import CacheConfig, EngineConfig, ModelConfig, OffloadConfig, SchedulerConfig
 from tierserve.engine.llm_engine import LLMEngine
-from tierserve.engine.model_runner import ModelRunner
 from tierserve.engine.piecewise_graphs import PiecewiseGraphs
-from tierserve.sampling_params import SamplingParams
-from tierserve.tools.random_model import word_tokenizer
 
 pytestmark = pytest.mark.cuda
 PROMPTS = [MOE_PROMPT, [(5 * i + 2) % 380 + 1 for i in range(30)], [9, 8, 7]]
@@ -43,10 +39,7 @@ FP32_REL = 1e-4  # module doc
 
 @pytest.fixture(scope="module")
 def tiny_moe(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("tiny_moe_piecewise_cuda"))
-    build_and_save(Qwen3MoeConfig(**TINY_QWEN3_MOE), path, seed=31, noise=0.2)
-    word_tokenizer(TINY_QWEN3_MOE["vocab_size"]).save_pretrained(path)
-    return path
+    return save_tiny_moe(str(tmp_path_factory.mktemp("tiny_moe_piecewise_cuda")), seed=31)
 
 
 def _engine(folder: str, dtype: str, eager: bool, resident: int | None = 4) -> LLMEngine:
@@ -59,32 +52,18 @@ def _engine(folder: str, dtype: str, eager: bool, resident: int | None = 4) -> L
 
 def _run(eng: LLMEngine, prompts, new_tokens: int = 12):
     """(greedy tokens per prompt, the logits of every decode-only step in order, graph replays)."""
-    steps, replays = [], [0]
-    execute = ModelRunner.execute.__get__(eng.runner)  # the class's: a reused engine's spy is not stacked
+    replays = [0]
     graphs = eng.runner.graphs
     if graphs is not None:
-        run = PiecewiseGraphs.run.__get__(graphs)
+        run = PiecewiseGraphs.run.__get__(graphs)  # the class's: a reused engine's counter is not stacked
 
         def counted(step, table):
             replays[0] += 1
             return run(step, table)
 
         graphs.run = counted
-
-    def spy(out, requests):
-        res = execute(out, requests)
-        if all(sr.num_tokens == 1 for sr in out.scheduled) and res.logits is not None:
-            steps.append(res.logits.float().cpu())
-        return res
-
-    eng.runner.execute = spy
-    ids = [eng.add_request(p, SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True))
-           for p in prompts]
-    out = {i: [] for i in ids}
-    while eng.has_unfinished():
-        for o in eng.step():
-            out[o.request_id].extend(o.new_token_ids)
-    return [out[i] for i in ids], steps, replays[0]
+    tokens, steps = greedy_run(eng, prompts, new_tokens, decode_only=True)
+    return tokens, steps, replays[0]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
