@@ -22,7 +22,8 @@ Prefetch. With ``prefetch = "previous_step"`` and a spare ring, ``before_forward
 decode step (every scheduled request past its prompt) first finishes the ring's copies that
 are done, then starts copying the cold experts the previous step routed to (each block's
 ``last_rows``) and pins them for their layer (tierserve.offload.prefetch ``plan_prefetch``);
-``stats()`` carries nothing new, the counters are ``spare.prefetch``.
+the counters are ``spare.prefetch`` (issued / used / wasted), which ``stats()`` exports
+(``ExpertMetrics.prefetch_*``; zero without a spare ring).
 
 Closing. ``close()`` saves the usage, closes the hosts' transports and the spare ring,
 and, when a launcher is attached (``launcher``: the hook was built by
@@ -41,6 +42,7 @@ from tierserve.offload.launcher import HostLauncher
 from tierserve.offload.placement import Placement, Swap
 from tierserve.offload.prefetch import plan_prefetch
 from tierserve.offload.promotion import promote
+from tierserve.offload.slot_ledger import PrefetchCounters
 from tierserve.offload.spare_slots import SpareSlots
 from tierserve.offload.usage import ExpertMetrics, ExpertUsage
 from tierserve.offload.usage_hook import RouteHandle
@@ -122,10 +124,12 @@ class OffloadHook(StepHook):
         self._last_save = time.monotonic()
 
     def stats(self) -> ExpertMetrics:
-        """The replica's expert metrics: live counts, resident/offloaded experts, promotions."""
+        """The replica's expert metrics: live counts, resident/offloaded experts, promotions, prefetches."""
+        prefetch = self.spare.prefetch if self.spare is not None else PrefetchCounters()
         return ExpertMetrics(tokens=self.live.as_metrics(), resident=self.placement.num_resident,
                              offloaded=sum(self.placement.num_experts) - self.placement.num_resident,
-                             promotions=self.promotions)
+                             promotions=self.promotions, prefetch_issued=prefetch.issued,
+                             prefetch_used=prefetch.used, prefetch_wasted=prefetch.wasted)
 
     def expert_metrics(self) -> ExpertMetrics:
         """Same as ``stats()`` (what the server reads today)."""

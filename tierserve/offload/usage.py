@@ -15,7 +15,8 @@ every count is a non-negative integer.
 
 ``ExpertMetrics`` is what a replica exports (tierserve/server/metrics.py): the live
 counts as ``tierserve:expert_tokens_total{model_name,layer,expert}`` and gauges of
-resident / offloaded experts and a counter of promotions; ``add`` sums replicas.
+resident / offloaded experts, a counter of promotions and the spare-slot prefetch
+counters (issued / used / wasted, zero without a spare ring); ``add`` sums replicas.
 """
 
 from __future__ import annotations
@@ -40,13 +41,15 @@ class ExpertMetrics:
     resident: int = 0
     offloaded: int = 0
     promotions: int = 0
+    prefetch_issued: int = 0  # spare-slot prefetches (tierserve.offload.slot_ledger PrefetchCounters)
+    prefetch_used: int = 0
+    prefetch_wasted: int = 0
 
     def add(self, other: "ExpertMetrics") -> None:
         for key, c in other.tokens.items():
             self.tokens[key] = self.tokens.get(key, 0) + c
-        self.resident += other.resident
-        self.offloaded += other.offloaded
-        self.promotions += other.promotions
+        for name in ("resident", "offloaded", "promotions", "prefetch_issued", "prefetch_used", "prefetch_wasted"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 def usage_path(model_folder: str) -> str:

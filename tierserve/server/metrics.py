@@ -30,8 +30,9 @@ Exposed names (label ``model_name``): ``tierserve:time_to_first_token_seconds``,
 With MoE expert offload (``MetricsSnapshot.experts``, tierserve/offload/usage.py
 ``ExpertMetrics``, summed over replicas): ``tierserve:expert_tokens_total``
 (labels ``model_name``, ``layer``, ``expert``: routed (token, slot) assignments),
-``tierserve:experts_resident`` / ``tierserve:experts_offloaded`` (gauges) and
-``tierserve:expert_promotions_total`` (counter).
+``tierserve:experts_resident`` / ``tierserve:experts_offloaded`` (gauges),
+``tierserve:expert_promotions_total`` and the spare-slot prefetch counters
+``tierserve:expert_prefetches_issued_total`` / ``_used_total`` / ``_wasted_total``.
 With KV tiers (``MetricsSnapshot.kv_tiers``, cache/tiers/stats.py, summed over
 replicas), counters labelled ``model_name`` and ``tier``:
 ``tierserve:kv_tier_hits_total``, ``tierserve:kv_tier_hit_tokens_total``,
@@ -327,6 +328,13 @@ def _expert_families(per_model: dict[str, ExpertMetrics]):
     for model, m in per_model.items():
         fam.add_metric([model], m.promotions)
     yield fam
+    for outcome, doc in (("issued", "started"), ("used", "read at least once"),
+                         ("wasted", "evicted or cancelled before any read")):
+        fam = CounterMetricFamily(f"tierserve:expert_prefetches_{outcome}", f"Spare-slot expert prefetches {doc}.",
+                                  labels=["model_name"])
+        for model, m in per_model.items():
+            fam.add_metric([model], getattr(m, f"prefetch_{outcome}"))
+        yield fam
 
 
 def _spec_families(per_model: dict[str, SpecDecodeStats]):
