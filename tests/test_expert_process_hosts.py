@@ -91,15 +91,20 @@ def test_process_hosts_are_bit_identical(tiny, launched, fraction):
     hook.close()
 
 
+HOST_TIMEOUT_S = 10.0
+
+
 def test_stopped_process_host_is_failed_over(tiny):
     from tierserve.offload.launcher import HostSpec, ProcessHostLauncher
 
     path, ref_logits, ref_tokens = tiny
     launcher = ProcessHostLauncher()
-    hosts = launcher.launch(2, HostSpec("auto", timeout_s=2.0))
+    # timeout_s is the only wall-clock bound here: generous, so that the live host answers within it on a
+    # starved machine too (at 2 s, a run beside the parallel test worker saw host0 time out as well)
+    hosts = launcher.launch(2, HostSpec("auto", timeout_s=HOST_TIMEOUT_S))
     pid = launcher.pids()["host1"]
     try:
-        model, hook = _offloaded(path, plan_placement([[0] * 8, [0] * 8], 6, 1), hosts, timeout_s=2.0)
+        model, hook = _offloaded(path, plan_placement([[0] * 8, [0] * 8], 6, 1), hosts, timeout_s=HOST_TIMEOUT_S)
         assert hook.shards["host1"]
         os.kill(pid, signal.SIGSTOP)
         assert torch.equal(PagedRunner(model).step(PROMPT), ref_logits)
