@@ -35,6 +35,20 @@ def build_and_save(config, path, seed: int = 0, noise: float = 0.05):
     return model
 
 
+def save_tiny_llama(path: str, seed: int = 3, **shape) -> str:
+    """Save a random Llama (hidden 64, 2 layers, GQA 4/2 heads, vocabulary 256 unless ``shape`` overrides) and a
+    word tokenizer of its vocabulary at ``path``; return ``path``."""
+    from transformers import LlamaConfig
+
+    from tierserve.tools.random_model import word_tokenizer
+
+    cfg = LlamaConfig(**{**dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, vocab_size=256, max_position_embeddings=128), **shape})
+    build_and_save(cfg, path, seed=seed)
+    word_tokenizer(cfg.vocab_size).save_pretrained(path)
+    return path
+
+
 class PagedRunner:
     def __init__(self, model, block_size: int = 4, num_blocks: int = 32, seed: int = 0):
         self.model = model

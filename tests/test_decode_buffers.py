@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig
 
-from model_harness import build_and_save
+from model_harness import save_tiny_llama
 from tierserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from tierserve.engine.llm_engine import LLMEngine
 from tierserve.engine.step_inputs import DecodeBuffers
 from tierserve.sampling_params import SamplingParams
-from tierserve.tools.random_model import word_tokenizer
 
 BS = 4
 
@@ -44,12 +42,7 @@ def test_buffers_hold_exactly_each_steps_rows():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("tiny_decode_buffers"))
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=128)
-    build_and_save(cfg, path, seed=3)
-    word_tokenizer(cfg.vocab_size).save_pretrained(path)
-    return path
+    return save_tiny_llama(str(tmp_path_factory.mktemp("tiny_decode_buffers")))
 
 
 def _run(path: str, buffers: bool) -> tuple[list, int]:

@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig
 
-from model_harness import build_and_save
+from model_harness import save_tiny_llama
 from tierserve.config import CacheConfig, EngineConfig, KVCompressionConfig, ModelConfig, SchedulerConfig
 from tierserve.engine.llm_engine import LLMEngine
 from tierserve.sampling_params import SamplingParams
-from tierserve.tools.random_model import word_tokenizer
 
 PROMPTS = [[(7 * i + 3) % 500 + 1 for i in range(40)], [(11 * i + 5) % 500 + 1 for i in range(23)]]
 BUDGET = 16
@@ -28,12 +26,8 @@ BUDGET = 16
 
 @pytest.fixture(scope="module")
 def tiny_gqa(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("tiny_gqa_latent_eviction"))
-    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)
-    build_and_save(cfg, path, seed=3)
-    word_tokenizer(cfg.vocab_size).save_pretrained(path)
-    return path
+    return save_tiny_llama(str(tmp_path_factory.mktemp("tiny_gqa_latent_eviction")), hidden_size=128,
+                           intermediate_size=256, num_hidden_layers=3, vocab_size=512, max_position_embeddings=256)
 
 
 def _run(folder: str, kvc: KVCompressionConfig):
