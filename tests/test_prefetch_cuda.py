@@ -14,7 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_prefetch_engine import NEVER_FETCH, _counters, _steps, tiny_moe  # noqa: F401  (the module fixture)
+from model_harness import greedy_run
+from test_prefetch_engine import NEVER_FETCH, PROMPTS, _counters, tiny_moe  # noqa: F401  (the module fixture)
 from tierserve.config import CacheConfig, EngineConfig, ModelConfig, OffloadConfig, SchedulerConfig
 from tierserve.engine.llm_engine import LLMEngine
 
@@ -32,17 +33,17 @@ def _engine(folder: str, resident: int | None, slots: int = 0) -> LLMEngine:
 def test_cuda_prefetch_greedy_equal_and_slots_complete(tiny_moe):  # noqa: F811
     ref = _engine(tiny_moe, None)
     try:
-        _, ref_tokens = _steps(ref)
+        ref_tokens, _ = greedy_run(ref, PROMPTS, 10)
     finally:
         ref.close()
     eng = _engine(tiny_moe, 4, slots=3)
     try:
         for block in eng.offload.blocks:
             block.cost = NEVER_FETCH
-        off_logits, off_tokens = _steps(eng)
+        off_tokens, off_logits = greedy_run(eng, PROMPTS, 10)
         off = _counters(eng)
         eng.offload.prefetch = "previous_step"
-        logits, tokens = _steps(eng)
+        tokens, logits = greedy_run(eng, PROMPTS, 10)
         on = {k: v - off[k] for k, v in _counters(eng).items()}
         spare, source = eng.offload.spare, eng.offload.pool.source
         for key in spare.keys():
