@@ -40,7 +40,8 @@ from quality import evaluate, reference_logprobs  # noqa: E402
 import tierserve.kernels.quant.fp4_format as fp4_format  # noqa: E402
 import tierserve.kernels.quant.q4_0_calibrated as q4_0_calibrated  # noqa: E402
 from tierserve.kernels.quant.qronos import qronos_moments, qronos_quantize, raw_moments  # noqa: E402
-from tierserve.kernels.quant.transform import DEFAULT_SKIP, linear_modules, matches, quantize_model  # noqa: E402
+from tierserve.kernels.quant.transform import (DEFAULT_SKIP, capture_activations, linear_modules,  # noqa: E402
+                                              matches, quantize_model)
 from tierserve.models.loader import load_model  # noqa: E402
 from tierserve.tools.calibration import (CALIBRATION_NOVELS, HELDOUT_NOVELS, austen_token_windows,  # noqa: E402
                                          calibration_activations, forward_logits)
@@ -57,18 +58,12 @@ def _with_damp(damp: float | None) -> None:
 
 @torch.inference_mode()
 def linear_outputs(model, names, windows, batch) -> dict[str, torch.Tensor]:
-    """Per linear name, its outputs over ``windows`` ``[tokens, out]``."""
-    outs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    """Per linear name, its outputs over ``windows`` ``[tokens, out]``: each module applied to the inputs
+    ``capture_activations`` recorded for it."""
+    xs = capture_activations(model, lambda m: [forward_logits(m, windows[s:s + batch])
+                                               for s in range(0, windows.shape[0], batch)], names)
     mods = dict(model.named_modules())
-    handles = [mods[n].register_forward_hook(lambda _m, _a, y, _n=n: outs[_n].append(y.detach().clone()))
-               for n in names]
-    try:
-        for s in range(0, windows.shape[0], batch):
-            forward_logits(model, windows[s:s + batch])
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: torch.cat([y.reshape(-1, y.shape[-1]) for y in v]) for n, v in outs.items()}
+    return {n: mods[n](x) for n, x in xs.items()}
 
 
 def relative_errors(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> dict[str, float]:
