@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
+import traceback
 
 import pytest
 import torch
@@ -52,6 +54,14 @@ def _unread_bytes_at(port: int) -> int:
     return total
 
 
+def _sockets_and_stack(port: int, thread: threading.Thread) -> str:
+    """What a timed-out wait saw: the /proc/net/tcp lines at ``port`` and where ``thread`` stands."""
+    with open("/proc/net/tcp") as f:
+        lines = [ln.strip() for ln in f if f":{port:04X} " in ln]
+    frame = sys._current_frames().get(thread.ident)
+    return "\n".join(lines + ["".join(traceback.format_stack(frame)) if frame else "thread ended"])
+
+
 def test_host_killed_during_promotion_copy(tiny):
     from tierserve.offload.apply import apply_expert_offload
     from tierserve.offload.launcher import HostSpec, ProcessHostLauncher
@@ -79,7 +89,8 @@ def test_host_killed_during_promotion_copy(tiny):
         result: dict = {}
         worker = threading.Thread(target=lambda: result.update(swaps=handle.at_request_boundary()))
         worker.start()
-        wait_for(lambda: _unread_bytes_at(port) > 0, timeout_s=60.0)  # the copy request reached the host
+        wait_for(lambda: _unread_bytes_at(port) > 0, timeout_s=60.0,  # the copy request reached the host
+                 show=lambda: _sockets_and_stack(port, worker))
         os.kill(pid, signal.SIGKILL)
         worker.join(timeout=120.0)
         assert not worker.is_alive()
