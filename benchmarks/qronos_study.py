@@ -19,6 +19,9 @@ output error ``||X W^T - X~ Q^T|| / ||X W^T||`` of the quantized model (its
 own inputs X~) against the float model (inputs X), on the first calibration
 windows and on the held-out windows; printed for a few layers and averaged.
 
+Each row also prints the load average and the memory copy bandwidth (``decode.memcopy_bandwidth``) measured
+right after it (the machine may be shared).
+
 Usage: OMP_NUM_THREADS=2 python benchmarks/qronos_study.py [--gemma] [--scheme nvfp4|q4_0] [--hadamard]
        [--calib-windows 16] [--windows 4] [--variants gptq gptq-seq qronos] [--layers]
 """
@@ -35,6 +38,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from decode import memcopy_bandwidth  # noqa: E402  (benchmarks/decode.py)
 from quality import evaluate, reference_logprobs  # noqa: E402
 
 import tierserve.kernels.quant.fp4_format as fp4_format  # noqa: E402
@@ -117,7 +121,9 @@ def main() -> None:
             seq = SequentialCalibration(model, calw, calib, names, args.batch)
             quantize_model(model, args.scheme, calibration=seq, qronos=True, **opts)
         res = evaluate(model, held, ref, args.batch)
-        line = f"{variant:<16} ppl {res['ppl']:8.3f}  KL {res['kl']:.5f}  ({time.perf_counter() - t0:.0f}s)"
+        load = os.getloadavg()
+        line = (f"{variant:<16} ppl {res['ppl']:8.3f}  KL {res['kl']:.5f}  ({time.perf_counter() - t0:.0f}s; "
+                f"load {load[0]:.2f} {load[1]:.2f}; copy {memcopy_bandwidth():.1f} GB/s)")
         if args.layers:
             ec = relative_errors(float_cal, linear_outputs(model, names, probe, args.batch))
             eh = relative_errors(float_held, linear_outputs(model, names, held, args.batch))
