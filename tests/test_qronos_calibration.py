@@ -87,7 +87,7 @@ def test_quantize_cli_qronos_matches_in_process(tiny_folder, tmp_path):
     out = str(tmp_path / "q")
     flags = [a for k, v in OPTIONS.items() for a in ("--option", f"{k}={json.dumps(v)}")]
     assert main(["quantize", "--scheme", "nvfp4", "--model", tiny_folder, "--out", out, *flags,
-                 "--calib-windows", "2", "--calib-seq-len", "32"]) == 0
+                 "--calib-windows", "2", "--calib-seq-len", "64"]) == 0  # 128 = down_proj's in_features
     cfg = json.load(open(os.path.join(out, QUANT_CONFIG_FILE)))
     assert cfg["options"] == OPTIONS and cfg["calibration"]["windows"] == 2
     got = PagedRunner(load_quantized(out).model).step(TOKENS)
@@ -95,7 +95,7 @@ def test_quantize_cli_qronos_matches_in_process(tiny_folder, tmp_path):
     dense = load_model(tiny_folder).model
     names = [n for n in linear_modules(dense) if n.startswith("layers.")]
     tok = AutoTokenizer.from_pretrained(tiny_folder)
-    seq = SequentialCalibration.from_text(dense, tok, names, 2, 32, batch_size=4)  # CALIB_BATCH
+    seq = SequentialCalibration.from_text(dense, tok, names, 2, 64, batch_size=4)  # CALIB_BATCH
     quantize_model(dense, "nvfp4", calibration=seq, **OPTIONS)
     assert torch.equal(got, PagedRunner(dense).step(TOKENS))
     gptq = load_model(tiny_folder).model

@@ -28,7 +28,7 @@ from tierserve.tools.calibration import (CALIBRATION_NOVELS, HELDOUT_NOVELS, aus
 LINEARS = [f"layers.{i}.{p}" for i in range(2)
            for p in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")]
 TOKENS = [504, 3458, 282, 4649, 314, 2, 77, 1030]
-CALIB = ["--calib-windows", "1", "--calib-seq-len", "64"]
+CALIB = ["--calib-windows", "1", "--calib-seq-len", "128"]  # GPTQ needs >= in_features (128) tokens
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def tiny_tok_folder(tmp_path_factory, smollm_folder):
 
 
 def _acts(model, tok, novels):
-    tokens = austen_token_windows(tok, novels, 1, 64)
+    tokens = austen_token_windows(tok, novels, 1, 128)
     return capture_activations(model, lambda m: forward_hidden(m, tokens), LINEARS)
 
 
@@ -59,7 +59,7 @@ def test_quantize_cli_calibrated_matches_in_process(scheme, options, tiny_tok_fo
     assert main(["quantize", "--scheme", scheme, "--model", tiny_tok_folder, "--out", out, *flags, *CALIB]) == 0
     cfg = json.load(open(os.path.join(out, QUANT_CONFIG_FILE)))
     assert cfg["scheme"] == scheme and cfg["options"] == options
-    assert cfg["calibration"] == {"novels": list(CALIBRATION_NOVELS), "windows": 1, "seq_len": 64}
+    assert cfg["calibration"] == {"novels": list(CALIBRATION_NOVELS), "windows": 1, "seq_len": 128}
     assert sorted(cfg["modules"]) == sorted(LINEARS)
     assert {m["format"] for m in cfg["modules"].values()} == {scheme}
     loaded = load_quantized(out).model
@@ -69,7 +69,7 @@ def test_quantize_cli_calibrated_matches_in_process(scheme, options, tiny_tok_fo
     assert tok.encode("Emma Woodhouse") == AutoTokenizer.from_pretrained(tiny_tok_folder).encode("Emma Woodhouse")
     dense = load_model(tiny_tok_folder).model
     acts = _acts(dense, tok, CALIBRATION_NOVELS)
-    assert all(x.shape[0] == 64 for x in acts.values())
+    assert all(x.shape[0] == 128 for x in acts.values())
     other = load_model(tiny_tok_folder).model
     quantize_model(dense, scheme, calibration=acts, **options)
     assert torch.equal(got, PagedRunner(dense).step(TOKENS))

@@ -22,8 +22,10 @@ pruned model, and for ELSA its per-iteration record. Written atomically
 (tools/model_folder.py).
 
 Bad input: an unknown method or pattern, a sparsity outside (0, 1) (2:4:
-exactly 0.5), fewer calibration windows than the method needs: each an
-``InvalidParameterError`` naming the field and the limit.
+exactly 0.5), fewer calibration windows than the method needs (ELSA: its
+``batch_size``; magnitude none, Wanda one: tools/calibration_limits.py says
+why): each an ``InvalidParameterError`` naming the field and the limit, raised
+before the model is loaded.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import torch
 
 from tierserve.errors import InvalidParameterError
 from tierserve.tools.calibration import CALIBRATION_NOVELS, austen_token_windows
+from tierserve.tools.calibration_limits import check_elsa_windows
 from tierserve.tools.elsa import ElsaConfig, elsa_prune, lm_loss
 from tierserve.tools.model_folder import write_model_folder
 from tierserve.tools.sparsity import check_sparsity, magnitude_scores, mask_from_scores, wanda_scores
@@ -103,6 +106,7 @@ def prune_weights(in_folder: str, out_folder: str, method: str, sparsity: float,
     cfg = None
     if method.startswith("elsa"):
         cfg = ElsaConfig(sparsity=sparsity, pattern=pattern, low_precision=method == "elsa-l", **(elsa or {}))
+        check_elsa_windows(calib_windows, cfg.batch_size)
     from transformers import AutoTokenizer
 
     windows = austen_token_windows(AutoTokenizer.from_pretrained(in_folder), CALIBRATION_NOVELS, calib_windows,

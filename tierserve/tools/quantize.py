@@ -22,8 +22,11 @@ quantized, just before that linear is quantized.
 A format may set ``min_calibration_tokens`` (``offq``: 64, the rows its
 per-site offset is averaged over): fewer than ``calib_windows x
 calib_seq_len`` tokens raise InvalidParameterError naming the count and the
-limit before the model is loaded. ``offq`` (OffQ W4A4, ``kernels/quant/offq_format.py``)
-is calibrated like the others (rotation and offset per linear from its
+limit before the model is loaded. GPTQ and Qronos (``gptq=true`` / ``qronos=true``) need at least as
+many tokens as the widest quantized linear has input features (its Hessian's rank; the reasoning and the
+measurements are in ``tools/calibration_limits.py``): fewer raise InvalidParameterError naming the count,
+the limit and the linear, after the model is loaded and before anything is written. ``offq`` (OffQ W4A4,
+``kernels/quant/offq_format.py``) is calibrated like the others (rotation and offset per linear from its
 inputs); its checkpoint records ``"kv_compression": "kv4"`` (save_quantized),
 the KV format it is meant to be served with: ``--kv-compression kv4``.
 """
@@ -40,12 +43,13 @@ from tierserve.kernels.quant.base import WEIGHT_FORMATS, get_format
 from tierserve.kernels.quant.transform import DEFAULT_SKIP, QuantizeReport, linear_modules, matches, quantize_model
 from tierserve.models.loader import load_model
 from tierserve.models.quantized_checkpoint import save_quantized
+from tierserve.tools.calibration_limits import check_rank_calibration
 
 CALIB_BATCH = 4  # calibration windows per forward
 
 
-def _needs_calibration(scheme: str, options: dict, tokens: int) -> tuple[bool, bool]:
-    """(needs calibration, needs the paired sequential calibration) of the format built from the options.
+def _calibration_kind(scheme: str, options: dict, tokens: int):
+    """(the format built from the options, needs calibration, needs the paired sequential calibration).
 
     ``tokens`` (calibration windows x length) is checked against the format's ``min_calibration_tokens``.
     """
@@ -58,7 +62,7 @@ def _needs_calibration(scheme: str, options: dict, tokens: int) -> tuple[bool, b
     if needs and tokens < least:
         raise InvalidParameterError("calib_windows * calib_seq_len", f"scheme {scheme!r} needs at least {least} "
                                                                      f"calibration tokens, got {tokens}")
-    return needs, bool(getattr(fmt, "paired_calibration", False))
+    return fmt, needs, bool(getattr(fmt, "paired_calibration", False))
 
 
 def _tokenizer(folder: str):
@@ -81,8 +85,13 @@ def quantize_checkpoint(model_path: str, out_dir: str, scheme: str, options: dic
     for field, value in (("calib_windows", calib_windows), ("calib_seq_len", calib_seq_len)):
         if value < 1:
             raise InvalidParameterError(field, f"must be >= 1, got {value}")
-    needs_calibration, paired = _needs_calibration(scheme, options, calib_windows * calib_seq_len)
+    fmt, needs_calibration, paired = _calibration_kind(scheme, options, calib_windows * calib_seq_len)
     loaded = load_model(model_path, torch.float32)
+    names = [n for n in linear_modules(loaded.model) if not matches(n, skip)]
+    if needs_calibration:  # before anything is written
+        modules = dict(loaded.model.named_modules())
+        check_rank_calibration(scheme, fmt, {n: int(modules[n].weight.shape[1]) for n in names}, calib_windows,
+                               calib_seq_len)
     is_folder = os.path.isdir(model_path)
     if not is_folder:  # a .gguf: its tokenizer goes into the output folder (and serves calibration)
         from tierserve.models.gguf import write_hf_tokenizer
@@ -93,7 +102,6 @@ def quantize_checkpoint(model_path: str, out_dir: str, scheme: str, options: dic
     if needs_calibration:
         from tierserve.tools.calibration import CALIBRATION_NOVELS, calibration_activations
 
-        names = [n for n in linear_modules(loaded.model) if not matches(n, skip)]
         tokenizer = _tokenizer(model_path if is_folder else out_dir)
         if paired:
             from tierserve.tools.sequential_calibration import SequentialCalibration

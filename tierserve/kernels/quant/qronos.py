@@ -44,7 +44,9 @@ per feature it fits the calibration tokens' noise (benchmarks/qronos_study.py, S
 16 x 256 tokens: mean relative output error of the linears 0.076 on calibration text against GPTQ's
 0.144, but 0.209 on held-out text against 0.190; down_proj has in = 1536 for 4096 rows), which is
 why Qronos lost KL to GPTQ while the paper (128 x 2048 tokens) does not. ``X~ = X`` still gives
-``C' = H~`` (GPTQ's codes) and ``n >> in`` gives ``C' -> C``.
+``C' = H~`` (GPTQ's codes) and ``n >> in`` gives ``C' -> C``. ``tierserve quantize`` refuses fewer
+calibration tokens than the widest linear's ``in`` (``n < in``: ``H~`` has rank < in and ``lam_c`` exceeds
+the mean eigenvalue of ``H~``, so the ridge, not the data, sets the correction; tools/calibration_limits.py).
 
 ``PairedInputs`` carries ``X`` and ``X~`` of one linear from the sequential
 calibration (``tools/sequential_calibration.py``) to a format built with
