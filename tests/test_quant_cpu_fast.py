@@ -150,6 +150,36 @@ def test_single_term_forward_equals_general_path(scheme, out_f, bias):
         assert bool(((got - ref).abs() <= bound).all())
 
 
+@pytest.mark.parametrize("scheme", ["q4_1", "q8_0"])
+def test_one_row_input_equals_cast_path(scheme):
+    """A float32 row [1, K] reaches the kernel through the module's own bf16 row (one copy_, int4_cpu docstring):
+    its output is bit-equal to the general cast (the same module called from another thread, which must not use
+    the row), the row holds bf16(x) after the call, and a result kept by the caller is not changed by the next
+    call. q4_1: the single-term forward; q8_0: two terms (forward_terms)."""
+    import threading
+
+    g = torch.Generator().manual_seed(11)
+    fmt = get_format(scheme)
+    fast = cpu_fast_module(QuantizedLinear(fmt, fmt.quantize(torch.randn(96, 128, generator=g) * 0.05)))
+    assert fast._single == (scheme == "q4_1")
+    x1, x2 = torch.randn(1, 128, generator=g), torch.randn(1, 128, generator=g)
+    with torch.inference_mode():
+        y1 = fast(x1)
+        assert torch.equal(fast._row, x1.bfloat16())  # the row path ran
+        kept = y1.clone()
+        y2 = fast(x2)
+        assert torch.equal(y1, kept) and not torch.equal(y1, y2)
+        other = {}
+        worker = threading.Thread(target=lambda: other.update(y=fast(x1), row=fast._row.clone()))
+        worker.start()
+        worker.join()
+    assert torch.equal(other["row"], x2.bfloat16())  # the other thread took the general cast
+    assert y1.dtype == torch.float32 and y1.shape == (1, 96)
+    assert torch.equal(y1, other["y"])
+    with torch.no_grad():  # x of another shape or requiring grad: the general cast, same values
+        assert torch.equal(fast(x1[0])[None], y1) and torch.equal(fast(x2.clone().requires_grad_()), y2)
+
+
 @pytest.mark.parametrize("scheme,cls", [("q8_0", Q8_0ChunkedLinear), ("nvfp4", FP4LutLinear),
                                         ("mxfp4", FP4LutLinear)])
 def test_chunked_decoding_matches_reference_across_chunks(scheme, cls):
