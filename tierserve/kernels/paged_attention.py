@@ -17,6 +17,18 @@ sequences run one SDPA call each. Per step, the only work that grows with
 context is reading the context's pages (attention itself): no cache tensor is
 copied or reallocated and the block tables are built from block ids only.
 
+Decode steps build their per-step inputs once, not per layer (memoised on the
+metadata): the block ids of the padded width as one flat index (the layers'
+page gathers read it directly), and the key mask. At batch 1 the mask
+allocates nothing: key j is visible iff ``j < L`` (and ``j >= L - window``), which
+is the slice ``steps[cap - L : cap - L + width]`` of a constant bool vector with
+``steps[i] = (cap - window <= i < cap)`` (no window: ``i < cap``), kept per
+(window, device) and regrown (doubling) when a width exceeds ``cap``; so a step
+makes one slice and one view of it. Wider batches build ``[B, width]`` once per
+step from the host lengths against a slice of a constant position vector. The
+values are the same as a fresh ``arange < lens`` mask, so the attention output is
+bit-equal (tests).
+
 A cache object with a ``gather(table) -> (keys, values)`` method (packed
 4-bit pages, tierserve/cache/compress/kv4.py) is read through it, so a
 storage format dequantizes inside the gather; plain ``LayerKV`` pages are
@@ -156,18 +168,65 @@ class AttentionMetadata:
         return ((rows >> torch.arange(n, device=device)[None, :]) & 1).bool()
 
     def decode_mask(self, width: int, sliding_window: int | None, device) -> torch.Tensor:
-        """[B, 1, 1, width] bool: key j valid for sequence b (memoised per step)."""
+        """[B, 1, 1, width] bool: key j valid for sequence b (memoised per step; batch 1: a view of a constant
+        vector, module docstring)."""
         key = (width, sliding_window)
         mask = self._masks.get(key)
         if mask is None:
-            lens = torch.tensor(self.seq_lens, dtype=torch.long, device=device)[:, None]
-            pos = torch.arange(width, device=device)[None, :]
-            mask = pos < lens
-            if sliding_window is not None:
-                mask &= pos >= lens - sliding_window
-            mask = mask[:, None, None, :]
+            if len(self.seq_lens) == 1:
+                mask = _visible_run(self.seq_lens[0], width, sliding_window, device)[None, None, None, :]
+            else:
+                lens = torch.tensor(self.seq_lens, dtype=torch.long, device=device)[:, None]
+                pos = _positions(width, device)[None, :]
+                mask = pos < lens
+                if sliding_window is not None:
+                    mask &= pos >= lens - sliding_window
+                mask = mask[:, None, None, :]
             self._masks[key] = mask
         return mask
+
+    def decode_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block tables cut to the step's padded width ``[B, nb]`` and the same ids flat ``[B * nb]`` (memoised
+        per step: every layer gathers through them)."""
+        got = self._masks.get("decode_table")
+        if got is None:
+            nb = -(-max(self.seq_lens) // self.block_size)
+            table = self.block_tables if self.block_tables.shape[1] == nb else self.block_tables[:, :nb]
+            got = self._masks["decode_table"] = (table, table.reshape(-1))
+        return got
+
+
+#: constant vectors behind the decode masks, per (window, device) and per device (module docstring)
+_RUNS: dict[tuple[int | None, str], torch.Tensor] = {}
+_POSITIONS: dict[str, torch.Tensor] = {}
+
+
+def _capacity(n: int) -> int:
+    return max(1024, 1 << (n - 1).bit_length())
+
+
+def _visible_run(seq_len: int, width: int, window: int | None, device) -> torch.Tensor:
+    """``[width]`` bool view: j < seq_len (and j >= seq_len - window), cut from a constant vector."""
+    key = (window, str(device))
+    run = _RUNS.get(key)
+    cap = 0 if run is None else run.shape[0] // 2
+    if cap < max(width, seq_len):
+        cap = _capacity(max(width, seq_len))
+        i = torch.arange(2 * cap, device=device)
+        run = i < cap
+        if window is not None:
+            run &= i >= cap - window
+        _RUNS[key] = run
+    return run[cap - seq_len: cap - seq_len + width]
+
+
+def _positions(width: int, device) -> torch.Tensor:
+    """``arange(width)`` (long) as a view of a constant vector."""
+    key = str(device)
+    pos = _POSITIONS.get(key)
+    if pos is None or pos.shape[0] < width:
+        pos = _POSITIONS[key] = torch.arange(_capacity(width), device=device)
+    return pos[:width]
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: LayerKV,
@@ -237,9 +296,13 @@ def _prefill_one(q, kv, table, seq_len, block_size, scale, window, softcap, bloc
 
 
 def _decode_batch(q, kv, meta, scale, window, softcap):
-    width_blocks = -(-max(meta.seq_lens) // meta.block_size)
-    table = meta.block_tables[:, :width_blocks]
-    keys, vals = _gather_kv(kv, table)
+    table, flat = meta.decode_table()
+    gather = getattr(kv, "gather", None)
+    if gather is not None:  # a packed page format dequantizes in its own gather
+        keys, vals = gather(table)
+    else:  # _gather on the memoised flat ids
+        keys = torch.index_select(kv.k, 0, flat).view(table.shape[0], -1, *kv.k.shape[2:])
+        vals = torch.index_select(kv.v, 0, flat).view(table.shape[0], -1, *kv.v.shape[2:])
     keys, vals = keys.transpose(1, 2), vals.transpose(1, 2)  # [B, Hkv, L, D]
     mask = meta.decode_mask(keys.shape[2], window, q.device)
     out = _attend(q[:, :, None, :], keys, vals, mask, scale, softcap)  # [B, Hq, 1, D]
