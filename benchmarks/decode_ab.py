@@ -12,7 +12,13 @@ llama.cpp (or to the eager packed form without it), the compile seconds of the
 compiled forms at load, the load average and the memory-copy bandwidth.
 Writes benchmarks/results/decode_ab.json.
 
+``--revs A,B``: the same forms across git revisions (``WORKTREE`` = the checkout with its
+uncommitted edits), each revision's ``tierserve`` in its own process, loaded once and measured
+in interleaved rounds (A B, B A, ...; benchmarks/ab_revisions.py); the table prints each
+revision's median tok/s and its ratio to the first revision. Writes decode_ab_revs.json.
+
 Usage: python benchmarks/decode_ab.py [--threads 2,1] [--rounds 5] [--forms packed,packed+compile,fp32,fp32+compile]
+       python benchmarks/decode_ab.py --revs HEAD~2,WORKTREE --forms packed --threads 2 --rounds 8
 """
 
 from __future__ import annotations
@@ -25,7 +31,10 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ab_revisions import SRC_ENV, Child, child_main, describe, interleaved  # noqa: E402  (benchmarks/)
+
+# a child of --revs imports its revision's tierserve (ab_revisions.py)
+sys.path.insert(0, os.environ.get(SRC_ENV) or os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tierserve import LLM, SamplingParams  # noqa: E402
 from tierserve.models.default_model import default_gguf_path, ensure_default_model  # noqa: E402
@@ -103,13 +112,68 @@ def _median(xs: list[float]) -> float:
     return xs[len(xs) // 2]
 
 
+def _child(args) -> None:
+    """One form on this process's revision: load, then one run per ``run`` line (tok/s)."""
+    torch.set_num_threads(int(args.threads))
+
+    def setup():
+        f = TierserveForm(args.forms)  # warmed up
+        return f"load {f.load_s:.1f} s", lambda _cmd: f"{f.run(args.new_tokens):.4f}"
+
+    child_main(setup)
+
+
+def main_revs(args) -> None:
+    """--revs: each form on each revision in its own process, interleaved rounds (module docstring)."""
+    revs, forms = args.revs.split(","), args.forms.split(",")
+    result: dict = {"new_tokens": args.new_tokens, "rounds": args.rounds, "revs": {r: describe(r) for r in revs},
+                    "runs": {}}
+    for r in revs:
+        print(f"{r}: {result['revs'][r]}")
+    script = os.path.abspath(__file__)
+    for threads in [int(x) for x in args.threads.split(",")]:
+        for form in forms:
+            sides = [Child(r, script, ["--child", "--forms", form, "--threads", str(threads),
+                                       "--new-tokens", str(args.new_tokens)]) for r in revs]
+            try:
+                bw, load0 = memcopy_bandwidth(), os.getloadavg()[0]
+                runs: list[list[float]] = [[] for _ in sides]
+                for order in interleaved(args.rounds, len(sides)):
+                    for i in order:
+                        runs[i].append(float(sides[i].ask("run")))
+                load1, bw1 = os.getloadavg()[0], memcopy_bandwidth()
+            finally:
+                for c in sides:
+                    c.close()
+            med = [_median(v) for v in runs]
+            result["runs"][f"{form}@{threads}"] = {"tok_s": dict(zip(revs, runs)), "median": dict(zip(revs, med)),
+                                                   "memcopy_GBps": [bw, bw1], "loadavg": [load0, load1]}
+            print(f"\n{form}, {threads} thread(s), batch 1, {args.new_tokens} new tokens, median of {args.rounds}"
+                  f" interleaved rounds; memcopy {bw:.1f} -> {bw1:.1f} GB/s; load average {load0:.1f} -> {load1:.1f}")
+            print(f"{'revision':<28} {'tok/s':>7} {'vs ' + revs[0]:>12}   runs")
+            for r, c, m, v in zip(revs, sides, med, runs):
+                print(f"{r[:28]:<28} {m:>7.1f} {m / med[0]:>12.3f}   " + " ".join(f"{x:.1f}" for x in v)
+                      + f"   ({c.info})")
+    out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "decode_ab_revs.json"), "w") as fh:
+        json.dump(result, fh, indent=2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", default="2,1")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--forms", default="packed,packed+compile,fp32,fp32+compile")
+    ap.add_argument("--revs", default=None, help="git revisions to compare (WORKTREE: the checkout), e.g. HEAD~1,"
+                                                 "WORKTREE; each form runs in one process per revision")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        return _child(args)
+    if args.revs:
+        return main_revs(args)
     forms = {name: TierserveForm(name) for name in args.forms.split(",")}
     if llama_cpp_available():
         forms["llama.cpp"] = LlamaCppForm()
