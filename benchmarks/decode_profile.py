@@ -16,10 +16,16 @@ steps run under ``torch.profiler`` (CPU activities). Printed per form:
   do not call the layer modules, so only the LM head is timed there; their op table
   lists inductor's generated loops (``graph_N_cpp_fused_*``) as kernels.
 
+- dtype casts and allocations per step: calls of ``aten::_to_copy`` (a real cast; ``aten::to``
+  calls that return their input are not counted) and of ``aten::empty`` / ``aten::empty_strided``
+  (a new tensor), with their summed self time.
+
 The memory-copy bandwidth measured in the same run is printed beside the tables.
-Writes benchmarks/results/decode_profile.json.
+Writes benchmarks/results/decode_profile.json. ``--rev REV`` profiles the ``tierserve`` of a
+git revision instead of the checkout (exported by ab_revisions.py; the process re-runs itself on it).
 
 Usage: python benchmarks/decode_profile.py [--steps 32] [--threads 2] [--forms fp32,packed,packed+compile,fp32+compile]
+       [--rev REV]
 """
 
 from __future__ import annotations
@@ -35,7 +41,10 @@ import torch
 import torch._inductor.config
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ab_revisions import SRC_ENV, describe, export  # noqa: E402  (benchmarks/)
+
+# --rev: this process re-runs itself with that revision's tierserve first on the path
+sys.path.insert(0, os.environ.get(SRC_ENV) or os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tierserve import LLM, SamplingParams  # noqa: E402
 from tierserve.models.default_model import default_gguf_path, ensure_default_model  # noqa: E402
@@ -136,7 +145,10 @@ def profile_form(llm: LLM, steps: int) -> dict:
         ops[ev.key][0] += ev.self_cpu_time_total / 1e6 / steps
         ops[ev.key][1] += ev.count / steps
     kernel = sum(v[0] for v in ops.values())
-    return {"step_ms": _median(wall) * 1e3, "profiled_step_ms": prof_wall * 1e3,
+    casts = ops.get("aten::_to_copy", [0.0, 0])
+    allocs = [sum(ops.get(k, [0.0, 0])[j] for k in ("aten::empty", "aten::empty_strided")) for j in (0, 1)]
+    return {"casts": [casts[1], casts[0] * 1e3], "allocations": [allocs[1], allocs[0] * 1e3],
+            "step_ms": _median(wall) * 1e3, "profiled_step_ms": prof_wall * 1e3,
             "kernel_ms": kernel * 1e3, "overhead_ms": (prof_wall - kernel) * 1e3,
             "ops": sorted(([k, v[0] * 1e3, v[1]] for k, v in ops.items()), key=lambda r: -r[1]),
             "layers_ms": {k: v * 1e3 for k, v in layers.items()},
@@ -148,6 +160,8 @@ def print_form(name: str, r: dict, bw: float, top: int) -> None:
     print(f"under profiler: step {r['profiled_step_ms']:.2f} ms = op kernels {r['kernel_ms']:.2f} ms"
           f" + Python/dispatch/engine {r['overhead_ms']:.2f} ms"
           f" ({100 * r['overhead_ms'] / r['profiled_step_ms']:.0f}%)")
+    print(f"per step: {r['casts'][0]:.0f} dtype casts (aten::_to_copy, {r['casts'][1]:.3f} ms self),"
+          f" {r['allocations'][0]:.0f} allocations (aten::empty/empty_strided, {r['allocations'][1]:.3f} ms self)")
     print(f"{'op (self time)':<34} {'ms/step':>8} {'calls/step':>10}")
     for op, ms, calls in r["ops"][:top]:
         print(f"{op:<34} {ms:>8.3f} {calls:>10.1f}")
@@ -165,14 +179,22 @@ def main() -> None:
     ap.add_argument("--forms", default="fp32,packed")
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--tag", default="", help="suffix of the JSON file (e.g. before/after)")
+    ap.add_argument("--rev", default=None, help="profile this git revision's tierserve (ab_revisions.py)")
     args = ap.parse_args()
+    if args.rev and not os.environ.get(SRC_ENV):
+        os.environ[SRC_ENV] = export(args.rev)
+        os.execv(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]])
+    import tierserve
+    print(f"tierserve from {os.path.dirname(tierserve.__file__)}"
+          + (f" ({args.rev}: {describe(args.rev)})" if args.rev else ""))
     if args.threads:
         torch.set_num_threads(args.threads)
     torch._inductor.config.cpp.enable_kernel_profile = True  # compiled forms: name each generated loop
     bw = memcopy_bandwidth()
     print(f"SmolLM2-135M batch-1 decode profile, {torch.get_num_threads()} threads, {args.steps} steps;"
           f" memcopy {bw:.1f} GB/s")
-    result = {"threads": torch.get_num_threads(), "steps": args.steps, "memcopy_GBps_start": bw, "forms": {}}
+    result = {"rev": args.rev, "threads": torch.get_num_threads(), "steps": args.steps, "memcopy_GBps_start": bw,
+              "forms": {}}
     for form in args.forms.split(","):
         if form == "fp32":
             llm = LLM(ensure_default_model(), num_blocks=256, max_num_seqs=8)
