@@ -152,10 +152,10 @@ def test_single_term_forward_equals_general_path(scheme, out_f, bias):
 
 @pytest.mark.parametrize("scheme", ["q4_1", "q8_0"])
 def test_one_row_input_equals_cast_path(scheme):
-    """A float32 row [1, K] reaches the kernel through the module's own bf16 row (one copy_, int4_cpu docstring):
-    its output is bit-equal to the general cast (the same module called from another thread, which must not use
-    the row), the row holds bf16(x) after the call, and a result kept by the caller is not changed by the next
-    call. q4_1: the single-term forward; q8_0: two terms (forward_terms)."""
+    """A float32 row [1, K] reaches the kernel through the module's own bf16 row (one copy_ under a non-blocking
+    lock, int4_cpu docstring): its output is bit-equal to the general cast (taken while the lock is held, as by a
+    concurrent call), the row holds bf16(x) after a call from any thread, and a result kept by the caller is not
+    changed by the next call; a deep copy gets its own row. q4_1: the single-term forward; q8_0: two terms."""
     import threading
 
     g = torch.Generator().manual_seed(11)
@@ -169,15 +169,21 @@ def test_one_row_input_equals_cast_path(scheme):
         kept = y1.clone()
         y2 = fast(x2)
         assert torch.equal(y1, kept) and not torch.equal(y1, y2)
-        other = {}
-        worker = threading.Thread(target=lambda: other.update(y=fast(x1), row=fast._row.clone()))
+        assert fast._row_lock.acquire(blocking=False)  # a call in progress elsewhere: the general cast
+        general = fast(x1)
+        assert torch.equal(fast._row, x2.bfloat16())
+        fast._row_lock.release()
+        worker = threading.Thread(target=lambda: fast(x1))  # another thread (the async engine's pool) uses the row
         worker.start()
         worker.join()
-    assert torch.equal(other["row"], x2.bfloat16())  # the other thread took the general cast
+        assert torch.equal(fast._row, x1.bfloat16()) and not fast._row_lock.locked()
     assert y1.dtype == torch.float32 and y1.shape == (1, 96)
-    assert torch.equal(y1, other["y"])
+    assert torch.equal(y1, general)
+    twin = copy.deepcopy(fast)
+    assert twin._row.data_ptr() != fast._row.data_ptr() and twin._row_lock is not fast._row_lock
     with torch.no_grad():  # x of another shape or requiring grad: the general cast, same values
         assert torch.equal(fast(x1[0])[None], y1) and torch.equal(fast(x2.clone().requires_grad_()), y2)
+        assert torch.equal(twin(x1), y1)
 
 
 @pytest.mark.parametrize("scheme,cls", [("q8_0", Q8_0ChunkedLinear), ("nvfp4", FP4LutLinear),

@@ -76,12 +76,13 @@ through one ``copy_`` into the module's own preallocated ``[1, K]`` bf16 row (th
 cast and the layout in one dispatch, no allocation) instead of ``reshape``,
 ``to`` and ``contiguous`` (3-5 dispatches and an allocation: on this host ~1.6 us
 against ~4.5-7 us per call, ~121 calls per SmolLM2 step). The row is written and
-read within one call; it is used only by the thread that created the module,
-outside autograd and outside ``torch.compile`` tracing (inductor fuses the casts
-itself), so a module called from another thread, with ``requires_grad`` inputs or
-while compiling takes the general cast. The output is cast back to float32 once
-(``float()``; the kernel has no out= form and a reused output row would alias
-results the caller keeps). Same values as the general path (tests: bit-equal).
+read within one call under a non-blocking lock (any thread may use it, the async
+engine steps on a pool thread; a call that finds it held, i.e. a concurrent call of
+the same module, takes the general cast), outside autograd and outside
+``torch.compile`` tracing (inductor fuses the casts itself). The output is cast
+back to float32 once (``float()``; the kernel has no out= form and a reused output
+row would alias results the caller keeps). Same values as the general path
+(tests: bit-equal).
 
 Not used: ``torch.ops.aten._dyn_quant_pack_4bit_weight`` / ``_dyn_quant_matmul_4bit``
 (KleidiAI W4A8). On this x86 build the pack op returns the weight as float32
@@ -155,10 +156,23 @@ class Int4CpuLinear(nn.Module):
                         and terms[0][1].shape[1] == self.out_features
                         and type(self).prepare_input is Int4CpuLinear.prepare_input)
         self._plain_input = type(self).prepare_input is Int4CpuLinear.prepare_input and col_scale is None
-        # batch-1 input row (module docstring): a plain attribute, not a buffer (no state_dict entry), made
-        # here outside inference mode so that copy_ into it is allowed everywhere
-        self._row = torch.empty((1, self.in_features), dtype=COMPUTE_DTYPE)
-        self._row_thread = threading.get_ident()
+        self._new_row()
+
+    def _new_row(self) -> None:
+        """The batch-1 input row and its lock (module docstring): plain attributes, not buffers (no state_dict
+        entry), made outside inference mode so that copy_ into the row is allowed everywhere."""
+        with torch.inference_mode(False):
+            self._row = torch.empty((1, self.in_features), dtype=COMPUTE_DTYPE)
+        self._row_lock = threading.Lock()
+
+    def __getstate__(self):
+        state = super().__getstate__().copy()
+        del state["_row"], state["_row_lock"]  # a lock does not pickle; a copy gets its own row
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._new_row()
 
     def terms(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(getattr(self, f"packed_{i}"), getattr(self, f"sz_{i}")) for i in range(self.n_terms)]
@@ -173,35 +187,48 @@ class Int4CpuLinear(nn.Module):
         """Hook for formats that transform activations first (MXFP4: rotation, W4A4); identity here."""
         return x2
 
-    def _row_input(self, x: torch.Tensor) -> torch.Tensor | None:
-        """x ``[1, K]`` float32 copied into the module's bf16 row, or None where the row is not usable (module
-        docstring: other shapes and dtypes, another thread, autograd, compile tracing)."""
-        if torch.compiler.is_compiling():  # first: dynamo folds it, and never traces the thread check
-            return None
-        if (x.dim() != 2 or x.shape[0] != 1 or x.dtype != torch.float32 or x.requires_grad
-                or threading.get_ident() != self._row_thread):
-            return None
-        return self._row.copy_(x)
+    def _take_row(self, x: torch.Tensor) -> bool:
+        """True (row lock held: the caller releases it) where ``x`` is a ``[1, K]`` float32 row that may go
+        through the module's bf16 row (module docstring); False for other shapes and dtypes, autograd, compile
+        tracing and a concurrent call."""
+        if torch.compiler.is_compiling():  # first: dynamo folds it and never traces the lock
+            return False
+        if x.dim() != 2 or x.shape[0] != 1 or x.dtype != torch.float32 or x.requires_grad:
+            return False
+        return self._row_lock.acquire(blocking=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._single:  # cast, kernel, cast (module docstring: batch-1 fast forward)
-            row = self._row_input(x)
-            if row is not None:  # one row: no reshape, no allocation on the way in
-                return torch.ops.aten._weight_int4pack_mm_for_cpu(row, self.packed_0, self.group, self.sz_0).float()
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x.reshape(-1, self.in_features).to(COMPUTE_DTYPE).contiguous(), self.packed_0, self.group, self.sz_0)
+            mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+            if self._take_row(x):  # one row: no reshape, no allocation on the way in
+                try:
+                    return mm(self._row.copy_(x), self.packed_0, self.group, self.sz_0).float()
+                finally:
+                    self._row_lock.release()
+            y = mm(x.reshape(-1, self.in_features).to(COMPUTE_DTYPE).contiguous(), self.packed_0, self.group,
+                   self.sz_0)
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return self.forward_terms(x)
 
     def forward_terms(self, x: torch.Tensor) -> torch.Tensor:
         """The general path: column scales, several terms, padded rows, bias."""
-        lead = x.shape[:-1]
-        xb = self._row_input(x) if self._plain_input else None
-        if xb is None:
+        if self._plain_input and self._take_row(x):
+            try:
+                y = self._sum_terms(self._row.copy_(x))
+            finally:
+                self._row_lock.release()
+        else:
             xb = self.prepare_input(x.reshape(-1, self.in_features)).to(COMPUTE_DTYPE)
             if self.col_scale is not None:
                 xb = xb * self.col_scale
-            xb = xb.contiguous()
+            y = self._sum_terms(xb.contiguous())
+        y = y.to(x.dtype)
+        if x.dim() != 2:
+            y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def _sum_terms(self, xb: torch.Tensor) -> torch.Tensor:
+        """``sum_t xb W_t^T`` ``[M, out_features]``: the terms in fp32 when several, padded rows cut."""
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu
         parts = [mm(xb, packed, self.group, sz) for packed, sz in self.terms()]
         y = parts[0]
@@ -209,10 +236,7 @@ class Int4CpuLinear(nn.Module):
             y = y.float().add_(part)
         if y.shape[-1] != self.out_features:  # rows padded to a multiple of N_MULTIPLE
             y = y[:, :self.out_features]
-        y = y.to(x.dtype)
-        if x.dim() != 2:
-            y = y.reshape(*lead, self.out_features)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
+        return y
 
     def extra_repr(self) -> str:
         return (f"format={self.fmt_name}, in_features={self.in_features}, out_features={self.out_features}, "
