@@ -7,6 +7,7 @@ quantizes a fresh copy on ``--calib-windows`` x ``--seq-len`` tokens of
 held-out tokens (``HELDOUT_NOVELS``; perplexity and KL(P_fp32 || P_q) as in
 ``quality.py``). Variants (``--variants``):
 
+- ``rtn``: round to nearest at the format's scales (no calibration);
 - ``gptq``: GPTQ on the float model's inputs X (one float pass; ``quality.py``'s row);
 - ``gptq-seq``: GPTQ as in its original sequential mode: the Hessian of the
   inputs X~ of the partially quantized model (``SequentialCalibration``'s X~);
@@ -22,6 +23,20 @@ windows and on the held-out windows; printed for a few layers and averaged.
 Each row also prints the load average and the memory copy bandwidth (``decode.memcopy_bandwidth``) measured
 right after it (the machine may be shared).
 
+Measured with the inherited-error ridge (calibration 16 x 256, held-out 4 x 256, ``OMP_NUM_THREADS=1``,
+2 shared cores, load average 1-10, copy 4.8-6.4 GB/s; ppl / KL; fp32 ppl SmolLM2 56.475, Gemma 180.136):
+
+==================  ==============  ==============  ==============  ==============
+model, format       round to near.  GPTQ            GPTQ seq        Qronos
+SmolLM2 nvfp4 +had  -               64.142 / 0.117  61.505 / 0.109  60.996 / 0.102
+SmolLM2 q4_0        -               65.284 / 0.218  -               62.289 / 0.116
+Gemma nvfp4 +had    -               202.67 / 0.228  -               177.43 / 0.208
+Gemma q4_0          364.12 / 0.951  169.80 / 0.287  -               177.60 / 0.259
+==================  ==============  ==============  ==============  ==============
+
+Qronos has the lower KL in all four (the target); on Gemma q4_0 its perplexity is higher than GPTQ's
+while its KL is lower (Gemma's GPTQ perplexity is below fp32's, so perplexity is no proxy for fidelity).
+
 Usage: OMP_NUM_THREADS=2 python benchmarks/qronos_study.py [--gemma] [--scheme nvfp4|q4_0] [--hadamard]
        [--calib-windows 16] [--windows 4] [--variants gptq gptq-seq qronos] [--layers]
 """
@@ -30,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import sys
 import time
@@ -100,6 +116,9 @@ def main() -> None:
     held = austen_token_windows(tok, HELDOUT_NOVELS, args.windows, args.seq_len)
     calw = austen_token_windows(tok, CALIBRATION_NOVELS, args.calib_windows, args.seq_len)
     ref = reference_logprobs(base, held, args.batch)
+    batches = [held[s:s + args.batch] for s in range(0, held.shape[0], args.batch)]
+    nll = -sum(float(r.gather(-1, w[:, 1:, None]).sum()) for r, w in zip(ref, batches))
+    print(f"{'float':<16} ppl {math.exp(nll / held[:, 1:].numel()):8.3f}", flush=True)
     names = [n for n in linear_modules(base) if not matches(n, DEFAULT_SKIP)]
     calib = calibration_activations(base, tok, names, args.calib_windows, args.seq_len, args.batch,
                                     CALIBRATION_NOVELS)
@@ -110,7 +129,9 @@ def main() -> None:
     for variant in args.variants:
         t0 = time.perf_counter()
         model = copy.deepcopy(base)
-        if variant == "gptq":
+        if variant == "rtn":
+            quantize_model(model, args.scheme, **opts)
+        elif variant == "gptq":
             quantize_model(model, args.scheme, calibration=calib, gptq=True, **opts)
         elif variant == "gptq-seq":
             seq = SequentialCalibration(model, calw, calib, names, args.batch)
