@@ -300,13 +300,21 @@ def _decode_batch(q, kv, meta, scale, window, softcap):
     gather = getattr(kv, "gather", None)
     if gather is not None:  # a packed page format dequantizes in its own gather
         keys, vals = gather(table)
-    else:  # _gather on the memoised flat ids
-        keys = torch.index_select(kv.k, 0, flat).view(table.shape[0], -1, *kv.k.shape[2:])
-        vals = torch.index_select(kv.v, 0, flat).view(table.shape[0], -1, *kv.v.shape[2:])
-    keys, vals = keys.transpose(1, 2), vals.transpose(1, 2)  # [B, Hkv, L, D]
+        keys, vals = keys.transpose(1, 2), vals.transpose(1, 2)  # [B, Hkv, L, D]
+    else:  # _gather on the memoised flat ids, viewed as [B, Hkv, L, D] in one op
+        keys = _heads_first(torch.index_select(kv.k, 0, flat), table.shape[0])
+        vals = _heads_first(torch.index_select(kv.v, 0, flat), table.shape[0])
     mask = meta.decode_mask(keys.shape[2], window, q.device)
-    out = _attend(q[:, :, None, :], keys, vals, mask, scale, softcap)  # [B, Hq, 1, D]
-    return out[:, :, 0, :]
+    out = _attend(q.unsqueeze(2), keys, vals, mask, scale, softcap)  # [B, Hq, 1, D]
+    return out.select(2, 0)  # one view op each way (indexing with ':' and None dispatches 2-4)
+
+
+def _heads_first(pages: torch.Tensor, b: int) -> torch.Tensor:
+    """Gathered contiguous pages ``[B * nb, bs, H, D]`` as ``[B, H, nb * bs, D]``: the view
+    ``view(B, -1, H, D).transpose(1, 2)`` in one as_strided."""
+    n, bs, h, d = pages.shape
+    length = n // b * bs
+    return pages.as_strided((b, h, length, d), (length * h * d, d, h * d, 1))
 
 
 def _attend(q, k, v, mask, scale, softcap):
