@@ -15,7 +15,8 @@ Writes benchmarks/results/decode_ab.json.
 ``--revs A,B``: the same forms across git revisions (``WORKTREE`` = the checkout with its
 uncommitted edits), each revision's ``tierserve`` in its own process, loaded once and measured
 in interleaved rounds (A B, B A, ...; benchmarks/ab_revisions.py); the table prints each
-revision's median tok/s and its ratio to the first revision. Writes decode_ab_revs.json.
+revision's median tok/s, its ratio to the first revision, and the median of the per-round
+ratios (``paired``: each round's runs are adjacent in time). Writes decode_ab_revs.json.
 
 Usage: python benchmarks/decode_ab.py [--threads 2,1] [--rounds 5] [--forms packed,packed+compile,fp32,fp32+compile]
        python benchmarks/decode_ab.py --revs HEAD~2,WORKTREE --forms packed --threads 2 --rounds 8
@@ -146,13 +147,16 @@ def main_revs(args) -> None:
                 for c in sides:
                     c.close()
             med = [_median(v) for v in runs]
+            # the same round's runs side by side: a load swing between rounds cancels in the ratio
+            paired = [_median([a / b for a, b in zip(v, runs[0])]) for v in runs]
             result["runs"][f"{form}@{threads}"] = {"tok_s": dict(zip(revs, runs)), "median": dict(zip(revs, med)),
+                                                   "paired_ratio": dict(zip(revs, paired)),
                                                    "memcopy_GBps": [bw, bw1], "loadavg": [load0, load1]}
             print(f"\n{form}, {threads} thread(s), batch 1, {args.new_tokens} new tokens, median of {args.rounds}"
                   f" interleaved rounds; memcopy {bw:.1f} -> {bw1:.1f} GB/s; load average {load0:.1f} -> {load1:.1f}")
-            print(f"{'revision':<28} {'tok/s':>7} {'vs ' + revs[0]:>12}   runs")
-            for r, c, m, v in zip(revs, sides, med, runs):
-                print(f"{r[:28]:<28} {m:>7.1f} {m / med[0]:>12.3f}   " + " ".join(f"{x:.1f}" for x in v)
+            print(f"{'revision':<28} {'tok/s':>7} {'vs ' + revs[0]:>12} {'paired':>7}   runs")
+            for r, c, m, p, v in zip(revs, sides, med, paired, runs):
+                print(f"{r[:28]:<28} {m:>7.1f} {m / med[0]:>12.3f} {p:>7.3f}   " + " ".join(f"{x:.1f}" for x in v)
                       + f"   ({c.info})")
     out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     os.makedirs(out_dir, exist_ok=True)
