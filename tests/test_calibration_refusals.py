@@ -88,4 +88,5 @@ def test_elsa_with_fewer_windows_than_its_batch_is_refused_before_loading(window
     with pytest.raises(InvalidParameterError) as exc:
         prune_weights(str(tmp_path / "absent"), str(tmp_path / "out"), "elsa", 0.5, calib_windows=windows,
                       elsa=elsa)
-    assert str(exc.value) == f"calib_windows: ELSA needs at least batch_size = {batch} calibration windows, got {windows}"
+    assert str(exc.value) == (f"calib_windows: ELSA needs at least batch_size = {batch} calibration windows, "
+                              f"got {windows}")
