@@ -83,9 +83,10 @@ def _build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--group-size", type=int, default=None, help="group size, for schemes that take one")
     quant.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                        help="extra format option (value parsed as JSON, else kept as a string)")
-    quant.add_argument("--calib-windows", type=int, default=4, metavar="N",
+    quant.add_argument("--calib-windows", type=int, default=16, metavar="N",
                        help="calibration windows of Austen text (only for schemes that need calibration: "
-                            "sigmascale, gptq=true / qronos=true options); default 4")
+                            "sigmascale, gptq=true / qronos=true options; these two need N x L >= the widest "
+                            "linear's in-features); default 16")
     quant.add_argument("--calib-seq-len", type=int, default=256, metavar="L",
                        help="tokens per calibration window (only for schemes that need calibration); default 256")
     quant.set_defaults(func=_quantize)
