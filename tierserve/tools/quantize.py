@@ -1,6 +1,6 @@
 """``tierserve quantize``: write a quantized checkpoint (models/quantized_checkpoint.py) from a float one.
 
-``quantize_checkpoint(model, out, scheme, options, calib_windows=4,
+``quantize_checkpoint(model, out, scheme, options, calib_windows=16,
 calib_seq_len=256)`` is ``tierserve quantize``: load a folder or .gguf in
 float32, ``quantize_model``, ``save_quantized`` (with the source's tokenizer
 files, or the GGUF's tokenizer written out). When the format built from
@@ -25,9 +25,10 @@ calib_seq_len`` tokens raise InvalidParameterError naming the count and the
 limit before the model is loaded. GPTQ and Qronos (``gptq=true`` / ``qronos=true``) need at least as
 many tokens as the widest quantized linear has input features (its Hessian's rank; the reasoning and the
 measurements are in ``tools/calibration_limits.py``): fewer raise InvalidParameterError naming the count,
-the limit and the linear, after the model is loaded and before anything is written. ``offq`` (OffQ W4A4,
-``kernels/quant/offq_format.py``) is calibrated like the others (rotation and offset per linear from its
-inputs); its checkpoint records ``"kv_compression": "kv4"`` (save_quantized),
+the limit and the linear, after the model is loaded and before anything is written. The default 16 x 256
+= 4096 tokens covers SmolLM2-135M (1536) and Gemma-3-270m (2048) and is what the quality benchmarks use.
+``offq`` (OffQ W4A4, ``kernels/quant/offq_format.py``) is calibrated like the others (rotation and
+offset per linear from its inputs); its checkpoint records ``"kv_compression": "kv4"`` (save_quantized),
 the KV format it is meant to be served with: ``--kv-compression kv4``.
 """
 
@@ -74,7 +75,7 @@ def _tokenizer(folder: str):
 
 
 def quantize_checkpoint(model_path: str, out_dir: str, scheme: str, options: dict,
-                        skip: tuple[str, ...] = DEFAULT_SKIP, calib_windows: int = 4,
+                        skip: tuple[str, ...] = DEFAULT_SKIP, calib_windows: int = 16,
                         calib_seq_len: int = 256) -> QuantizeReport:
     """Quantize a float checkpoint (folder or .gguf) into a quantized folder; returns the transform's report.
 
