@@ -29,13 +29,14 @@ Measured with the inherited-error ridge (calibration 16 x 256, held-out 4 x 256,
 ==================  ==============  ==============  ==============  ==============
 model, format       round to near.  GPTQ            GPTQ seq        Qronos
 SmolLM2 nvfp4 +had  -               64.142 / 0.117  61.505 / 0.109  60.996 / 0.102
-SmolLM2 q4_0        -               65.284 / 0.218  -               62.289 / 0.116
-Gemma nvfp4 +had    -               202.67 / 0.228  -               177.43 / 0.208
-Gemma q4_0          364.12 / 0.951  169.80 / 0.287  -               177.60 / 0.259
+SmolLM2 q4_0        70.324 / 0.345  65.284 / 0.218  65.830 / 0.213  62.289 / 0.116
+Gemma nvfp4 +had    -               202.67 / 0.228  201.56 / 0.216  177.43 / 0.208
+Gemma q4_0          364.12 / 0.951  169.80 / 0.287  195.91 / 0.332  177.60 / 0.259
 ==================  ==============  ==============  ==============  ==============
 
-Qronos has the lower KL in all four (the target); on Gemma q4_0 its perplexity is higher than GPTQ's
-while its KL is lower (Gemma's GPTQ perplexity is below fp32's, so perplexity is no proxy for fidelity).
+Qronos has the lowest KL in all four (the target: below GPTQ at the same format), also below GPTQ's
+sequential mode; on Gemma q4_0 its perplexity is higher than GPTQ's while its KL is lower (GPTQ's
+perplexity there is below fp32's, so perplexity is no proxy for fidelity to the float model).
 
 Usage: OMP_NUM_THREADS=2 python benchmarks/qronos_study.py [--gemma] [--scheme nvfp4|q4_0] [--hadamard]
        [--calib-windows 16] [--windows 4] [--variants gptq gptq-seq qronos] [--layers]
