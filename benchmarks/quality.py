@@ -39,7 +39,9 @@ error of the linears 0.076 on calibration text against GPTQ's 0.144, 0.209 on he
 against 0.190). Same settings (two runs; load average 2-17 on 2 shared cores): GPTQ
 64.14 / 0.1170, GPTQ seq 61.51 / 0.1086, Qronos (plain fit) 60.67 / 0.1445, Qronos 61.00 / 0.1022
 (held-out output error 0.178): the KL target is met there. q4_0 at 16 x 256: Qronos 62.29 / 0.1159
-(GPTQ at 16 x 256 not measured yet; 0.231 at 4 x 256). Gemma-3-270m with the ridge: not measured yet.
+(GPTQ 65.28 / 0.2177 at 16 x 256). Gemma-3-270m with the ridge, 16 x 256 (qronos_study.py, ppl / KL):
+nvfp4 +had GPTQ 202.67 / 0.2284, GPTQ seq 201.56 / 0.2161, Qronos 177.43 / 0.2084; q4_0 GPTQ
+169.80 / 0.2870, GPTQ seq 195.91 / 0.3320, Qronos 177.60 / 0.2588: Qronos has the lower KL in all four.
 SigmaScale on the FFN layers only (gate_up_proj, down_proj) at
 keep_ratio 0.75 / 0.5 / 0.25 of each FFN weight's parameters, calibrated on
 ``--calib-windows`` x ``--seq-len`` tokens of ``CALIBRATION_NOVELS``, against
