@@ -12,6 +12,7 @@ shuffled (non-contiguous) block table and returns the step's logits.
 
 from __future__ import annotations
 
+import os
 import random
 
 import torch
@@ -46,6 +47,22 @@ def save_tiny_llama(path: str, seed: int = 3, **shape) -> str:
                                 num_key_value_heads=2, vocab_size=256, max_position_embeddings=128), **shape})
     build_and_save(cfg, path, seed=seed)
     word_tokenizer(cfg.vocab_size).save_pretrained(path)
+    return path
+
+
+def save_tiny_smollm_vocab(path: str, smollm_folder: str, **shape) -> str:
+    """Save a random 2-layer Llama (hidden 64, GQA 4/2 heads, tied embeddings unless ``shape`` overrides) over
+    SmolLM2's 49152-token vocabulary, with SmolLM2's tokenizer files copied beside it; return ``path``."""
+    import shutil
+
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(**{**dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                tie_word_embeddings=True), **shape})
+    build_and_save(cfg, path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(os.path.join(smollm_folder, name), os.path.join(path, name))
     return path
 
 

@@ -11,11 +11,9 @@ limit and its checkpoint loaded on another model: tests/test_offq_checkpoint.py.
 from __future__ import annotations
 
 import os
-import shutil
 
 import pytest
-from model_harness import build_and_save
-from transformers import LlamaConfig
+from model_harness import save_tiny_smollm_vocab
 
 from tierserve.cli import main
 from tierserve.errors import InvalidParameterError
@@ -26,14 +24,7 @@ from tierserve.tools.quantize import quantize_checkpoint
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory, smollm_folder):
     """2-layer Llama (hidden 64, intermediate 128) with SmolLM2's tokenizer files."""
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=True)
-    path = str(tmp_path_factory.mktemp("tiny_refusals"))
-    build_and_save(cfg, path)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copyfile(os.path.join(smollm_folder, name), os.path.join(path, name))
-    return path
+    return save_tiny_smollm_vocab(str(tmp_path_factory.mktemp("tiny_refusals")), smollm_folder)
 
 
 def _rank_message(scheme: str, method: str, windows: int, seq_len: int, use: int) -> str:

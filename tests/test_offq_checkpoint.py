@@ -18,9 +18,9 @@ import shutil
 
 import pytest
 import torch
-from model_harness import PagedRunner, build_and_save
+from model_harness import PagedRunner, save_tiny_smollm_vocab
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer, LlamaConfig
+from transformers import AutoTokenizer
 
 from tierserve.cli import main
 from tierserve.errors import ModelLoadError
@@ -40,14 +40,7 @@ CALIB = ["--calib-windows", "1", "--calib-seq-len", "64"]
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory, smollm_folder):
     """2-layer Llama (hidden 128, head_dim 64 as kv4 needs) over SmolLM2's vocabulary and tokenizer."""
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
-                      tie_word_embeddings=True)
-    path = str(tmp_path_factory.mktemp("tiny_offq"))
-    build_and_save(cfg, path)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copyfile(os.path.join(smollm_folder, name), os.path.join(path, name))
-    return path
+    return save_tiny_smollm_vocab(str(tmp_path_factory.mktemp("tiny_offq")), smollm_folder, hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1)
 
 
 @pytest.fixture(scope="module")

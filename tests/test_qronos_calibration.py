@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import pytest
 import torch
-from model_harness import PagedRunner, build_and_save
-from transformers import AutoTokenizer, LlamaConfig
+from model_harness import PagedRunner, save_tiny_smollm_vocab
+from transformers import AutoTokenizer
 
 from tierserve.cli import main
 from tierserve.errors import InvalidParameterError
@@ -35,14 +34,7 @@ OPTIONS = {"hadamard": True, "qronos": True}
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory, smollm_folder):
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=True)
-    path = str(tmp_path_factory.mktemp("tiny_qronos"))
-    build_and_save(cfg, path)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copyfile(os.path.join(smollm_folder, name), os.path.join(path, name))
-    return path
+    return save_tiny_smollm_vocab(str(tmp_path_factory.mktemp("tiny_qronos")), smollm_folder)
 
 
 def _calibration(model, folder, names):

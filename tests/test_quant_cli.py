@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import pytest
 import torch
-from model_harness import PagedRunner, build_and_save
-from transformers import AutoTokenizer, LlamaConfig
+from model_harness import PagedRunner, save_tiny_smollm_vocab
+from transformers import AutoTokenizer
 
 from tierserve.cli import main
 from tierserve.models.quantized_checkpoint import QUANT_CONFIG_FILE, load_quantized
@@ -34,14 +33,7 @@ CALIB = ["--calib-windows", "1", "--calib-seq-len", "128"]  # GPTQ needs >= in_f
 @pytest.fixture(scope="module")
 def tiny_tok_folder(tmp_path_factory, smollm_folder):
     """2-layer Llama (hidden 64) over SmolLM2's 49152-token vocabulary, with SmolLM2's tokenizer files."""
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=True)
-    path = str(tmp_path_factory.mktemp("tiny_tok"))
-    build_and_save(cfg, path)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copyfile(os.path.join(smollm_folder, name), os.path.join(path, name))
-    return path
+    return save_tiny_smollm_vocab(str(tmp_path_factory.mktemp("tiny_tok")), smollm_folder)
 
 
 def _acts(model, tok, novels):
