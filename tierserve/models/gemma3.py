@@ -62,6 +62,11 @@ class Gemma3ForCausalLM(CausalLMBase):
         self.layers = nn.ModuleList(Gemma3DecoderLayer(cfg, i, dtype) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, unit_offset=True)
 
+    def layer_rope(self, layer_idx: int) -> RotaryEmbedding:
+        """The RoPE table layer ``layer_idx`` applies: local on sliding layers, global on full ones (read by the
+        KV formats that re-apply RoPE when they rematerialise keys, cache/compress/xquant.py)."""
+        return self.local_rope if self.layers[layer_idx].is_sliding else self.global_rope
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         needed = max(ctx.attn.seq_lens)
         self.global_rope.ensure(needed)
