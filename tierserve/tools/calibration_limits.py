@@ -36,24 +36,15 @@
   same for direct callers; here it is refused before the model is loaded).
 * XQuant takes no calibration: its latent basis is an SVD of the K/V projection weights.
 
-Each refusal is an ``InvalidParameterError`` naming the field, the value given and the limit.
+Each refusal is an ``InvalidParameterError`` naming the field, the value given and the limit. The checks
+themselves are ``kernels/quant/calibration_rows.py``, shared with ``quantize_model`` (a direct Python call
+with too small a ``calibration=`` gets the same message, on field ``calibration``, before any swap).
 """
 
 from __future__ import annotations
 
-import math
-
 from tierserve.errors import InvalidParameterError
-
-TOKENS_FIELD = "calib_windows * calib_seq_len"
-
-
-def rank_method(fmt) -> str | None:
-    """``"qronos"`` / ``"gptq"`` when the weight format rounds against the inputs' Hessian, else None."""
-    for method in ("qronos", "gptq"):
-        if getattr(fmt, method, False):
-            return method
-    return None
+from tierserve.kernels.quant.calibration_rows import check_calibration_tokens
 
 
 def check_rank_calibration(scheme: str, fmt, widths: dict[str, int], windows: int, seq_len: int) -> None:
@@ -61,16 +52,7 @@ def check_rank_calibration(scheme: str, fmt, widths: dict[str, int], windows: in
 
     ``widths``: in_features of every linear that will be quantized.
     """
-    method = rank_method(fmt)
-    if method is None or not widths:
-        return
-    name = max(widths, key=lambda n: widths[n])
-    need, tokens = widths[name], windows * seq_len
-    if tokens < need:
-        raise InvalidParameterError(TOKENS_FIELD, f"{scheme} with {method}=true needs at least {need} calibration "
-                                                  f"tokens (in_features of {name}: below that its input Hessian "
-                                                  f"has rank < {need}), got {tokens} = {windows} x {seq_len}; "
-                                                  f"use calib_windows >= {math.ceil(need / seq_len)}")
+    check_calibration_tokens(scheme, fmt, widths, windows * seq_len, (windows, seq_len))
 
 
 def check_elsa_windows(windows: int, batch_size: int) -> None:

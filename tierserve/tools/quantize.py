@@ -44,6 +44,7 @@ from tierserve.kernels.quant.base import WEIGHT_FORMATS, get_format
 from tierserve.kernels.quant.transform import DEFAULT_SKIP, QuantizeReport, linear_modules, matches, quantize_model
 from tierserve.models.loader import load_model
 from tierserve.models.quantized_checkpoint import save_quantized
+from tierserve.kernels.quant.calibration_rows import check_calibration_tokens
 from tierserve.tools.calibration_limits import check_rank_calibration
 
 CALIB_BATCH = 4  # calibration windows per forward
@@ -59,10 +60,8 @@ def _calibration_kind(scheme: str, options: dict, tokens: int):
     except TypeError as exc:  # as quantize_model reports an option the format's constructor does not take
         raise InvalidParameterError("options", f"scheme {scheme!r} rejects options {options}: {exc}") from exc
     needs = bool(getattr(fmt, "needs_calibration", False))
-    least = int(getattr(fmt, "min_calibration_tokens", 1))
-    if needs and tokens < least:
-        raise InvalidParameterError("calib_windows * calib_seq_len", f"scheme {scheme!r} needs at least {least} "
-                                                                     f"calibration tokens, got {tokens}")
+    if needs:  # the format's min_calibration_tokens; the rank limit needs the model's widths (after loading)
+        check_calibration_tokens(scheme, fmt, {}, tokens)
     return fmt, needs, bool(getattr(fmt, "paired_calibration", False))
 
 
