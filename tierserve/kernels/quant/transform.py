@@ -18,7 +18,9 @@ GPTQ): a format declares ``needs_calibration = True`` and accepts
 inputs that module saw. ``calibration`` is either a mapping module name -> X
 or a callable name -> X; ``capture_activations(model, run, names)`` builds the
 mapping with forward pre-hooks while ``run(model)`` executes real text through
-the model. Formats without the flag never see activations.
+the model. Formats without the flag never see activations. Too few calibration tokens for the format
+(GPTQ / Qronos: fewer than the widest quantized linear's in_features; a format's ``min_calibration_tokens``)
+raise InvalidParameterError naming the count and the limit before any swap (calibration_rows.py).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from torch import nn
 
 from tierserve.errors import InvalidParameterError
 from tierserve.kernels.quant.base import QuantizedLinear, get_format
+from tierserve.kernels.quant.calibration_rows import calibration_tokens, check_calibration_tokens
 
 DEFAULT_SKIP: tuple[str, ...] = ("embed_tokens", "lm_head", "logits_head")
 Calibration = Mapping[str, torch.Tensor] | Callable[[str], torch.Tensor]
@@ -126,10 +129,15 @@ def quantize_model(model: nn.Module, scheme: str, *, skip: tuple[str, ...] = DEF
             continue
         fmt.check_shape(f"{name}.weight", tuple(lin.weight.shape))
         targets[name] = lin
+    tokens = None
     for name, lin in targets.items():
         if getattr(fmt, "needs_calibration", False):
-            packed = fmt.quantize(lin.weight, f"{name}.weight",
-                                  activations=_activations(calibration, scheme, name))
+            x = _activations(calibration, scheme, name)
+            if tokens is None:  # at the first linear, before any swap
+                tokens = calibration_tokens(calibration, targets, x)
+                check_calibration_tokens(scheme, fmt, {n: int(m.weight.shape[1]) for n, m in targets.items()},
+                                         tokens, field="calibration")
+            packed = fmt.quantize(lin.weight, f"{name}.weight", activations=x)
         else:
             packed = fmt.quantize(lin.weight, f"{name}.weight")
         bias = None if lin.bias is None else lin.bias.detach()
