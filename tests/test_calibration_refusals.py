@@ -4,7 +4,9 @@ Limits (tierserve/tools/calibration_limits.py): GPTQ and Qronos need at least as
 the widest quantized linear has input features (here the tiny model's down_proj: 128); q4_0 imatrix alone
 needs one token; ELSA needs ``batch_size`` windows. Sparsity must lie in (0, 1) (2:4: exactly 0.5). Each
 message is compared whole; the pruning refusals are given a model folder that does not exist, so they pass
-only when raised before the model is read; a refused quantization writes no output folder. (OffQ's 64-token
+only when raised before the model is read; a refused quantization writes no output folder. ``quantize_model``
+called from Python refuses the same way on the tokens of the activations it is given (a captured mapping,
+Qronos's sequential callable), before any linear is swapped. (OffQ's 64-token
 limit and its checkpoint loaded on another model: tests/test_offq_checkpoint.py.)
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 from model_harness import save_tiny_smollm_vocab
 
 from tierserve.cli import main
@@ -81,3 +84,53 @@ def test_elsa_with_fewer_windows_than_its_batch_is_refused_before_loading(window
                       elsa=elsa)
     assert str(exc.value) == (f"calib_windows: ELSA needs at least batch_size = {batch} calibration windows, "
                               f"got {windows}")
+
+
+# -- quantize_model called from Python: the same limits on the activations it is given -------------------
+
+def _python_model(tiny_folder):
+    from transformers import AutoTokenizer
+
+    from tierserve.kernels.quant.transform import DEFAULT_SKIP, linear_modules, matches
+    from tierserve.models.loader import load_model
+
+    model = load_model(tiny_folder, torch.float32).model
+    names = [n for n in linear_modules(model) if not matches(n, DEFAULT_SKIP)]
+    return model, names, AutoTokenizer.from_pretrained(tiny_folder)
+
+
+def _none_swapped(model, names) -> bool:
+    modules = dict(model.named_modules())
+    return all(type(modules[n]) is torch.nn.Linear for n in names)
+
+
+@pytest.mark.parametrize("seq_len, refused", [(127, True), (128, False)])
+def test_quantize_model_refuses_too_few_captured_tokens(tiny_folder, seq_len, refused):
+    """A mapping of captured activations (capture_activations over Austen text): GPTQ below 128 tokens."""
+    from tierserve.kernels.quant.transform import quantize_model
+    from tierserve.tools.calibration import calibration_activations
+
+    model, names, tokenizer = _python_model(tiny_folder)
+    calibration = calibration_activations(model, tokenizer, names, 1, seq_len)
+    if not refused:
+        assert len(quantize_model(model, "nvfp4", calibration=calibration, gptq=True).modules) == 8
+        return
+    with pytest.raises(InvalidParameterError) as exc:
+        quantize_model(model, "nvfp4", calibration=calibration, gptq=True)
+    assert str(exc.value) == ("calibration: nvfp4 with gptq=true needs at least 128 calibration tokens (in_features "
+                              "of layers.0.mlp.down_proj: below that its input Hessian has rank < 128), got 127")
+    assert _none_swapped(model, names)
+
+
+def test_quantize_model_refuses_a_short_sequential_calibration_before_any_swap(tiny_folder):
+    """Qronos's callable calibration: the first linear's tokens are checked before it is swapped."""
+    from tierserve.kernels.quant.transform import quantize_model
+    from tierserve.tools.sequential_calibration import SequentialCalibration
+
+    model, names, tokenizer = _python_model(tiny_folder)
+    calibration = SequentialCalibration.from_text(model, tokenizer, names, 2, 48)
+    with pytest.raises(InvalidParameterError) as exc:
+        quantize_model(model, "q4_0", calibration=calibration, qronos=True)
+    assert str(exc.value) == ("calibration: q4_0 with qronos=true needs at least 128 calibration tokens (in_features "
+                              "of layers.0.mlp.down_proj: below that its input Hessian has rank < 128), got 96")
+    assert _none_swapped(model, names)

@@ -39,14 +39,14 @@ def tiny_folder(tmp_path_factory, smollm_folder):
 
 def _calibration(model, folder, names):
     tok = AutoTokenizer.from_pretrained(folder)
-    return SequentialCalibration.from_text(model, tok, names, 2, 32, batch_size=1)
+    return SequentialCalibration.from_text(model, tok, names, 2, 64, batch_size=1)  # 128 = down_proj in_features
 
 
 def test_paired_inputs_are_the_float_and_the_partially_quantized_models_inputs(tiny_folder):
     model = load_model(tiny_folder).model
     names = [n for n in linear_modules(model) if n.startswith("layers.")]
     float_model = load_model(tiny_folder).model
-    windows = austen_token_windows(AutoTokenizer.from_pretrained(tiny_folder), CALIBRATION_NOVELS, 2, 32)
+    windows = austen_token_windows(AutoTokenizer.from_pretrained(tiny_folder), CALIBRATION_NOVELS, 2, 64)
     full = lambda m: forward_hidden(m, windows)  # noqa: E731  (both windows in one uncut forward)
     float_x = capture_activations(float_model, full, names)
     seq = _calibration(model, tiny_folder, names)
@@ -91,7 +91,7 @@ def test_quantize_cli_qronos_matches_in_process(tiny_folder, tmp_path):
     quantize_model(dense, "nvfp4", calibration=seq, **OPTIONS)
     assert torch.equal(got, PagedRunner(dense).step(TOKENS))
     gptq = load_model(tiny_folder).model
-    acts = capture_activations(gptq, lambda m: forward_hidden(m, austen_token_windows(tok, CALIBRATION_NOVELS, 2, 32)),
+    acts = capture_activations(gptq, lambda m: forward_hidden(m, austen_token_windows(tok, CALIBRATION_NOVELS, 2, 64)),
                                names)
     quantize_model(gptq, "nvfp4", calibration=acts, hadamard=True, gptq=True)
     assert not torch.equal(got, PagedRunner(gptq).step(TOKENS))
