@@ -12,8 +12,6 @@ from tierserve.cache.compress.xquant import apply_rope as xquant_rope
 from tierserve.cache.compress.xquant import projection_basis, unrope
 from tierserve.cache.tiers.chunk_layout import ChunkLayout
 from tierserve.config import KVCompressionConfig
-from tierserve.engine.llm import build_engine_config
-from tierserve.engine.llm_engine import LLMEngine
 from tierserve.errors import InvalidParameterError
 from tierserve.kernels.kv_spec import KVSpec
 from tierserve.models.rope import apply_rope
@@ -116,11 +114,7 @@ def test_pages_move_through_chunk_layout_with_positions():
             assert torch.equal(b[[0, 5]], a[[4, 1]])
 
 
-def test_refusals_name_the_limit(tmp_path):
-    from transformers import Gemma3TextConfig
-
-    from model_harness import build_and_save
-
+def test_refusals_name_the_limit():
     with pytest.raises(InvalidParameterError, match="kv_latent_bits.*4 or 0"):
         KVCompressionConfig("xquant", latent_bits=8)
     with pytest.raises(InvalidParameterError, match="kv_latent_bits.*only xquant"):
@@ -129,13 +123,11 @@ def test_refusals_name_the_limit(tmp_path):
         build_compressor(KVCompressionConfig("xquant", group_size=32), KVSpec(2, 3, 16, 4))
     from tierserve.kernels.attention.pages import page_view
 
-    layer = build_compressor(KVCompressionConfig("xquant", latent_bits=0), KVSpec(2, 2, 16, 4)).allocate_cache(4)[0]
+    comp = build_compressor(KVCompressionConfig("xquant", latent_bits=0), KVSpec(2, 2, 16, 4))
+    layer = comp.allocate_cache(4)[0]
     with pytest.raises(InvalidParameterError, match="attention_backend.*XQuantLayerKV pages need"):
         page_view(layer)  # the triton kernels read plain or kv4 pages in place, never a latent
-    cfg = Gemma3TextConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, vocab_size=128, max_position_embeddings=128, head_dim=16,
-                           sliding_window=8, layer_types=["sliding_attention", "full_attention"])
-    build_and_save(cfg, str(tmp_path))
-    config = build_engine_config(str(tmp_path), num_blocks=16, kv_compression="xquant", kv_group_size=16)
-    with pytest.raises(InvalidParameterError, match="kv_compression.*one RoPE table"):
-        LLMEngine(config)
+    # Gemma3's local and global tables: tests/test_kv_compress_xquant_models.py
+    with pytest.raises(InvalidParameterError, match=r"kv_compression: xquant needs a decoder with a RoPE table "
+                                                    r"per attention layer .* Linear has neither"):
+        comp.bind(torch.nn.Linear(2, 2), comp.allocate_cache(4))

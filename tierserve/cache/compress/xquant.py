@@ -34,11 +34,16 @@ latent unquantized in the KV dtype: lossless up to the rounding of the two
 rotations (logits equal plain KV within fp32 noise; tests).
 
 XQuant-CL (deltas to the previous layer's X) caches X itself, not this latent (the latent bases differ
-per layer): xquant_cl.py. Models: one RoPE table for every layer (``model.rope``:
-Llama, Mistral, Qwen, OLMoE); Gemma3's local/global RoPE and sliding windows
-are refused with a clear error, and so
-is the triton attention backend (its kernels read plain or kv4 pages in
-place; XQuant pages are read through ``gather``, the torch backend).
+per layer): xquant_cl.py.
+
+Models (``layer_ropes``): each attention layer re-applies its own RoPE table, ``model.layer_rope(i)``
+where the model has several (Gemma3: the local table on sliding-window layers, the global one on full
+layers; the write side needs nothing: the attention pre-hook captures the cos/sin the layer was given),
+else the one ``model.rope`` (Llama, Mistral, Qwen, OLMoE). Sliding windows need nothing either: the torch
+attention keeps every page of a sequence and masks keys by position (``kpos > qpos - window``,
+kernels/paged_attention.py), so a window only decides which rematerialised keys are masked. The triton
+attention backend is refused (its kernels read plain or kv4 pages in place; XQuant pages are read
+through ``gather``, the torch backend).
 """
 
 from __future__ import annotations
@@ -74,6 +79,16 @@ def projection_weights(qkv_proj: torch.nn.Module, hidden: int, dtype: torch.dtyp
     with torch.no_grad():
         eye = torch.eye(hidden, dtype=dtype, device=device)
         return (qkv_proj(eye).float() - qkv_proj(torch.zeros_like(eye[:1])).float()).T.contiguous()
+
+
+def layer_ropes(model: torch.nn.Module, method: str) -> list:
+    """Each attention layer's RoPE table (module doc, Models): ``model.layer_rope(i)`` or ``model.rope``."""
+    layers, pick, rope = (getattr(model, a, None) for a in ("layers", "layer_rope", "rope"))
+    if layers is None or (pick is None and rope is None):
+        raise InvalidParameterError("kv_compression", f"{method} needs a decoder with a RoPE table per attention "
+                                                      f"layer (model.layer_rope(i) or model.rope); "
+                                                      f"{type(model).__name__} has neither")
+    return [pick(i) if pick is not None else rope for i in range(len(layers))]
 
 
 def unrope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -192,22 +207,15 @@ class XQuantCompressor(KVCompressor):
 
     def bind(self, model: torch.nn.Module, kv_caches: list) -> None:
         super().bind(model, kv_caches)
-        rope = getattr(model, "rope", None)
-        layers = getattr(model, "layers", None)
-        if rope is None or layers is None:
-            raise InvalidParameterError("kv_compression", f"xquant needs a model with one RoPE table for every "
-                                                          f"layer (model.rope); {type(model).__name__} has none")
+        ropes = layer_ropes(model, self.name)
         hidden, dtype = model.cfg.hidden_size, getattr(model, "dtype", torch.float32)
-        for i, (layer, kv) in enumerate(zip(layers, kv_caches)):
+        for i, (layer, kv) in enumerate(zip(model.layers, kv_caches)):
             attn = layer.self_attn
-            if attn.sliding_window is not None:
-                raise InvalidParameterError("kv_compression", f"xquant does not support sliding-window layers "
-                                                              f"(layer {i}, window {attn.sliding_window})")
             _, wk, wv = projection_weights(attn.qkv_proj, hidden, dtype, kv.device).split(
                 [attn.q_size, attn.kv_size, attn.kv_size], dim=0)
             kv.basis_k = projection_basis(wk).to(kv.device)
             kv.basis_v = projection_basis(wv).to(kv.device)
-            kv.rope, kv.capture = rope, self.capture
+            kv.rope, kv.capture = ropes[i], self.capture
             self._hooks.append(attn.register_forward_pre_hook(self._capture_rope(i)))
         self._hooks.append(model.register_forward_pre_hook(self._capture_positions))
 

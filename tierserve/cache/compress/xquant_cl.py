@@ -17,7 +17,10 @@ and attention layer i, ``x_i`` the attention's (post-norm) input ``[hidden]``:
                                  w_i,c = |row c of [W_k; W_v] diag(s_i)| (RMS 1, floor 0.3): an error in
                                  channel c moves K and V in proportion to w_i,c
     u^_i = u^_{i-1} + H deQ(.) / w_i
-    read: x^_i = u^_i * s_i,  k = RoPE(x^_i W_k^T + b_k, stored positions),  v = x^_i W_v^T + b_v
+    read: x^_i = u^_i * s_i,  k~ = x^_i W_k^T + b_k,  v~ = x^_i W_v^T + b_v,
+          (k, v) = the attention's own steps after its projection applied to (k~, v~): q/k norm, clipping
+          (``key_value_steps``; none on Llama-like models: K and V affine in X),
+          k = RoPE(k, stored positions, the layer's own table: xquant.py ``layer_ropes``)
 
 (``s_i`` folded into the projection: ``[W_k; W_v] diag(s_i)``, read off the projection module's output on
 the identity as in xquant.py, so packed weight formats work too.)
@@ -44,8 +47,15 @@ table; a miss, e.g. an eviction method reading one layer, sums from layer 0). Wr
 through the step's tokens. Rematerialising costs a ``[N, hidden] x [hidden, 2 d_kv]`` matmul per layer
 over the N gathered tokens.
 
-Models: one RoPE table (``model.rope``), no sliding windows, no q/k norm or clipping (K must be affine in
-X); the torch attention backend (the triton kernels read plain or kv4 pages; pages.py refuses these).
+Models: any decoder whose attention layers take ``input_layernorm(h)`` and project it with one ``qkv_proj``
+(every one in models/). The steps an attention applies between that projection and RoPE are repeated on the
+rematerialised K and V in its order (models/attention.py ``_qkv_rope``): q/k norm over the whole
+projection (OLMoE), clipping of K and V (OLMoE), per-head k norm (Qwen3, Gemma3), each by the layer's own
+module, so K is exact without being affine in X (the channel weights w above remain those of the linear
+part, a proxy for the normed key's sensitivity). RoPE tables per layer and sliding windows as in
+xquant.py (Gemma3: local and global tables; the torch attention masks the window by position over all
+pages). The torch attention backend only (the triton kernels read plain or kv4 pages; pages.py refuses
+these).
 """
 
 from __future__ import annotations
@@ -53,7 +63,7 @@ from __future__ import annotations
 import torch
 
 from tierserve.cache.compress.base import KVCompressor, register
-from tierserve.cache.compress.xquant import projection_weights, rematerialise
+from tierserve.cache.compress.xquant import layer_ropes, projection_weights, rematerialise
 from tierserve.errors import InvalidParameterError
 from tierserve.kernels.quant.hadamard import hadamard_matrix
 
@@ -157,6 +167,7 @@ class XQuantCLLayerKV:
         self.layer, self.pages, self.heads, self.dim, self.dtype = layer, pages, heads, dim, dtype
         self.positions, self.state = positions, state  # positions [num_blocks, block_size] int32, shared
         self.gain = self.proj = self.bias = self.rope = None
+        self.steps = None  # the attention's steps between projection and RoPE (key_value_steps), None: none
 
     @property
     def device(self) -> torch.device:
@@ -201,7 +212,30 @@ class XQuantCLLayerKV:
         """Pages of ``table [..., nb]`` rematerialised: keys and values ``[..., nb * bs, H, D]`` in the KV dtype."""
         kv = torch.addmm(self.bias, self.reconstruct(table), self.proj)
         k_pre, vals = kv.split(self.heads * self.dim, dim=-1)
+        if self.steps is not None:
+            k_pre, vals = self.steps(k_pre, vals)
         return rematerialise(k_pre, vals, self.positions, table, self.rope, self.heads, self.dim, self.dtype)
+
+
+def key_value_steps(attn, dtype: torch.dtype):
+    """What ``attn`` does to K and V between its projection and RoPE (models/attention.py ``_qkv_rope``, in the
+    same order, by the layer's own norm modules, in the model dtype), as ``(k [N, d_kv], v) -> (k, v)`` in fp32;
+    None when it does nothing (no q/k norm, no clipping)."""
+    norm, clip = getattr(attn, "qk_norm", "none"), getattr(attn, "clip", None)
+    if norm == "none" and clip is None:
+        return None
+    heads, dim = attn.num_kv_heads, attn.head_dim
+
+    def steps(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = k.to(dtype), v.to(dtype)
+        if norm == "full":
+            k = attn.k_norm(k)
+        if clip is not None:
+            k, v = k.clamp(-clip, clip), v.clamp(-clip, clip)
+        if norm == "per_head":
+            k = attn.k_norm(k.reshape(-1, heads, dim)).reshape(k.shape)
+        return k.float(), v.float()
+    return steps
 
 
 @register
@@ -248,14 +282,10 @@ class XQuantCLCompressor(KVCompressor):
 
     def bind(self, model: torch.nn.Module, kv_caches: list) -> None:
         super().bind(model, kv_caches)
-        rope, layers = getattr(model, "rope", None), getattr(model, "layers", None)
-        if rope is None or layers is None:
-            raise InvalidParameterError("kv_compression", f"xquant_cl needs a model with one RoPE table for "
-                                                          f"every layer (model.rope); {type(model).__name__} has none")
+        ropes = layer_ropes(model, self.name)
         hidden, dtype = model.cfg.hidden_size, getattr(model, "dtype", torch.float32)
-        for i, (layer, kv) in enumerate(zip(layers, kv_caches)):
+        for i, (layer, kv) in enumerate(zip(model.layers, kv_caches)):
             attn = layer.self_attn
-            self._check_layer(i, attn)
             kv.gain = self._gain(layer, hidden, dtype, kv.device)
             w = projection_weights(attn.qkv_proj, hidden, dtype, kv.device)[attn.q_size:]
             with torch.no_grad():
@@ -264,18 +294,9 @@ class XQuantCLCompressor(KVCompressor):
             importance = kv.proj.norm(dim=1)  # how much an error in channel c moves K and V
             kv.pages.weight = (importance / importance.pow(2).mean().sqrt()).clamp(min=IMPORTANCE_FLOOR)
             kv.bias = bias[attn.q_size:].contiguous()
-            kv.rope = rope
+            kv.rope, kv.steps = ropes[i], key_value_steps(attn, dtype)
             self._hooks.append(attn.register_forward_pre_hook(self._capture_input(i)))
         self._hooks.append(model.register_forward_pre_hook(self._new_step))
-
-    @staticmethod
-    def _check_layer(i: int, attn) -> None:
-        if attn.sliding_window is not None:
-            raise InvalidParameterError("kv_compression", f"xquant_cl does not support sliding-window layers "
-                                                          f"(layer {i}, window {attn.sliding_window})")
-        if getattr(attn, "qk_norm", "none") != "none" or getattr(attn, "clip", None) is not None:
-            raise InvalidParameterError("kv_compression", f"xquant_cl needs K and V affine in the layer input; "
-                                                          f"layer {i} has q/k norm {attn.qk_norm!r} or clipping")
 
     @staticmethod
     def _gain(layer, hidden: int, dtype: torch.dtype, device) -> torch.Tensor:
