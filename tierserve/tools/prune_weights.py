@@ -6,7 +6,8 @@ Methods (the mask rules are in tierserve/tools/sparsity.py):
 * ``wanda``: keep the largest ``|W_ij| ||X_j||``, X the layer's inputs over the
   calibration windows;
 * ``elsa`` / ``elsa-l``: ADMM on the language-model loss (tierserve/tools/elsa.py),
-  ELSA-L with its optimiser and ADMM state in bf16.
+  ELSA-L with its optimiser and ADMM state in bf16; with ``elsa={"init": "wanda"}`` it
+  starts from the Wanda solution instead of the dense weights.
 
 Calibration text: ``calib_windows`` windows of ``seq_len`` tokens from the
 Austen calibration novels (tools/calibration.py ``CALIBRATION_NOVELS``; the
@@ -120,14 +121,17 @@ def prune_weights(in_folder: str, out_folder: str, method: str, sparsity: float,
     batch = cfg.batch_size if cfg else 4
     dense_loss = calibration_loss(model, windows, batch)
     history = None
+    wanda = method == "wanda" or (cfg is not None and cfg.init == "wanda")
+    norms = input_norms(model, list(targets), windows, batch) if wanda else {}
+    with torch.no_grad():
+        sparse = {name: w * mask_from_scores(wanda_scores(w, norms[name]) if wanda else magnitude_scores(w),
+                                             pattern, sparsity) for name, w in targets.items()}
     if cfg is not None:
-        history = elsa_prune(model, targets, windows, cfg, progress)
+        history = elsa_prune(model, targets, windows, cfg, progress, sparse if wanda else None)
     else:
-        norms = input_norms(model, list(targets), windows, batch) if method == "wanda" else {}
         with torch.no_grad():
             for name, w in targets.items():
-                scores = wanda_scores(w, norms[name]) if method == "wanda" else magnitude_scores(w)
-                w.mul_(mask_from_scores(scores, pattern, sparsity))
+                w.copy_(sparse[name])
     zeros = sum(int((w == 0).sum()) for w in targets.values())
     record = {"method": method, "pattern": pattern, "sparsity": sparsity,
               "measured_sparsity": zeros / sum(w.numel() for w in targets.values()),
@@ -136,7 +140,8 @@ def prune_weights(in_folder: str, out_folder: str, method: str, sparsity: float,
               "calibration_loss_pruned": calibration_loss(model, windows, batch)}
     if cfg is not None:
         record["elsa"] = {k: getattr(cfg, k) for k in ("iterations", "steps_per_iteration", "lr", "rho",
-                                                      "rho_growth", "rho_max", "batch_size", "low_precision")}
+                                                      "rho_growth", "rho_max", "batch_size", "low_precision",
+                                                      "init")}
         record["history"] = history
     _write(in_folder, out_folder, {name: w.detach() for name, w in targets.items()}, record)
     return record
