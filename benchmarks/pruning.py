@@ -11,9 +11,11 @@ benchmarks/results/pruning.json.
 
 ELSA runs ``--iterations`` x ``--steps`` optimiser steps on batches of 4
 windows of ``--seq-len`` tokens; the defaults here are CPU-sized (the
-library defaults are 12 x 4).
+library defaults are 12 x 4). Method ``elsa-wanda``: ELSA warm-started from
+the Wanda solution (``init="wanda"``: W and Z start at the Wanda-pruned
+weights instead of the dense weights and their magnitude projection).
 
-Usage: python benchmarks/pruning.py [--sparsities 0.5,0.7,0.9] [--methods magnitude,wanda,elsa,elsa-l]
+Usage: python benchmarks/pruning.py [--sparsities 0.5,0.7,0.9] [--methods magnitude,wanda,elsa,elsa-l,elsa-wanda]
        [--calib-windows 16] [--seq-len 128] [--iterations 12] [--steps 2] [--eval-windows 16]
 """
 
@@ -67,6 +69,7 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=12)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--out", default=None, help="results json (default benchmarks/results/pruning.json)")
     args = ap.parse_args()
     folder = ensure_default_model()
     bandwidth = memcopy_bandwidth()
@@ -85,7 +88,9 @@ def main() -> None:
         for method, pattern, sparsity in runs:
             out = os.path.join(tmp, f"{method}-{pattern.replace(':', '_')}-{sparsity}")
             t = time.perf_counter()
-            rec = prune_weights(folder, out, method, sparsity, pattern, args.calib_windows, args.seq_len, elsa)
+            kind, init = ("elsa", "wanda") if method == "elsa-wanda" else (method, "magnitude")
+            rec = prune_weights(folder, out, kind, sparsity, pattern, args.calib_windows, args.seq_len,
+                                {**elsa, "init": init})
             seconds = time.perf_counter() - t
             ppl, kl, _ = evaluate(out, windows, dense_logp)
             rows.append({"method": method, "pattern": pattern, "sparsity": sparsity, "ppl": ppl, "kl": kl,
@@ -100,9 +105,9 @@ def main() -> None:
         cl = "-" if r["calib_loss"] is None else f"{r['calib_loss']:.3f}"
         print(f"{r['method']:9s} {r['pattern']:12s} {r['sparsity']:8.2f} {r['ppl']:10.2f} {r['kl']:8.4f} "
               f"{cl:>10s} {r['seconds']:6.0f}")
-    out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "pruning.json"), "w") as f:
+    path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "pruning.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
         json.dump({"copy_bandwidth_gb_s": bandwidth, "args": vars(args), "rows": rows}, f, indent=2)
 
 

@@ -11,7 +11,10 @@ copy ``Z`` in ``C`` and a scaled dual ``U``:
     rho <- min(rho * rho_growth, rho_max)
 
 starting from ``W`` = the dense weights, ``Z = project_C(W)`` (the magnitude
-mask) and ``U = 0``. The growing penalty pulls ``W`` onto ``C`` while the
+mask) and ``U = 0``; or, with ``init="wanda"``, from ``W = Z`` = the Wanda-pruned
+weights (the caller's ``start``: ``W * mask(|W_ij| ||X_j||)``, prune_weights.py), so the
+loss descends from the better one-shot solution and the magnitude projections keep its
+support unless the loss moves it. The growing penalty pulls ``W`` onto ``C`` while the
 loss term moves the surviving weights (and the choice of survivors) to where
 the pruned model predicts text best; the result is the final ``Z``. Only the
 pruned matrices (every linear of the decoder layers) are trained; embeddings,
@@ -50,6 +53,7 @@ import torch
 from tierserve.errors import InvalidParameterError
 from tierserve.tools.sparsity import check_sparsity, project
 
+INITS = ("magnitude", "wanda")
 BETAS = (0.9, 0.999)
 EPS = 1e-8
 
@@ -66,12 +70,15 @@ class ElsaConfig:
     rho_max: float = 10.0
     batch_size: int = 4
     low_precision: bool = False  # ELSA-L
+    init: str = "magnitude"  # or "wanda": start from the Wanda solution (module doc)
 
     def __post_init__(self) -> None:
         check_sparsity(self.pattern, self.sparsity)
         for name in ("iterations", "steps_per_iteration", "batch_size"):
             if getattr(self, name) < 1:
                 raise InvalidParameterError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.init not in INITS:
+            raise InvalidParameterError("init", f"must be one of {', '.join(INITS)}, got {self.init!r}")
         for name in ("lr", "rho"):
             if not getattr(self, name) > 0:
                 raise InvalidParameterError(name, f"must be > 0, got {getattr(self, name)}")
@@ -96,12 +103,15 @@ def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
 
 
 def elsa_prune(model, targets: dict[str, torch.nn.Parameter], windows: torch.Tensor, cfg: ElsaConfig,
-               progress: Callable[[int, dict], None] | None = None) -> list[dict]:
+               progress: Callable[[int, dict], None] | None = None,
+               start: dict[str, torch.Tensor] | None = None) -> list[dict]:
     """Prune ``targets`` (name -> weight of ``model``) in place; returns one record per iteration.
 
     Every other parameter of ``model`` is frozen. ``windows [N, L]`` are the
     calibration token windows, taken ``batch_size`` at a time in order,
-    cycling. After the call each target holds its final ``Z``.
+    cycling. ``start`` (name -> a weight in the sparsity set, e.g. the Wanda
+    solution): ``W`` and ``Z`` start there instead of at the dense weights and
+    their magnitude projection. After the call each target holds its final ``Z``.
     """
     if windows.shape[0] < cfg.batch_size:
         raise InvalidParameterError("calib_windows", f"ELSA needs at least batch_size = {cfg.batch_size} "
@@ -111,6 +121,9 @@ def elsa_prune(model, targets: dict[str, torch.nn.Parameter], windows: torch.Ten
         p.requires_grad_(False)
     states = {}
     for name, w in targets.items():
+        if start is not None:
+            with torch.no_grad():
+                w.copy_(start[name])
         w.requires_grad_(True)
         z = project(w.detach(), cfg.pattern, cfg.sparsity)
         states[name] = _State(z.to(dtype), torch.zeros_like(w, dtype=dtype), torch.zeros_like(w, dtype=dtype),
