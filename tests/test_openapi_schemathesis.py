@@ -5,8 +5,10 @@ Ray (tests/ray_fixtures.py) under ``/fuzz``; ``schemathesis run`` (its CLI, in a
 served ``/openapi.json`` and runs its coverage and fuzzing phases, positive and negative data, over
 ``MAX_EXAMPLES`` examples per operation, with ``--checks all``: no 5xx, statuses, content types, headers
 (``Retry-After``, ``Allow`` on 405), bodies and each SSE event against the document, schema-valid
-requests accepted, schema-violating ones refused, unsupported methods answered 405, and a response-time
-limit (``MAX_RESPONSE_S``: the longest answer is 63 tokens on a shared CPU).
+requests accepted, schema-violating ones refused, unsupported methods answered 405. No check depends on
+the machine's speed: schemathesis's response-time check is off (a 35-token chat answer with logprobs took
+39 s beside other jobs at load 15), and a request only counts as lost after ``REQUEST_TIMEOUT_S``, a deadline
+far above any answer's time (the longest is 63 tokens).
 
 The context bounds every answer: the document states ``max_tokens <= max_model_len - 1`` and the
 token-id prompt's bounds (server/openapi_limits.py), which the server enforces; the two rules JSON
@@ -31,7 +33,7 @@ MAX_MODEL_LEN = 64
 FUZZ_ARGS = dict(replicas=1, max_num_seqs=4, max_waiting_requests=8, num_blocks=64, num_threads=1,
                  worker_cpus=0.5, max_model_len=MAX_MODEL_LEN, metrics_interval_s=0.25)
 MAX_EXAMPLES = 20
-MAX_RESPONSE_S = 30
+REQUEST_TIMEOUT_S = 600
 SEED = 14
 OPERATIONS = 5                       # /health, /metrics, /v1/models, /v1/completions, /v1/chat/completions
 
@@ -54,10 +56,10 @@ def test_schemathesis_all_checks_find_nothing(fuzz_server, smollm_folder, tmp_pa
                TS_FUZZ_MAX_MODEL_LEN=str(MAX_MODEL_LEN),
                PYTHONPATH=os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "schemathesis.cli", "run", f"{fuzz_server}/openapi.json", "--url", fuzz_server,
-           "--checks", "all", "--max-examples", str(MAX_EXAMPLES), "--max-response-time", str(MAX_RESPONSE_S),
-           "--seed", str(SEED), "--workers", "1", "--request-timeout", "60", "--generation-database", "none",
+           "--checks", "all", "--max-examples", str(MAX_EXAMPLES), "--seed", str(SEED),
+           "--workers", "1", "--request-timeout", str(REQUEST_TIMEOUT_S), "--generation-database", "none",
            "--no-color", "--output-sanitize", "false"]
-    r = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=1800)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-12000:]
     tested = re.search(r"Tested:\s+(\d+)", out)
