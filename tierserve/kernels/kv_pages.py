@@ -27,10 +27,12 @@ class LayerKV:
     v: torch.Tensor
 
     def write(self, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store ``k``/``v`` ([T, kv_heads, head_dim]) at flat token slots, in place."""
+        """Store ``k``/``v`` ([T, kv_heads, head_dim]) at flat token slots, in place (cast to the pages' dtype
+        only where it differs: ``to`` of the same dtype is still a dispatch, two per layer per step)."""
         heads, dim = k.shape[-2], k.shape[-1]
-        self.k.view(-1, heads, dim).index_copy_(0, slot_mapping, k.to(self.k.dtype))
-        self.v.view(-1, heads, dim).index_copy_(0, slot_mapping, v.to(self.v.dtype))
+        kc, vc = self.k, self.v
+        kc.view(-1, heads, dim).index_copy_(0, slot_mapping, k if k.dtype == kc.dtype else k.to(kc.dtype))
+        vc.view(-1, heads, dim).index_copy_(0, slot_mapping, v if v.dtype == vc.dtype else v.to(vc.dtype))
 
     def parts(self) -> tuple[torch.Tensor, ...]:
         """The storage tensors, block-major (dim 0 is the block), in a fixed order: K, V."""

@@ -19,7 +19,10 @@ copied or reallocated and the block tables are built from block ids only.
 
 Decode steps build their per-step inputs once, not per layer (memoised on the
 metadata): the block ids of the padded width as one flat index (the layers'
-page gathers read it directly), and the key mask. At batch 1 the mask
+page gathers read it directly), and the key mask. At batch 1 without a sliding
+window or soft-capping there is no mask at all: the gathered keys are viewed cut
+to the context length L, every one visible (within one float32 rounding of the
+masked form, which sums the same keys in other blocks). Otherwise at batch 1 the mask
 allocates nothing: key j is visible iff ``j < L`` (and ``j >= L - window``), which
 is the slice ``steps[cap - L : cap - L + width]`` of a constant bool vector with
 ``steps[i] = (cap - window <= i < cap)`` (no window: ``i < cap``), kept per
@@ -302,19 +305,26 @@ def _decode_batch(q, kv, meta, scale, window, softcap):
         keys, vals = gather(table)
         keys, vals = keys.transpose(1, 2), vals.transpose(1, 2)  # [B, Hkv, L, D]
     else:  # _gather on the memoised flat ids, viewed as [B, Hkv, L, D] in one op
-        keys = _heads_first(torch.index_select(kv.k, 0, flat), table.shape[0])
-        vals = _heads_first(torch.index_select(kv.v, 0, flat), table.shape[0])
+        b = table.shape[0]
+        if b == 1 and window is None and softcap is None:  # every key up to L is visible: no mask at all
+            length = meta.seq_lens[0]
+            keys = _heads_first(torch.index_select(kv.k, 0, flat), 1, length)
+            vals = _heads_first(torch.index_select(kv.v, 0, flat), 1, length)
+            return F.scaled_dot_product_attention(q.unsqueeze(2), keys, vals, scale=scale,
+                                                  enable_gqa=True).select(2, 0)
+        keys = _heads_first(torch.index_select(kv.k, 0, flat), b)
+        vals = _heads_first(torch.index_select(kv.v, 0, flat), b)
     mask = meta.decode_mask(keys.shape[2], window, q.device)
     out = _attend(q.unsqueeze(2), keys, vals, mask, scale, softcap)  # [B, Hq, 1, D]
     return out.select(2, 0)  # one view op each way (indexing with ':' and None dispatches 2-4)
 
 
-def _heads_first(pages: torch.Tensor, b: int) -> torch.Tensor:
+def _heads_first(pages: torch.Tensor, b: int, length: int | None = None) -> torch.Tensor:
     """Gathered contiguous pages ``[B * nb, bs, H, D]`` as ``[B, H, nb * bs, D]``: the view
-    ``view(B, -1, H, D).transpose(1, 2)`` in one as_strided."""
+    ``view(B, -1, H, D).transpose(1, 2)`` in one as_strided; ``length``: only the first keys of each row."""
     n, bs, h, d = pages.shape
-    length = n // b * bs
-    return pages.as_strided((b, h, length, d), (length * h * d, d, h * d, 1))
+    width = n // b * bs
+    return pages.as_strided((b, h, width if length is None else length, d), (width * h * d, d, h * d, 1))
 
 
 def _attend(q, k, v, mask, scale, softcap):
