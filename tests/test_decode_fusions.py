@@ -3,7 +3,9 @@
 - ``RMSNorm`` in float32 is one ``F.rms_norm`` call: equal to the explicit formula
   ``w * (x * rsqrt(mean(x^2) + eps))`` for several shapes and scales.
 - ``Attention`` without q/k norm or clipping rotates q and k in one RoPE call over their adjacent heads:
-  q, k, v equal the general path's (split, two RoPE calls) at 1 and several tokens, on a real Llama layer.
+  q, k, v equal the general path's (split, two RoPE calls) at 1 and several tokens, on a real Llama layer, also
+  through the step's widened cos/sin tables (``apply_rope_full``: mul, roll, mul, add; a fused multiply-add such as
+  ``addcmul`` would round once less and fails here), which are built once per step.
 - A two-term ``Int4CpuLinear`` (Q8_0) sums its bf16 terms in float32 as before: equal to the float32 sum of
   the two kernel outputs computed here.
 """
@@ -17,8 +19,10 @@ from transformers import LlamaConfig
 
 from tierserve.kernels.quant.base import QuantizedLinear, get_format
 from tierserve.kernels.quant.cpu_fast import cpu_fast_module
+from tierserve.models.context import ForwardContext
 from tierserve.models.layers import RMSNorm
 from tierserve.models.loader import load_model
+from tierserve.models.rope import RopeSpec, RotaryEmbedding, apply_rope, apply_rope_full
 
 
 @pytest.mark.parametrize("shape,scale", [((1, 576), 1.0), ((7, 64), 30.0), ((2, 3, 96), 1e-3)])
@@ -49,11 +53,31 @@ def test_merged_rope_equals_two_calls(llama_layer, tokens):
     positions = torch.arange(3, 3 + tokens)
     model.rope.ensure(64)
     cos, sin = model.rope.lookup(positions, torch.float32)
+    ctx = ForwardContext(None, [])
     with torch.no_grad():
         merged, general = attn._qkv_rope_merged(x, cos, sin), attn._qkv_rope(x, cos, sin)
-    for a, b in zip(merged, general):
-        assert a.shape == b.shape and torch.equal(a, b)
+        full = attn._qkv_rope_merged(x, cos, sin, ctx.rope_tables(cos, sin))
+    for a, b, c in zip(merged, general, full):
+        assert a.shape == b.shape == c.shape and torch.equal(a, b) and torch.equal(c, b)
     assert merged[0].is_contiguous() and merged[1].is_contiguous()
+    assert full[0].is_contiguous() and full[1].is_contiguous()
+
+
+@pytest.mark.parametrize("tokens", [1, 4, 33])
+def test_rope_full_tables_bit_equal(tokens):
+    """``apply_rope_full`` on the step's widened tables equals ``apply_rope`` bit for bit (yarn scaling, large
+    positions, 12 heads), and the step builds the tables once (every layer gets the same tensors)."""
+    rope = RotaryEmbedding(RopeSpec.from_hf({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512},
+                                            100000.0, 2048), 64, 2048)
+    g = torch.Generator().manual_seed(tokens)
+    positions = torch.randint(0, 4000, (tokens,), generator=g)
+    rope.ensure(4000)
+    cos, sin = rope.lookup(positions, torch.float32)
+    x = torch.randn(tokens, 12, 64, generator=g) * 4
+    ctx = ForwardContext(None, [])
+    tables = ctx.rope_tables(cos, sin)
+    assert ctx.rope_tables(cos, sin) is tables and ctx.rope_tables(cos.clone(), sin) is not tables
+    assert torch.equal(apply_rope_full(x, *tables), apply_rope(x, cos, sin))
 
 
 def test_two_term_int4_sum_in_float32():

