@@ -6,11 +6,14 @@ kernel: the CPU default), ``packed+compile`` (the same with ``compile_decode``,
 models/decode_compile.py), ``fp32`` (the fp32 conversion, oneDNN-packed
 linears), ``fp32+compile``, and ``llama.cpp`` (llama_cpp on the same GGUF)
 when ``llama_cpp`` is importable. Each run generates ``--new-tokens`` greedy
-tokens (eos ignored) from a fixed 32-token prompt; the table prints the median
+tokens (eos ignored) from a fixed 32-token prompt (``--decode-only``: only the steps after
+the first generated token are timed, on every side); the table prints the median
 tokens/s of ``--rounds`` runs per form and thread count, its ratio to
 llama.cpp (or to the eager packed form without it), the compile seconds of the
 compiled forms at load, the load average and the memory-copy bandwidth.
-Writes benchmarks/results/decode_ab.json.
+Writes benchmarks/results/decode_ab.json. llama.cpp: ``pip install .[bench]`` with the CMAKE_ARGS in
+pyproject.toml; that build's prompt evaluation (any batch of 2+ tokens) took a constant ~7.6 s here, one thread,
+while a one-token step took ~20 ms, so compare it with ``--decode-only``.
 
 ``--revs A,B``: the same forms across git revisions (``WORKTREE`` = the checkout with its
 uncommitted edits), each revision's ``tierserve`` in its own process, loaded once and measured
@@ -60,13 +63,27 @@ class TierserveForm:
         self.prompt = self.llm.tokenizer.encode(TEXT)[:PROMPT_LEN]
         self.run(4)  # warm-up
 
-    def run(self, new_tokens: int) -> float:
+    def run(self, new_tokens: int, decode_only: bool = False) -> float:
         params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+        if decode_only:
+            return self._decode_steps(params, new_tokens)
         t = time.perf_counter()
         out = self.llm.generate([self.prompt], params)[0]
         dt = time.perf_counter() - t
         assert len(out.token_ids) == new_tokens
         return new_tokens / dt
+
+    def _decode_steps(self, params: SamplingParams, new_tokens: int) -> float:
+        """Tokens/s of the decode steps after the first generated token (prefill excluded)."""
+        engine = self.llm.engine
+        engine.add_request(list(self.prompt), params)
+        rid = engine.request_ids()[-1]
+        while not engine.get_request(rid).output_token_ids:
+            engine.step()
+        t = time.perf_counter()
+        while engine.has_unfinished():
+            engine.step()
+        return (new_tokens - 1) / (time.perf_counter() - t)
 
 
 class LlamaCppForm:
@@ -88,16 +105,18 @@ class LlamaCppForm:
                 self.prompt = self.models[n].tokenize(TEXT.encode(), add_bos=False)[:PROMPT_LEN]
         return self.models[n]
 
-    def run(self, new_tokens: int) -> float:
+    def run(self, new_tokens: int, decode_only: bool = False) -> float:
         llm = self._model()
         llm.reset()
         t = time.perf_counter()
         n = 0
         for tok in llm.generate(self.prompt, temp=0.0, reset=True):
             n += 1
+            if n == 1 and decode_only:  # the prompt is evaluated and the first token sampled: start here
+                t = time.perf_counter()
             if n == new_tokens:
                 break
-        return n / (time.perf_counter() - t)
+        return (n - 1 if decode_only else n) / (time.perf_counter() - t)
 
 
 def llama_cpp_available() -> bool:
@@ -119,7 +138,7 @@ def _child(args) -> None:
 
     def setup():
         f = TierserveForm(args.forms)  # warmed up
-        return f"load {f.load_s:.1f} s", lambda _cmd: f"{f.run(args.new_tokens):.4f}"
+        return f"load {f.load_s:.1f} s", lambda _cmd: f"{f.run(args.new_tokens, args.decode_only):.4f}"
 
     child_main(setup)
 
@@ -135,7 +154,8 @@ def main_revs(args) -> None:
     for threads in [int(x) for x in args.threads.split(",")]:
         for form in forms:
             sides = [Child(r, script, ["--child", "--forms", form, "--threads", str(threads),
-                                       "--new-tokens", str(args.new_tokens)]) for r in revs]
+                                       "--new-tokens", str(args.new_tokens)]
+                           + (["--decode-only"] if args.decode_only else [])) for r in revs]
             try:
                 bw, load0 = memcopy_bandwidth(), os.getloadavg()[0]
                 runs: list[list[float]] = [[] for _ in sides]
@@ -172,6 +192,8 @@ def main() -> None:
     ap.add_argument("--forms", default="packed,packed+compile,fp32,fp32+compile")
     ap.add_argument("--revs", default=None, help="git revisions to compare (WORKTREE: the checkout), e.g. HEAD~1,"
                                                  "WORKTREE; each form runs in one process per revision")
+    ap.add_argument("--decode-only", action="store_true", help="time only the decode steps after the first "
+                                                                    "generated token, on every side")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -196,11 +218,12 @@ def main() -> None:
         runs: dict[str, list[float]] = {name: [] for name in forms}
         for _ in range(args.rounds):  # A/B/A/B: every form once per round
             for name, f in forms.items():
-                runs[name].append(f.run(args.new_tokens))
+                runs[name].append(f.run(args.new_tokens, args.decode_only))
         load1 = os.getloadavg()[0]
         med = {name: _median(v) for name, v in runs.items()}
         result["runs"][threads] = {"tok_s": runs, "median": med, "memcopy_GBps": bw, "loadavg": [load0, load1]}
-        print(f"\n{threads} thread(s), batch 1, {args.new_tokens} new tokens, median of {args.rounds};"
+        print(f"\n{threads} thread(s), batch 1, {args.new_tokens} new tokens"
+              f"{' (decode steps only, prefill excluded)' if args.decode_only else ''}, median of {args.rounds};"
               f" memcopy {bw:.1f} GB/s; load average {load0:.1f} -> {load1:.1f}")
         print(f"{'form':<16} {'tok/s':>7} {'vs ' + base:>14}   runs")
         for name, v in med.items():
