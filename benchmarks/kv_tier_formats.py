@@ -22,6 +22,18 @@ format, and the ratios against ``none``. Targets (issue "Compression from the se
 >= 5x the prefix tokens in the same budget, its hit TTFT within 1.2x of an
 uncompressed hit. Writes benchmarks/results/kv_tier_formats.json (``--out``).
 
+Measured (2-core CPU shared with other work; SmolLM2-135M GGUF):
+
+* capacity (``--dram-mib 48 --docs 8``, chunks of 256 tokens): fp32 chunks 11.80 MB, 4 held (1024 tokens);
+  kv4 and xquant chunks 1.84 MB, 27 held (6912 tokens): 6.8x (target >= 5x: met). That run's TTFTs were
+  taken format after format under a load average of 4-13 and are not comparable (results json).
+* hit TTFT (``--docs 1 --repeats 7 --recompute-repeats 0``, rounds interleaved; load average 2.96, copy
+  bandwidth 11.0 GB/s; results/kv_tier_formats_ttft.json): fp32 0.073 s median (0.070 least), kv4 0.084 s
+  (1.15x; least 1.16x; target <= 1.2x: met), xquant 0.131 s (1.80x). Profiled on one thread, a kv4 hit
+  spends about half its forward dequantizing the gathered pages in attention (kv4.py ``gather``: 0.17 s of
+  0.35 s), against a smaller fetch and copy than fp32's (the chunk is 6.4x smaller); xquant also
+  rematerialises K and V from the latent in every layer.
+
 Usage: python benchmarks/kv_tier_formats.py [--dram-mib 96] [--docs 24] [--doc-tokens 1024]
 """
 
