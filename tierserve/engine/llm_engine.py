@@ -134,7 +134,7 @@ class LLMEngine:
         if config.model.compile_decode:  # after the backend: the compiled code calls the swapped linears
             from tierserve.models.decode_compile import compile_for_engine
 
-            compile_for_engine(loaded.model, self.device)
+            compile_for_engine(loaded.model, self.device, config.cache.block_size)
         return loaded
 
     def _with_checkpoint_kv_format(self, config: EngineConfig) -> EngineConfig:

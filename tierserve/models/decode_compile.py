@@ -45,6 +45,7 @@ from torch import nn
 
 from tierserve.errors import InvalidParameterError
 from tierserve.models.context import ForwardContext
+from tierserve.models.decode_graph import DecodeGraph, eligible
 from tierserve.models.layers import GatedMLP, RMSNorm
 
 
@@ -98,16 +99,20 @@ def supported(model: nn.Module) -> bool:
 class CompiledDecoder:
     """The compiled segments of one model and the forward that runs them around eager attention."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, whole_step: bool = True):
         if not supported(model):
             raise ValueError(f"{type(model).__name__}: compiled decode needs Llama-style layers (decode_compile.py)")
         self.model = model
         self.head = torch.compile(_head, fullgraph=True)
         self.middle = torch.compile(_middle, fullgraph=True)
         self.tail = torch.compile(_tail, fullgraph=True)
+        #: batch-1 decode steps as one graph (decode_graph.py) where the model allows it
+        self.step_graph = DecodeGraph(model) if whole_step and eligible(model) else None
         self.compile_s = 0.0
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        if self.step_graph is not None and self.step_graph.takes(ctx):
+            return self.step_graph.forward(input_ids, positions, ctx)
         model = self.model
         model.rope.ensure(max(ctx.attn.seq_lens))
         cos, sin = model.rope.lookup(positions, model.dtype)
@@ -127,7 +132,7 @@ class CompiledDecoder:
         return h
 
     @torch.inference_mode()
-    def warm_up(self, token_counts: tuple[int, ...] = (1, 2)) -> float:
+    def warm_up(self, token_counts: tuple[int, ...] = (1, 2), block_size: int = 16) -> float:
         """Compile every segment at each token count (the second one makes the token dimension dynamic);
         returns and records the seconds spent."""
         model = self.model
@@ -142,24 +147,28 @@ class CompiledDecoder:
             self.head(layers[0], h, cos, sin)
             self.middle(layers[0], layers[min(1, len(layers) - 1)], h, o, cos, sin)
             self.tail(layers[-1], model.norm, h, o)
+        if self.step_graph is not None:
+            self.step_graph.warm_up(block_size, kv_dtype=model.dtype)
         self.compile_s += time.perf_counter() - t0
         return self.compile_s
 
 
-def compile_decoder(model: nn.Module, warm_up: bool = True) -> CompiledDecoder:
-    """Install compiled dense segments on ``model``: its forward runs them (``DecoderLM.forward``)."""
-    compiled = CompiledDecoder(model)
+def compile_decoder(model: nn.Module, warm_up: bool = True, whole_step: bool = True,
+                    block_size: int = 16) -> CompiledDecoder:
+    """Install compiled dense segments on ``model`` (and, with ``whole_step``, the batch-1 decode graph of
+    decode_graph.py): its forward runs them (``DecoderLM.forward``)."""
+    compiled = CompiledDecoder(model, whole_step)
     if warm_up:
-        compiled.warm_up()
+        compiled.warm_up(block_size=block_size)
     model.compiled_decode = compiled
     return compiled
 
 
-def compile_for_engine(model: nn.Module, device: torch.device) -> CompiledDecoder:
+def compile_for_engine(model: nn.Module, device: torch.device, block_size: int = 16) -> CompiledDecoder:
     """The engine's ``compile_decode`` option: compile (and warm up) a supported decoder on the CPU, or refuse."""
     if device.type != "cpu":
         raise InvalidParameterError("compile_decode", f"runs on the CPU only, the model is on {device.type}")
     if not supported(model):
         raise InvalidParameterError("compile_decode", f"supports Llama-family decoders without q/k norm or clipping "
                                                       f"and with float32 norms, not {type(model).__name__}")
-    return compile_decoder(model)
+    return compile_decoder(model, block_size=block_size)
