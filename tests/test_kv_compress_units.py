@@ -234,27 +234,6 @@ def test_cli_flags_build_the_config():
     assert not config_of(["generate", "hi"]).enabled
 
 
-def test_eviction_is_refused_on_sliding_window_models(tmp_path):
-    """Slots shift against positions under eviction; a sliding window would count slots: a clear error."""
-    from transformers import Gemma3TextConfig
-
-    from model_harness import build_and_save
-    from tierserve.config import ModelConfig
-    from tierserve.engine.llm_engine import LLMEngine
-
-    cfg = Gemma3TextConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, vocab_size=128, max_position_embeddings=128, head_dim=16,
-                           sliding_window=8, layer_types=["sliding_attention", "full_attention"])
-    build_and_save(cfg, str(tmp_path))
-    config = EngineConfig(model=ModelConfig(model=str(tmp_path)), cache=CacheConfig(num_blocks=16),
-                          kv_compression=KVCompressionConfig(methods="paged_eviction", budget=64))
-    with pytest.raises(InvalidParameterError, match=r"kv_compression.*1 sliding-window layers \(window 8\)"):
-        LLMEngine(config)
-    kv4 = EngineConfig(model=ModelConfig(model=str(tmp_path)), cache=CacheConfig(num_blocks=16),
-                       kv_compression=KVCompressionConfig(methods="kv4", group_size=16))
-    assert LLMEngine(kv4).kv_compressor is not None  # storage compression keeps every slot: allowed
-
-
 # -- composition: a storage format with an eviction method ----------------------------------
 
 def test_composed_config_names_the_conflict():

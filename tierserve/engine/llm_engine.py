@@ -91,7 +91,7 @@ class LLMEngine:
         self.max_model_len = self._max_model_len(loaded.arch.max_position_embeddings)
         spec = self.model.kv_spec(config.cache.block_size)
         self.kv_compressor = build_compressor(config.kv_compression, spec)  # None unless --kv-compression
-        self._check_eviction_supported(loaded.arch)
+        self._protect_sliding_windows(loaded.arch)
         page_bytes = self.kv_compressor.page_size_bytes() if self.kv_compressor else spec.page_size_bytes
         num_blocks = config.cache.num_blocks or max(1, int(config.cache.kv_cache_memory_gib * 2**30) // page_bytes)
         self.num_blocks = num_blocks
@@ -164,17 +164,15 @@ class LLMEngine:
             runner.install_decode_graphs(mode, num_blocks, config.scheduler.max_num_seqs, self.max_model_len)
         return runner
 
-    def _check_eviction_supported(self, arch) -> None:
-        """Eviction shifts slots against positions; a sliding window counts slots, so it would see the wrong
-        tokens: refuse the combination rather than compute a silently different attention."""
+    def _protect_sliding_windows(self, arch) -> None:
+        """Eviction shifts slots against positions and a sliding window counts slots: an eviction method keeps
+        the tokens inside the model's largest window (cache/compress/eviction.py), so every sliding layer sees
+        exactly the keys it would see without eviction."""
         if self.kv_compressor is None or not self.kv_compressor.evicts:
             return
-        sliding = [i for i in range(arch.num_hidden_layers) if arch.is_sliding(i)]
-        if sliding:
-            raise InvalidParameterError(
-                "kv_compression", f"{self.config.kv_compression.method} evicts KV blocks, which sliding-window "
-                f"attention does not support; this model has {len(sliding)} sliding-window layers "
-                f"(window {arch.sliding_window}); use kv4 or none")
+        windows = [arch.window(i) for i in range(arch.num_hidden_layers) if arch.is_sliding(i)]
+        if windows:
+            self.kv_compressor.keep_recent(max(windows))
 
     def _kv_compression_runner_args(self, num_blocks: int) -> dict:
         """Packed pages from a storage compressor; the evicted-token count for an eviction compressor."""

@@ -97,6 +97,9 @@ class KVCompressor(ABC):
     def after_step(self, sched) -> None:
         """Called after each forward with the step's SchedulerOutput (before any eviction)."""
 
+    def keep_recent(self, window: int) -> None:
+        """The model's largest sliding window: an eviction method keeps the tokens inside it (eviction.py)."""
+
     def blocks_to_evict(self, seq: SeqKV) -> list[int]:
         """Indices into ``seq.block_ids`` to drop now (never 0 or the last); [] keeps everything."""
         return []
@@ -149,6 +152,9 @@ class ComposedCompressor(KVCompressor):
 
     def after_step(self, sched) -> None:
         self.eviction.after_step(sched)
+
+    def keep_recent(self, window: int) -> None:
+        self.eviction.keep_recent(window)
 
     def blocks_to_evict(self, seq: SeqKV) -> list[int]:
         return self.eviction.blocks_to_evict(seq)

@@ -19,8 +19,22 @@ When to evict (``num_to_evict``):
 - a decode step, ``trigger = "interval"`` (Expected Attention): every
   ``interval`` decode steps since the last compression, down to ``<= C``.
 
-Invariant: with ``interval <= block_size`` the kept tokens never exceed
-``C + block_size`` (the tests check it at every step). Which blocks go is the
+Sliding-window layers (``keep_recent(W)``, set by the engine from the
+model's largest window): attention masks a window by slot (kernels/
+paged_attention.py: key slot j visible to query slot i iff j > i - W), and
+eviction shifts slots against positions, so a block may go only when none
+of its tokens is among the last ``W - 1`` kept ones (slot ``(i + 1) *
+block_size <= num_kept - W + 1``). By induction the last ``W - 1`` positions
+then always sit in the last ``W - 1`` slots, every evicted token lies
+before the window of every future query, and each sliding layer sees
+exactly the keys it sees without eviction (the slot window equals the
+position window); full layers see the kept tokens. The window thus acts
+as a floor under the budget: while ``C`` is smaller than the window plus
+block 0 and the partial blocks at the window's edge, the kept tokens stay
+above ``C`` (at most ``W - 1 + 2 * block_size`` after an eviction).
+
+Invariant (no sliding window): with ``interval <= block_size`` the kept
+tokens never exceed ``C + block_size`` (the tests check it at every step). Which blocks go is the
 subclass's ``rank_blocks`` (lowest first); with ``C`` >= the whole context
 nothing is ever evicted, so output equals the uncompressed engine.
 """
@@ -42,6 +56,18 @@ class BlockEvictionCompressor(KVCompressor):
     def __init__(self, config, spec):
         super().__init__(config, spec)
         self._steps_since: dict[str, int] = {}
+        self.recent_window = 0  # keep_recent: the model's largest sliding window (0: none)
+
+    def keep_recent(self, window: int) -> None:
+        """Never evict a token among the last ``window - 1`` kept ones (sliding-window layers; docstring)."""
+        self.recent_window = max(int(window), 0)
+
+    def candidates(self, seq: SeqKV) -> list[int]:
+        """Evictable block indices, oldest first: not block 0, not the last, none inside the recent window."""
+        end = len(seq.block_ids) - 1
+        if self.recent_window:
+            end = min(end, (seq.num_kept - self.recent_window + 1) // self.spec.block_size)
+        return list(range(1, end))
 
     @property
     def interval(self) -> int:
@@ -55,7 +81,7 @@ class BlockEvictionCompressor(KVCompressor):
     def num_to_evict(self, seq: SeqKV) -> int:
         bs = self.spec.block_size
         budget = self.budget(seq.num_prompt_tokens)
-        evictable = max(len(seq.block_ids) - 2, 0)
+        evictable = len(self.candidates(seq))
         over = seq.num_kept - budget
         if seq.num_step_tokens > 1 or seq.position <= seq.num_prompt_tokens:
             return min(evictable, -(-over // bs)) if over > 0 else 0
@@ -72,8 +98,7 @@ class BlockEvictionCompressor(KVCompressor):
         n = self.num_to_evict(seq)
         if n <= 0:
             return []
-        candidates = list(range(1, len(seq.block_ids) - 1))
-        order = self.rank_blocks(seq, candidates)
+        order = self.rank_blocks(seq, self.candidates(seq))
         return sorted(order[:n])
 
     @abstractmethod

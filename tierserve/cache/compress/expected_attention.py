@@ -14,12 +14,18 @@ first ``n_sink = 4`` positions are never buffered; the buffer holds the last
 
 For post-RoPE keys k_i (i >= n_sink), with d = head_dim:
 
-    z_i = mu . k_i / sqrt(d) + k_i^T Sigma k_i / (2 d)   = log E_q[exp(q . k_i / sqrt(d))]
+    z_i = s mu . k_i + s^2 k_i^T Sigma k_i / 2   = log E_q[exp(s q . k_i)]
+    (s: the layer's attention scale, 1/sqrt(d) unless the model sets another)
     a_i = softmax_i(z),  averaged over the query heads of each KV head,
     s_i = a_i * ||v_i||,  sinks get max(s) + 1.
 
+Each layer uses its own RoPE table for R (``model.layer_rope(i)`` where the
+model has several, Gemma3's local and global; else ``model.rope``).
+
 Block adaptation (one block table serves all layers): token scores are
-averaged over KV heads and layers; a block's score is its tokens' mean; the
+averaged over KV heads and layers (only the full-attention layers when the
+model has sliding-window ones: eviction never takes a token inside a window,
+eviction.py, so a candidate's future attention on a sliding layer is 0); a block's score is its tokens' mean; the
 lowest blocks go (never block 0 or the current block). Compression runs
 after a prefill chunk that leaves the sequence over budget, and during decode
 every ``interval`` steps (default: one block, so the cache stays within
@@ -69,21 +75,24 @@ def query_statistics(queries: torch.Tensor, rot: torch.Tensor) -> tuple[torch.Te
     return mu @ rot.T, rot @ cov @ rot.T
 
 
-def log_expected_scores(mu: torch.Tensor, cov: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """z ``[Hq, L]`` = mu.k/sqrt(d) + k^T Sigma k/(2d) for keys ``[L, Hkv, D]`` (GQA: head h uses h // G)."""
+def log_expected_scores(mu: torch.Tensor, cov: torch.Tensor, keys: torch.Tensor,
+                        scale: float | None = None) -> torch.Tensor:
+    """z ``[Hq, L]`` = s mu.k + s^2 k^T Sigma k / 2 for keys ``[L, Hkv, D]`` (GQA: head h uses h // G; s: the
+    attention scale, default 1/sqrt(d))."""
     hq, d = mu.shape
     hkv = keys.shape[1]
+    s = 1.0 / math.sqrt(d) if scale is None else scale
     k = keys.double().transpose(0, 1).repeat_interleave(hq // hkv, dim=0)  # [Hq, L, D]
-    lin = torch.einsum("hd,hld->hl", mu, k) / math.sqrt(d)
-    quad = ((k @ cov) * k).sum(-1) / (2 * d)
+    lin = torch.einsum("hd,hld->hl", mu, k) * s
+    quad = ((k @ cov) * k).sum(-1) * (s * s / 2)
     return lin + quad
 
 
 def expected_attention_scores(mu: torch.Tensor, cov: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                              n_sink: int = N_SINK) -> torch.Tensor:
+                              n_sink: int = N_SINK, scale: float | None = None) -> torch.Tensor:
     """kvpress's per-token scores ``[Hkv, L]``: softmax of z over non-sink keys, group mean, x ||v||."""
     hkv = keys.shape[1]
-    z = log_expected_scores(mu, cov, keys[n_sink:])
+    z = log_expected_scores(mu, cov, keys[n_sink:], scale)
     a = torch.softmax(z, dim=-1)
     a = a.view(hkv, -1, a.shape[-1]).mean(1)
     s = a * values[n_sink:].double().norm(dim=-1).T
@@ -120,10 +129,14 @@ class ExpectedAttentionCompressor(BlockEvictionCompressor):
 
     def bind(self, model, kv_caches) -> None:
         super().bind(model, kv_caches)
-        if not hasattr(model, "rope") or not hasattr(model, "layers"):
-            raise ValueError(f"expected_attention needs a DecoderLM-style model (rope, layers); "
+        if not (hasattr(model, "rope") or hasattr(model, "layer_rope")) or not hasattr(model, "layers"):
+            raise ValueError(f"expected_attention needs a DecoderLM-style model (rope or layer_rope, layers); "
                              f"got {type(model).__name__}")
         self._attn = [layer.self_attn for layer in model.layers]
+        self._ropes = [model.layer_rope(i) if hasattr(model, "layer_rope") else model.rope
+                       for i in range(len(self._attn))]
+        full = [i for i, a in enumerate(self._attn) if getattr(a, "sliding_window", None) is None]
+        self.scored_layers = full or list(range(len(self._attn)))
         self._step_inputs = [None] * len(self._attn)
         for i, attn in enumerate(self._attn):
             self._hooks.append(attn.register_forward_pre_hook(self._capture(i)))
@@ -168,23 +181,30 @@ class ExpectedAttentionCompressor(BlockEvictionCompressor):
         buf, written = self._buffers[request_id]
         return buf[:, : min(written[0], self.buffer_size)]
 
+    def future_rotation(self, layer: int, position: int) -> torch.Tensor:
+        """R of layer ``layer``'s RoPE table over positions ``position .. position + n_future - 1``."""
+        rope = self._ropes[layer]
+        rope.ensure(position + self.n_future)
+        return averaged_rope_matrix(rope.cos_table[position: position + self.n_future],
+                                    rope.sin_table[position: position + self.n_future])
+
     def token_scores(self, seq: SeqKV) -> torch.Tensor:
-        rope = self.model.rope
-        rope.ensure(seq.position + self.n_future)
-        cos = rope.cos_table[seq.position: seq.position + self.n_future]
-        sin = rope.sin_table[seq.position: seq.position + self.n_future]
-        rot = averaged_rope_matrix(cos, sin)
         inputs = self.buffered_inputs(seq.request_id) if seq.request_id in self._buffers else None
         total = torch.zeros(seq.num_kept, dtype=torch.float64)
-        for layer, attn in enumerate(self._attn):
+        rots: dict[int, torch.Tensor] = {}  # per RoPE table
+        for layer in self.scored_layers:
+            attn = self._attn[layer]
+            rope_id = id(self._ropes[layer])
+            if rope_id not in rots:
+                rots[rope_id] = self.future_rotation(layer, seq.position)
             k, v = self.gather_layer(layer, seq)
             if inputs is None:
                 q = torch.zeros(0, attn.num_heads, attn.head_dim)
             else:
                 q = prerope_queries(attn, inputs[layer])
-            mu, cov = query_statistics(q, rot)
-            total += expected_attention_scores(mu, cov, k, v, self.n_sink).mean(0)
-        return total / len(self._attn)
+            mu, cov = query_statistics(q, rots[rope_id])
+            total += expected_attention_scores(mu, cov, k, v, self.n_sink, getattr(attn, "scale", None)).mean(0)
+        return total / len(self.scored_layers)
 
     def rank_blocks(self, seq: SeqKV, candidates: list[int]) -> list[int]:
         with torch.inference_mode():
