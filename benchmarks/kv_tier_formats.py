@@ -34,7 +34,10 @@ Measured (2-core CPU shared with other work; SmolLM2-135M GGUF):
   0.35 s), against a smaller fetch and copy than fp32's (the chunk is 6.4x smaller); xquant also
   rematerialises K and V from the latent in every layer.
 
-Usage: python benchmarks/kv_tier_formats.py [--dram-mib 96] [--docs 24] [--doc-tokens 1024]
+Gemma-3-270m (``--gemma``: its Q4_K_M GGUF, converted; fp32 chunks of 256 tokens are 9.4 MB, kv4 1.5 MB):
+not yet measured.
+
+Usage: python benchmarks/kv_tier_formats.py [--gemma] [--dram-mib 96] [--docs 24] [--doc-tokens 1024]
 """
 
 from __future__ import annotations
@@ -137,6 +140,7 @@ def main() -> None:
     ap.add_argument("--recompute-repeats", type=int, default=1, help="of the repeats, how many also recompute")
     ap.add_argument("--formats", nargs="+", default=["none", "kv4", "xquant"])
     ap.add_argument("--model", default=None)
+    ap.add_argument("--gemma", action="store_true", help="Gemma-3-270m (its Q4_K_M GGUF, converted; sets --model)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, help="results json (default benchmarks/results/kv_tier_formats.json)")
     args = ap.parse_args()
@@ -148,6 +152,10 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.gemma:
+        from tierserve.models.default_model import ensure_converted, gemma3_270m_gguf_path
+
+        args.model = ensure_converted(gemma3_270m_gguf_path())
     text = "".join(austen_texts().values())
     step = len(text) // (args.docs + 1)
     docs = [text[i * step: i * step + 8 * args.doc_tokens] for i in range(args.docs)]
