@@ -4,7 +4,8 @@ The tiny Qwen3-MoE with experts 0-3 resident in both layers and 4-7 on two ``hos
 hand-built counts make exactly one swap worth it: promote expert 5 of layer 0 (count 900) for resident
 expert 3 (count 0), gain 900 against ``min_gain`` 500 (the live traffic adds at most 70 per layer and
 run, tests/test_expert_runtime.py). The owner of (0, 5) is stopped (SIGSTOP) and the promotion started on
-a thread; once its ``get_expert_payload`` request sits unread in the stopped host's socket (the
+a thread once every thread of the host shows the stopped state (``kill`` returns before the stop takes
+effect, and a host not yet stopped on a busy machine would answer); once its ``get_expert_payload`` request sits unread in the stopped host's socket (the
 receive queue of the host's end of a connection, /proc/net/tcp), the host is killed (SIGKILL), so it dies
 in the middle of the copy, whatever the machine's speed. Then:
 
@@ -27,7 +28,7 @@ import pytest
 import torch
 
 from model_harness import MOE_PROMPT, PagedRunner, tiny_moe_reference
-from polling import pid_gone, wait_for
+from polling import pid_gone, pid_stopped, wait_for
 from tierserve.kernels.cpu_linear import apply_linear_backend
 from tierserve.models.loader import load_model
 from tierserve.offload.placement import Placement
@@ -86,11 +87,12 @@ def test_host_killed_during_promotion_copy(tiny):
         pid, port = launcher.pids()[victim], hosts[victim].address[1]
 
         os.kill(pid, signal.SIGSTOP)
+        wait_for(lambda: pid_stopped(pid), timeout_s=60.0)  # the signal is sent, not yet acted on: wait until frozen
         result: dict = {}
         worker = threading.Thread(target=lambda: result.update(swaps=handle.at_request_boundary()))
         worker.start()
         wait_for(lambda: _unread_bytes_at(port) > 0, timeout_s=60.0,  # the copy request reached the host
-                 show=lambda: _sockets_and_stack(port, worker))
+                 show=lambda: f"{_sockets_and_stack(port, worker)}\nresult: {result}")
         os.kill(pid, signal.SIGKILL)
         worker.join(timeout=120.0)
         assert not worker.is_alive()
