@@ -9,6 +9,8 @@ default SmolLM2-135M model, once per router at every point of a sweep over
 ``--num-blocks`` (default 640):
 
 * ``prefix``: ``PrefixAwareRequestRouter`` (longest cached prefix, bounded by load);
+* ``cost``: Router v2, the same router class with ``CostAwarePolicy`` (routing/policy.py: the
+  prefill tokens a replica would still compute plus its queued prefill and decode load, over its capacity);
 * ``pow2``: Ray Serve's default ``PowerOfTwoChoicesRequestRouter``.
 
 Each run deploys a fresh app (new replicas, empty caches, new prefix-tree and
@@ -28,7 +30,7 @@ metrics actors) and tears it down afterwards. Both runs send the same workload:
 * all conversations are live at once and their turns interleave: at most
   ``--concurrency`` requests are in flight; between two turns the user thinks
   for a seeded exponential time with mean ``--think-s`` (default 2 s; the same
-  times for both routers). The order in which conversations start is a seeded
+  times for every router). The order in which conversations start is a seeded
   shuffle (``--seed``).
 
 Think time matters for the baseline. Without it (``--think-s 0``) a turn is
@@ -55,7 +57,7 @@ targets of the issue (benchmarks/serve_report.py): p95 TTFT within 10% of
 power-of-two's, p50 TTFT >= 2x better, hit rate >= 1.4x.
 
 KV cache size: ``--num-blocks`` is a comma list of per-replica cache sizes
-(blocks of 16 tokens; default 640); each size runs both routers on fresh
+(blocks of 16 tokens; default 640); each size runs every router on fresh
 replicas. The regimes below were measured with two replicas over 448,640,2048. The working set is ~16 x 65 = ~1040 blocks
 (prompts plus histories). The prefix router keeps each conversation on one
 replica, which then needs about half of it; power-of-two sends every
@@ -97,7 +99,7 @@ Prints the tables after every point, with the memory copy bandwidth and the load
 average, and writes benchmarks/results/serve.json.
 
 Usage: python benchmarks/serve.py [--conversations 16] [--share 1,2,4] [--replicas 2,3,4] [--seeds 0,1,2]
-       [--turns 4] [--concurrency 4] [--think-s 2] [--num-blocks 640] [--routers prefix,pow2]
+       [--turns 4] [--concurrency 4] [--think-s 2] [--num-blocks 640] [--routers cost,prefix,pow2]
 """
 
 from __future__ import annotations
@@ -295,7 +297,7 @@ def parse_args(argv=None):
     ap.add_argument("--num-blocks", default="640", help="comma list: per-replica KV blocks")
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--seeds", default="0,1,2", help="comma list: workload seeds (questions, think times, order)")
-    ap.add_argument("--routers", default="prefix,pow2")
+    ap.add_argument("--routers", default="cost,prefix,pow2", help="comma list of cost, prefix, pow2")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                   "serve.json"))
     args = ap.parse_args(argv)
@@ -337,8 +339,8 @@ def main(argv=None) -> None:
             by_router[router] = summarize(res, point)
             print(f"[{router} @ {point}] done in {time.perf_counter() - t:.1f}s", flush=True)
         rows.extend(by_router.values())
-        if {"prefix", "pow2"} <= set(by_router):
-            rat.append(ratios(by_router["prefix"], by_router["pow2"]))
+        if "pow2" in by_router:  # every other router against the baseline of the same point
+            rat.extend(ratios(row, by_router["pow2"]) for name, row in by_router.items() if name != "pow2")
         # after every point: a sweep that dies later keeps what it measured
         print_tables(rows, rat, f"memcopy {memcopy_bandwidth():.1f} GB/s, load average {os.getloadavg()[0]:.2f}")
         write_results(args, rows, rat, results)

@@ -3,10 +3,10 @@
 A sweep point is (replicas, conversations per prompt, seed, KV blocks per replica); each runs every
 router on fresh replicas. Per run (``summarize``): requests, hit rate = cached / prompt tokens of the
 measured requests (and the same from /metrics), TTFT p50 / p95 (nearest rank), e2e p50, output tokens/s,
-requests/s, wall time and requests per replica (from the metrics board). Per point (``ratios``, prefix
-router over power-of-two): hit rate prefix/pow2, TTFT p50 and p95 pow2/prefix, throughput prefix/pow2.
-Per (replicas, sharing, blocks) over the seeds (``by_setting``): the mean of each ratio, with the issue's
-targets: p95 TTFT no worse than power-of-two's within 10% (ratio >= 1 / 1.1), p50 TTFT >= 2x better
+requests/s, wall time and requests per replica (from the metrics board). Per point and router other than
+power-of-two (``ratios``: ``prefix``, the prefix-aware router; ``cost``, Router v2): hit rate router/pow2,
+TTFT p50 and p95 pow2/router, throughput router/pow2. Per (router, replicas, sharing, blocks) over the
+seeds (``by_setting``): the mean of each ratio, with the issue's targets: p95 TTFT no worse than power-of-two's within 10% (ratio >= 1 / 1.1), p50 TTFT >= 2x better
 (every conversation reuses its prompt and history over its turns) and hit rate >= 1.4x.
 """
 
@@ -45,29 +45,32 @@ def summarize(r, point: dict) -> dict:
     }
 
 
+RATIO_KEYS = ("hit_over_pow2", "p50_pow2_over", "p95_pow2_over", "tok_s_over_pow2")
+
+
 def ratios(p: dict, b: dict) -> dict:
+    """Router ``p`` (a summary row) against power-of-two's row ``b`` of the same point."""
     div = lambda a, c: a / c if c else float("inf")  # noqa: E731
-    return {**{k: p[k] for k in POINT_KEYS},
-            "hit_rate_prefix_over_pow2": div(p["hit_rate"], b["hit_rate"]),
-            "ttft_p50_pow2_over_prefix": div(b["ttft_p50_s"], p["ttft_p50_s"]),
-            "ttft_p95_pow2_over_prefix": div(b["ttft_p95_s"], p["ttft_p95_s"]),
-            "output_tok_s_prefix_over_pow2": div(p["output_tok_s"], b["output_tok_s"])}
+    return {**{k: p[k] for k in POINT_KEYS}, "router": p["router"],
+            "hit_over_pow2": div(p["hit_rate"], b["hit_rate"]),
+            "p50_pow2_over": div(b["ttft_p50_s"], p["ttft_p50_s"]),
+            "p95_pow2_over": div(b["ttft_p95_s"], p["ttft_p95_s"]),
+            "tok_s_over_pow2": div(p["output_tok_s"], b["output_tok_s"])}
 
 
 def by_setting(rat: list[dict]) -> list[dict]:
-    """Mean ratios over the seeds of each (replicas, share, num_blocks), with the targets met or not."""
+    """Mean ratios over the seeds of each (router, replicas, share, num_blocks), with the targets met or not."""
     groups: dict[tuple, list[dict]] = {}
     for r in rat:
-        groups.setdefault((r["replicas"], r["share"], r["num_blocks"]), []).append(r)
+        groups.setdefault((r["router"], r["replicas"], r["share"], r["num_blocks"]), []).append(r)
     out = []
-    for (replicas, share, nb), rs in sorted(groups.items()):
-        row = {"replicas": replicas, "share": share, "num_blocks": nb, "seeds": len(rs)}
-        for k in ("hit_rate_prefix_over_pow2", "ttft_p50_pow2_over_prefix", "ttft_p95_pow2_over_prefix",
-                  "output_tok_s_prefix_over_pow2"):
+    for (router, replicas, share, nb), rs in sorted(groups.items()):
+        row = {"router": router, "replicas": replicas, "share": share, "num_blocks": nb, "seeds": len(rs)}
+        for k in RATIO_KEYS:
             row[k] = mean(r[k] for r in rs)
-        row["p95_ok"] = row["ttft_p95_pow2_over_prefix"] >= P95_AT_LEAST
-        row["p50_ok"] = row["ttft_p50_pow2_over_prefix"] >= P50_AT_LEAST
-        row["hit_ok"] = row["hit_rate_prefix_over_pow2"] >= HIT_AT_LEAST
+        row["p95_ok"] = row["p95_pow2_over"] >= P95_AT_LEAST
+        row["p50_ok"] = row["p50_pow2_over"] >= P50_AT_LEAST
+        row["hit_ok"] = row["hit_over_pow2"] >= HIT_AT_LEAST
         out.append(row)
     return out
 
@@ -86,9 +89,8 @@ def print_tables(rows: list[dict], rat: list[dict], header: str) -> None:
                   ("req_s", "{:.3f}"), ("wall_s", "{:.1f}"), ("requests_per_replica", "{}")])
     if not rat:
         return
-    print("ratios (prefix vs pow2) per setting, mean over seeds; targets: p95 pow2/prefix >= "
+    print("ratios (router vs pow2) per setting, mean over seeds; targets: p95 pow2/router >= "
           f"{P95_AT_LEAST:.3f}, p50 >= {P50_AT_LEAST:g}x, hit rate >= {HIT_AT_LEAST:g}x")
-    _print(by_setting(rat), [("replicas", "{}"), ("share", "{}"), ("num_blocks", "{}"), ("seeds", "{}"),
-                             ("hit_rate_prefix_over_pow2", "{:.2f}"), ("ttft_p50_pow2_over_prefix", "{:.2f}"),
-                             ("ttft_p95_pow2_over_prefix", "{:.2f}"), ("output_tok_s_prefix_over_pow2", "{:.2f}"),
+    _print(by_setting(rat), [("router", "{}"), ("replicas", "{}"), ("share", "{}"), ("num_blocks", "{}"),
+                             ("seeds", "{}"), *[(k, "{:.2f}") for k in RATIO_KEYS],
                              ("hit_ok", "{}"), ("p50_ok", "{}"), ("p95_ok", "{}")])
