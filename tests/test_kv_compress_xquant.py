@@ -93,8 +93,9 @@ def test_four_bit_latent_bytes_and_error(smollm_folder, plain):
     assert engine.kv_compressor.page_size_bytes() == kv4.page_size_bytes() + 16 * 4
     p, q = torch.log_softmax(plain[2][0], -1), torch.log_softmax(logits[0], -1)
     kl = float((p.exp() * (p - q)).sum())
-    # measured 0.020 on this prompt (kv4: 0.017); the per-element 4-bit error is kv4's codec bound
-    assert kl < 0.03, kl
+    # measured 0.0037 on this prompt (kv4: 0.020; without the in-group Hadamard 0.028): the rotation spreads a
+    # token's outlier latent channel over its group (xquant.py, Quantization)
+    assert kl < 0.01, kl
     assert tokens[0] == plain[1][0]
 
 

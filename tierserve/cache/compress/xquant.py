@@ -6,7 +6,8 @@ exact low-rank form caches the latent ``X U S`` of an offline SVD of each KV
 projection. Per attention layer, with ``W_k, W_v`` the ``[d_kv, hidden]``
 projections (``d_kv = kv_heads * head_dim``):
 
-    offline:  W_k^T = U_k S_k B_k   (SVD; B_k [d_kv, d_kv] orthogonal, singular values descending); same for W_v
+    offline:  (G_k W_k)^T = U_k S_k B_k   (SVD; B_k [d_kv, d_kv] orthogonal, singular values descending;
+              G_k = diag(g_k), g_k the k norm's per-channel gain, 1 without a k norm); W_v^T = U_v S_v B_v
               (W read off the projection module itself -- its output on the identity minus its bias -- so
               packed weight formats work too)
     store:    z_k = k_pre B_k^T  (= X U_k S_k, plus the bias term b_k B_k^T where the model has one)
@@ -23,15 +24,37 @@ each token's position (int32, one tensor shared by all layers) so that a
 read can apply RoPE again at the stored positions (``rematerialise``, shared
 with xquant_cl.py's read).
 
+The k-norm gain (``key_gain``): a model with a q/k norm (Gemma3, Qwen3, OLMoE) stores
+``k_pre = G_k W_k x / rms(W_k x)``, so the matrix its keys really come from is ``G_k W_k``, not ``W_k``;
+the basis of ``W_k`` alone leaves latent channels that are neither ordered nor separated by scale once
+the gains have been applied (Gemma-3-270m's k-norm gains span -2.7 .. 30, median |g| 1.9). Without a k norm G_k = I (SmolLM2, Llama: the same basis as
+before). The basis is exact either way (any orthogonal B); the fold only decides which channels share a
+quantization group.
+
 Quantization (``latent_bits`` 4): each token's latent is quantized in groups
-of ``g = group_size`` consecutive latent channels with kv4's asymmetric 4-bit
-codec (kv4.py: fp16 scale and min per group). Latent channels come ordered by
-singular value, so a group holds channels of similar scale (kv4 instead
-spreads outliers with a Hadamard rotation). Bytes per token and layer:
-``2 * (d_kv / 2 + 4 * d_kv / g)`` -- kv4's for the same group -- plus 4 bytes
-per token for the position over all layers. ``latent_bits`` 0 keeps the
-latent unquantized in the KV dtype: lossless up to the rounding of the two
-rotations (logits equal plain KV within fp32 noise; tests).
+of ``g = group_size`` consecutive latent channels: each group is multiplied by
+the Hadamard matrix ``H_g`` (hadamard.py; symmetric, orthogonal), coded with
+kv4's asymmetric 4-bit codec (kv4.py: fp16 scale and min per group), and
+multiplied by ``H_g`` again on read. Latent channels come ordered by singular
+value, so a group holds channels of similar scale; the rotation inside the
+group spreads a token's outlier channel over the group (kv4 rotates over
+head_dim instead). Bytes per token and layer: ``2 * (d_kv / 2 + 4 * d_kv / g)``
+-- kv4's for the same group -- plus 4 bytes per token for the position over
+all layers. ``latent_bits`` 0 keeps the latent unquantized in the KV dtype:
+lossless up to the rounding of the two rotations (logits equal plain KV
+within fp32 noise; tests).
+
+Measured (benchmarks/kv_sensitivity.py --gemma, 2 x 512 held-out tokens, KL against plain fp32 KV; the
+error confined to one part): on Gemma-3-270m the basis of ``W_k`` gives KL 0.273 (kv4: 0.251), the folded
+basis 0.091, folded + in-group Hadamard 0.057 (keys alone 0.035, values alone 0.023). Two variants measured
+worse and were left out: bits per group allocated by singular-value energy (transform coding, 1..8 bits,
+same total) -- 0.079 without the rotation but 0.081 with it, and 0.026 vs 0.023 on V alone -- and folding the
+input norm's gain into both bases (0.070). In the whole-prefill benchmark (kv_formats_quality.py --gemma,
+4 x 512 tokens, equal bytes) XQuant is ppl +0.14% KL 0.056 against kv4's +2.64% KL 0.290; the same run
+with the parts switched off (a one-off patched run, same windows): basis of W_k without rotation (the codec
+before) +5.83% KL 0.294, the fold alone -0.16% KL 0.115, the rotation alone +12.58% KL 0.269. The fold is
+what fixes Gemma; the rotation halves the KL on top of it. SmolLM2 (no k norm: the rotation alone): +0.87%
+KL 0.011, before +1.63% KL 0.025 (kv_formats_quality.py).
 
 XQuant-CL (deltas to the previous layer's X) caches X itself, not this latent (the latent bases differ
 per layer): xquant_cl.py.
@@ -53,6 +76,7 @@ import torch
 from tierserve.cache.compress.base import KVCompressor, register
 from tierserve.cache.compress import kv4 as _kv4  # module, not name: kv4 may be mid-import (base.py imports both)
 from tierserve.errors import InvalidParameterError
+from tierserve.kernels.quant.hadamard import hadamard_matrix
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -69,6 +93,17 @@ def projection_basis(weight: torch.Tensor) -> torch.Tensor:
                                                       f"got {hidden} < {d_kv}")
     _, _, basis = torch.linalg.svd(weight.detach().float().T, full_matrices=False)
     return basis
+
+
+def key_gain(attn, dtype: torch.dtype, device) -> torch.Tensor:
+    """``[kv_size]`` per-channel gain of the attention's k norm: its output on ones (the normalisation of ones is
+    1 up to its eps), per head repeated over the KV heads or over the whole projection; ones without a k norm."""
+    kind = getattr(attn, "qk_norm", "none")
+    if kind == "none":
+        return torch.ones(attn.kv_size, device=device)
+    shape = (1, attn.kv_size) if kind == "full" else (1, attn.num_kv_heads, attn.head_dim)
+    with torch.no_grad():
+        return attn.k_norm(torch.ones(shape, dtype=dtype, device=device)).float().reshape(-1)
 
 
 def projection_weights(qkv_proj: torch.nn.Module, hidden: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -128,6 +163,7 @@ class XQuantLayerKV:
         if bits == 4:
             self.k_latent = _kv4.PackedTensor.empty(num_blocks, block_size, 1, self.d_kv, group, device)
             self.v_latent = _kv4.PackedTensor.empty(num_blocks, block_size, 1, self.d_kv, group, device)
+            self.rotation = hadamard_matrix(group, torch.float32, device)  # inside each latent group
         else:
             self.k_latent = torch.zeros(num_blocks, block_size, self.d_kv, dtype=dtype, device=device)
             self.v_latent = torch.zeros(num_blocks, block_size, self.d_kv, dtype=dtype, device=device)
@@ -145,15 +181,20 @@ class XQuantLayerKV:
         latent = tuple(t for x in (self.k_latent, self.v_latent) for t in ((x.codes, x.scale, x.zero) if self.bits == 4 else (x,)))
         return latent + ((self.positions,) if self.layer == 0 else ())
 
+    def _rotate(self, z: torch.Tensor) -> torch.Tensor:
+        """``z [..., d_kv]`` with each latent group multiplied by ``H_g`` (symmetric and orthogonal: its own
+        inverse)."""
+        return (z.reshape(*z.shape[:-1], -1, self.group) @ self.rotation).reshape(z.shape)
+
     def _store(self, dst, slots: torch.Tensor, z: torch.Tensor) -> None:
         if self.bits == 4:
-            dst.write(slots, z[:, None, :], self.group)
+            dst.write(slots, self._rotate(z)[:, None, :], self.group)
         else:
             dst.view(-1, self.d_kv).index_copy_(0, slots, z.to(self.dtype))
 
     def _load(self, src, table: torch.Tensor) -> torch.Tensor:
         if self.bits == 4:
-            return src.gather(table, self.group)[..., 0, :]
+            return self._rotate(src.gather(table, self.group)[..., 0, :])
         flat = torch.index_select(src, 0, table.reshape(-1)).float()
         return flat.view(*table.shape[:-1], -1, self.d_kv)
 
@@ -213,7 +254,7 @@ class XQuantCompressor(KVCompressor):
             attn = layer.self_attn
             _, wk, wv = projection_weights(attn.qkv_proj, hidden, dtype, kv.device).split(
                 [attn.q_size, attn.kv_size, attn.kv_size], dim=0)
-            kv.basis_k = projection_basis(wk).to(kv.device)
+            kv.basis_k = projection_basis(key_gain(attn, dtype, kv.device)[:, None] * wk).to(kv.device)
             kv.basis_v = projection_basis(wv).to(kv.device)
             kv.rope, kv.capture = ropes[i], self.capture
             self._hooks.append(attn.register_forward_pre_hook(self._capture_rope(i)))

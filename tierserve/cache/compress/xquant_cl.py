@@ -63,7 +63,7 @@ from __future__ import annotations
 import torch
 
 from tierserve.cache.compress.base import KVCompressor, register
-from tierserve.cache.compress.xquant import layer_ropes, projection_weights, rematerialise
+from tierserve.cache.compress import xquant as _xquant  # module, not names: xquant may be mid-import (it imports base)
 from tierserve.errors import InvalidParameterError
 from tierserve.kernels.quant.hadamard import hadamard_matrix
 
@@ -214,7 +214,7 @@ class XQuantCLLayerKV:
         k_pre, vals = kv.split(self.heads * self.dim, dim=-1)
         if self.steps is not None:
             k_pre, vals = self.steps(k_pre, vals)
-        return rematerialise(k_pre, vals, self.positions, table, self.rope, self.heads, self.dim, self.dtype)
+        return _xquant.rematerialise(k_pre, vals, self.positions, table, self.rope, self.heads, self.dim, self.dtype)
 
 
 def key_value_steps(attn, dtype: torch.dtype):
@@ -282,12 +282,12 @@ class XQuantCLCompressor(KVCompressor):
 
     def bind(self, model: torch.nn.Module, kv_caches: list) -> None:
         super().bind(model, kv_caches)
-        ropes = layer_ropes(model, self.name)
+        ropes = _xquant.layer_ropes(model, self.name)
         hidden, dtype = model.cfg.hidden_size, getattr(model, "dtype", torch.float32)
         for i, (layer, kv) in enumerate(zip(model.layers, kv_caches)):
             attn = layer.self_attn
             kv.gain = self._gain(layer, hidden, dtype, kv.device)
-            w = projection_weights(attn.qkv_proj, hidden, dtype, kv.device)[attn.q_size:]
+            w = _xquant.projection_weights(attn.qkv_proj, hidden, dtype, kv.device)[attn.q_size:]
             with torch.no_grad():
                 bias = attn.qkv_proj(torch.zeros(1, hidden, dtype=dtype, device=kv.device)).float()[0]
             kv.proj = (w * kv.gain).T.contiguous()

@@ -1,0 +1,408 @@
+"""Where a 4-bit KV format's error comes from: KL against plain KV with the error confined to one part.
+
+Each held-out window (``--windows`` x ``--seq-len`` tokens of ``HELDOUT_NOVELS``) is prefilled once with
+plain fp32 KV (the reference) and once per variant with plain pages whose ``write`` first passes K and/or V
+through a codec round trip (quantize, dequantize): the page holds exactly what a compressed format would
+give back, and the error sits only where the variant puts it. KL(P_plain || P_variant) is the mean over
+positions 0..L-2 of every window, as in kv_formats_quality.py.
+
+Variants (``--variants``; NAME[@LAYERS][+sinkN]):
+
+- ``kv4`` / ``kv4_k`` / ``kv4_v``: kv4's codec (keys Hadamard-rotated over head_dim, asymmetric 4-bit per
+  token and group of 32) on K and V / on K only / on V only;
+- ``xq_BASIS[_rot][_alloc]`` (K and V) and ``xq_BASIS..._k`` / ``_v``: XQuant's latent (K before RoPE
+  and V in an orthogonal basis; keys rotated back by the layer's RoPE table at their positions), with
+  the latent coded by the same asymmetric 4-bit groups of 32. BASIS (per layer, ``W_k, W_v`` the
+  projections, ``g_k`` the k-norm gain, ``s`` the input-norm gain): ``svd`` the SVD of ``W``; ``kg`` of
+  ``diag(g_k) W_k`` (V: ``W_v``); ``kgs`` of ``diag(g_k) W_k diag(s)`` (V: ``W_v diag(s)``); ``kgsw``
+  the latent of ``diag(w) K`` (``diag(w) V``) in the SVD basis of ``diag(w) diag(g_k) W_k diag(s)``
+  (``diag(w) W_v diag(s)``), divided by w on read: w per key channel the RMS of the queries that multiply
+  it (data-free: ``W_q diag(s)``'s row energies per head times the q-norm gain squared, summed over the
+  heads sharing the KV head, averaged over each RoPE pair), per value channel the norm of the o_proj
+  columns it feeds; RMS 1, floor 0.3. ``_rot``: a
+  block Hadamard of the group size inside each latent group. ``_alloc``: per-group bits by greedy
+  transform-coding allocation on the basis' mean squared singular value per group (each bit to the group
+  whose ``S^2 4^-b`` is largest, 1..8 bits, the same total as 4 bits everywhere);
+- ``@sliding`` / ``@global`` / ``@A-B``: only those layers quantized (the others keep plain KV);
+- ``+sinkN``: positions < N of every window keep plain KV (the attention-sink tokens).
+
+Measured (``--gemma --windows 2 --seq-len 512``, the default variants; Gemma-3-270m, 2 x 512 held-out tokens;
+2-core CPU shared, copy bandwidth 14.2 GB/s, load average 2.2-4.4; results/kv_sensitivity_gemma.json):
+
+| variant              | KL     | what it isolates                                         |
+|----------------------|--------|----------------------------------------------------------|
+| kv4                  | 0.2513 | kv4 on K and V                                           |
+| kv4_k                | 0.2840 | kv4 on K only                                            |
+| kv4_v                | 0.0289 | kv4 on V only                                            |
+| kv4@sliding          | 0.1264 | kv4 on the sliding-window layers only                    |
+| kv4@global           | 0.1636 | kv4 on the full-attention layers only                    |
+| kv4+sink1            | 0.2522 | kv4, token 0 kept plain                                  |
+| xq_svd               | 0.2733 | XQuant latent, basis of W_k (the codec before)           |
+| xq_kg                | 0.0911 | basis of diag(g_k) W_k (k-norm gain folded)              |
+| xq_kg_rot            | 0.0572 | + Hadamard inside each latent group (xquant.py now)      |
+| xq_kg_alloc          | 0.0790 | fold + bits allocated by energy, no rotation             |
+| xq_kg_rot_alloc      | 0.0812 | fold + rotation + allocation                             |
+| xq_kgs_rot           | 0.0702 | input-norm gain folded too                               |
+| xq_kgsw_rot          | 0.0505 | + channels weighted by query / o_proj energy             |
+| xq_kg_rot_k          | 0.0345 | xquant.py's codec on K only                              |
+| xq_kg_rot_v          | 0.0227 | ... on V only                                            |
+| xq_kg_alloc_v        | 0.0342 | fold + allocation, V only                                |
+| xq_kg_rot_alloc_v    | 0.0256 | fold + rotation + allocation, V only                     |
+| xq_kg_rot@sliding    | 0.0313 | xquant.py's codec on the sliding-window layers only      |
+| xq_kg_rot@global     | 0.0194 | ... on the full-attention layers only                    |
+| xq_kg_rot+sink1      | 0.0444 | ... token 0 kept plain                                   |
+
+Where Gemma's error comes from: the keys (kv4: 0.284 from K alone, 0.029 from V alone). The k norm's gain
+is the cause for XQuant: the basis of ``W_k`` ignores it and is as bad as kv4 (0.273); folding it in cuts
+the KL 3x (0.091), the in-group Hadamard another 1.6x (0.057, kept in xquant.py). Allocating bits by
+singular-value energy helps only without the rotation (0.079) and hurts with it (0.081; on V 0.026 vs
+0.023): not used. Folding the input norm's gain hurts (0.070); weighting channels by the query and o_proj
+energies helps (0.050: not yet in xquant.py). Keeping token 0 plain helps XQuant (0.044) but not kv4
+(0.252). Sliding and global layers both contribute; the global layers more for kv4. One KL over 2 windows:
+differences under ~10% are within the spread between windows (single windows: kv4 0.228 / 0.275).
+
+Usage: python benchmarks/kv_sensitivity.py [--gemma] [--windows 2] [--seq-len 512] [--variants kv4 kv4_k ...]
+Writes benchmarks/results/kv_sensitivity[_gemma].json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tierserve.cache.compress.kv4 import dequantize_groups, quantize_groups  # noqa: E402
+from tierserve.cache.compress.xquant import apply_rope, layer_ropes, projection_basis, projection_weights  # noqa: E402
+from tierserve.cache.compress.xquant import unrope  # noqa: E402
+from tierserve.engine.llm import build_engine_config  # noqa: E402
+from tierserve.engine.llm_engine import LLMEngine  # noqa: E402
+from tierserve.kernels.kv_pages import LayerKV, allocate_kv_cache  # noqa: E402
+from tierserve.kernels.paged_attention import AttentionMetadata  # noqa: E402
+from tierserve.kernels.quant.hadamard import hadamard_matrix  # noqa: E402
+from tierserve.models.context import ForwardContext  # noqa: E402
+from tierserve.tools.calibration import HELDOUT_NOVELS, austen_token_windows  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "kv_sensitivity.json")
+BLOCK, GROUP = 16, 32
+
+
+class RoundTripKV(LayerKV):
+    """Plain pages whose ``write`` passes K / V through a codec round trip first (slots are positions here:
+    one sequence on blocks 0, 1, ...); positions < ``sink`` are stored as they come."""
+
+    def __init__(self, k, v, layer: int, fk=None, fv=None, sink: int = 0):
+        super().__init__(k, v)
+        self.layer, self.fk, self.fv, self.sink = layer, fk, fv, sink
+
+    def write(self, slot_mapping, k, v):
+        keep = (slot_mapping < self.sink)[:, None, None]
+        if self.fk is not None:
+            k = torch.where(keep, k, self.fk(self.layer, slot_mapping, k).to(k.dtype))
+        if self.fv is not None:
+            v = torch.where(keep, v, self.fv(self.layer, slot_mapping, v).to(v.dtype))
+        super().write(slot_mapping, k, v)
+
+
+def asym_codec(z: torch.Tensor, bits: torch.Tensor, group: int) -> torch.Tensor:
+    """Asymmetric per-token groups (kv4's codec) with ``bits[j]`` bits in group j: fp16 scale and min."""
+    t, d = z.shape
+    zg = z.float().reshape(t, d // group, group)
+    levels = (2.0 ** bits.float() - 1)[None, :]
+    lo, hi = zg.amin(-1), zg.amax(-1)
+    scale = ((hi - lo) / levels).to(torch.float16).float()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = lo.to(torch.float16).float()
+    q = torch.minimum(torch.round((zg - zero[..., None]) / scale[..., None]).clamp(min=0), levels[..., None])
+    return (zero[..., None] + q * scale[..., None]).reshape(t, d)
+
+
+def allocate_bits(energy: torch.Tensor, mean_bits: int = 4, lo: int = 1, hi: int = 8) -> torch.Tensor:
+    """Greedy transform-coding allocation: each bit to the group with the largest ``energy 4^-b``."""
+    bits = torch.full_like(energy, lo, dtype=torch.long)
+    for _ in range(mean_bits * energy.numel() - lo * energy.numel()):
+        dist = torch.where(bits < hi, energy * 4.0 ** (-bits.double()), torch.full_like(energy, -1.0))
+        bits[int(dist.argmax())] += 1
+    return bits
+
+
+class Probe:
+    """The model's per-layer projections, gains and RoPE tables, and the codecs built on them."""
+
+    def __init__(self, model):
+        self.model = model
+        self.ropes = layer_ropes(model, "xquant")
+        hidden, dtype = model.cfg.hidden_size, getattr(model, "dtype", torch.float32)
+        self.layers = []
+        for layer in model.layers:
+            attn = layer.self_attn
+            wq, wk, wv = projection_weights(attn.qkv_proj, hidden, dtype, "cpu").split(
+                [attn.q_size, attn.kv_size, attn.kv_size], dim=0)
+            with torch.no_grad():
+                s = layer.input_layernorm(torch.ones(1, hidden, dtype=dtype)).float()[0]
+                gk, gq = torch.ones(attn.kv_size), torch.ones(attn.head_dim)
+                if getattr(attn, "qk_norm", "none") == "per_head":
+                    one = torch.ones(1, 1, attn.head_dim, dtype=dtype)
+                    gk = attn.k_norm(one).float().reshape(-1).repeat(attn.num_kv_heads)
+                    gq = attn.q_norm(one).float().reshape(-1)
+                wo = projection_weights(attn.o_proj, attn.q_size, dtype, "cpu")  # [hidden, q_size]
+            self.layers.append({"wk": wk, "wv": wv, "s": s, "gk": gk, "heads": attn.num_kv_heads,
+                                "dim": attn.head_dim, "wk_weight": self._key_weight(attn, wq * s, gq),
+                                "wv_weight": self._value_weight(attn, wo)})
+        self.head_dim = model.layers[0].self_attn.head_dim
+        self.hadamard = hadamard_matrix(self.head_dim)
+        self._bases: dict = {}
+
+    @staticmethod
+    def _floor(w2: torch.Tensor) -> torch.Tensor:
+        w = w2.sqrt()
+        return (w / w.pow(2).mean().sqrt()).clamp(min=0.3)
+
+    def _key_weight(self, attn, wq: torch.Tensor, gq: torch.Tensor) -> torch.Tensor:
+        """Per key channel: the RMS of the queries that multiply it (data-free: each query head's normed row
+        energies of ``W_q diag(s)`` times its q-norm gain, summed over the heads of the group, averaged over the
+        RoPE pair c, c + D/2)."""
+        d, heads, kv = attn.head_dim, attn.num_heads, attn.num_kv_heads
+        rows = wq.pow(2).sum(1).reshape(heads, d)
+        e = gq.pow(2)[None] * rows / rows.mean(1, keepdim=True)
+        e = e.reshape(kv, heads // kv, d).sum(1)
+        e = (e + e.roll(d // 2, dims=1)) / 2
+        return self._floor(e.reshape(-1))
+
+    def _value_weight(self, attn, wo: torch.Tensor) -> torch.Tensor:
+        """Per value channel: the norm of the o_proj columns it feeds (summed over the group's heads)."""
+        d, heads, kv = attn.head_dim, attn.num_heads, attn.num_kv_heads
+        e = wo.pow(2).sum(0).reshape(kv, heads // kv, d).sum(1)
+        return self._floor(e.reshape(-1))
+
+    def kv4_k(self, i, pos, k):
+        h = self.hadamard
+        return dequantize_groups(*quantize_groups(k.float() @ h, GROUP), GROUP) @ h.T
+
+    def kv4_v(self, i, pos, v):
+        return dequantize_groups(*quantize_groups(v.float(), GROUP), GROUP)
+
+    def basis(self, i: int, which: str, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, per-group bits) of layer i's K or V latent for basis ``kind`` (module doc)."""
+        key = (i, which, kind)
+        if key not in self._bases:
+            ly = self.layers[i]
+            w = ly["wk"] if which == "k" else ly["wv"]
+            base = kind.split("_")[0]
+            if which == "k" and base.startswith("kg"):
+                w = ly["gk"][:, None] * w
+            if base.startswith("kgs"):
+                w = w * ly["s"][None, :]
+            weight = ly[f"w{which}_weight"] if base.endswith("w") else torch.ones(w.shape[0])
+            w = weight[:, None] * w
+            b = projection_basis(w)
+            sv = torch.linalg.svdvals(w.double().T)
+            energy = sv.pow(2).reshape(-1, GROUP).mean(-1)
+            bits = allocate_bits(energy) if "alloc" in kind else torch.full((energy.numel(),), 4)
+            self._bases[key] = (b, bits, weight)
+        return self._bases[key]
+
+    def latent(self, z: torch.Tensor, bits: torch.Tensor, kind: str) -> torch.Tensor:
+        if "rot" not in kind:
+            return asym_codec(z, bits, GROUP)
+        h = hadamard_matrix(GROUP)
+        t, d = z.shape
+        zr = (z.reshape(t, d // GROUP, GROUP) @ h).reshape(t, d)
+        return (asym_codec(zr, bits, GROUP).reshape(t, d // GROUP, GROUP) @ h).reshape(t, d)
+
+    def xq_k(self, kind: str):
+        def f(i, pos, k):
+            b, bits, weight = self.basis(i, "k", kind)
+            cos, sin = self.ropes[i].lookup(pos, torch.float32)
+            t, heads, dim = k.shape
+            k_pre = unrope(k.float(), cos, sin).reshape(t, -1)
+            z = self.latent((k_pre * weight) @ b.T, bits, kind)
+            return apply_rope(((z @ b) / weight).reshape(t, heads, dim), cos, sin)
+        return f
+
+    def xq_v(self, kind: str):
+        def f(i, pos, v):
+            b, bits, weight = self.basis(i, "v", kind)
+            t = v.shape[0]
+            z = self.latent((v.float().reshape(t, -1) * weight) @ b.T, bits, kind)
+            return ((z @ b) / weight).reshape(v.shape)
+        return f
+
+    def codecs(self, name: str):
+        """(fk, fv) of a variant name without its @layers / +sink suffixes."""
+        if name.startswith("kv4"):
+            fk, fv = self.kv4_k, self.kv4_v
+        elif name.startswith("xq_"):
+            kind = name[3:].removesuffix("_k").removesuffix("_v")
+            fk, fv = self.xq_k(kind), self.xq_v(kind)
+        else:
+            raise SystemExit(f"unknown variant {name!r}")
+        if name.endswith("_k"):
+            fv = None
+        if name.endswith("_v"):
+            fk = None
+        return fk, fv
+
+    def layer_set(self, spec: str | None) -> set[int]:
+        n = len(self.model.layers)
+        if spec is None:
+            return set(range(n))
+        if spec in ("sliding", "global"):
+            return {i for i, ly in enumerate(self.model.layers)
+                    if (getattr(ly.self_attn, "sliding_window", None) is not None) == (spec == "sliding")}
+        a, b = (int(x) for x in spec.split("-"))
+        return set(range(a, b + 1))
+
+    def caches(self, variant: str, blocks: int) -> list:
+        sink = 0
+        if "+sink" in variant:
+            variant, n = variant.split("+sink")
+            sink = int(n)
+        name, _, layers = variant.partition("@")
+        fk, fv = self.codecs(name) if name != "none" else (None, None)
+        chosen = self.layer_set(layers or None)
+        plain = allocate_kv_cache(self.model.kv_spec(BLOCK), blocks)
+        return [RoundTripKV(p.k, p.v, i, fk, fv, sink) if i in chosen else p for i, p in enumerate(plain)]
+
+
+@torch.inference_mode()
+def logprobs(model, caches, tokens: torch.Tensor) -> torch.Tensor:
+    n = tokens.numel()
+    blocks = -(-n // BLOCK)
+    meta = AttentionMetadata.build([n], [n], [list(range(blocks))], BLOCK)
+    hidden = model(tokens, torch.arange(n), ForwardContext(meta, caches))
+    return torch.log_softmax(model.compute_logits(hidden[:-1]).float(), -1)
+
+
+@torch.inference_mode()
+def layer_errors(model, probe: Probe, tokens: torch.Tensor, cl_specs: list[str]) -> list[dict]:
+    """Per attention layer, teacher-forced (every layer's input X from the plain-KV prefill): the relative
+    error ``|K^ - K| / |K|`` and ``|V^ - V| / |V|`` (Frobenius over the window's tokens) of kv4 and of
+    XQuant-CL at each ``BITS:GROUP``, the normalised input's step ``|u_i - u_(i-1)| / |u_i|``, and the same
+    step seen by layer i's K and V projection ``A_i = diag(s_i) [W_k; W_v]^T``:
+    ``|(u_i - u_(i-1)) A_i| / |u_i A_i + b_i|``."""
+    from tierserve.cache.compress.base import build_compressor
+    from tierserve.config import KVCompressionConfig
+
+    n = tokens.numel()
+    blocks = -(-n // BLOCK)
+    inputs: dict[int, torch.Tensor] = {}
+    hooks = [ly.self_attn.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0].float()))
+             for i, ly in enumerate(model.layers)]
+    logprobs(model, allocate_kv_cache(model.kv_spec(BLOCK), blocks), tokens[:n])
+    for h in hooks:
+        h.remove()
+    pos, slots = torch.arange(n), torch.arange(n)
+    chains = {}
+    for spec in cl_specs:
+        bits, group = (int(x) for x in spec.split(":"))
+        comp = build_compressor(KVCompressionConfig("xquant_cl", latent_bits=bits, group_size=group),
+                                model.kv_spec(BLOCK))
+        caches = comp.allocate_cache(blocks)
+        comp.bind(model, caches)
+        for h in comp._hooks:
+            h.remove()
+        chains[spec] = (caches, torch.zeros(n, model.cfg.hidden_size))
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+
+    rows, u_prev = [], None
+    for i in range(len(model.layers)):
+        x = inputs[i]
+        first = next(iter(chains.values()))[0][i] if chains else None
+        gain = first.gain if first is not None else torch.ones(x.shape[-1])
+        u = x / gain
+        row = {"layer": i, "step": rel(u, u_prev) if u_prev is not None else None}
+        if first is not None:
+            row["kv_step"] = None if u_prev is None else float(
+                ((u - u_prev) @ first.proj).norm() / torch.addmm(first.bias, u, first.proj).norm())
+        u_prev = u
+        if first is not None:
+            kv_exact = torch.addmm(first.bias, u, first.proj)
+            k, v = kv_exact.split(first.heads * first.dim, dim=-1)
+            if first.steps is not None:
+                k, v = first.steps(k, v)
+            cos, sin = probe.ropes[i].lookup(pos, torch.float32)
+            k_rope = apply_rope(k.reshape(n, first.heads, first.dim), cos, sin)
+            row["kv4_k"] = rel(probe.kv4_k(i, pos, k_rope), k_rope)
+            row["kv4_v"] = rel(probe.kv4_v(i, pos, v.reshape(n, first.heads, first.dim)).reshape(n, -1), v)
+            for spec, (caches, prev) in chains.items():
+                kv = caches[i]
+                prev = prev + kv.pages.write(slots, u - prev)
+                chains[spec] = (caches, prev)
+                kh, vh = torch.addmm(kv.bias, prev, kv.proj).split(kv.heads * kv.dim, dim=-1)
+                if kv.steps is not None:
+                    kh, vh = kv.steps(kh, vh)
+                row[f"cl{spec}_k"], row[f"cl{spec}_v"] = rel(kh, k), rel(vh, v)
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--windows", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--variants", nargs="+", default=[
+        "kv4", "kv4_k", "kv4_v", "kv4@sliding", "kv4@global", "kv4+sink1", "xq_svd", "xq_kg", "xq_kg_rot",
+        "xq_kg_alloc", "xq_kg_rot_alloc", "xq_kgs_rot", "xq_kgsw_rot", "xq_kg_rot_k", "xq_kg_rot_v",
+        "xq_kg_alloc_v", "xq_kg_rot_alloc_v", "xq_kg_rot@sliding", "xq_kg_rot@global", "xq_kg_rot+sink1"])
+    p.add_argument("--gemma", action="store_true")
+    p.add_argument("--layer-errors", nargs="*", default=None, metavar="BITS:GROUP",
+                   help="instead of KL: per-layer relative K/V errors of kv4 and XQuant-CL (first window)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    from decode import memcopy_bandwidth  # noqa: E402  (benchmarks/decode.py)
+
+    model = None
+    if args.gemma:
+        from tierserve.models.default_model import ensure_converted, gemma3_270m_gguf_path
+
+        model = ensure_converted(gemma3_270m_gguf_path())
+    engine = LLMEngine(build_engine_config(model, num_blocks=4, block_size=BLOCK, linear_backend="torch"))
+    probe = Probe(engine.model)
+    windows = austen_token_windows(engine.tokenizer, HELDOUT_NOVELS, args.windows, args.seq_len)
+    blocks = -(-args.seq_len // BLOCK)
+    if args.layer_errors is not None:
+        rows = layer_errors(engine.model, probe, windows[0], args.layer_errors)
+        keys = [k for k in rows[0] if k != "layer"]
+        print("layer " + " ".join(f"{k:>9}" for k in keys))
+        for r in rows:
+            print(f"{r['layer']:>5} " + " ".join("        -" if r[k] is None else f"{r[k]:>9.4f}" for k in keys))
+        out = args.out or RESULTS.replace(".json", "_layers_gemma.json" if args.gemma else "_layers.json")
+        with open(out, "w") as f:
+            json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+        return
+    kl = {v: 0.0 for v in args.variants}
+    secs = {v: 0.0 for v in args.variants}
+    for w in windows:
+        ref = logprobs(engine.model, allocate_kv_cache(engine.model.kv_spec(BLOCK), blocks), w)
+        pref = ref.exp()
+        for v in args.variants:
+            t0 = time.perf_counter()
+            lp = logprobs(engine.model, probe.caches(v, blocks), w)
+            kl[v] += float((pref * (ref - lp)).sum())
+            secs[v] += time.perf_counter() - t0
+            print(f"  {v}: {kl[v]:.3f} (running sum)", flush=True)
+    count = args.windows * (args.seq_len - 1)
+    rows = [{"variant": v, "kl": kl[v] / count, "seconds": round(secs[v], 1)} for v in args.variants]
+    print(f"\n{'variant':<28} {'KL':>9} {'s':>7}")
+    for r in rows:
+        print(f"{r['variant']:<28} {r['kl']:>9.4f} {r['seconds']:>7.1f}")
+    bw, load = memcopy_bandwidth(), os.getloadavg()
+    print(f"memory copy bandwidth {bw:.1f} GB/s, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    out = args.out or RESULTS.replace(".json", "_gemma.json" if args.gemma else ".json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"args": vars(args), "copy_bandwidth_gbs": bw, "load_average": load, "rows": rows}, f, indent=1)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
