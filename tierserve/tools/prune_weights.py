@@ -11,9 +11,12 @@ Methods (the mask rules are in tierserve/tools/sparsity.py):
 
 Calibration text: ``calib_windows`` windows of ``seq_len`` tokens from the
 Austen calibration novels (tools/calibration.py ``CALIBRATION_NOVELS``; the
-held-out novels are never read here). The pruned matrices are those of every
-``nn.Linear`` inside the decoder layers (attention q/k/v/o, MLP gate/up/down,
-experts included); embeddings, norms and the output head are kept.
+held-out novels are never read here), each opening with the tokens the
+tokenizer puts before a text (Gemma's ``<bos>``, none for SmolLM2): Gemma3
+calibrated on windows without its ``<bos>`` is pruned for inputs it never serves.
+The pruned matrices are those of every ``nn.Linear`` inside the decoder layers
+(attention q/k/v/o, MLP gate/up/down, experts included); embeddings, norms
+(Gemma3's q/k norms and four per-layer norms too) and the output head are kept.
 
 Output: ``out`` is the input folder's copy (tokenizer and generation files,
 the same config) with the pruned weights in one ``model.safetensors``, plus
@@ -111,7 +114,7 @@ def prune_weights(in_folder: str, out_folder: str, method: str, sparsity: float,
     from transformers import AutoTokenizer
 
     windows = austen_token_windows(AutoTokenizer.from_pretrained(in_folder), CALIBRATION_NOVELS, calib_windows,
-                                   seq_len)
+                                   seq_len, bos=True)
     model = load_training_model(in_folder)
     vocab = model.get_input_embeddings().num_embeddings
     if int(windows.max()) >= vocab:
