@@ -17,8 +17,8 @@ import torch
 from model_harness import build_and_save
 from transformers import LlamaConfig
 
-from tierserve.kernels.quant.base import QuantizedLinear, get_format
-from tierserve.kernels.quant.cpu_fast import cpu_fast_module
+from tierserve.kernels.quant.base import get_format
+from tierserve.kernels.quant.int4_cpu import int4_from_q8_0
 from tierserve.models.context import ForwardContext
 from tierserve.models.layers import RMSNorm
 from tierserve.models.loader import load_model
@@ -83,7 +83,7 @@ def test_rope_full_tables_bit_equal(tokens):
 def test_two_term_int4_sum_in_float32():
     g = torch.Generator().manual_seed(0)
     fmt = get_format("q8_0")
-    mod = cpu_fast_module(QuantizedLinear(fmt, fmt.quantize(torch.randn(48, 64, generator=g) * 0.1), None))
+    mod = int4_from_q8_0(fmt.quantize(torch.randn(48, 64, generator=g) * 0.1))  # the path without the int-dot kernel
     assert mod.n_terms == 2
     x = torch.randn(3, 64, generator=g)
     xb = x.to(torch.bfloat16)

@@ -58,12 +58,15 @@ def test_default_engine_runs_packed(smollm_gguf):
     from tierserve import LLM, SamplingParams
     from tierserve.kernels.cpu_linear import PackedLinear
     from tierserve.kernels.quant.int4_cpu import Int4CpuLinear
+    from tierserve.kernels.quant.q8_dot_cpu import available
+    from tierserve.kernels.quant.q8_dot_linear import Q8DotLinear
 
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     prompts = ["The capital of France is", "def fibonacci(n):"]
     default = LLM(num_blocks=64, max_num_seqs=2)
     layer = default.engine.model.layers[0]
-    assert all(isinstance(m, Int4CpuLinear) for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+    packed_cls = Q8DotLinear if available() else Int4CpuLinear  # the integer-dot kernel where it builds
+    assert all(isinstance(m, packed_cls) for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                                                       layer.mlp.gate_up_proj, layer.mlp.down_proj))
     got = [o.token_ids for o in default.generate(prompts, params)]
     del default

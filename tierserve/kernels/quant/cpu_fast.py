@@ -8,9 +8,11 @@ against):
 | format   | CPU path                                              | resident bytes / weight |
 |----------|-------------------------------------------------------|-------------------------|
 | q4_0     | int4_cpu (torch int4 pack, bf16 compute)              | 5.0 bits (ggml: 4.5)    |
-| q4_1     | int4_cpu                                              | 5.0 bits (ggml: 5.0)    |
+| q4_1     | q8_dot (GGUF blocks, int8 activations, integer dots)  | 5.0 bits (unchanged)    |
+|          | where it builds, else int4_cpu                        | 5.0 bits                |
 | sinq     | int4_cpu when bits = 4 and tile in {32,64,128,256}    | 4.5 bits at tile 64     |
-| q8_0     | int4_cpu, two terms (q = 16 hi + lo)                  | 10 bits (ggml: 8.5)     |
+| q8_0     | q8_dot where it builds, else int4_cpu, two terms      | 8.5 bits (unchanged);   |
+|          | (q = 16 hi + lo)                                      | int4: 10 bits           |
 | mxfp4    | fp4_cpu LUT row chunks (float32, bytes unchanged)     | 4.25 bits (unchanged)   |
 | nvfp4    | fp4_cpu LUT row chunks (float32, bytes unchanged)     | 4.5 bits (unchanged)    |
 | offq     | offq_cpu (int4 pack, per-token int4 codes)           | 4 bits + bf16 s/z       |
@@ -18,7 +20,14 @@ against):
 
 Paths with bf16 compute round activations and outputs to bf16 (relative
 error ~2^-8 of the output scale); float32 paths equal the reference up to
-summation order. Q8_0 trades some memory for speed: its int4 form takes 10
+summation order. The integer-dot path (q8_dot_linear.py, kernel
+q8_dot_cpu.py) rounds activations to 8 bits per block of 32 instead, as
+llama.cpp does (error at most ``dx / 2`` per activation element), and is
+faster than the int4 kernel at every row count measured (AVX2 host, one
+thread, 3072x576: 1.8x at M=1, 1.3x at M=32, 1.1x at M=512; a Q8_0 49152x576
+head 4.2x; benchmarks/q8_dot.py); it holds the file's own blocks, so a tied
+Q8_0 head shares the embedding's bytes. Without it (no compiler), Q8_0 trades
+some memory for speed: its int4 form takes 10
 bits per weight against ggml's 8.5 because the int4 kernels are 5-7x faster
 than decoding the native bytes in row chunks (one thread, 1536x576, M=1:
 0.068 ms against 0.38 ms; fp32 F.linear 0.052 ms). A Q8_0 tied LM head
@@ -53,6 +62,8 @@ from tierserve.kernels.quant.fp4_cpu import FP4LutLinear
 from tierserve.kernels.quant.int4_cpu import (int4_available, int4_from_q4_0, int4_from_q4_1, int4_from_q8_0,
                                               int4_from_sinq, sinq_int4_supported)
 from tierserve.kernels.quant.offq_cpu import offq_cpu_module
+from tierserve.kernels.quant.q8_dot_cpu import available as q8_dot_available
+from tierserve.kernels.quant.q8_dot_linear import Q8DotLinear
 
 FastBuilder = Callable[[QuantizedLinear], nn.Module | None]
 
@@ -67,12 +78,20 @@ def _sinq(q: QuantizedLinear) -> nn.Module | None:
 
 
 def _q8_0(q: QuantizedLinear) -> nn.Module:
+    if q8_dot_available():
+        return Q8DotLinear("q8_0", q.packed(), q.bias)
     return int4_from_q8_0(q.packed(), q.bias) if int4_available() else Q8_0ChunkedLinear(q.packed(), q.bias)
+
+
+def _q4_1(q: QuantizedLinear) -> nn.Module | None:
+    if q8_dot_available():
+        return Q8DotLinear("q4_1", q.packed(), q.bias)
+    return int4_from_q4_1(q.packed(), q.bias) if int4_available() else None
 
 
 CPU_FAST_PATHS: dict[str, FastBuilder] = {
     "q4_0": _int4(int4_from_q4_0),
-    "q4_1": _int4(int4_from_q4_1),
+    "q4_1": _q4_1,
     "sinq": _sinq,
     "q8_0": _q8_0,
     "mxfp4": lambda q: FP4LutLinear(q.fmt, q.packed(), q.bias),

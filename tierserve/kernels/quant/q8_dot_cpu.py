@@ -1,0 +1,138 @@
+"""GGUF Q4_1 / Q8_0 weights times Q8 activations by integer dot products on the CPU (q8_dot_cpu.cpp).
+
+torch's int4 CPU kernel (int4_cpu.py) decodes every 4-bit weight to float and
+multiplies it with a bf16-rounded activation: on a host without AVX512 that is
+compute-bound at about half the memory bandwidth at batch 1. This path keeps the
+GGUF blocks as they are in the file and does what llama.cpp's CPU backend does:
+
+1. each activation row is quantized per block of 32: ``dx = max|x| / 127``,
+   ``xq = round(x / dx)`` (half away from zero; computed as ``x * (1 / dx)`` in
+   float32) in -127..127, ``sx = dx * sum(xq)``;
+2. per weight block, the exact integer ``sum(q * xq)`` (AVX2: ``maddubs`` of the
+   unsigned 4-bit codes with the signed 8-bit activations, then ``madd`` with ones;
+   Q8_0's signed codes through the sign trick), scaled once:
+   Q4_1 ``d dx sum(q xq) + m sx``, Q8_0 ``d dx sum(q xq)`` (``d``, ``m`` the
+   block's fp16 scale and min);
+3. the blocks of a row summed in float32 (8 lanes under AVX2), rows split over
+   the intra-op threads.
+
+Error against the exact product with float activations: the activation rounding,
+at most ``dx / 2`` per element, so ``|y - x W^T| <= sum_b (dx_b / 2) sum_{k in b} |w_k|``
+plus float32 summation (``q8_dot_reference`` computes the same integer sums in
+float64: the kernel agrees with it within float32 accumulation, ~1e-6 relative).
+
+The C++ source is compiled on first use with the host compiler (the extension
+build of ``torch.utils.cpp_extension``, cached under the torch extensions
+directory) with ``-mavx2 -mfma -mf16c`` where /proc/cpuinfo lists those flags,
+else as portable scalar code. ``available()`` is False when no compiler works;
+callers then keep the int4 kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+QK = 32
+KINDS = {"Q4_1": (0, 20), "Q8_0": (1, 34)}  # kernel kind, bytes per block of 32
+_SIMD_FLAGS = ("avx2", "fma", "f16c")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@functools.cache
+def _extension():
+    """The compiled extension, or None when it cannot be built here (logged once)."""
+    from torch.utils import cpp_extension
+
+    simd = all(f in _cpu_flags() for f in _SIMD_FLAGS)
+    flags = ["-O3"] + (["-mavx2", "-mfma", "-mf16c"] if simd else [])
+    try:
+        return cpp_extension.load(name="tierserve_q8_dot" + ("_avx2" if simd else "_scalar"),
+                                  sources=[os.path.join(os.path.dirname(__file__), "q8_dot_cpu.cpp")],
+                                  extra_cflags=flags, verbose=False)
+    except Exception as exc:  # no compiler, no headers: the int4 kernel stays
+        logger.warning("integer-dot CPU kernel unavailable (%s): %s", type(exc).__name__, exc)
+        return None
+
+
+def available() -> bool:
+    """Whether the kernel is built (compiling it on the first call)."""
+    return _extension() is not None
+
+
+def simd() -> bool:
+    """Whether the built kernel uses AVX2 (else its scalar loops)."""
+    ext = _extension()
+    return bool(ext is not None and ext.simd())
+
+
+@torch.library.custom_op("tierserve::q8_dot_mm", mutates_args=())
+def _q8_dot_op(x: torch.Tensor, blocks: torch.Tensor, kind: int) -> torch.Tensor:
+    ext = _extension()
+    if ext is None:
+        raise RuntimeError("the integer-dot CPU kernel could not be built here (see the log)")
+    return ext.q8_dot_mm(x, blocks, kind)
+
+
+@_q8_dot_op.register_fake
+def _(x: torch.Tensor, blocks: torch.Tensor, kind: int) -> torch.Tensor:  # shapes for torch.compile
+    return x.new_empty(x.shape[0], blocks.shape[0])
+
+
+def q8_dot_mm(x: torch.Tensor, blocks: torch.Tensor, kind: str) -> torch.Tensor:
+    """``y [M, N] = x [M, K] W^T`` (float32) for ``W`` given as GGUF ``kind`` blocks ``blocks`` uint8
+    ``[N, K / 32 * block_bytes]`` (module docstring). A torch custom op (``tierserve::q8_dot_mm``), so a
+    compiled graph calls it as one extern kernel."""
+    return _q8_dot_op(x, blocks, KINDS[kind][0])
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's activation quantization in torch: int codes ``[M, K]`` and float32 scales ``[M, K / 32]``."""
+    xb = x.float().reshape(x.shape[0], -1, QK)
+    d = xb.abs().amax(-1) / 127.0
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    v = xb * inv[..., None]
+    q = torch.sign(v) * torch.floor(v.abs() + 0.5)  # half away from zero, as std::round
+    return q.reshape(x.shape).to(torch.int32), d
+
+
+def dequantize_blocks(blocks: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes ``q [N, K]`` (int32), scales ``d`` and mins ``m`` ``[N, K / 32]`` (float32; zeros for Q8_0) of
+    GGUF ``kind`` blocks (``w = d q + m`` per block)."""
+    _, bb = KINDS[kind]
+    n = blocks.shape[0]
+    b = blocks.reshape(n, -1, bb)
+    d = b[..., 0:2].contiguous().view(torch.float16).float()[..., 0]
+    if kind == "Q4_1":
+        m = b[..., 2:4].contiguous().view(torch.float16).float()[..., 0]
+        qs = b[..., 4:].to(torch.int32)
+        q = torch.cat((qs & 15, qs >> 4), dim=-1)
+    else:
+        m = torch.zeros_like(d)
+        q = b[..., 2:].contiguous().view(torch.int8).to(torch.int32)
+    return q.reshape(n, -1), d, m
+
+
+def q8_dot_reference(x: torch.Tensor, blocks: torch.Tensor, kind: str) -> torch.Tensor:
+    """What the kernel computes, in float64: the same activation codes and per-block integer sums."""
+    xq, dx = quantize_activations(x)
+    q, d, m = dequantize_blocks(blocks, kind)
+    mm, k = x.shape[0], x.shape[1]
+    sums = torch.einsum("mbj,nbj->mnb", xq.reshape(mm, k // QK, QK).double(), q.reshape(-1, k // QK, QK).double())
+    sx = dx.double() * xq.reshape(mm, k // QK, QK).sum(-1).double()  # [M, B]
+    return (sums * (d.double()[None] * dx.double()[:, None]) + m.double()[None] * sx[:, None]).sum(-1)
