@@ -36,13 +36,21 @@ shared with other work, OMP_NUM_THREADS=1; copy bandwidth 9.6 GB/s before,
 | wanda     | unstructured | 0.5      |   92.65 | 0.625       | 4.362      |  71       |
 | elsa-l    | unstructured | 0.5      |  778.03 | 3.260       | 3.187      | 189       |
 | elsa      | unstructured | 0.5      |  796.27 | 3.290       | 3.238      | 176       |
+| magnitude | 2:4          | 0.5      | 4240.15 | 4.525       | 8.107      |  52       |
+| wanda     | 2:4          | 0.5      |  171.23 | 1.314       | 5.016      |  72       |
+| elsa      | 2:4          | 0.5      |  935.13 | 3.211       | 4.715      | 169       |
+
+The 2:4 rows: a second run, ``--gemma --sparsities "" --methods
+magnitude,wanda,elsa --two-four`` with the same windows and ELSA schedule
+(copy bandwidth 8.2 GB/s before, 9.0 after; load average 2.6 before, 2.2
+after; results/pruning_gemma_2_4.json; ELSA-L not run at 2:4).
 
 At 8 steps on 2048 calibration tokens ELSA drives the calibration loss below
-Wanda's (3.19-3.24 against 4.36) while its held-out perplexity stays near
-magnitude's: it fits the calibration windows, not the model (the library
+Wanda's (3.19-3.24 against 4.36; 2:4: 4.72 against 5.02) while its held-out
+perplexity stays 5-8x Wanda's: it fits the calibration windows, not the model (the library
 default is 12 x 4 steps on more windows; not run here: one ELSA step on
 Gemma costs about 15-20 s on this core, its 262k-entry head included). Not
-run on Gemma: 70/90%, 2:4, elsa-wanda, longer ELSA schedules.
+run on Gemma: 70/90%, elsa-wanda, longer ELSA schedules or more windows.
 
 Usage: python benchmarks/pruning.py [--gemma] [--sparsities 0.5,0.7,0.9]
        [--methods magnitude,wanda,elsa,elsa-l,elsa-wanda] [--calib-windows 16] [--seq-len 128]
@@ -116,7 +124,8 @@ def main() -> None:
     ppl, _, dense_logp = evaluate(folder, windows, None)
     rows = [{"method": "dense", "pattern": "-", "sparsity": 0.0, "ppl": ppl, "kl": 0.0, "calib_loss": None,
              "seconds": 0.0}]
-    runs = [(m, "unstructured", float(s)) for s in args.sparsities.split(",") for m in args.methods.split(",")]
+    runs = [(m, "unstructured", float(s)) for s in args.sparsities.split(",") if s
+            for m in args.methods.split(",")]
     if args.two_four:
         runs += [(m, "2:4", 0.5) for m in args.methods.split(",")]
     elsa = {"iterations": args.iterations, "steps_per_iteration": args.steps}
