@@ -12,10 +12,13 @@ and LM head stay full precision, the default skip) and evaluated on
 - memory = bytes of the model's parameters and buffers (``model_nbytes``).
 
 SmolLM2 also gets the row "packed GGUF (default)": the GGUF as the embedded default
-serves it on the CPU (kept packed, int4 CPU kernels with bf16 activations) against
-its fp32 conversion. Measured (8 x 256 held-out tokens of Persuasion and Northanger
-Abbey): ppl 63.494 against fp32 63.416, KL 0.00062 (the bf16 model: 63.520 / 0.00104),
-127.9 MiB against 515.1 MiB.
+serves it on the CPU (kept packed; Q4_1 layers and the Q8_0 tied head on the
+integer-dot kernel with 8-bit activations per block of 32, kernels/quant/q8_dot_cpu.py,
+where it builds) against its fp32 conversion. Measured (8 x 256 held-out tokens of
+Persuasion and Northanger Abbey): ppl 63.566 against fp32 63.416 (+0.24%), KL 0.0035,
+94.1 MiB against 515.1 MiB (the bf16 model: 63.342 / 0.0010). On torch's int4 kernels
+with bf16 activations (the path without a compiler) it measured 63.494 / 0.00062 and
+127.9 MiB (the head's int4 copy).
 
 Schemes: fp32; q4_0 / q4_1 / q8_0 (ggml blocks, group fixed at 32); sinq with
 tile width 32 / 64 / 128 (a width that does not divide the in-features is
@@ -162,7 +165,7 @@ def run_variant(base, label, scheme, options, windows, ref, batch, *, skip=None,
 
 def packed_default_row(windows, ref, batch) -> dict:
     """SmolLM2 as the embedded default serves it on the CPU (engine/model_source.py): its GGUF kept packed
-    (Q4_1 layers, Q8_0 tied head) on the int4 CPU kernels (bf16 activations), against the fp32 conversion."""
+    (Q4_1 layers, Q8_0 tied head) on the CPU fast paths (cpu_fast.py), against the fp32 conversion."""
     from tierserve.kernels.cpu_linear import apply_linear_backend
     from tierserve.models.default_model import default_gguf_path
     from tierserve.models.quantized_checkpoint import load_for_engine
