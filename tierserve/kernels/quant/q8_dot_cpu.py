@@ -23,8 +23,9 @@ float64: the kernel agrees with it within float32 accumulation, ~1e-6 relative).
 
 The C++ source is compiled on first use with the host compiler (the extension
 build of ``torch.utils.cpp_extension``, cached under the torch extensions
-directory) with ``-mavx2 -mfma -mf16c`` where /proc/cpuinfo lists those flags,
-else as portable scalar code. ``available()`` is False when no compiler works;
+directory) with ``-fopenmp`` (rows split over torch's intra-op threads) and
+``-mavx2 -mfma -mf16c`` where /proc/cpuinfo lists those flags, else as portable
+scalar code. ``available()`` is False when no compiler works;
 callers then keep the int4 kernel.
 """
 
@@ -60,11 +61,13 @@ def _extension():
     from torch.utils import cpp_extension
 
     simd = all(f in _cpu_flags() for f in _SIMD_FLAGS)
-    flags = ["-O3"] + (["-mavx2", "-mfma", "-mf16c"] if simd else [])
+    # -fopenmp: at::parallel_for is inline OpenMP in ATen's headers (serial without it); the extension then
+    # needs libgomp.so.1, the runtime torch already loaded (same soname), so one thread pool serves both
+    flags = ["-O3", "-fopenmp"] + (["-mavx2", "-mfma", "-mf16c"] if simd else [])
     try:
         return cpp_extension.load(name="tierserve_q8_dot" + ("_avx2" if simd else "_scalar"),
                                   sources=[os.path.join(os.path.dirname(__file__), "q8_dot_cpu.cpp")],
-                                  extra_cflags=flags, verbose=False)
+                                  extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, no headers: the int4 kernel stays
         logger.warning("integer-dot CPU kernel unavailable (%s): %s", type(exc).__name__, exc)
         return None
