@@ -8,7 +8,8 @@
 - ``decode_graph_mode``: "full" for a dense decoder, "piecewise" for a MoE one and for the same model after
   expert offload (whose blocks must not pass as capturable: they plan dispatch on the host).
 - ``PiecewiseGraphs`` before capture (segments run eagerly around eager MoE blocks, padding rows on a scratch
-  page) against the model's own forward on the same KV pages: logits bit-identical (``torch.equal``) at
+  page) against the model's own forward on the same KV pages: logits bit-identical (``torch.equal``; within
+  1e-5 of their scale on an AVX2 host, whose oneDNN kernels sum in a row-count-dependent order) at
   batches 1 (bucket 1), 2 (bucket 2) and 3 (bucket 4: one padding row), for the all-resident tiny Qwen3-MoE,
   a tiny Qwen2-MoE whose middle layer is dense (run whole inside a segment) with a shared expert, and the
   Qwen3-MoE with 10 of 16 experts on two socket expert-host processes; the offloaded blocks route exactly
@@ -180,6 +181,11 @@ class Sequences:
                           list(range(len(seqs) + 1)), lens, list(range(len(seqs))), [f"s{i}" for i in seqs])
 
 
+# bit-identical where oneDNN's kernels do not depend on the row count (AVX512 builds, measured); an AVX2
+# host's sgemm blocking does, and a batch padded to its bucket sums in another order there (float32 order)
+EXACT = torch.backends.cpu.get_cpu_capability() not in ("AVX2", "DEFAULT", "NO AVX")
+
+
 def _check_segmented_equals_forward(model, segments: int) -> None:
     seqs = Sequences(model)
     seqs.runner.install_decode_graphs("piecewise", NUM_BLOCKS, MAX_SEQS, MAX_LEN, capture=False)
@@ -188,7 +194,12 @@ def _check_segmented_equals_forward(model, segments: int) -> None:
     for batch in ([0], [2, 1], [0, 1, 2], [1, 2, 0]):
         want = seqs.forward(batch, [1] * len(batch))
         got = graphs.run(seqs.decode_step(batch), seqs.runner.block_tables.table)
-        assert got.shape == want.shape and torch.equal(got, want), batch
+        assert got.shape == want.shape, batch
+        if EXACT:
+            assert torch.equal(got, want), batch
+        else:  # oneDNN's AVX2 kernels block by the row count: the padded bucket sums in another order
+            scale = want.abs().max().item()
+            assert (got - want).abs().max().item() <= 1e-5 * scale, batch
         for i, row in zip(batch, want):
             seqs.tokens[i].append(int(row.argmax()))
 

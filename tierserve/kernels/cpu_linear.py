@@ -12,7 +12,9 @@ reference only by summation order (tests: relative error <= 1e-5). Under
 
 ``pack_linears(model)`` is a transform applied to a built model: it swaps every
 ``nn.Linear`` (and the tied LM head) for a :class:`PackedLinear` holding only
-the packed weight. It is chosen through ``LINEAR_BACKENDS`` by name; "auto"
+the packed weight, where oneDNN packs the weight's dtype on this CPU
+(``onednn_packs``: bf16 and fp16 need AVX512 or AVX-NE-CONVERT; elsewhere those
+layers keep ``F.linear``). It is chosen through ``LINEAR_BACKENDS`` by name; "auto"
 packs on CPU when oneDNN is available and leaves other devices untouched.
 Both "onednn" and "auto" also swap every CPU ``QuantizedLinear`` for its
 format's fast CPU path (``kernels/quant/cpu_fast.py``: torch's int4 kernels
@@ -28,6 +30,8 @@ CUDA quantized linears never imports triton.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -40,6 +44,17 @@ def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@functools.cache
+def onednn_packs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN packs weights of ``dtype`` on this CPU: its bf16/fp16 paths need AVX512 (BW/VL/DQ) or
+    AVX-NE-CONVERT, so an AVX2-only host packs float32 alone (one probe per dtype and process)."""
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype), None)
+    except RuntimeError:
+        return False
+    return True
 
 
 @torch.library.custom_op("tierserve::onednn_linear", mutates_args=())
@@ -95,7 +110,8 @@ def pack_linears(model: nn.Module) -> int:
     packed: dict[int, PackedLinear] = {}  # a module registered under two names is packed once
     for parent in list(model.modules()):
         for name, child in list(parent._modules.items()):  # every name, aliases included
-            if child is not None and _is_linear(child) and child.weight.device.type == "cpu":
+            if (child is not None and _is_linear(child) and child.weight.device.type == "cpu"
+                    and onednn_packs(child.weight.dtype)):  # other dtypes keep the reference F.linear
                 if id(child) not in packed:
                     packed[id(child)] = PackedLinear(child.weight, child.bias)
                 setattr(parent, name, packed[id(child)])
