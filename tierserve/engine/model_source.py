@@ -5,7 +5,9 @@
 
 - on the CPU, with ``quantization`` None or "auto": the GGUF itself, kept packed
   (load mode "auto": its Q4_1/Q8_0 tensors stay in the file's own format and run
-  on the int4 CPU kernels), tokenizer from a small cached folder written once from
+  on the CPU fast paths of kernels/quant/cpu_fast.py: integer dots with 8-bit
+  activations where that kernel builds, torch's int4 kernels otherwise), tokenizer
+  from a small cached folder written once from
   the GGUF;
 - ``quantization="none"`` (fp32 on request), or any other device: the GGUF's
   fp32 conversion (a safetensors folder converted once into the user cache),

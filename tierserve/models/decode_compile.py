@@ -19,7 +19,8 @@ token count changes: ``dynamic=None`` makes the token dimension symbolic after
 its second distinct value, or when ``torch.set_num_threads`` changes: the thread
 count is part of dynamo's guarded global state; dynamo allows 8 compilations per
 function, so a process that keeps changing its thread count fails). Inductor fuses the float32<->bfloat16 casts around
-torch's int4 kernels into the neighbouring norm, activation and residual loops,
+the packed matmuls (torch's int4 kernels, or the integer-dot custom op, an extern call
+either way) into the neighbouring norm, activation and residual loops,
 and writes each segment's pointwise work as a few C++ loops instead of ~20
 dispatched ops.
 

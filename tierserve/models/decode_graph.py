@@ -26,7 +26,7 @@ Shapes: ``dynamic=True`` makes the context length, the block count and the pages
 block count symbolic from the first compilation, so one graph serves every length
 (dynamo specialises sizes 0 and 1, so the warm-up compiles on scratch pages at two
 blocks and ``block_size + 1`` tokens). ``cpp_wrapper``: inductor writes the code
-that calls the fused loops and the int4 kernels as C++, not Python, so a step is one
+that calls the fused loops and the packed matmul kernels as C++, not Python, so a step is one
 Python call. The K/V pages are graph inputs mutated in place (``index_copy_``); the
 graph writes them where they are (tests: the runner's own page tensors hold the
 written keys and values after each step).
