@@ -34,28 +34,16 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from call_timing import call_ms  # noqa: E402  (benchmarks/)
 from decode import memcopy_bandwidth  # noqa: E402  (benchmarks/decode.py)
 
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536), "lm_head": (49152, 576)}
 GROUP = 32
-
-
-def low_tail_ms(fn, calls: int = 300) -> float:
-    for _ in range(10):
-        fn()
-    times = []
-    for _ in range(calls):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    times.sort()
-    return times[len(times) // 10] * 1e3
 
 
 def candidates(n: int, k: int) -> dict:
@@ -104,7 +92,7 @@ def candidates(n: int, k: int) -> dict:
     for name, fn in paths.items():
         try:
             err = (fn() - ref).abs().max().item() if name != "int8_weight" else float("nan")
-            out[name] = {"ms": low_tail_ms(fn, 20 if slow else 300), "max_abs_err": err}
+            out[name] = {"ms": call_ms(fn, 20 if slow else 300, q=0.1, warmup=10), "max_abs_err": err}
         except RuntimeError as exc:
             out[name] = {"error": str(exc).splitlines()[0][:80]}
     out["ref_max_abs"] = ref.abs().max().item()

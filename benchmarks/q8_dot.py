@@ -38,7 +38,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import torch
 
@@ -47,6 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tierserve.kernels.quant.int4_cpu import pack_int4  # noqa: E402
 from tierserve.kernels.quant.q8_dot_cpu import KINDS, q8_dot_mm, simd  # noqa: E402
 
+from call_timing import call_ms  # noqa: E402  (benchmarks/)
 from decode import memcopy_bandwidth  # noqa: E402  (benchmarks/decode.py)
 
 SHAPES = {"qkv": (960, 576, "Q4_1", 30), "o": (576, 576, "Q4_1", 30), "gate_up": (3072, 576, "Q4_1", 30),
@@ -62,18 +62,6 @@ def random_blocks(n: int, k: int, kind: str, g: torch.Generator) -> torch.Tensor
         return torch.cat((d, m, torch.randint(0, 256, (n, nb, 16), generator=g).to(torch.uint8)), -1).reshape(n, -1)
     qs = torch.randint(-127, 128, (n, nb, 32), generator=g).to(torch.int8).view(torch.uint8)
     return torch.cat((d, qs), -1).reshape(n, -1)
-
-
-def median_ms(fn, calls: int) -> float:
-    for _ in range(5):
-        fn()
-    ts = []
-    for _ in range(calls):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    ts.sort()
-    return ts[len(ts) // 2] * 1e3
 
 
 def main() -> None:
@@ -99,8 +87,8 @@ def main() -> None:
         for m in rows:
             x = torch.randn(m, k, generator=g)
             calls = max(5, args.calls // m)
-            t_int4 = terms * median_ms(lambda: mm(x.bfloat16(), packed, 32, sz).float(), calls)
-            t_q8 = median_ms(lambda: q8_dot_mm(x, blocks, kind), calls)
+            t_int4 = terms * call_ms(lambda: mm(x.bfloat16(), packed, 32, sz).float(), calls)
+            t_q8 = call_ms(lambda: q8_dot_mm(x, blocks, kind), calls)
             gbs = blocks.numel() / t_q8 / 1e6
             print(f"{name + ' ' + kind:16s} {m:4d} {t_int4:9.3f} {t_q8:9.3f} {t_int4 / t_q8:6.2f} {gbs:10.1f}",
                   flush=True)
