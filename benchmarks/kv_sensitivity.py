@@ -61,8 +61,42 @@ energies helps (0.050: not yet in xquant.py). Keeping token 0 plain helps XQuant
 (0.252). Sliding and global layers both contribute; the global layers more for kv4. One KL over 2 windows:
 differences under ~10% are within the spread between windows (single windows: kv4 0.228 / 0.275).
 
+Per layer (``--gemma --windows 1 --layer-errors 3:64``; teacher-forced, every layer's input from the plain
+prefill of the first window; ``layer_errors``; results/kv_sensitivity_layers_gemma.json): the normalised
+input's step, the step seen by the layer's K and V projection (``kv_step``; ``h_kv_step`` for the
+un-normalised stream), and the relative K / V errors of kv4 and of XQuant-CL's 3-bit deltas (g 64) chained
+from layer 0:
+
+| layer | step  | kv_step | h_kv_step | kv4 K | kv4 V | CL K  | CL V  |
+|-------|-------|---------|-----------|-------|-------|-------|-------|
+| 0     | -     | -       | -         | 0.077 | 0.097 | 0.091 | 0.138 |
+| 1     | 1.285 | 2.627   | 0.651     | 0.078 | 0.096 | 0.692 | 0.671 |
+| 2     | 0.784 | 4.558   | 0.881     | 0.069 | 0.095 | 0.543 | 1.856 |
+| 3     | 0.191 | 0.615   | 0.592     | 0.079 | 0.088 | 0.278 | 0.426 |
+| 4     | 0.372 | 0.866   | 0.699     | 0.075 | 0.086 | 0.314 | 0.816 |
+| 5     | 0.233 | 0.808   | 0.794     | 0.079 | 0.085 | 0.137 | 0.343 |
+| 6     | 0.880 | 2.149   | 1.343     | 0.067 | 0.082 | 0.354 | 0.828 |
+| 7     | 0.288 | 0.908   | 0.956     | 0.075 | 0.085 | 0.142 | 0.244 |
+| 8     | 0.475 | 0.856   | 0.638     | 0.076 | 0.087 | 0.170 | 0.301 |
+| 9     | 0.126 | 0.688   | 0.679     | 0.076 | 0.081 | 0.097 | 0.188 |
+| 10    | 0.164 | 0.502   | 0.465     | 0.075 | 0.091 | 0.088 | 0.173 |
+| 11    | 0.214 | 0.795   | 0.724     | 0.080 | 0.085 | 0.108 | 0.262 |
+| 12    | 0.396 | 0.469   | 0.478     | 0.079 | 0.084 | 0.234 | 0.328 |
+| 13    | 0.376 | 0.475   | 0.417     | 0.078 | 0.085 | 0.196 | 0.268 |
+| 14    | 0.295 | 0.465   | 0.414     | 0.076 | 0.085 | 0.149 | 0.251 |
+| 15    | 0.190 | 0.343   | 0.341     | 0.074 | 0.085 | 0.094 | 0.148 |
+| 16    | 0.218 | 0.360   | 0.341     | 0.077 | 0.086 | 0.086 | 0.169 |
+| 17    | 0.194 | 0.638   | 0.463     | 0.078 | 0.081 | 0.221 | 0.245 |
+
+In the first half of Gemma's layers a step, seen by K and V, is as large as what it moves (kv_step 0.62 ..
+4.56): X-space deltas cost more than coding the layer afresh, and the chain's K / V errors there are
+1.7-9x / 2.9-20x kv4's. Hence xquant_cl.py's rule (latents on the first half, deltas on the second; its
+docstring, Layers). The un-normalised stream's step is smaller in the first half (0.59 .. 1.34) but its
+deltas measured worse in the second (xquant_cl.py).
+
 Usage: python benchmarks/kv_sensitivity.py [--gemma] [--windows 2] [--seq-len 512] [--variants kv4 kv4_k ...]
-Writes benchmarks/results/kv_sensitivity[_gemma].json.
+[--layer-errors BITS:GROUP ...]
+Writes benchmarks/results/kv_sensitivity[_gemma].json (``--layer-errors``: kv_sensitivity_layers[_gemma].json).
 """
 
 from __future__ import annotations
@@ -103,17 +137,22 @@ def logprobs(model, caches, tokens: torch.Tensor) -> torch.Tensor:
 def layer_errors(model, probe: Probe, tokens: torch.Tensor, cl_specs: list[str]) -> list[dict]:
     """Per attention layer, teacher-forced (every layer's input X from the plain-KV prefill): the relative
     error ``|K^ - K| / |K|`` and ``|V^ - V| / |V|`` (Frobenius over the window's tokens) of kv4 and of
-    XQuant-CL at each ``BITS:GROUP``, the normalised input's step ``|u_i - u_(i-1)| / |u_i|``, and the same
-    step seen by layer i's K and V projection ``A_i = diag(s_i) [W_k; W_v]^T``:
-    ``|(u_i - u_(i-1)) A_i| / |u_i A_i + b_i|``."""
+    XQuant-CL at each ``BITS:GROUP`` with every layer a delta layer (xquant_cl.py's chain from layer 0; the
+    format itself keeps the first half as latents), the normalised input's step ``|u_i - u_(i-1)| / |u_i|``,
+    and the same step seen by layer i's K and V projection ``A_i = diag(s_i) [W_k; W_v]^T``:
+    ``kv_step = |(u_i - u_(i-1)) A_i| / |u_i A_i + b_i|``; ``h_kv_step``: the same for the un-normalised
+    residual stream h (the input norm's input), ``|((h_i - h_(i-1)) / rms(h_i)) A_i| / |u_i A_i + b_i|``."""
     from tierserve.cache.compress.base import build_compressor
     from tierserve.config import KVCompressionConfig
 
     n = tokens.numel()
     blocks = -(-n // BLOCK)
     inputs: dict[int, torch.Tensor] = {}
+    streams: dict[int, torch.Tensor] = {}
     hooks = [ly.self_attn.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0].float()))
              for i, ly in enumerate(model.layers)]
+    hooks += [ly.input_layernorm.register_forward_pre_hook(lambda m, a, i=i: streams.__setitem__(i, a[0].float()))
+              for i, ly in enumerate(model.layers) if hasattr(ly, "input_layernorm")]
     logprobs(model, allocate_kv_cache(model.kv_spec(BLOCK), blocks), tokens[:n])
     for h in hooks:
         h.remove()
@@ -123,6 +162,7 @@ def layer_errors(model, probe: Probe, tokens: torch.Tensor, cl_specs: list[str])
         bits, group = (int(x) for x in spec.split(":"))
         comp = build_compressor(KVCompressionConfig("xquant_cl", latent_bits=bits, group_size=group),
                                 model.kv_spec(BLOCK))
+        comp.delta_layers = tuple(range(len(model.layers)))  # every layer a delta layer
         caches = comp.allocate_cache(blocks)
         comp.bind(model, caches)
         for h in comp._hooks:
@@ -140,8 +180,14 @@ def layer_errors(model, probe: Probe, tokens: torch.Tensor, cl_specs: list[str])
         u = x / gain
         row = {"layer": i, "step": rel(u, u_prev) if u_prev is not None else None}
         if first is not None:
-            row["kv_step"] = None if u_prev is None else float(
-                ((u - u_prev) @ first.proj).norm() / torch.addmm(first.bias, u, first.proj).norm())
+            kv_norm = torch.addmm(first.bias, u, first.proj).norm()
+            row["kv_step"] = None if u_prev is None else float(((u - u_prev) @ first.proj).norm() / kv_norm)
+            if i - 1 in streams:
+                h, h_prev = streams[i], streams[i - 1]
+                rms = h.pow(2).mean(-1, keepdim=True).sqrt()
+                row["h_kv_step"] = float((((h - h_prev) / rms) @ first.proj).norm() / kv_norm)
+            else:
+                row["h_kv_step"] = None
         u_prev = u
         if first is not None:
             kv_exact = torch.addmm(first.bias, u, first.proj)

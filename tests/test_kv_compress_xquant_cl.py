@@ -1,4 +1,5 @@
-"""XQuant-CL KV storage (cache/compress/xquant_cl.py): bit packing, the error-feedback chain, the engine on SmolLM2."""
+"""XQuant-CL KV storage (cache/compress/xquant_cl.py): bit packing, the error-feedback chain, the per-layer rule
+(latents on the first half, one delta chain on the second) and its bytes, the engine on SmolLM2."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import torch
 
 from model_harness import compressed_engine, greedy_run
 from tierserve.cache.compress.base import build_compressor
-from tierserve.cache.compress.xquant_cl import DeltaPages, dequantize, pack_bits, quantize, unpack_bits
+from tierserve.cache.compress.xquant import XQuantLayerKV
+from tierserve.cache.compress.xquant_cl import (DeltaPages, XQuantCLLayerKV, delta_layers, dequantize, pack_bits,
+                                                quantize, unpack_bits)
 from tierserve.cache.tiers.chunk_layout import ChunkLayout
 from tierserve.config import KVCompressionConfig
 from tierserve.errors import InvalidParameterError
@@ -87,7 +90,8 @@ def test_lossless_deltas_equal_plain_kv(smollm_folder, plain):
     assert tokens == plain[1]
     # x / s and back, deltas summed over 30 layers and K, V recomputed from the sum, all fp32
     torch.testing.assert_close(logits, plain[2], rtol=0, atol=2e-4)
-    assert engine.kv_compressor.page_size_bytes() == 16 * (30 * 576 * 4 + 4)  # fp32 deltas + position
+    # layers 0-14: fp32 latent K and V (2 x 192 wide); 15-29: fp32 deltas (576 wide); 4 bytes of position
+    assert engine.kv_compressor.page_size_bytes() == 16 * (15 * 2 * 192 * 4 + 15 * 576 * 4 + 4)
 
 
 @pytest.mark.slow  # an engine of its own (~10 s); the codec and the chain have the fast tests above
@@ -95,11 +99,12 @@ def test_low_bit_deltas_bytes_and_error(smollm_folder, plain):
     engine, tokens, logits = _run(smollm_folder, KVCompressionConfig("xquant_cl", latent_bits=3, group_size=64),
                                   max_tokens=2)
     spec = engine.model.kv_spec(16)
-    # layer 0 at 4 bits (288 + 18), 29 layers of 3-bit deltas (216 + 18), 4 bytes of position
-    assert engine.kv_compressor.page_size_bytes() == 16 * (306 + 29 * 234 + 4)
-    two_bit = build_compressor(KVCompressionConfig("xquant_cl", latent_bits=2, group_size=64), spec)
+    # layers 0-14: 4-bit latents (kv4's 240 B); layer 15 stores u at 4 bits (288 + 18), 14 layers of 3-bit
+    # deltas (216 + 18), 4 bytes of position
     kv4 = build_compressor(KVCompressionConfig("kv4"), spec)
-    assert two_bit.page_size_bytes() == 16 * (306 + 29 * 162 + 4) < 0.8 * kv4.page_size_bytes()
+    assert engine.kv_compressor.page_size_bytes() == 16 * (15 * 240 + 306 + 14 * 234 + 4) < kv4.page_size_bytes()
+    two_bit = build_compressor(KVCompressionConfig("xquant_cl", latent_bits=2, group_size=64), spec)
+    assert two_bit.page_size_bytes() == 16 * (15 * 240 + 306 + 14 * 162 + 4) < 0.86 * kv4.page_size_bytes()
     p, q = torch.log_softmax(plain[2][0], -1), torch.log_softmax(logits[0], -1)
     kl = float((p.exp() * (p - q)).sum())
     # measured 0.02-0.08 on this prompt (kv4: 0.037); 3 bits without the Hadamard rotation and channel weights: 0.09
@@ -107,13 +112,14 @@ def test_low_bit_deltas_bytes_and_error(smollm_folder, plain):
 
 
 def test_pages_move_through_chunk_layout():
-    spec = KVSpec(num_layers=2, num_kv_heads=2, head_dim=16, block_size=4, hidden_size=64)
+    spec = KVSpec(num_layers=3, num_kv_heads=2, head_dim=16, block_size=4, hidden_size=64)
     comp = build_compressor(KVCompressionConfig("xquant_cl", latent_bits=3), spec)
     caches = comp.allocate_cache(num_blocks=6)
     for part in [p for c in caches for p in c.parts()]:
         part.copy_(torch.randint(0, 100, part.shape).to(part.dtype))
     layout = ChunkLayout(caches, chunk_blocks=2)
-    assert layout.block_bytes == comp.page_size_bytes() == 4 * ((32 + 4) + (24 + 4) + 4)
+    # layer 0: 4-bit latent K and V (2 x (16 + 2 x 2)); layer 1: u at 4 bits (32 + 4); layer 2: 3-bit delta
+    assert layout.block_bytes == comp.page_size_bytes() == 4 * (2 * (16 + 4) + (32 + 4) + (24 + 4) + 4)
     fresh = comp.allocate_cache(num_blocks=6)
     ChunkLayout(fresh, chunk_blocks=2).scatter(layout.gather([4, 1]), 0, [0, 5])
     for c, f in zip(caches, fresh):
@@ -130,3 +136,21 @@ def test_refusals_name_the_limit():
         build_compressor(KVCompressionConfig("xquant_cl"), KVSpec(2, 2, 16, 4, hidden_size=48))
     with pytest.raises(InvalidParameterError, match="kv_compression.*hidden size"):
         build_compressor(KVCompressionConfig("xquant_cl"), KVSpec(2, 2, 16, 4))
+
+
+@pytest.mark.parametrize("layers, first", [(1, 0), (2, 1), (3, 1), (18, 9), (30, 15), (31, 15)])
+def test_delta_layers_are_the_second_half(layers, first):
+    """The per-layer rule: XQuant latents below half the depth, one delta chain from there to the last layer
+    (its first layer stores u itself at 4 bits, every later one a delta to the layer before it); every page
+    byte the storage holds is counted in the page size."""
+    assert delta_layers(layers) == tuple(range(first, layers))
+    spec = KVSpec(num_layers=layers, num_kv_heads=1, head_dim=32, block_size=4, hidden_size=64)
+    comp = build_compressor(KVCompressionConfig("xquant_cl", latent_bits=3, group_size=16), spec)
+    caches = comp.allocate_cache(num_blocks=3)
+    assert [isinstance(c, XQuantLayerKV) for c in caches] == [i < first for i in range(layers)]
+    assert [c.prev for c in caches[first:]] == [None, *range(first, layers - 1)]
+    assert [c.pages.bits for c in caches[first:]] == [4] + [3] * (layers - first - 1)
+    held = sum(t.nbytes for c in caches for t in c.parts())
+    assert held == 3 * comp.page_size_bytes()
+    # latent: 2 x (16 codes + 2 fp16 per group of 32); u: 32 codes + 4 scales; delta: 24 + 4 scales
+    assert comp.page_size_bytes() == 4 * (first * 2 * (16 + 4) + (32 + 8) + (layers - first - 1) * (24 + 8) + 4)
