@@ -3,7 +3,8 @@
 Configurations: the uncompressed baseline; 4-bit KV (``kv4``: 6.4x smaller
 pages, nothing evicted) and XQuant (``xquant``: the 4-bit SVD latent of
 the pre-RoPE keys and the values, the same bytes per token as kv4 plus a
-4-byte position); XQuant-CL (``xquant_cl:B:G``: each layer's attention
+4-byte position); XQuant-CL (``xquant_cl:B:G``: XQuant's 4-bit latent in
+the first half of the layers, and in the second half each layer's attention
 input as a B-bit delta to the previous layer's, groups of G; the rows print
 their bytes per token against kv4's); and, at 25% and 50% compression (``ratio`` r: each
 sequence keeps ``ceil((1 - r) * prompt tokens)`` KV tokens, plus at most one

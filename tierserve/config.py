@@ -254,7 +254,8 @@ class KVCompressionConfig:
     budget: int | None = option(None, "eviction methods: kept KV tokens per sequence")
     ratio: float | None = option(None, "eviction methods: fraction of the prompt's KV to drop (instead of kv_budget)")
     group_size: int = option(32, "kv4: quantization group along head_dim; xquant: along the latent; "
-                                 "xquant_cl: along the hidden size (a power of two)")
+                                 "xquant_cl: along the hidden size in its delta layers (its latent layers: 32; a power "
+                                 "of two; 3 bits in groups of 64 keep xquant_cl below kv4's bytes)")
     latent_bits: int = option(4, "xquant: bits per latent value (4), or 0 to keep the latent unquantized "
                                  "in the KV dtype (lossless); xquant_cl: bits per delta (4, 3, 2) or 0")
     interval: int | None = option(None, "expected_attention: decode steps between two compressions "
