@@ -63,28 +63,41 @@ ELSA 4 x 2 = 8 steps from the magnitude start; one core of a 2-core AVX2 CPU
 shared with other work, OMP_NUM_THREADS=1; copy bandwidth 9.6 GB/s before,
 8.7 after; load average 1.6 before, 4.2 after; results/pruning_gemma.json):
 
-| method    | pattern      | sparsity | ppl     | KL vs dense | calib loss | s (prune) |
-|-----------|--------------|----------|---------|-------------|------------|-----------|
-| dense     | -            | 0        |   56.20 | 0           | -          | -         |
-| magnitude | unstructured | 0.5      | 1138.85 | 3.256       | 6.926      |  53       |
-| wanda     | unstructured | 0.5      |   92.65 | 0.625       | 4.362      |  71       |
-| elsa-l    | unstructured | 0.5      |  778.03 | 3.260       | 3.187      | 189       |
-| elsa      | unstructured | 0.5      |  796.27 | 3.290       | 3.238      | 176       |
-| magnitude | 2:4          | 0.5      | 4240.15 | 4.525       | 8.107      |  52       |
-| wanda     | 2:4          | 0.5      |  171.23 | 1.314       | 5.016      |  72       |
-| elsa      | 2:4          | 0.5      |  935.13 | 3.211       | 4.715      | 169       |
+| method    | pattern      | sparsity | ppl             | KL vs dense | calib loss | s (prune) |
+|-----------|--------------|----------|-----------------|-------------|------------|-----------|
+| dense     | -            | 0        |           56.20 |           0 |          - |         - |
+| magnitude | unstructured | 0.5      |         1138.85 |       3.256 |      6.926 |        53 |
+| wanda     | unstructured | 0.5      |           92.65 |       0.625 |      4.362 |        71 |
+| elsa-l    | unstructured | 0.5      |          778.03 |       3.260 |      3.187 |       189 |
+| elsa      | unstructured | 0.5      |          796.27 |       3.290 |      3.238 |       176 |
+| magnitude | 2:4          | 0.5      |         4240.15 |       4.525 |      8.107 |        52 |
+| wanda     | 2:4          | 0.5      |          171.23 |       1.314 |      5.016 |        72 |
+| elsa      | 2:4          | 0.5      |          935.13 |       3.211 |      4.715 |       169 |
+| magnitude | unstructured | 0.7      |      3720124.50 |      11.609 |     15.264 |        70 |
+| wanda     | unstructured | 0.7      |          352.45 |       1.993 |      5.736 |        86 |
+| elsa-l    | unstructured | 0.7      |         3498.24 |       4.723 |      6.618 |       205 |
+| elsa      | unstructured | 0.7      |         3473.66 |       4.686 |      6.543 |       204 |
+| magnitude | unstructured | 0.9      | 103737098240.00 |      21.650 |     24.253 |        62 |
+| wanda     | unstructured | 0.9      |         1874.25 |       3.679 |      7.532 |        89 |
+| elsa-l    | unstructured | 0.9      |   6221952512.00 |      18.868 |     22.317 |       195 |
+| elsa      | unstructured | 0.9      |   6187278336.00 |      18.716 |     21.197 |       195 |
 
 The 2:4 rows: a second run, ``--gemma --sparsities "" --methods
 magnitude,wanda,elsa --two-four`` with the same windows and ELSA schedule
 (copy bandwidth 8.2 GB/s before, 9.0 after; load average 2.6 before, 2.2
-after; results/pruning_gemma_2_4.json; ELSA-L not run at 2:4).
+after; results/pruning_gemma_2_4.json; ELSA-L not run at 2:4). The 70% and 90% rows: a third run,
+``--gemma --sparsities 0.7,0.9 --methods magnitude,wanda,elsa-l,elsa --no-two-four --out
+benchmarks/results/pruning_gemma_70_90.json`` with the same windows and ELSA schedule (taskset to one core,
+OMP_NUM_THREADS=1; copy bandwidth 6.6 GB/s before, 7.4 after; load average 1.90 before, 2.04 after; the
+dense row the same 56.20). At 70% ELSA's 8 steps take the magnitude start from 3.7M to 3474 (Wanda 352);
+at 90% they stay near the magnitude start (6.2e9 against 1.0e11; Wanda 1874).
 
 At 8 steps on 2048 calibration tokens ELSA drives the calibration loss below
 Wanda's (3.19-3.24 against 4.36; 2:4: 4.72 against 5.02) while its held-out
 perplexity stays 5-8x Wanda's: it fits the calibration windows, not the model (the library
 default is 12 x 4 steps on more windows; not run here: one ELSA step on
 Gemma costs about 15-20 s on this core, its 262k-entry head included). Not
-run on Gemma: 70/90%, elsa-wanda, longer ELSA schedules or more windows.
+run on Gemma: longer ELSA schedules or more windows.
 
 Usage: python benchmarks/pruning.py [--gemma] [--sparsities 0.5,0.7,0.9]
        [--methods magnitude,wanda,elsa,elsa-l,elsa-wanda] [--[no-]two-four] [--two-four-methods magnitude,wanda]
