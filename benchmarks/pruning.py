@@ -92,6 +92,13 @@ OMP_NUM_THREADS=1; copy bandwidth 6.6 GB/s before, 7.4 after; load average 1.90 
 dense row the same 56.20). At 70% ELSA's 8 steps take the magnitude start from 3.7M to 3474 (Wanda 352);
 at 90% they stay near the magnitude start (6.2e9 against 1.0e11; Wanda 1874).
 
+ELSA warm-started from Wanda (a fourth run, ``--gemma --sparsities 0.5 --methods elsa-wanda --no-two-four
+--out benchmarks/results/pruning_gemma_elsa_wanda.json``, same windows and schedule; copy bandwidth 7.3 GB/s
+before, 6.2 after; load average 2.11 before, 1.91 after): 50% unstructured, ppl 135.02, KL 1.273, calib
+loss 2.746, 223 s. Better than ELSA from the magnitude start (796) but not than Wanda itself (92.65): the 8
+steps take the calibration loss from Wanda's 4.36 to 2.75 and the held-out perplexity up by 46%, the same
+overfitting of 16 calibration windows.
+
 At 8 steps on 2048 calibration tokens ELSA drives the calibration loss below
 Wanda's (3.19-3.24 against 4.36; 2:4: 4.72 against 5.02) while its held-out
 perplexity stays 5-8x Wanda's: it fits the calibration windows, not the model (the library
