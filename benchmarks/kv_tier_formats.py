@@ -42,12 +42,16 @@ the 2-core AVX2 CPU, OMP_NUM_THREADS=1 and taskset to that core, the core shared
   results/kv_tier_formats_gemma.json): fp32 chunks 9.44 MB, 5 held (1280 tokens); kv4 chunks 1.47 MB and
   xquant 1.48 MB, 34 held (8704 tokens): 6.8x (target >= 5x: met). A recompute of the 1024-token
   passage and its question takes 5.2-6.3 s on this core against a 0.30-0.38 s hit.
-* hit TTFT (``--gemma --dram-mib 48 --docs 1 --repeats 7 --recompute-repeats 0``, rounds interleaved;
-  copy bandwidth 5.5 GB/s, load average 1.90 before, 2.05 after; results/kv_tier_formats_gemma_ttft.json):
-  fp32 0.202 s median (0.195 least), kv4 0.258 s (1.27x; least 0.233 s, 1.20x; target <= 1.2x: not met on
-  the median), xquant 0.324 s (1.60x; least 1.49x). The kv4 hits grew over the rounds (0.233 .. 0.323 s)
-  while fp32's stayed at 0.195 .. 0.235 s; that drift was not traced (the neighbour job's load, or the
-  engine). Unlike the SmolLM2 TTFT rows (``--threads 2``) these ran on one thread.
+* hit TTFT (``--gemma --dram-mib 48 --docs 1 --repeats 7 --recompute-repeats 0 --threads 1``, rounds
+  interleaved; copy bandwidth 7.2 GB/s, load average 1.05 before, 1.02 after;
+  results/kv_tier_formats_gemma_ttft.json): fp32 0.188 s median (0.176 least), kv4 0.195 s (**1.04x**;
+  least 1.07x; target <= 1.2x: met), xquant 0.313 s (1.67x; least 1.53x). Paged attention now rotates the
+  queries instead of un-rotating every gathered key (kernels/paged_attention.py, cache/compress/kv4.py):
+  with Gemma's 256-wide head that un-rotation was 67 M multiply-adds per layer for 1024 cached tokens. The
+  same run before that change (b45145a; copy 5.5 GB/s, load 1.90 -> 2.05): fp32 0.202 s, kv4 0.258 s
+  (1.27x; least 1.20x), xquant 0.324 s. SmolLM2 (head_dim 64), same command without ``--gemma``, one
+  thread, after the change: fp32 0.137 s median (0.097 least), kv4 0.169 s (1.23x; least 1.19x), xquant
+  0.313 s; copy 5.5 GB/s, load 1.02 (the two-thread row above: 1.15x).
 
 Usage: python benchmarks/kv_tier_formats.py [--gemma] [--dram-mib 96] [--docs 24] [--doc-tokens 1024]
 """

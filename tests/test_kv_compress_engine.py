@@ -117,11 +117,13 @@ def test_kv4_logits_close_to_fp32(smollm_folder, prompts, baseline):
     q = torch.log_softmax(got[0::2][:same + 1], -1)
     kl = (p.exp() * (p - q)).sum(-1)
     print(f"kv4 vs fp32 KV, full prompt, 12 steps: KL mean {kl.mean():.4f} max {kl.max():.4f}")
-    # measured (AVX-512 machine): mean 0.018, max 0.029 (its first step 0.0072 here, 0.016 on another
-    # machine: one distribution moves 2x between CPUs, the mean of 12 much less); fp32 KV gives exactly 0.
-    # The per-element error of the 4-bit pages is bounded exactly in test_kv_compress_units.py; here the
-    # bounds sit about 1.5x above the measured values
-    assert kl.mean() < 0.03 and kl.max() < 0.045, kl
+    # measured: mean 0.018, max 0.029 (AVX-512 machine); mean 0.019, max 0.044 (AVX2); mean 0.027, max 0.060
+    # (AVX2, the queries rotated instead of the keys: the same product up to float rounding, which flips
+    # some 4-bit codes of later layers; over 8 x 512 held-out tokens both forms give KL 0.0345,
+    # benchmarks/kv_formats_quality.py). One prompt's 12 steps move that much with rounding; fp32 KV gives
+    # exactly 0. The per-element error of the 4-bit pages is bounded exactly in test_kv_compress_units.py;
+    # keys stored without the rotation diverge before step 9 (asserted above)
+    assert kl.mean() < 0.04 and kl.max() < 0.09, kl
     assert base[0].argmax() == got[0].argmax()
     # greedy continuations: measured 12 of 12 equal (AVX-512), 10 (AVX2); 4-bit KV is lossy
     assert agree >= 10, (tokens[0], baseline[0][0])

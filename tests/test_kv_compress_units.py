@@ -72,6 +72,34 @@ def test_kv4_packed_pages_match_reference_and_save_memory():
     assert comp.page_size_bytes() * 6.4 == SPEC.page_size_bytes
 
 
+class _Unrotated:
+    """A kv4 layer seen through ``gather`` only: paged attention un-rotates the keys instead of rotating q."""
+
+    def __init__(self, layer: PackedLayerKV):
+        self.gather = layer.gather
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_kv4_attention_rotates_queries_not_keys(softcap):
+    """Paged attention over kv4 pages reads the keys in the stored (Hadamard) basis and rotates the queries;
+    the output equals attention over the un-rotated keys (``gather``) within float32 rounding, for a
+    prefill with a prefix, and a decode step of two sequences (with soft-capping: the explicit-score path)."""
+    from tierserve.kernels.paged_attention import AttentionMetadata, paged_decode, paged_prefill
+
+    torch.manual_seed(3)
+    layer: PackedLayerKV = build_compressor(KVCompressionConfig("kv4"), SPEC).allocate_cache(num_blocks=8)[0]
+    layer.write(torch.arange(32), torch.randn(32, 2, 64) * 3, torch.randn(32, 2, 64))  # every page written
+    tables = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
+    pre = AttentionMetadata(torch.arange(14), tables[:1], [0, 5], [14], 4)  # 5 queries after 9 cached keys
+    dec = AttentionMetadata(torch.arange(2), tables, [0, 1, 2], [14, 3], 4)
+    q5, q2 = torch.randn(5, 4, 64) * 2, torch.randn(2, 4, 64) * 2
+    for run, q, meta in ((paged_prefill, q5, pre), (paged_decode, q2, dec)):
+        got = run(q, layer, meta, 0.125, logit_softcap=softcap)
+        ref = run(q, _Unrotated(layer), meta, 0.125, logit_softcap=softcap)
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+        assert not torch.equal(run(q, _Unrotated(layer), meta, 0.25), ref)  # the comparison can fail
+
+
 # -- Expected Attention math ----------------------------------------------------------------
 
 def test_closed_form_matches_monte_carlo():

@@ -35,7 +35,10 @@ bit-equal (tests).
 A cache object with a ``gather(table) -> (keys, values)`` method (packed
 4-bit pages, tierserve/cache/compress/kv4.py) is read through it, so a
 storage format dequantizes inside the gather; plain ``LayerKV`` pages are
-indexed directly.
+indexed directly. One that also has ``gather_rotated(table)`` and
+``query_rotation`` (an orthonormal ``[D, D]``; kv4's Hadamard) returns keys
+in a rotated basis, and the queries are rotated instead: ``(q R) . k'`` for
+``q . (k' R^T)``, one rotation per query instead of one per key.
 
 Tree masks (speculative draft trees, engine/spec_decode/tree.py): with
 ``AttentionMetadata.tree_bits`` set, query row ``r`` of a sequence's block of
@@ -269,18 +272,23 @@ def _gather(cache: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return pages.view(*table.shape[:-1], -1, *cache.shape[2:])
 
 
-def _gather_kv(kv, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V pages of ``table`` (dequantized by the cache itself when it stores a packed format)."""
+def _gather_kv(kv, table: torch.Tensor, q: torch.Tensor):
+    """K and V pages of ``table`` (dequantized by the cache itself when it stores a packed format) and the
+    queries ``q [..., D]`` in the keys' basis (rotated when the cache keeps its keys rotated)."""
+    rotated = getattr(kv, "gather_rotated", None)
+    if rotated is not None:
+        keys, vals = rotated(table)
+        return keys, vals, (q.float() @ kv.query_rotation).to(q.dtype)
     gather = getattr(kv, "gather", None)
     if gather is not None:
-        return gather(table)
-    return _gather(kv.k, table), _gather(kv.v, table)
+        return (*gather(table), q)
+    return _gather(kv.k, table), _gather(kv.v, table), q
 
 
 def _prefill_one(q, kv, table, seq_len, block_size, scale, window, softcap, block_mask=None):
     n = q.shape[0]
     nb = -(-seq_len // block_size)
-    keys, vals = _gather_kv(kv, table[:nb])
+    keys, vals, q = _gather_kv(kv, table[:nb], q)
     keys, vals = keys[:seq_len].transpose(0, 1), vals[:seq_len].transpose(0, 1)  # [Hkv, L, D]
     qh = q.transpose(0, 1)  # [Hq, n, D]
     start = seq_len - n
@@ -300,9 +308,8 @@ def _prefill_one(q, kv, table, seq_len, block_size, scale, window, softcap, bloc
 
 def _decode_batch(q, kv, meta, scale, window, softcap):
     table, flat = meta.decode_table()
-    gather = getattr(kv, "gather", None)
-    if gather is not None:  # a packed page format dequantizes in its own gather
-        keys, vals = gather(table)
+    if getattr(kv, "gather", None) is not None:  # a packed page format dequantizes in its own gather
+        keys, vals, q = _gather_kv(kv, table, q)
         keys, vals = keys.transpose(1, 2), vals.transpose(1, 2)  # [B, Hkv, L, D]
     else:  # _gather on the memoised flat ids, viewed as [B, Hkv, L, D] in one op
         b = table.shape[0]
