@@ -196,3 +196,20 @@ def test_elsa_from_the_wanda_solution_starts_on_its_support(small_folder):
     assert agree["wanda"] > 0.999 and agree["magnitude"] < 0.95, agree  # measured 1.0 and 0.93
     with pytest.raises(InvalidParameterError, match="init: must be one of magnitude, wanda, got 'sparsegpt'"):
         ElsaConfig(sparsity=0.5, init="sparsegpt")
+
+
+def test_cli_starts_elsa_from_wanda(small_folder, tmp_path, capsys):
+    """``tierserve prune-weights --init wanda`` reaches ELSA's config (the record in the folder says so);
+    a start ELSA does not know is refused by the parser, naming the choices."""
+    from tierserve.cli import main
+    from tierserve.tools.prune_weights import RECORD
+
+    out = tmp_path / "elsa_wanda"
+    args = ["prune-weights", "--method", "elsa", "--sparsity", "0.5", "--model", small_folder, "--out", str(out),
+            "--calib-windows", "4", "--seq-len", "16", "--iterations", "1", "--steps", "1", "--init", "wanda"]
+    assert main(args) == 0
+    with open(out / RECORD) as f:
+        assert json.load(f)["elsa"]["init"] == "wanda"
+    with pytest.raises(SystemExit):
+        main(args[:-1] + ["sparsegpt"])
+    assert "argument --init: invalid choice: 'sparsegpt'" in capsys.readouterr().err

@@ -48,6 +48,9 @@ def add_moe_parsers(sub) -> None:
     pw.add_argument("--steps", type=int, default=None, help="ELSA: optimiser steps per iteration (default 4)")
     pw.add_argument("--lr", type=float, default=None, help="ELSA: Adam learning rate (default 2e-4)")
     pw.add_argument("--rho", type=float, default=None, help="ELSA: initial ADMM penalty (default 0.05)")
+    pw.add_argument("--init", default=None, choices=["magnitude", "wanda"],
+                    help="ELSA: the starting solution (default magnitude; wanda: the Wanda-pruned weights, "
+                         "the lower held-out perplexity on SmolLM2 at 8 steps, benchmarks/pruning.py)")
     pw.set_defaults(func=_prune_weights)
 
 
@@ -81,7 +84,7 @@ def _prune_weights(args: argparse.Namespace) -> int:
     from tierserve.tools.prune_weights import prune_weights
 
     elsa = {k: v for k, v in (("iterations", args.iterations), ("steps_per_iteration", args.steps),
-                              ("lr", args.lr), ("rho", args.rho)) if v is not None}
+                              ("lr", args.lr), ("rho", args.rho), ("init", args.init)) if v is not None}
 
     def progress(it: int, rec: dict) -> None:
         print(f"iteration {it + 1}: loss {rec['loss']:.4f} rho {rec['rho']:.3g} gap {rec['relative_gap']:.4f}",
