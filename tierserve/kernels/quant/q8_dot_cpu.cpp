@@ -275,6 +275,14 @@ torch::Tensor q8_dot_mm(torch::Tensor x, torch::Tensor blocks, int64_t kind) {
 
 bool q8_dot_simd() { return Q8DOT_AVX2; }
 
+// The op ``tierserve::q8_dot_mm`` in torch's C++ dispatcher (its shape function is registered from Python):
+// a call from an eager module or a compiled graph's wrapper costs ~2 us of dispatch, against ~17 us through a
+// Python-defined custom op.
+TORCH_LIBRARY_FRAGMENT(tierserve, m) { m.def("q8_dot_mm(Tensor x, Tensor blocks, int kind) -> Tensor"); }
+TORCH_LIBRARY_IMPL(tierserve, CPU, m) { m.impl("q8_dot_mm", &q8_dot_mm); }
+// no gradient (inference only): autograd passes straight through instead of its not-implemented fallback
+TORCH_LIBRARY_IMPL(tierserve, AutogradCPU, m) { m.impl("q8_dot_mm", torch::CppFunction::makeFallthrough()); }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     mod.def("q8_dot_mm", &q8_dot_mm, "GGUF Q4_1 / Q8_0 blocks times Q8 activations (q8_dot_cpu.py)");
     mod.def("simd", &q8_dot_simd, "whether the AVX2 path was compiled in");

@@ -74,12 +74,14 @@ def _extension():
     # needs libgomp.so.1, the runtime torch already loaded (same soname), so one thread pool serves both
     flags = ["-O3", "-fopenmp"] + (["-mavx2", "-mfma", "-mf16c"] if simd else [])
     try:
-        return cpp_extension.load(name="tierserve_q8_dot" + ("_avx2" if simd else "_scalar"),
-                                  sources=[os.path.join(os.path.dirname(__file__), "q8_dot_cpu.cpp")],
-                                  extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+        ext = cpp_extension.load(name="tierserve_q8_dot" + ("_avx2" if simd else "_scalar"),
+                                 sources=[os.path.join(os.path.dirname(__file__), "q8_dot_cpu.cpp")],
+                                 extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, no headers: the int4 kernel stays
         logger.warning("integer-dot CPU kernel unavailable (%s): %s", type(exc).__name__, exc)
         return None
+    torch.library.register_fake("tierserve::q8_dot_mm")(_fake_q8_dot_mm)  # the library loaded defines the op
+    return ext
 
 
 def available() -> bool:
@@ -93,24 +95,22 @@ def simd() -> bool:
     return bool(ext is not None and ext.simd())
 
 
-@torch.library.custom_op("tierserve::q8_dot_mm", mutates_args=())
-def _q8_dot_op(x: torch.Tensor, blocks: torch.Tensor, kind: int) -> torch.Tensor:
-    ext = _extension()
-    if ext is None:
-        raise RuntimeError("the integer-dot CPU kernel could not be built here (see the log)")
-    return ext.q8_dot_mm(x, blocks, kind)
-
-
-@_q8_dot_op.register_fake
-def _(x: torch.Tensor, blocks: torch.Tensor, kind: int) -> torch.Tensor:  # shapes for torch.compile
+def _fake_q8_dot_mm(x: torch.Tensor, blocks: torch.Tensor, kind: int) -> torch.Tensor:  # shapes for torch.compile
     return x.new_empty(x.shape[0], blocks.shape[0])
 
 
 def q8_dot_mm(x: torch.Tensor, blocks: torch.Tensor, kind: str) -> torch.Tensor:
     """``y [M, N] = x [M, K] W^T`` (float32) for ``W`` given as GGUF ``kind`` blocks ``blocks`` uint8
-    ``[N, K / 32 * block_bytes]`` (module docstring). A torch custom op (``tierserve::q8_dot_mm``), so a
-    compiled graph calls it as one extern kernel."""
-    return _q8_dot_op(x, blocks, KINDS[kind][0])
+    ``[N, K / 32 * block_bytes]`` (module docstring). The op ``tierserve::q8_dot_mm`` of torch's dispatcher
+    (defined by the extension in C++, its shape function here), so a compiled graph calls it as one extern
+    kernel."""
+    if torch.compiler.is_compiling():  # traced: the dispatcher's op (defined once ``available()`` built it)
+        return torch.ops.tierserve.q8_dot_mm(x, blocks, KINDS[kind][0])
+    ext = _extension()
+    if ext is None:
+        raise RuntimeError("the integer-dot CPU kernel could not be built here (see the log)")
+    # eager: the extension's own binding (2 us a call; a boxed call of a dispatcher op from Python: ~18 us)
+    return ext.q8_dot_mm(x, blocks, KINDS[kind][0])
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
