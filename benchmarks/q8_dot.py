@@ -29,6 +29,25 @@ head gains most: the int4 path runs Q8_0 as two int4 terms (10 bits per weight
 and two passes), q8dot reads the 8.5-bit blocks once at 12.9 GB/s. Repeated
 runs on the shared host moved single entries by up to 40%.
 
+After the kernel's second version (one (d, m) conversion and one 2-lane scale product per block, nibbles
+by broadcast and per-lane shift, two accumulators, two Q4_1 rows per tile at M=1, 4 KiB prefetch; the .cpp
+header), ``--threads 2``, nothing else running (copy 6.7 GB/s, load 1.15), ms per call, int4 / q8dot:
+
+| shape          | M=1                   | M=8                   | M=32                   |
+|----------------|-----------------------|-----------------------|------------------------|
+| qkv 960x576    | 0.053 / 0.019 (2.87)  | 0.176 / 0.101 (1.74)  | 0.717 / 0.394 (1.82)   |
+| o 576x576      | 0.036 / 0.013 (2.79)  | 0.126 / 0.063 (2.01)  | 0.440 / 0.238 (1.85)   |
+| gate_up        | 0.153 / 0.057 (2.66)  | 0.619 / 0.304 (2.04)  | 2.597 / 1.265 (2.05)   |
+| down           | 0.103 / 0.029 (3.62)  | 0.327 / 0.153 (2.14)  | 1.252 / 0.628 (1.99)   |
+| head (Q8_0)    | 5.393 / 1.569 (3.44)  | 19.53 / 5.206 (3.75)  | 76.72 / 21.10 (3.64)   |
+
+One batch-1 step's matmuls: int4 15.75 ms, q8dot 5.09 ms (3.09x; the first version: 9.2 ms at 2 threads).
+The layer shapes now stream 16-19 GB/s from warm caches. One thread, the first and second version side by
+side in one process (same shapes, median per call): M=1 1.4-1.6x faster, M=8 and 32 1.2-1.4x; a pass over
+30 distinct layers' weights and the head (streamed from memory, as a decode step reads them) 13.8 -> 9.9 ms.
+Batches stay compute-bound: per block and row pair two integer multiplies (maddubs, madd), a conversion and
+an FMA; a 2-weight-row tile at M > 1 and a transposed scale layout measured no faster.
+
 Usage: python benchmarks/q8_dot.py [--threads 1] [--rows 1,8,32] [--calls 200]
 """
 
