@@ -51,7 +51,11 @@ the 2-core AVX2 CPU, OMP_NUM_THREADS=1 and taskset to that core, the core shared
   same run before that change (b45145a; copy 5.5 GB/s, load 1.90 -> 2.05): fp32 0.202 s, kv4 0.258 s
   (1.27x; least 1.20x), xquant 0.324 s. SmolLM2 (head_dim 64), same command without ``--gemma``, one
   thread, after the change: fp32 0.137 s median (0.097 least), kv4 0.169 s (1.23x; least 1.19x), xquant
-  0.313 s; copy 5.5 GB/s, load 1.02 (the two-thread row above: 1.15x).
+  0.313 s; copy 5.5 GB/s, load 1.02. Two threads, ``--repeats 15``, nothing else running (copy 9.6 GB/s,
+  load 1.5): fp32 0.107 s (0.086 least), kv4 0.141 s (**1.31x**; least 1.25x), xquant 0.271 s (2.52x): the
+  SmolLM2 target is missed in this run (the 1.15x row above is an earlier run on another host state). What
+  a kv4 hit adds there is mostly dequantizing the gathered pages in every layer (2 x 0.22 ms per layer for
+  1040 tokens, 30 layers); a fused dequantization would be the next step.
 
 Usage: python benchmarks/kv_tier_formats.py [--gemma] [--dram-mib 96] [--docs 24] [--doc-tokens 1024]
 """
