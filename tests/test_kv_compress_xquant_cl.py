@@ -9,8 +9,8 @@ import torch
 from model_harness import compressed_engine, greedy_run
 from tierserve.cache.compress.base import build_compressor
 from tierserve.cache.compress.xquant import XQuantLayerKV
-from tierserve.cache.compress.xquant_cl import (DeltaPages, XQuantCLLayerKV, delta_layers, dequantize, pack_bits,
-                                                quantize, unpack_bits)
+from tierserve.cache.compress.delta_pages import DeltaPages, dequantize, pack_bits, quantize, unpack_bits
+from tierserve.cache.compress.xquant_cl import XQuantCLLayerKV, delta_layers
 from tierserve.cache.tiers.chunk_layout import ChunkLayout
 from tierserve.config import KVCompressionConfig
 from tierserve.errors import InvalidParameterError

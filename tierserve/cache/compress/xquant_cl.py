@@ -28,12 +28,8 @@ delta layer before i), ``x_i`` the attention's (post-norm) input ``[hidden]``:
 (``s_i`` folded into the projection: ``[W_k; W_v] diag(s_i)``, read off the projection module's output on
 the identity as in xquant.py, so packed weight formats work too.)
 
-Codes (mid-rise, no zero level: the rotated deltas are centred and a group's 2^b levels all carry
-information, as many as an asymmetric codec's over [min, max] with the same step, at one fp16 number
-per group instead of two): ``h = 2^(b-1)``, ``s = fp16(max |y| / (h - 1/2))``,
-``q = clamp(floor(y / s), -h, h - 1) + h`` stored, ``y^ = (q - h + 1/2) s``; |y - y^| <= s/2 inside the
-range. Codes bit-packed little-endian (code j occupies bits ``j*b .. j*b+b-1`` of the row). Bytes per token
-and delta layer: ``hidden * b / 8 + 2 * hidden / g`` (the chain's first layer: b = 4); per latent layer
+Codes: delta_pages.py (symmetric mid-rise, b bits in groups of g after a block Hadamard, bit-packed).
+Bytes per token and delta layer: ``hidden * b / 8 + 2 * hidden / g`` (the chain's first layer: b = 4); per latent layer
 xquant.py's ``2 * (d_kv / 2 + 4 * d_kv / 32)`` (kv4's at group 32); plus 4 bytes per token for its
 position. ``latent_bits`` 0 keeps the deltas in fp32 and the latents in the KV dtype: lossless up to
 rounding (logits equal plain KV within fp32 noise; tests).
@@ -102,9 +98,9 @@ from __future__ import annotations
 import torch
 
 from tierserve.cache.compress.base import KVCompressor, register
+from tierserve.cache.compress.delta_pages import DeltaPages
 from tierserve.cache.compress import xquant as _xquant  # module, not names: xquant may be mid-import (it imports base)
 from tierserve.errors import InvalidParameterError
-from tierserve.kernels.quant.hadamard import hadamard_matrix
 
 CL_BITS = (0, 2, 3, 4)
 BASE_BITS = 4  # the chain's first layer stores u itself, not a delta
@@ -116,81 +112,6 @@ DELTA_FROM = 0.5  # deltas from this fraction of the depth on, XQuant latents be
 def delta_layers(num_layers: int) -> tuple[int, ...]:
     """The layers that store deltas: the last ``1 - DELTA_FROM`` of the depth (at least the last layer)."""
     return tuple(range(min(int(num_layers * DELTA_FROM), num_layers - 1), num_layers))
-
-
-def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes ``[..., n]`` (< 2^bits) -> ``[..., n * bits / 8]`` bytes, code j at bits j*b.. of the row."""
-    *lead, n = q.shape
-    planes = (q[..., None] >> torch.arange(bits, dtype=torch.uint8, device=q.device)) & 1
-    planes = planes.reshape(*lead, n * bits // 8, 8)
-    return (planes << torch.arange(8, dtype=torch.uint8, device=q.device)).sum(-1, dtype=torch.uint8)
-
-
-def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of ``pack_bits``: uint8 codes ``[..., 8 * bytes / bits]``."""
-    *lead, nbytes = packed.shape
-    planes = (packed[..., None] >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1
-    planes = planes.reshape(*lead, nbytes * 8 // bits, bits)
-    return (planes << torch.arange(bits, dtype=torch.uint8, device=packed.device)).sum(-1, dtype=torch.uint8)
-
-
-def quantize(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x [..., d]`` -> codes uint8 ``[..., d]`` (unpacked, 0 .. 2^b - 1) and fp16 scales ``[..., d / group]``
-    (the symmetric mid-rise codec of the module docstring)."""
-    *lead, d = x.shape
-    xg = x.float().reshape(*lead, d // group, group)
-    half = 1 << (bits - 1)
-    scale = (xg.abs().amax(-1) / (half - 0.5)).to(torch.float16)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.floor(xg / scale.float()[..., None]).clamp_(-half, half - 1) + half
-    return q.to(torch.uint8).reshape(*lead, d), scale
-
-
-def dequantize(q: torch.Tensor, scale: torch.Tensor, bits: int, group: int) -> torch.Tensor:
-    *lead, d = q.shape
-    levels = q.float().reshape(*lead, d // group, group) - ((1 << (bits - 1)) - 0.5)
-    return (levels * scale.float()[..., None]).reshape(*lead, d)
-
-
-class DeltaPages:
-    """One layer's stored deltas, block-major: packed codes and scales (or fp32 values at 0 bits)."""
-
-    def __init__(self, num_blocks: int, block_size: int, hidden: int, bits: int, group: int, device):
-        self.bits, self.group, self.hidden = bits, group, hidden
-        self.rotation = hadamard_matrix(group, torch.float32, device)
-        self.weight = torch.ones(hidden, device=device)  # per-channel importance (set at bind)
-        shape = (num_blocks, block_size)
-        if bits:
-            self.tensors = (torch.zeros(*shape, hidden * bits // 8, dtype=torch.uint8, device=device),
-                            torch.ones(*shape, hidden // group, dtype=torch.float16, device=device))
-        else:
-            self.tensors = (torch.zeros(*shape, hidden, dtype=torch.float32, device=device),)
-
-    def write(self, slots: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        """Store ``d [T, hidden]`` at flat ``slots``; returns what a read will give back (fp32)."""
-        if not self.bits:
-            stored = (d.float(),)
-            out = stored[0]
-        else:
-            q, scale = quantize(self._rotate(d * self.weight), self.bits, self.group)
-            stored = (pack_bits(q, self.bits), scale)
-            out = self._rotate(dequantize(q, scale, self.bits, self.group)) / self.weight
-        for dst, src in zip(self.tensors, stored):
-            dst.view(-1, dst.shape[-1]).index_copy_(0, slots, src)
-        return out
-
-    def read(self, table: torch.Tensor) -> torch.Tensor:
-        """The blocks of ``table`` (any shape) as fp32 ``[numel(table) * block_size, hidden]``."""
-        flat = table.reshape(-1)
-        parts = [torch.index_select(t, 0, flat).reshape(-1, t.shape[-1]) for t in self.tensors]
-        if not self.bits:
-            return parts[0]
-        codes = unpack_bits(parts[0], self.bits)
-        return self._rotate(dequantize(codes, parts[1], self.bits, self.group)) / self.weight
-
-    def _rotate(self, x: torch.Tensor) -> torch.Tensor:
-        """The block Hadamard rotation (its own inverse: ``H`` is symmetric and orthonormal)."""
-        return (x.float().reshape(-1, self.hidden // self.group, self.group) @ self.rotation).reshape(x.shape)
 
 
 class _CLState:
