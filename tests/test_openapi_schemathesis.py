@@ -1,8 +1,10 @@
 """Schemathesis, with every one of its checks, against a live server: 0 failures.
 
 A one-replica app of the default SmolLM2 folder with a 64-token context is deployed on the session's
-Ray (tests/ray_fixtures.py) under ``/fuzz``; ``schemathesis run`` (its CLI, in a subprocess) loads the
-served ``/openapi.json`` and runs its coverage and fuzzing phases, positive and negative data, over
+Ray (tests/ray_fixtures.py) under ``/fuzz``. The test fetches the served ``/openapi.json`` itself, with
+the request deadline below (under load a fresh app's first answer took over 10 s, schemathesis's own limit
+for loading a schema), and ``schemathesis run`` (its CLI, in a subprocess) loads that document and runs
+its coverage and fuzzing phases, positive and negative data, over
 ``MAX_EXAMPLES`` examples per operation, with ``--checks all``: no 5xx, statuses, content types, headers
 (``Retry-After``, ``Allow`` on 405), bodies and each SSE event against the document, schema-valid
 requests accepted, schema-violating ones refused, unsupported methods answered 405. No check depends on
@@ -24,6 +26,7 @@ import os
 import re
 import subprocess
 import sys
+import urllib.request
 
 import pytest
 
@@ -55,7 +58,11 @@ def test_schemathesis_all_checks_find_nothing(fuzz_server, smollm_folder, tmp_pa
     env = dict(os.environ, SCHEMATHESIS_HOOKS="openapi_fuzz_hooks", TS_FUZZ_MODEL=smollm_folder,
                TS_FUZZ_MAX_MODEL_LEN=str(MAX_MODEL_LEN),
                PYTHONPATH=os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "schemathesis.cli", "run", f"{fuzz_server}/openapi.json", "--url", fuzz_server,
+    schema = tmp_path / "openapi.json"
+    with urllib.request.urlopen(f"{fuzz_server}/openapi.json", timeout=REQUEST_TIMEOUT_S) as resp:
+        assert resp.status == 200 and resp.headers["content-type"].startswith("application/json")
+        schema.write_bytes(resp.read())
+    cmd = [sys.executable, "-m", "schemathesis.cli", "run", str(schema), "--url", fuzz_server,
            "--checks", "all", "--max-examples", str(MAX_EXAMPLES), "--seed", str(SEED),
            "--workers", "1", "--request-timeout", str(REQUEST_TIMEOUT_S), "--generation-database", "none",
            # schemathesis 4.32 applies a 10 s response-time check under --checks all: bound it by the same deadline

@@ -7,6 +7,9 @@ carry a prefix of one replica's chain must be served by that replica, whatever t
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 
 import pytest
 import ray
@@ -51,6 +54,19 @@ def test_request_hash_contract():
     assert e.value.field == PREFIX_HASHES_KWARG
     with pytest.raises(InvalidParameterError):
         request_block_hashes(_pending({PREFIX_HASHES_KWARG: "abc"}))
+
+
+def test_queue_length_probe_deadline_defaults_and_environment_override():
+    probe = ("from ray.serve.request_router import RequestRouter as R;"
+             "from tierserve.routing.serve_router import PrefixAwareRequestRouter as P;"
+             "print(R.queue_len_response_deadline_s, P.queue_len_response_deadline_s, "
+             "P.max_queue_len_response_deadline_s)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["0.1", "0.5", "2.0"]                 # Serve's default, then the router's
+    env["RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S"] = "3"
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["3.0", "3.0", "3.0"]                 # the variable wins; max never below it
 
 
 @pytest.fixture(scope="module")

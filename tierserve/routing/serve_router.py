@@ -68,6 +68,16 @@ replica that has not reported yet counts 0 queued tokens and the policy's
 capacity. Requests in flight come from Serve's queue-length cache as above
 (fresher than any report).
 
+Queue-length probes. Before sending, Serve asks the chosen replica for its
+queue length and skips it if no answer comes within the router's deadline.
+Serve's default, 0.1 s, throws the prefix away whenever the owner's event
+loop is slow for a moment (a CPU engine step holding the interpreter, a busy
+host): the request then pays its whole prefill elsewhere. This router starts
+at ``QUEUE_LEN_DEADLINE_S`` = 0.5 s, which Serve doubles on repeated misses up
+to ``MAX_QUEUE_LEN_DEADLINE_S`` = 2 s; the environment variables
+``RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S`` and
+``RAY_SERVE_MAX_QUEUE_LENGTH_RESPONSE_DEADLINE_S`` still override both.
+
 When Serve reports a replica dead, the router asks the tree actor to forget
 it (fire and forget).
 
@@ -81,6 +91,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Sequence
 
 import ray
@@ -100,6 +111,9 @@ PREFIX_HASHES_KWARG = "prefix_block_hashes"
 ROUTING_STATS_KEYS = ("pending_prefill_tokens", "max_num_seqs", "token_budget")
 #: Router policies this adapter runs (``request_router_kwargs: {policy: ...}``).
 ROUTER_POLICIES = ("prefix_aware", "cost_aware")  # the registry names of routing/policy.py POLICIES
+#: First and largest deadline of Serve's queue-length probe (module doc, Queue-length probes).
+QUEUE_LEN_DEADLINE_S = float(os.environ.get("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", 0.5))
+MAX_QUEUE_LEN_DEADLINE_S = float(os.environ.get("RAY_SERVE_MAX_QUEUE_LENGTH_RESPONSE_DEADLINE_S", 2.0))
 
 
 def routing_stats(pending_prefill_tokens: int, max_num_seqs: int, token_budget: int) -> dict[str, int]:
@@ -142,6 +156,9 @@ def request_block_hashes(pending_request: PendingRequest | None) -> list[bytes]:
 
 class PrefixAwareRequestRouter(RequestRouter):
     """Serve request router: longest cached prefix bounded by load (see module doc)."""
+
+    queue_len_response_deadline_s = QUEUE_LEN_DEADLINE_S
+    max_queue_len_response_deadline_s = max(MAX_QUEUE_LEN_DEADLINE_S, QUEUE_LEN_DEADLINE_S)
 
     def initialize_state(self, abs_threshold: float = 4, rel_threshold: float = 1.5,
                          match_timeout_s: float = 0.1, max_blocks_per_replica: int | None = None,
