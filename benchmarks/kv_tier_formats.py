@@ -27,15 +27,23 @@ Measured (2-core CPU shared with other work; SmolLM2-135M GGUF):
 * capacity (``--dram-mib 48 --docs 8``, chunks of 256 tokens): fp32 chunks 11.80 MB, 4 held (1024 tokens);
   kv4 and xquant chunks 1.84 MB, 27 held (6912 tokens): 6.8x (target >= 5x: met). That run's TTFTs were
   taken format after format under a load average of 4-13 and are not comparable (results json).
-* hit TTFT (``--docs 1 --repeats 7 --recompute-repeats 0``, rounds interleaved; load average 2.96, copy
-  bandwidth 11.0 GB/s; results/kv_tier_formats_ttft.json): fp32 0.073 s median (0.070 least), kv4 0.084 s
-  (1.15x; least 1.16x; target <= 1.2x: met), xquant 0.131 s (1.80x). Profiled on one thread, a kv4 hit
-  spends about half its forward dequantizing the gathered pages in attention (kv4.py ``gather``: 0.17 s of
-  0.35 s), against a smaller fetch and copy than fp32's (the chunk is 6.4x smaller); xquant also
-  rematerialises K and V from the latent in every layer.
+* hit TTFT, after the loads and the dequantization were made cheap (below): ``--docs 1 --repeats 15
+  --recompute-repeats 0``, rounds interleaved, two threads (copy bandwidth 10.6 GB/s, load average 1.01;
+  results/kv_tier_formats_ttft_2t.json): fp32 0.080 s median (0.068 least), kv4 0.073 s (**0.92x**; least
+  0.87x; target <= 1.2x: met), xquant 0.156 s (1.96x); one thread (``--threads 1``; copy 7.2 GB/s, load 1.25;
+  results/kv_tier_formats_ttft.json): fp32 0.097 s, kv4 0.088 s (0.91x; least 0.90x), xquant 0.210 s (2.16x).
+  A kv4 hit is now cheaper than an fp32 one: it moves 6.4x fewer bytes. Two changes got it there from 1.31x
+  (the run of the previous revision, two threads: fp32 0.107 s, kv4 0.141 s; copy 9.6 GB/s). Profiled, a
+  kv4 hit spent ~27 ms in ``index_copy_`` putting the loaded chunks into the pages (4 chunks x 30 layers x
+  6 parts, 30-57 us each, most of it uint8 ``index_copy_``'s per-byte path; fp32: 2 parts) and ~28 ms in
+  the torch dequantization of the gathered pages (three ``index_select``, a ``stack``, widenings, a multiply
+  and an add per K and V per layer). Now ``ChunkLayout.scatter`` copies rows as 4-byte words (one plain
+  copy per run of consecutive blocks, ``index_copy_`` otherwise; cache/tiers/chunk_layout.py) and a C++
+  kernel gathers and dequantizes the pages in one pass (kernels/quant/kv4_groups.py, bit-identical to the
+  torch reference).
 
-Gemma-3-270m (``--gemma``: its Q4_K_M GGUF, converted; 18 layers of one 256-wide KV head; one core of
-the 2-core AVX2 CPU, OMP_NUM_THREADS=1 and taskset to that core, the core shared with another job):
+Gemma-3-270m (``--gemma``: its Q4_K_M GGUF, converted; 18 layers of one 256-wide KV head; one thread;
+the capacity run on one core of the 2-core AVX2 CPU shared with another job):
 
 * capacity (``--gemma --dram-mib 48 --docs 12 --repeats 3 --recompute-repeats 1``, 12 passages so that
   kv4's 48 chunks overfill the budget; copy bandwidth 5.8 GB/s, load average 1.52 before, 1.81 after;
@@ -43,19 +51,12 @@ the 2-core AVX2 CPU, OMP_NUM_THREADS=1 and taskset to that core, the core shared
   xquant 1.48 MB, 34 held (8704 tokens): 6.8x (target >= 5x: met). A recompute of the 1024-token
   passage and its question takes 5.2-6.3 s on this core against a 0.30-0.38 s hit.
 * hit TTFT (``--gemma --dram-mib 48 --docs 1 --repeats 7 --recompute-repeats 0 --threads 1``, rounds
-  interleaved; copy bandwidth 7.2 GB/s, load average 1.05 before, 1.02 after;
-  results/kv_tier_formats_gemma_ttft.json): fp32 0.188 s median (0.176 least), kv4 0.195 s (**1.04x**;
-  least 1.07x; target <= 1.2x: met), xquant 0.313 s (1.67x; least 1.53x). Paged attention now rotates the
-  queries instead of un-rotating every gathered key (kernels/paged_attention.py, cache/compress/kv4.py):
-  with Gemma's 256-wide head that un-rotation was 67 M multiply-adds per layer for 1024 cached tokens. The
-  same run before that change (b45145a; copy 5.5 GB/s, load 1.90 -> 2.05): fp32 0.202 s, kv4 0.258 s
-  (1.27x; least 1.20x), xquant 0.324 s. SmolLM2 (head_dim 64), same command without ``--gemma``, one
-  thread, after the change: fp32 0.137 s median (0.097 least), kv4 0.169 s (1.23x; least 1.19x), xquant
-  0.313 s; copy 5.5 GB/s, load 1.02. Two threads, ``--repeats 15``, nothing else running (copy 9.6 GB/s,
-  load 1.5): fp32 0.107 s (0.086 least), kv4 0.141 s (**1.31x**; least 1.25x), xquant 0.271 s (2.52x): the
-  SmolLM2 target is missed in this run (the 1.15x row above is an earlier run on another host state). What
-  a kv4 hit adds there is mostly dequantizing the gathered pages in every layer (2 x 0.22 ms per layer for
-  1040 tokens, 30 layers); a fused dequantization would be the next step.
+  interleaved; copy bandwidth 6.8 GB/s, load average 1.13; results/kv_tier_formats_gemma_ttft.json): fp32
+  0.263 s median (0.224 least), kv4 0.267 s (**1.01x**; least 0.97x; target <= 1.2x: met), xquant 0.392 s
+  (1.49x). Paged attention rotates the queries instead of un-rotating every gathered key
+  (kernels/paged_attention.py, cache/compress/kv4.py): with Gemma's 256-wide head that un-rotation was 67 M
+  multiply-adds per layer for 1024 cached tokens (before it: kv4 1.27x, after it and before the fused
+  gather: 1.04x).
 
 Usage: python benchmarks/kv_tier_formats.py [--gemma] [--dram-mib 96] [--docs 24] [--doc-tokens 1024]
 """

@@ -10,7 +10,8 @@ import torch
 from tierserve.cache.compress.base import KV_COMPRESSORS, SeqKV, build_compressor
 from tierserve.cache.compress.expected_attention import (averaged_rope_matrix, expected_attention_scores,
                                                           log_expected_scores, query_statistics)
-from tierserve.cache.compress.kv4 import PackedLayerKV, dequantize_groups, quantize_groups
+from tierserve.cache.compress.kv4 import PackedLayerKV
+from tierserve.kernels.quant.kv4_groups import dequantize_groups, quantize_groups
 from tierserve.cache.compress.paged_eviction import value_key_ratio
 from tierserve.kernels.kv_pages import allocate_kv_cache
 from tierserve.cache.kv_cache_manager import KVCacheManager

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tierserve.cache.compress.base import build_compressor
-from tierserve.cache.tiers.chunk_layout import ChunkLayout
+from tierserve.cache.tiers.chunk_layout import MAX_RUNS, ChunkLayout, block_runs
 from tierserve.config import KVCompressionConfig
 from tierserve.kernels.kv_pages import allocate_kv_cache
 from tierserve.kernels.kv_spec import KVSpec
@@ -49,6 +49,35 @@ def test_kv4_payload_round_trips_packed_bytes_into_other_blocks():
         keys, vals = c.gather(torch.tensor([src]))  # what attention reads is equal too
         fk, fv = f.gather(torch.tensor([[9, 0, 3]]))
         assert torch.equal(keys, fk) and torch.equal(vals, fv)
+
+
+def test_block_runs():
+    assert block_runs([4, 5, 6, 9, 1, 2]) == [(4, 0, 3), (9, 3, 1), (1, 4, 2)]
+    assert block_runs([]) == [] and block_runs([3]) == [(3, 0, 1)]
+
+
+@pytest.mark.parametrize("spec", [SPEC, KVSpec(num_layers=2, num_kv_heads=1, head_dim=32, block_size=1)],
+                         ids=["word-rows", "2-byte-scale-rows"])
+@pytest.mark.parametrize("blocks", [[2, 3, 4, 5, 6, 7], [7, 6, 5, 4, 3, 2], [0, 1, 8, 9, 4, 5]])
+def test_scatter_by_runs_or_by_index_copies_the_same_rows(blocks, spec):
+    torch.manual_seed(2)
+    kv4 = build_compressor(KVCompressionConfig("kv4"), spec)
+    caches = kv4.allocate_cache(num_blocks=12)
+    tokens = 12 * spec.block_size
+    for c in caches:
+        c.write(torch.arange(tokens), torch.randn(tokens, spec.num_kv_heads, spec.head_dim),
+                torch.randn(tokens, spec.num_kv_heads, spec.head_dim))
+    src = [6, 0, 11, 3, 8, 1]
+    payload = ChunkLayout(caches, chunk_blocks=6).gather(src)
+    fresh = kv4.allocate_cache(num_blocks=12)
+    ChunkLayout(fresh, chunk_blocks=6).scatter(payload, 0, blocks)
+    ChunkLayout(fresh, chunk_blocks=6).scatter(payload, 5, blocks[:1])  # a partial chunk: its last block
+    others = [i for i in range(12) if i not in blocks]
+    for c, f, e in zip(caches, fresh, kv4.allocate_cache(num_blocks=12)):
+        for a, b, empty in zip(c.parts(), f.parts(), e.parts()):
+            assert torch.equal(b[blocks[1:]], a[src[1:]]) and torch.equal(b[blocks[0]], a[src[5]])
+            assert torch.equal(b[others], empty[others])
+    assert (len(block_runs(blocks)) <= MAX_RUNS) == (blocks != [7, 6, 5, 4, 3, 2])  # both paths ran
 
 
 def test_bad_ranges_name_the_sizes():

@@ -31,7 +31,9 @@ orthonormal), so a read costs ``n x D^2`` for n queries instead of
 Gemma-3-270m, D 256: 67 M multiply-adds per layer for 1024 cached tokens
 undone); the new tokens are quantized before they are attended to, exactly
 as later steps see them.
-``quantize_groups`` / ``dequantize_groups`` are the torch reference.
+The codec and the fused gather are kernels/quant/kv4_groups.py
+(``quantize_groups`` / ``dequantize_groups`` the torch reference; on the CPU
+a C++ kernel gathers and dequantizes the pages in one pass).
 """
 
 from __future__ import annotations
@@ -43,26 +45,7 @@ import torch
 from tierserve.cache.compress.base import KVCompressor, register
 from tierserve.errors import InvalidParameterError
 from tierserve.kernels.quant.hadamard import hadamard_matrix
-
-
-def quantize_groups(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``x [..., D]`` -> packed uint8 ``[..., D/2]``, fp16 scale and min ``[..., D/group]``."""
-    *lead, d = x.shape
-    xg = x.float().reshape(*lead, d // group, group)
-    lo, hi = xg.amin(-1), xg.amax(-1)
-    scale = ((hi - lo) / 15).to(torch.float16)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    zero = lo.to(torch.float16)
-    q = torch.round((xg - zero.float()[..., None]) / scale.float()[..., None]).clamp_(0, 15).to(torch.uint8)
-    q = q.reshape(*lead, d // 2, 2)
-    return q[..., 0] | (q[..., 1] << 4), scale, zero
-
-
-def dequantize_groups(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> torch.Tensor:
-    """Inverse of ``quantize_groups``: fp32 ``[..., D]``."""
-    *lead, half = packed.shape
-    q = torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(*lead, 2 * half // group, group)
-    return (zero.float()[..., None] + q.float() * scale.float()[..., None]).reshape(*lead, 2 * half)
+from tierserve.kernels.quant.kv4_groups import gather_dequantized, quantize_groups
 
 
 @dataclass
@@ -86,10 +69,8 @@ class PackedTensor:
             dst.view(-1, *dst.shape[2:]).index_copy_(0, slots, src)
 
     def gather(self, table: torch.Tensor, group: int) -> torch.Tensor:
-        """Pages of ``table [..., nb]`` dequantized: ``[..., nb * bs, H, D]`` fp32."""
-        flat = table.reshape(-1)
-        parts = [torch.index_select(t, 0, flat) for t in (self.codes, self.scale, self.zero)]
-        x = dequantize_groups(*parts, group)
+        """Pages of ``table [..., nb]`` dequantized: ``[..., nb * bs, H, D]`` fp32 (one fused pass on the CPU)."""
+        x = gather_dequantized(self.codes, self.scale, self.zero, table, group)
         return x.view(*table.shape[:-1], -1, *x.shape[-2:])
 
 

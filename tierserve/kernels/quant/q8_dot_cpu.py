@@ -30,57 +30,32 @@ at most ``dx / 2`` per element, so ``|y - x W^T| <= sum_b (dx_b / 2) sum_{k in b
 plus float32 summation (``q8_dot_reference`` computes the same integer sums in
 float64: the kernel agrees with it within float32 accumulation, ~1e-6 relative).
 
-The C++ source is compiled on first use with the host compiler (the extension
-build of ``torch.utils.cpp_extension``, cached under the torch extensions
-directory) with ``-fopenmp`` (rows split over torch's intra-op threads) and
-``-mavx2 -mfma -mf16c`` where /proc/cpuinfo lists those flags, else as portable
-scalar code. ``available()`` is False when no compiler works;
-callers then keep the int4 kernel.
+The C++ source is compiled on first use with the host compiler
+(kernels/cpu_extension.py: cached, rows split over torch's intra-op threads,
+AVX2 where the host has it, else portable scalar code). ``available()`` is
+False when no compiler works; callers then keep the int4 kernel.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 import os
 
 import torch
 
-logger = logging.getLogger(__name__)
+from tierserve.kernels.cpu_extension import load_cpu_extension
 
 QK = 32
 KINDS = {"Q4_1": (0, 20), "Q8_0": (1, 34)}  # kernel kind, bytes per block of 32
-_SIMD_FLAGS = ("avx2", "fma", "f16c")
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 @functools.cache
 def _extension():
     """The compiled extension, or None when it cannot be built here (logged once)."""
-    from torch.utils import cpp_extension
-
-    simd = all(f in _cpu_flags() for f in _SIMD_FLAGS)
-    # -fopenmp: at::parallel_for is inline OpenMP in ATen's headers (serial without it); the extension then
-    # needs libgomp.so.1, the runtime torch already loaded (same soname), so one thread pool serves both
-    flags = ["-O3", "-fopenmp"] + (["-mavx2", "-mfma", "-mf16c"] if simd else [])
-    try:
-        ext = cpp_extension.load(name="tierserve_q8_dot" + ("_avx2" if simd else "_scalar"),
-                                 sources=[os.path.join(os.path.dirname(__file__), "q8_dot_cpu.cpp")],
-                                 extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as exc:  # no compiler, no headers: the int4 kernel stays
-        logger.warning("integer-dot CPU kernel unavailable (%s): %s", type(exc).__name__, exc)
-        return None
-    torch.library.register_fake("tierserve::q8_dot_mm")(_fake_q8_dot_mm)  # the library loaded defines the op
+    ext = load_cpu_extension("tierserve_q8_dot", os.path.join(os.path.dirname(__file__), "q8_dot_cpu.cpp"),
+                             "integer-dot CPU kernel")
+    if ext is not None:
+        torch.library.register_fake("tierserve::q8_dot_mm")(_fake_q8_dot_mm)  # the library defines the op
     return ext
 
 

@@ -1,0 +1,46 @@
+"""Build a C++ CPU kernel of this package with the host compiler, once, with the host's SIMD flags.
+
+``load_cpu_extension(name, source)`` compiles ``source`` (a file beside the
+caller) through ``torch.utils.cpp_extension.load`` (cached under the torch
+extensions directory; a later process loads the cached library) with ``-O3
+-fopenmp`` (``at::parallel_for`` is inline OpenMP in ATen's headers, serial
+without it; the library then needs libgomp.so.1, the runtime torch already
+loaded, so one thread pool serves both) and ``-mavx2 -mfma -mf16c`` where
+/proc/cpuinfo lists all three flags, else as portable scalar code (the
+extension's name says which: ``<name>_avx2`` / ``<name>_scalar``). Returns None
+when no compiler works, logging why once; callers keep their torch path.
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger(__name__)
+
+SIMD_FLAGS = ("avx2", "fma", "f16c")
+
+
+def cpu_flags() -> set[str]:
+    """The host CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def load_cpu_extension(name: str, source: str, what: str):
+    """The compiled extension of ``source`` or None (``what`` names the kernel in the warning)."""
+    from torch.utils import cpp_extension
+
+    simd = all(f in cpu_flags() for f in SIMD_FLAGS)
+    flags = ["-O3", "-fopenmp"] + (["-mavx2", "-mfma", "-mf16c"] if simd else [])
+    try:
+        return cpp_extension.load(name=name + ("_avx2" if simd else "_scalar"), sources=[source],
+                                  extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as exc:  # no compiler, no headers
+        logger.warning("%s unavailable (%s): %s", what, type(exc).__name__, exc)
+        return None
