@@ -41,10 +41,10 @@ def test_replica_load_from_routing_stats():
 @pytest.fixture(scope="module")
 def serve_app(ray_session):
     # A light decode weight: Serve's in-flight counts (its queue-length cache) may lag by a request or two
-    # between these sequential calls; each counts 0.5 / 64 of a step budget, far below the 12 tokens
-    # (12 / 64) a's cached blocks save.
+    # between these sequential calls; each counts 0.5 tokens of work, far below the 12 tokens a's cached
+    # blocks save.
     kwargs = {"policy": "cost_aware", "block_size": BS, "token_budget": 64, "max_num_seqs": 64,
-              "decode_weight": 0.5, "match_timeout_s": 2.0}
+              "decode_tokens": 0.5, "match_timeout_s": 2.0}
     for handle, tree in stub_router_app(APP, kwargs, replica_tokens, BS, load_board=BOARD):
         yield handle, tree, ray.get_actor(BOARD)
 
@@ -81,11 +81,11 @@ def test_app_builds_the_cost_router_from_the_engine_config():
     from tierserve.server.app import ROUTER_CLASS, ROUTING_STATS_PERIOD_S, build_app
 
     app = build_app({"router": "cost", "block_size": 32, "max_num_seqs": 8, "max_num_batched_tokens": 512,
-                     "router_decode_weight": 2.0})
+                     "router_decode_tokens": 2.0})
     worker = app._bound_deployment.init_args[0]._bound_deployment
     router = worker._deployment_config.request_router_config
     assert router.request_router_class == ROUTER_CLASS
     assert router.request_routing_stats_period_s == ROUTING_STATS_PERIOD_S
     assert router.request_router_kwargs == {"policy": "cost_aware", "block_size": 32, "token_budget": 512,
-                                            "max_num_seqs": 8, "decode_weight": 2.0, "kv_tiers": []}
+                                            "max_num_seqs": 8, "decode_tokens": 2.0, "kv_tiers": []}
     assert set(router.request_router_kwargs) <= set(inspect.signature(PrefixAwareRequestRouter.initialize_state).parameters)

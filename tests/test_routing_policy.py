@@ -193,18 +193,21 @@ def test_policy_and_tree_import_neither_torch_nor_ray():
 
 def test_cost_policy_defaults_are_the_documented_ones():
     p = CostAwarePolicy()
-    assert (p.block_size, p.token_budget, p.max_num_seqs, p.decode_weight, p.tier_weights) == \
-        (16, 2048, 64, 8.0, {"device": 1.0})
-    assert make_policy("cost_aware").decode_weight == 8.0
+    assert (p.block_size, p.token_budget, p.max_num_seqs, p.decode_tokens, p.tier_weights) == \
+        (16, 2048, 64, 256.0, {"device": 1.0})
+    assert make_policy("cost_aware").decode_tokens == 256.0
 
 
 def test_cost_is_prefill_left_plus_queued_work_over_capacity():
     p = CostAwarePolicy()
     # 10-block request, 4 cached, 100 queued prompt tokens, 16 of 64 slots taken:
-    # (16 * 6 + 100) / 2048 + 8 * 16 / 64 = 196/2048 + 2
+    # (16 * 6 + 100 + 256 * 16) / 2048 = 196/2048 + 2
     assert p.cost(ReplicaLoad("a", 16, pending_prefill_tokens=100), 4.0, 10) == 196 / 2048 + 2.0
-    # A replica reporting its own capacity is normalised by it.
-    assert p.cost(ReplicaLoad("a", 16, 100, max_num_seqs=32, token_budget=512), 4.0, 10) == 196 / 512 + 4.0
+    # A replica reporting its own capacity is normalised by it; its slot count only binds when full.
+    assert p.cost(ReplicaLoad("a", 16, 100, max_num_seqs=32, token_budget=512), 4.0, 10) == (196 + 4096) / 512
+    assert p.cost(ReplicaLoad("a", 3, 0, max_num_seqs=4), 4.0, 10) == (96 + 3 * 256) / 2048   # a slot is free
+    assert p.cost(ReplicaLoad("a", 4, 0, max_num_seqs=4), 4.0, 10) == (96 + 5 * 256) / 2048   # waits for one
+    assert p.cost(ReplicaLoad("a", 6, 0, max_num_seqs=4), 4.0, 10) == (96 + 9 * 256) / 2048   # for three
 
 
 def test_hot_replica_keeps_a_long_match_until_three_requests_more_and_loses_at_four():
@@ -241,12 +244,20 @@ def test_queued_prefill_moves_a_request_off_a_replica_before_its_queue_grows():
 
 
 def test_capacity_normalises_load():
-    # Same 8 requests in flight: on a replica with 128 slots they weigh half as much as on one with 64.
-    p = CostAwarePolicy(decode_weight=8.0)
-    big = ReplicaLoad("big", 8, max_num_seqs=128)
-    small = ReplicaLoad("small", 6)  # 64 slots (policy default)
-    # big: 8*8/128 = 0.5 ; small: 8*6/64 = 0.75 -> big, despite more requests.
-    assert p.choose({}, [big, small], num_request_blocks=4).replica_id == "big"
+    # Few slots do not inflate the work of a request in flight: 3 of 4 taken weigh as 3 of 64 (the benchmark's
+    # replicas run 4 sequences): a 55-block match stays, as in the 64-slot example above.
+    p = CostAwarePolicy(decode_tokens=256.0)
+    few = [ReplicaLoad("hot", 3, max_num_seqs=4), ReplicaLoad("idle", 0, max_num_seqs=4)]
+    assert p.choose({"hot": 55}, few, num_request_blocks=60).replica_id == "hot"
+    # All 4 taken: the request would wait for one to finish (3 + 2 = 5 answers of work > 880 saved): it moves.
+    full = [ReplicaLoad("hot", 4, max_num_seqs=4), ReplicaLoad("idle", 0, max_num_seqs=4)]
+    assert p.choose({"hot": 55}, full, num_request_blocks=60) == \
+        RouteDecision("idle", 0, 0.0, "least_loaded", 960 / 2048)
+    # 8 requests in flight on a full 8-slot replica weigh one answer more than 8 on one with free slots.
+    tight, roomy = ReplicaLoad("tight", 8, max_num_seqs=8), ReplicaLoad("roomy", 8)
+    assert p.choose({}, [tight, roomy], num_request_blocks=4) == \
+        RouteDecision("roomy", 0, 0.0, "no_match", (64 + 8 * 256) / 2048)
+    assert p.cost(tight, 0.0, 4) == (64 + 9 * 256) / 2048
     # A larger token budget halves the prefill term: 2048 tokens of queue at 4096 budget cost 0.5.
     wide = ReplicaLoad("wide", 0, pending_prefill_tokens=2048, token_budget=4096)
     narrow = ReplicaLoad("narrow", 0, pending_prefill_tokens=1536)
@@ -284,8 +295,8 @@ def test_cost_choice_does_not_depend_on_request_length():
 
 def test_cost_policy_validation_names_the_field():
     for kwargs, field in [({"block_size": 0}, "block_size"), ({"token_budget": 0}, "token_budget"),
-                          ({"max_num_seqs": 1.5}, "max_num_seqs"), ({"decode_weight": -1.0}, "decode_weight"),
-                          ({"decode_weight": math.inf}, "decode_weight"),
+                          ({"max_num_seqs": 1.5}, "max_num_seqs"), ({"decode_tokens": -1.0}, "decode_tokens"),
+                          ({"decode_tokens": math.inf}, "decode_tokens"),
                           ({"tier_weights": {"dram": math.nan}}, "tier_weights")]:
         with pytest.raises(InvalidParameterError) as e:
             CostAwarePolicy(**kwargs)

@@ -60,9 +60,10 @@ replica by the work the request would cost it, Dynamo/llm-d style, in units of
 one step's token budget (roughly: engine steps of delay), and picks the
 cheapest:
 
-    cost(r) = (new_tokens(r) + pending_prefill_tokens(r)) / token_budget(r)
-              + decode_weight * ongoing_requests(r) / max_num_seqs(r)
+    cost(r) = (new_tokens(r) + pending_prefill_tokens(r)
+               + decode_tokens * (ongoing_requests(r) + behind(r))) / token_budget(r)
     new_tokens(r) = block_size * (n - score(r))
+    behind(r) = max(0, ongoing_requests(r) + 1 - max_num_seqs(r))
 
 * ``score(r)`` is the weighted prefix score of step 1 above (device blocks
   1.0, lower tiers at ``tier_weights``), so a DRAM block still costs
@@ -74,10 +75,14 @@ cheapest:
   and not prefilled yet (waiting requests and unfinished chunked prefills,
   ``EngineStats.pending_prefill_tokens``, reported by the replica). They run
   before the new request's prefill under the same token budget.
-* ``ongoing_requests(r) / max_num_seqs(r)``: the fraction of the replica's
-  sequence slots taken (requests running or queued there, Serve's count).
-  Every one of them adds a decode token to each step until it finishes, and a
-  replica with all slots taken makes the request wait for one to free.
+* ``ongoing_requests(r)``: requests running or queued there (Serve's count).
+  Each still adds its answer's decode tokens to the replica's steps; a decode
+  token costs a batch row of a weight-streaming step, far more than a prompt
+  token in a prefill chunk, so each request in flight counts as
+  ``decode_tokens`` prompt tokens of work.
+* ``behind(r)``: with every one of the replica's ``max_num_seqs`` slots
+  taken, the request waits for that many requests to finish before it gets
+  one; each wait counts another ``decode_tokens``.
 * Capacity: ``token_budget`` (the scheduler's ``max_num_batched_tokens``) and
   ``max_num_seqs`` of the replica when it reports them, else the policy's
   (the deployment's engine config; every replica of a deployment shares it).
@@ -88,17 +93,25 @@ Constants (constructor arguments):
   passes its engine's.
 * ``token_budget = 2048`` and ``max_num_seqs = 64``: SchedulerConfig defaults,
   the capacity of a replica that reported none; the app passes its own.
-* ``decode_weight = 8.0``: a full batch of running requests weighs 8 step
-  budgets of prefill, so each request in flight counts as
-  ``8 * 2048 / 64 = 256`` tokens of work with the defaults, about the
-  answers' length in benchmarks/serve.py (the decode tokens it still adds to
-  the replica's batches). Consequence: a cached match keeps a request on its
-  replica only while it saves more than 256 tokens (16 blocks) per extra
-  request in flight there. A follow-up turn with 55 cached blocks (880
-  tokens) stays on a replica with up to 3 more requests in flight than an
-  idle one and moves at 4; a shared 2-block header never outweighs one
-  request. ``decode_weight = 0`` is pure prefix-work routing (queued prefill
-  still counts), a huge one is least-loaded.
+* ``decode_tokens = 256``: prompt tokens of work per request in flight. On
+  the 2-core CPU host a prompt token prefills in ~1 ms within a chunk and a
+  batch-1 decode step takes 15-25 ms, so an answer of 16 tokens (the
+  benchmark's) weighs ~250-400 prompt tokens. Consequence: a cached match
+  keeps a request on its replica only while it saves more than 256 tokens (16
+  blocks) per extra request in flight there. A follow-up turn with 55 cached
+  blocks (880 tokens) stays on a replica with up to 3 more requests in flight
+  than an idle one and moves at 4; a shared 2-block header never outweighs
+  one request. ``decode_tokens = 0`` is pure prefix-work routing (queued
+  prefill and full slots still count), a huge one is least-loaded.
+
+  The first form of this policy weighed requests in flight as
+  ``decode_weight * ongoing / max_num_seqs`` step budgets (8 * 2048 / 64 =
+  256 tokens each with the defaults). With a replica configured for few
+  sequences that scaled each request in flight to thousands of tokens (4096
+  at ``max_num_seqs = 4``, benchmarks/serve.py's replicas), so a single
+  request in flight outweighed any cached prompt and the hit rate fell to
+  power-of-two's (0.47 vs 0.46, against the prefix router's 0.74). The slot
+  count now matters only where it binds (``behind``).
 
 Ties on cost go to the lower (ongoing_requests, replica_id). Reason of a
 decision: ``"no_match"`` when no candidate scores > 0, ``"prefix"`` when the
@@ -256,17 +269,17 @@ class CostAwarePolicy(RouterPolicy):
     """Router v2: the replica the request costs least, prefill left plus queued work over capacity (module doc)."""
 
     def __init__(self, block_size: int = 16, token_budget: int = 2048, max_num_seqs: int = 64,
-                 decode_weight: float = 8.0, tier_weights: Mapping[str, float] | None = None):
+                 decode_tokens: float = 256.0, tier_weights: Mapping[str, float] | None = None):
         for name, value in (("block_size", block_size), ("token_budget", token_budget),
                             ("max_num_seqs", max_num_seqs)):
             if not (isinstance(value, int) and value >= 1):
                 raise InvalidParameterError(name, f"must be an int >= 1, got {value!r}")
-        if not (math.isfinite(decode_weight) and decode_weight >= 0):
-            raise InvalidParameterError("decode_weight", f"must be finite and >= 0, got {decode_weight}")
+        if not (math.isfinite(decode_tokens) and decode_tokens >= 0):
+            raise InvalidParameterError("decode_tokens", f"must be finite and >= 0, got {decode_tokens}")
         self.block_size = block_size
         self.token_budget = token_budget
         self.max_num_seqs = max_num_seqs
-        self.decode_weight = decode_weight
+        self.decode_tokens = decode_tokens
         self.tier_weights = _check_weights(tier_weights)
 
     def cost(self, load: ReplicaLoad, score: float, num_request_blocks: float) -> float:
@@ -274,8 +287,9 @@ class CostAwarePolicy(RouterPolicy):
         budget = load.token_budget or self.token_budget
         seqs = load.max_num_seqs or self.max_num_seqs
         new_tokens = self.block_size * (num_request_blocks - score)
-        return ((new_tokens + load.pending_prefill_tokens) / budget
-                + self.decode_weight * load.ongoing_requests / seqs)
+        behind = max(0, load.ongoing_requests + 1 - seqs)
+        return (new_tokens + load.pending_prefill_tokens
+                + self.decode_tokens * (load.ongoing_requests + behind)) / budget
 
     def choose(self, matches: Mapping[str, int], loads: Sequence[ReplicaLoad],
                lower_tier_matches: Mapping[str, Mapping[str, int]] | None = None,

@@ -58,7 +58,7 @@ routing/policy.py). Replicas report their tier chunks with their device diff
 
 Router v2 (``policy="cost_aware"``, the app's ``router: cost``): step 4 uses
 ``CostAwarePolicy`` (routing/policy.py) built with the deployment's
-``block_size``, ``token_budget``, ``max_num_seqs`` and ``decode_weight``;
+``block_size``, ``token_budget``, ``max_num_seqs`` and ``decode_tokens``;
 each candidate's ``ReplicaLoad`` then also carries what the replica last
 reported through Serve's routing stats (``RunningReplica.routing_stats``,
 filled by the worker's ``record_routing_stats``, polled every
@@ -164,7 +164,7 @@ class PrefixAwareRequestRouter(RequestRouter):
                          match_timeout_s: float = 0.1, max_blocks_per_replica: int | None = None,
                          tree_actor=None, min_match_ratio: float = 0.1, kv_tiers: Sequence[str] = (),
                          policy: str = "prefix_aware", block_size: int = 16, token_budget: int = 2048,
-                         max_num_seqs: int = 64, decode_weight: float = 8.0) -> None:
+                         max_num_seqs: int = 64, decode_tokens: float = 256.0) -> None:
         """Called by Serve with ``request_router_kwargs``; ``tree_actor`` overrides the named actor."""
         if not match_timeout_s > 0:
             raise InvalidParameterError("match_timeout_s", f"must be > 0, got {match_timeout_s}")
@@ -177,7 +177,7 @@ class PrefixAwareRequestRouter(RequestRouter):
             "prefix_aware": {"abs_threshold": abs_threshold, "rel_threshold": rel_threshold,
                              "min_match_ratio": min_match_ratio},
             "cost_aware": {"block_size": block_size, "token_budget": token_budget,
-                           "max_num_seqs": max_num_seqs, "decode_weight": decode_weight},
+                           "max_num_seqs": max_num_seqs, "decode_tokens": decode_tokens},
         }
         if policy not in policy_kwargs:
             raise InvalidParameterError("policy", f"must be one of {ROUTER_POLICIES}, got {policy!r}")

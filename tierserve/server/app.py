@@ -23,7 +23,7 @@ EngineConfig, ServeOptions and two deployments:
   ``"prefix"`` (the default), by the same router running Router v2 when it is
   ``"cost"`` (routing/policy.py ``CostAwarePolicy``: the work the request
   would cost each replica, its capacity taken from this engine config,
-  ``router_decode_weight``; replicas report their queued prefill every
+  ``router_decode_tokens``; replicas report their queued prefill every
   ``ROUTING_STATS_PERIOD_S``), or by Ray Serve's default power-of-two-choices
   router when it is ``"pow2"`` (the baseline of benchmarks/serve.py). ``max_ongoing_requests``
   is ``max_num_seqs + max_waiting_requests + 1`` so that the worker itself
@@ -91,7 +91,7 @@ def _router_config(a: ServeOptions, engine_config: EngineConfig) -> RequestRoute
             request_router_kwargs={"policy": "cost_aware", "block_size": engine_config.cache.block_size,
                                    "token_budget": sched.max_num_batched_tokens,
                                    "max_num_seqs": sched.max_num_seqs,
-                                   "decode_weight": a.router_decode_weight, "kv_tiers": list(kv_tiers)}),
+                                   "decode_tokens": a.router_decode_tokens, "kv_tiers": list(kv_tiers)}),
         "prefix": lambda: RequestRouterConfig(
             request_router_class=ROUTER_CLASS,
             request_router_kwargs={"abs_threshold": a.router_abs_threshold,

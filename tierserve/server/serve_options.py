@@ -11,7 +11,7 @@ Validated at construction; errors name the field:
 * ``target_ongoing_requests > 0``, ``max_waiting_requests >= 1``,
   ``retry_after_s >= 1``, ``max_body_bytes >= 1``, ``worker_cpus >= 0``, ``worker_gpus >= 0``,
   ``ingress_cpus >= 0``, ``drain_timeout_s >= 0``, ``metrics_interval_s > 0``;
-* ``router`` in ``ROUTERS``; ``0 <= router_min_match_ratio <= 1``; ``router_decode_weight >= 0``;
+* ``router`` in ``ROUTERS``; ``0 <= router_min_match_ratio <= 1``; ``router_decode_tokens >= 0``;
 * ``autoscaler`` in ``AUTOSCALERS``; ``llm`` needs ``max_replicas``; its targets and delays
   (``autoscale_*``) are checked by server/autoscaling.py ``AutoscaleTargets``.
 
@@ -69,8 +69,8 @@ class ServeOptions:
     router_rel_threshold: float = option(1.5, "prefix router: ... and their load ratio exceeds this")
     router_min_match_ratio: float = option(0.1, "prefix router: a best match below this fraction of the prompt's "
                                                 "blocks routes by load")
-    router_decode_weight: float = option(8.0, "cost router: weight of a replica's requests in flight over its "
-                                              "max_num_seqs, in step budgets of prefill (routing/policy.py)")
+    router_decode_tokens: float = option(256.0, "cost router: prompt tokens of work each request in flight on a "
+                                                "replica counts for (routing/policy.py)")
     autoscaler: str = option("requests", "autoscaling signal (requests: Serve's target_ongoing_requests; llm: KV "
                                          "usage, waiting requests and TTFT against the targets below)",
                              choices=AUTOSCALERS)
@@ -94,8 +94,8 @@ class ServeOptions:
         if not 0 <= self.router_min_match_ratio <= 1:
             raise InvalidParameterError("router_min_match_ratio",
                                         f"must be in [0, 1], got {self.router_min_match_ratio}")
-        if not self.router_decode_weight >= 0:
-            raise InvalidParameterError("router_decode_weight", f"must be >= 0, got {self.router_decode_weight}")
+        if not self.router_decode_tokens >= 0:
+            raise InvalidParameterError("router_decode_tokens", f"must be >= 0, got {self.router_decode_tokens}")
         self._check_replica_range()
         self._check_autoscaler()
 
