@@ -13,7 +13,10 @@ style). GQA: query head h uses KV head h // (Hq / Hkv).
 
 Decode-only steps (every query length 1) run as one batched attention over
 the gathered pages, padded to the longest context with a mask; other
-sequences run one SDPA call each. Per step, the only work that grows with
+sequences run one SDPA call each. On the CPU with float32 pages ``paged_attention``
+(the torch backend) sends decode-only steps to a C++ kernel that reads the
+pages in place (kernels/attention/paged_decode_cpu.py); ``paged_decode`` stays
+the torch form it is tested against. Per step, the only work that grows with
 context is reading the context's pages (attention itself): no cache tensor is
 copied or reallocated and the block tables are built from block ids only.
 
@@ -66,6 +69,7 @@ import torch
 import torch.nn.functional as F
 
 from tierserve.errors import InvalidParameterError
+from tierserve.kernels.attention import paged_decode_cpu
 from tierserve.kernels.attention.base import AttentionBackend
 from tierserve.kernels.kv_pages import LayerKV
 
@@ -241,6 +245,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: Layer
     """Write k/v into the pages, then attend. Returns ``[T, Hq, D]``."""
     kv.write(meta.slot_mapping, k, v)
     if meta.decode_only:
+        if paged_decode_cpu.applies(q, kv):  # fp32 pages on the CPU: read in place by the C++ kernel
+            return paged_decode_cpu.paged_decode(q, kv.k, kv.v, meta.decode_table()[0],
+                                                 meta.device_ints("seq_lens", q.device), scale, sliding_window,
+                                                 logit_softcap)
         return paged_decode(q, kv, meta, scale, sliding_window, logit_softcap)
     return paged_prefill(q, kv, meta, scale, sliding_window, logit_softcap)
 
