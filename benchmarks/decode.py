@@ -15,18 +15,25 @@ Prints a table and writes benchmarks/results/decode.json:
 
 benchmarks/decode_ab.py compares the batch-1 forms in alternating runs (medians).
 
-Measured (``OMP_NUM_THREADS=2 python benchmarks/decode.py --threads 2 --repeats 2 --contexts 128,2048``,
-AMD EPYC AVX2 host, nothing else running, copy 12.4 GB/s; each figure includes its 32-token prompt):
+Measured (``OMP_NUM_THREADS=2 python benchmarks/decode.py --threads 2 --repeats 2 --contexts 128``,
+AMD EPYC AVX2 host, nothing else running, copy 12.6 GB/s; each figure includes its 32-token prompt;
+results/decode.json), with decode attention over the fp32 pages by the C++ kernel
+(kernels/attention/paged_decode_cpu.py):
 
 | batch | transformers fp32 tok/s | tierserve fp32 | ratio | packed (default) | ratio | packed, compile_decode | ratio |
 |---|---|---|---|---|---|---|---|
-| 1 | 12.9 | 16.5 | 1.27 | 48.7 | 3.77 | 84.9 | 6.58 |
-| 8 | 66.1 | 91.2 | 1.38 | 159.6 | 2.41 | 161.6 | 2.44 |
-| 32 | 134.2 | 186.3 | 1.39 | 199.8 | 1.49 | 204.6 | 1.52 |
+| 1 | 13.5 | 17.5 | 1.30 | 45.9 | 3.41 | 77.5 | 5.76 |
+| 8 | 54.9 | 97.2 | 1.77 | 163.8 | 2.99 | 181.6 | 3.31 |
+| 32 | 140.7 | 209.9 | 1.49 | 201.4 | 1.43 | 209.7 | 1.49 |
 
-fp32 batch 1 streamed 8.9 GB/s, 72% of the copy bandwidth (96% in a quieter run of an earlier version);
-batch-1 decode only: packed 40.0, compiled 64.2, llama.cpp 70.0 tok/s (0.92x). At batch 8 and 32 the
-integer-dot kernel is compute-bound on AVX2 (benchmarks/q8_dot.py), so compiling removes little.
+The previous revision's run (copy 12.4 GB/s): batch 8 transformers 66.1, fp32 91.2, packed 159.6 (2.41x),
+compiled 161.6 (2.44x); batch 32 134.2, 186.3, 199.8 (1.49x), 204.6 (1.52x). So at batch 8 tierserve gained
+3-12% and transformers measured 17% lower in this run: against the earlier transformers figure the packed
+batch 8 would be 2.48x. fp32 batch 1 streamed 9.4 GB/s, 75% of the copy bandwidth (72% and 96% in earlier
+runs). Batch-1 decode only (benchmarks/decode_ab.py ``--decode-only``, same session): packed 42.7, compiled
+67.1, llama.cpp 73.5 tok/s at two threads (0.91x); one thread 39.9, 62.7, 56.0 (1.12x). At batch 32 the
+integer-dot kernel is compute-bound on AVX2 (benchmarks/q8_dot.py): profiled, its matmuls take ~63% of the
+step time there, attention and its gathers ~15% before the C++ attention kernel.
 
 Usage: python benchmarks/decode.py [--new-tokens 64] [--threads 2]
 """

@@ -3,12 +3,16 @@
 The torch reference (kernels/paged_attention.py, decode-only steps) gathers
 every sequence's pages into a padded ``[B, Hkv, W, D]`` copy of K and of V per
 layer (two ``index_select``), builds a ``[B, W]`` key mask and runs one masked
-SDPA: at batch 32 of SmolLM2 that is ~0.7 ms of gathers and ~0.4 ms of SDPA
-per layer on a 2-core AVX2 host, and at batch 1 four dispatched ops per layer.
-This kernel (paged_decode_cpu.cpp) reads each key and value row where the
-pages hold it. Per (sequence b, KV head h), over the keys ``j`` in
-``[lo, L)`` (``L`` the context length, ``lo = max(0, L - window)`` with a
-sliding window, else 0), for each of the ``G = Hq / Hkv`` query heads of h:
+SDPA. This kernel (paged_decode_cpu.cpp) does the same attention without
+the copies. One layer of SmolLM2's shape (9 query heads, 3 KV heads, D 64),
+two threads on the 2-core AVX2 host, per call: batch 1 at context 96 151 us
+(torch) against 32 us; batch 8 360 vs 140 us; batch 32 1546 vs 505 us; batch
+32 at context 1024 14.7 vs 12.3 ms (there both read the same bytes).
+
+The kernel reads each key and value row where the pages hold it. Per
+(sequence b, KV head h), over the keys ``j`` in ``[lo, L)`` (``L`` the
+context length, ``lo = max(0, L - window)`` with a sliding window, else 0),
+for each of the ``G = Hq / Hkv`` query heads of h:
 
     s_j = scale * q . k_j      (then cap * tanh(s_j / cap) with soft-capping)
     p_j = exp(s_j - max s),    out = sum_j p_j v_j / sum_j p_j
