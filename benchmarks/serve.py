@@ -98,7 +98,8 @@ prefix router must not buy its hits with imbalance.
 Measured (``python benchmarks/serve.py --seeds 0 --replicas 2,3``: 6 points x 3 routers, 640 blocks per
 replica, 16 conversations of 4 turns, think time 2 s, concurrency 4; the 2-core AVX2 host, nothing else
 running, copy 11.1-12.4 GB/s, load average 2.3-3.4 from the replicas themselves; 47 minutes;
-results/serve.json). Ratios against power-of-two at the same point (targets: p95 >= 0.909, p50 >= 2x, hit
+results/serve.json; then ``--replicas 4`` alone, 25 minutes, copy 13.1 GB/s, load 3.95,
+results/serve_r4.json). Ratios against power-of-two at the same point (targets: p95 >= 0.909, p50 >= 2x, hit
 >= 1.4x):
 
 | replicas | share | pow2 hit / p50 s / p95 s | cost: hit x / p50 x / p95 x | prefix: hit x / p50 x / p95 x |
@@ -109,16 +110,20 @@ results/serve.json). Ratios against power-of-two at the same point (targets: p95
 | 3 | 1 | 0.392 / 7.52 / 17.7 | 1.90 / 10.8 / 1.27 | 1.90 / 12.8 / 1.28 |
 | 3 | 2 | 0.604 / 1.50 / 12.1 | 1.34 / 2.05 / 1.08 | 1.40 / 2.27 / 0.97 |
 | 3 | 4 | 0.773 / 1.14 / 10.3 | 1.09 / 1.32 / 1.07 | 1.09 / 1.69 / 0.77 |
+| 4 | 1 | 0.273 / 8.80 / 20.3 | 2.72 / 15.7 / 1.05 | 2.72 / 13.2 / 1.21 |
+| 4 | 2 | 0.559 / 2.42 / 14.6 | 1.45 / 4.02 / 1.15 | 1.41 / 3.72 / 1.19 |
+| 4 | 4 | 0.714 / 1.17 / 14.2 | 1.14 / 1.53 / 0.98 | 1.16 / 2.16 / 1.11 |
 
-Router v2 (cost) keeps p95 TTFT within 10% of power-of-two's at every point (1.02-1.47x better), the prefix
+Router v2 (cost) keeps p95 TTFT within 10% of power-of-two's at every point (0.98-1.47x), the prefix
 router misses it at 3 replicas with 4 conversations per prompt (0.77x: it piles a prompt's users onto one
 replica, 24/24/16 requests). Where every conversation has its own prompt both meet the hit-rate and p50
-targets by far (1.7-1.9x, 11-13x). With shared prompts power-of-two hits the shared prompt on whichever
+targets by far (1.7-2.7x, 11-16x), and at 4 replicas with 2 conversations per prompt too (1.41-1.45x,
+3.7-4.0x). With shared prompts power-of-two hits the shared prompt on whichever
 replica it picks (0.60-0.84 here) while no router can exceed ~0.87 (each prompt's first turn is cold), so
-the hit-rate ratio is capped at 1.04-1.44 and p50 follows: those targets are not reachable on this
-workload at 640 blocks (a cache that power-of-two overfills, the 448-block regime above, would separate
-them). Only seed 0 and 2-3 replicas ran (a point takes 5-10 minutes here); 4 replicas and seeds 1-2 are
-the default sweep's and were not run in this session.
+the hit-rate ratio is capped near 0.87 / pow2's (1.04-1.44 at 2-3 replicas, 1.22 at 4 x 4) and p50
+follows: those targets are not reachable on this workload at 640 blocks with few replicas (a cache that
+power-of-two overfills, the 448-block regime above, would separate them). Only seed 0 ran (a point takes
+5-10 minutes here); seeds 1-2 are the default sweep's.
 
 Prints the tables after every point, with the memory copy bandwidth and the load
 average, and writes benchmarks/results/serve.json.
