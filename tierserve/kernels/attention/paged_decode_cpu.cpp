@@ -126,11 +126,8 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, 
     return out;
 }
 
-bool paged_decode_simd() { return PD_AVX2; }
-
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     mod.def("paged_decode", &paged_decode, "decode attention over fp32 KV pages (paged_decode_cpu.py)");
-    mod.def("simd", &paged_decode_simd, "whether the AVX2 path was compiled in");
 }

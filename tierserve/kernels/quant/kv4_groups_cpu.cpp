@@ -92,11 +92,8 @@ torch::Tensor kv4_gather(torch::Tensor codes, torch::Tensor scale, torch::Tensor
     return out;
 }
 
-bool kv4_simd() { return KV4_AVX2; }
-
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     mod.def("kv4_gather", &kv4_gather, "kv4 pages gathered and dequantized (kv4_groups.py)");
-    mod.def("simd", &kv4_simd, "whether the AVX2 path was compiled in");
 }
