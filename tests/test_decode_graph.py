@@ -1,13 +1,16 @@
 """The whole-step batch-1 decode graph (models/decode_graph.py) against the eager forward, the reference.
 
 A tiny random Llama (Q4_1 weights on torch's int4 CPU kernel, the packed default's path) decodes one
-sequence through real paged attention over a shuffled block table, across several block boundaries:
+sequence (fp32 and Q4_1 weights: two models, each with its own graph, in one process) through real
+paged attention over a shuffled block table, across several block boundaries:
 a 7-token prefill (the compiled segments), then decode steps (the graph), each fed the eager run's
 greedy token. The logits of every step stay within ``BOUND`` of the eager ones relative to the step's
 largest logit, the greedy tokens are the same, the K/V pages written by the graph equal the eager
 run's (the graph writes the runner's own page tensors in place), and every length ran on the graph
-compiled once at warm-up (no recompilation). Models and steps the graph does not take are left to
-the segments.
+compiled once at warm-up (no recompilation). The graph skips dynamo's guards on the model's modules: a
+weight changed in place is still read (the output doubles with the final norm's weight), and a step past
+the RoPE table it was compiled against is not taken. Models and steps the graph does not take are left
+to the segments.
 """
 
 from __future__ import annotations
@@ -53,10 +56,12 @@ def _run(model, tokens: list[int] | None):
     return logits, chosen, runner.kv
 
 
-def test_graph_equals_eager_and_writes_the_pages(tmp_path):
+@pytest.mark.parametrize("weights", ["fp32", "q4_1"])  # two models of different structure in one process
+def test_graph_equals_eager_and_writes_the_pages(tmp_path, weights):
     build_and_save(LlamaConfig(**TINY), tmp_path)
     model = load_model(str(tmp_path)).model
-    _to_q4_1(model)
+    if weights == "q4_1":
+        _to_q4_1(model)
     eager, tokens, eager_kv = _run(model, None)
     compiled = compile_decoder(model, block_size=4)
     graph = compiled.step_graph
@@ -73,6 +78,17 @@ def test_graph_equals_eager_and_writes_the_pages(tmp_path):
         for x, y in ((e.k, g.k), (e.v, g.v)):
             assert (x - y).abs().max().item() <= BOUND * x.abs().max().item()
             assert y.abs().sum() > 0
+    # the graph skips dynamo's guards on the model's modules but reads the weights on every call: a weight
+    # changed in place is seen (the final norm's weight doubled: the output doubles, exactly)
+    assert graph.rope_positions == model.rope.cos_table.shape[0]
+    pages = [torch.randn(3, 4, 2, 16) for _ in range(2 * len(model.layers))]
+    args = (torch.tensor([5]), torch.tensor([4]), torch.tensor([4]), torch.tensor([0, 1]), 5, pages)
+    with torch.inference_mode():
+        before = graph._call(*args).clone()
+        model.norm.weight.mul_(2)
+        after = graph._call(*args)
+    assert torch.equal(after, 2 * before)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_after_warm_up
 
 
 def test_steps_and_models_the_graph_does_not_take(tmp_path):
@@ -87,8 +103,13 @@ def test_steps_and_models_the_graph_does_not_take(tmp_path):
     one = AttentionMetadata.build([1], [5], [[0, 1]], 4)
     two = AttentionMetadata.build([1, 1], [5, 3], [[0, 1], [2, 3]], 4)
     prefill = AttentionMetadata.build([3], [3], [[0]], 4)
-    assert DecodeGraph.takes(ForwardContext(one, kv))
-    assert not DecodeGraph.takes(ForwardContext(two, kv))
-    assert not DecodeGraph.takes(ForwardContext(prefill, kv))
+    graph = DecodeGraph(model)
+    assert graph.takes(ForwardContext(one, kv))
+    assert not graph.takes(ForwardContext(two, kv))
+    assert not graph.takes(ForwardContext(prefill, kv))
+    graph.rope_positions = 4  # compiled against a 4-position RoPE table: a 5-token sequence is past it
+    assert not graph.takes(ForwardContext(one, kv))
+    graph.rope_positions = 5
+    assert graph.takes(ForwardContext(one, kv))
     one.tree_bits = [-1]
-    assert not DecodeGraph.takes(ForwardContext(one, kv))
+    assert not graph.takes(ForwardContext(one, kv))

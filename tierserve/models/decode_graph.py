@@ -31,10 +31,27 @@ Python call. The K/V pages are graph inputs mutated in place (``index_copy_``); 
 graph writes them where they are (tests: the runner's own page tensors hold the
 written keys and values after each step).
 
-Eligible steps (``takes``): decode-only, one sequence, plain ``LayerKV`` pages (not a
-compressed format's), the torch attention backend, no draft-tree mask; and the model
-(``eligible``): ``decode_compile.supported`` and no layer with a sliding window or
-soft-capping. Every other step runs the compiled segments (or eager).
+Guards: dynamo checks, before every call, that each input still matches what the
+graph was compiled for; over the model's parameters, buffers and module
+attributes that check cost 0.7-1.3 ms a step (of 7-10 ms for the graph call, SmolLM2 packed,
+2 threads; benchmarks/decode_ab.py ``--revs``: batch-1 decode 76.8 -> 97.0 tok/s, paired 1.13x). The graph skips the guards on
+the model's modules (``skip_guard_on_all_nn_modules_unsafe``) and keeps those on
+the step's own inputs (ids, positions, slot, block ids, length, pages) and the
+global state (thread count). Each ``DecodeGraph`` compiles its own copy of the step
+function (dynamo keeps compiled code per code object), so the graphs of two models in
+one process never stand in for each other. Sound because the compiled model is never restructured
+after load: its weights are read by the graph on every call (an in-place update is
+seen), no module is replaced after ``compile_decode`` installs the graph. The one
+attribute that does change is the RoPE table (``rope.ensure`` replaces it by a
+longer one): the graph is compiled against the table's length at its first call (the warm-up), and a step
+whose sequence reaches past it is not taken (``takes``); rows below that length are
+the same in any longer table.
+
+Eligible steps (``takes``): decode-only, one sequence, within the RoPE table compiled
+against, plain ``LayerKV`` pages (not a compressed format's), the torch attention
+backend, no draft-tree mask; and the model (``eligible``): ``decode_compile.supported``
+and no layer with a sliding window or soft-capping. Every other step runs the compiled
+segments (or eager).
 
 Measured (SmolLM2-135M, the Q4_1 GGUF kept packed, 2 threads, contexts 140-240,
 forward + LM head per step, medians): eager forward 16.4 ms, this graph with the
@@ -46,6 +63,7 @@ the generated code on disk, so a later process loads it.
 from __future__ import annotations
 
 import time
+import types
 
 import torch
 from torch import nn
@@ -106,7 +124,14 @@ class DecodeGraph:
             raise ValueError(f"{type(model).__name__}: the decode graph needs layers without sliding windows "
                              f"or soft-capping (decode_graph.py)")
         self.model = model
-        self.graph = torch.compile(_step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
+        # a copy of ``_step`` with its own code object: dynamo keeps its compiled entries on the code object, and
+        # with the module guards skipped one model's entry would otherwise serve another model's graph
+        step = types.FunctionType(_step.__code__.replace(), _step.__globals__, _step.__name__)
+        self.graph = torch.compile(step, fullgraph=True, dynamic=False,
+                                   options={"cpp_wrapper": True,
+                                            "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+        #: positions the RoPE table covered when the graph was compiled (set by its first call)
+        self.rope_positions: int | None = None
         self.compile_s = 0.0
         self.steps = 0  # steps run through the graph (warm-up excluded)
         self._marked: set[int] = set()  # page tensors whose block count is marked symbolic
@@ -114,11 +139,11 @@ class DecodeGraph:
             self._ids, self._pos, self._slot, self._len = (torch.zeros(1, dtype=torch.long) for _ in range(4))
             self._flat = torch.zeros(64, dtype=torch.long)
 
-    @staticmethod
-    def takes(ctx: ForwardContext) -> bool:
+    def takes(self, ctx: ForwardContext) -> bool:
         """Whether this step is one the graph runs (module docstring, Eligible steps)."""
         meta = ctx.attn
         return (len(meta.seq_lens) == 1 and meta.decode_only and meta.tree_bits is None
+                and (self.rope_positions is None or meta.seq_lens[0] <= self.rope_positions)
                 and getattr(meta.backend, "name", "torch") == "torch" and type(ctx.kv_caches[0]) is LayerKV)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -156,6 +181,8 @@ class DecodeGraph:
         self._pos.copy_(positions)
         self._slot.copy_(slot)
         self._len.fill_(length)
+        if self.rope_positions is None:  # the graph compiles now, against this table (module docstring, Guards)
+            self.rope_positions = int(self.model.rope.cos_table.shape[0])
         return self.graph(self.model, self._ids, self._pos, self._slot, ids, self._len, pages)
 
     def warm_up(self, block_size: int, kv_dtype: torch.dtype) -> float:
