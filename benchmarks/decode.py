@@ -35,6 +35,18 @@ runs). Batch-1 decode only (benchmarks/decode_ab.py ``--decode-only``, same sess
 integer-dot kernel is compute-bound on AVX2 (benchmarks/q8_dot.py): profiled, its matmuls take ~63% of the
 step time there, attention and its gathers ~15% before the C++ attention kernel.
 
+With the batch-1 graph skipping dynamo's guards on the model's modules (models/decode_graph.py, Guards),
+``benchmarks/decode_ab.py --decode-only --threads 2,1 --forms packed+compile --rounds 7`` (copy 9.2 / 6.5 GB/s;
+results/decode_ab.json): compiled 90.2 vs llama.cpp 82.5 tok/s at two threads (1.09x), 62.6 vs 57.5 at one
+(1.09x); the graph's own revisions side by side (``--revs``) 76.8 -> 97.0 tok/s, paired 1.13x. A full run of
+this file in the same hour (copy 10.5 GB/s): fp32 batch 1 streamed 8.6 GB/s, 83% of the copy bandwidth;
+``--forms fp32,fp32+compile`` of decode_ab.py: 12.2 and 14.4 tok/s x 540 MB = 71% and 84% of 9.2 GB/s.
+Batch 32 swung from 135 to 241 tok/s (packed, compiled) between runs of one hour on this host; its
+arithmetic bound: the integer-dot matmuls do 134M x 32 multiply-adds a step at ~60 GMAC/s (two cores, ~15
+per cycle each, both integer-multiply pipes busy: benchmarks/q8_dot.py), ~70 ms, and decode attention
+reads every sequence's fp32 K/V (~94 MB a step at the run's mean context of ~64 tokens) at ~10 GB/s, ~9 ms: with the 1024-token
+prefill (~1.5 s) the run cannot finish under ~7 s, 290 tok/s, 2.1x a transformers run of 140 tok/s.
+
 Usage: python benchmarks/decode.py [--new-tokens 64] [--threads 2]
 """
 
