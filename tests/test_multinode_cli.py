@@ -34,17 +34,20 @@ import pytest
 from model_harness import MOE_PROMPT, tiny_moe_reference
 from multinode_driver import node_processes
 from polling import pid_gone
-from ray_fixtures import free_port
+from ray_fixtures import free_ports
 
 pytestmark = pytest.mark.ray  # its subprocesses start Ray: one Ray instance at a time (tests/conftest.py)
 
 HEAD_IP, NODE_IP = "127.0.0.2", "127.0.0.3"
 
 
-def _ray_start(args: list[str], env: dict, temp_dir: str) -> None:
-    ports = {"--node-manager-port": free_port(), "--object-manager-port": free_port(),
-             "--metrics-export-port": free_port(), "--runtime-env-agent-port": free_port(),
-             "--dashboard-agent-grpc-port": free_port(), "--dashboard-agent-listen-port": free_port()}
+PORT_FLAGS = ("--node-manager-port", "--object-manager-port", "--metrics-export-port", "--runtime-env-agent-port",
+              "--dashboard-agent-grpc-port", "--dashboard-agent-listen-port")
+
+
+def _ray_start(args: list[str], env: dict, temp_dir: str, node_ports: list[int]) -> None:
+    """``ray start`` with ``args`` and each of the node's own ports fixed (``node_ports``, distinct)."""
+    ports = dict(zip(PORT_FLAGS, node_ports, strict=True))
     cmd = [shutil.which("ray") or "ray", "start", *args, "--num-cpus=1", "--disable-usage-stats",
            f"--temp-dir={temp_dir}", "--object-store-memory=80000000",
            *[f"{k}={v}" for k, v in ports.items()]]
@@ -79,12 +82,13 @@ def test_moe_cold_experts_on_a_second_ray_start_node_survive_its_death(tmp_path,
     # is Ray's single-node mode, in which `ray start --address` refuses to add a node: multi-node needs 1
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16),
                RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1")
-    port = free_port()
+    # every port of both nodes chosen at once, so no two components (nor the two nodes) are handed the same one
+    port, client_port, *ports = free_ports(2 + 2 * len(PORT_FLAGS))
     try:
         _ray_start(["--head", f"--node-ip-address={HEAD_IP}", f"--port={port}", "--include-dashboard=false",
-                    f"--ray-client-server-port={free_port()}"], env, temp_dir)
+                    f"--ray-client-server-port={client_port}"], env, temp_dir, ports[:len(PORT_FLAGS)])
         _ray_start([f"--address={HEAD_IP}:{port}", f"--node-ip-address={NODE_IP}",
-                    '--resources={"expert_host": 1}'], env, temp_dir)
+                    '--resources={"expert_host": 1}'], env, temp_dir, ports[len(PORT_FLAGS):])
         cfg = {"address": f"{HEAD_IP}:{port}", "node_ip": HEAD_IP, "victim_ip": NODE_IP, "model": model,
                "tokenizer": smollm_folder, "out": str(tmp_path / "result.json"),
                "prompts": [[MOE_PROMPT, 12], [MOE_PROMPT[::-1], 16], [MOE_PROMPT[3:], 10]]}
