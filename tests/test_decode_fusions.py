@@ -1,7 +1,7 @@
 """The fused decode-step forms equal the explicit ones they replace (bit for bit: same float32 ops).
 
 - ``RMSNorm`` in float32 is one ``F.rms_norm`` call where the C++ row kernel does not serve it (compiled
-  graphs; kernels/norm_cpu.py has its own tests): equal to the explicit formula
+  graphs; kernels/decoder_rows_cpu.py has its own tests): equal to the explicit formula
   ``w * (x * rsqrt(mean(x^2) + eps))`` for several shapes and scales.
 - ``Attention`` without q/k norm or clipping rotates q and k in one RoPE call over their adjacent heads:
   q, k, v equal the general path's (split, two RoPE calls) at 1 and several tokens, on a real Llama layer, also
@@ -18,7 +18,7 @@ import torch
 from model_harness import build_and_save
 from transformers import LlamaConfig
 
-from tierserve.kernels import norm_cpu
+from tierserve.kernels import decoder_rows_cpu
 from tierserve.kernels.quant.base import get_format
 from tierserve.kernels.quant.int4_cpu import int4_from_q8_0
 from tierserve.models.context import ForwardContext
@@ -29,7 +29,7 @@ from tierserve.models.rope import RopeSpec, RotaryEmbedding, apply_rope, apply_r
 
 @pytest.mark.parametrize("shape,scale", [((1, 576), 1.0), ((7, 64), 30.0), ((2, 3, 96), 1e-3)])
 def test_rmsnorm_fused_equals_formula(shape, scale, monkeypatch):
-    monkeypatch.setattr(norm_cpu, "applies", lambda x, w: False)  # the path a compiled graph takes
+    monkeypatch.setattr(decoder_rows_cpu, "applies", lambda x, w: False)  # the path a compiled graph takes
     g = torch.Generator().manual_seed(shape[-1])
     norm = RMSNorm(shape[-1], 1e-5, torch.float32)
     with torch.no_grad():

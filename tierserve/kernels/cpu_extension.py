@@ -32,14 +32,31 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def load_cpu_extension(name: str, source: str, what: str):
-    """The compiled extension of ``source`` or None (``what`` names the kernel in the warning)."""
+def vnni_flags() -> tuple[str, list[str]]:
+    """(name suffix, compiler flags) of the host's 256-bit integer dot-product instructions (``vpdpbusd`` on
+    ymm registers): AVX-VNNI (``__AVXVNNI__``), else AVX512-VNNI with AVX512VL (``__AVX512VNNI__``), else none."""
+    flags = cpu_flags()
+    if "avx_vnni" in flags:
+        return "_avxvnni", ["-mavxvnni"]
+    if {"avx512_vnni", "avx512vl"} <= flags:
+        return "_avx512vnni", ["-mavx512vnni", "-mavx512vl"]
+    return "", []
+
+
+def load_cpu_extension(name: str, source: str, what: str, extra_cflags: tuple[str, ...] = (), vnni: bool = False):
+    """The compiled extension of ``source`` or None (``what`` names the kernel in the warning;
+    ``extra_cflags`` go after the common flags). ``vnni``: also the host's VNNI flags where it has them
+    (``vnni_flags``; the name says which), for a source that uses them when its compiler macros say so."""
     from torch.utils import cpp_extension
 
     simd = all(f in cpu_flags() for f in SIMD_FLAGS)
-    flags = ["-O3", "-fopenmp"] + (["-mavx2", "-mfma", "-mf16c"] if simd else [])
+    flags = ["-O3", "-fopenmp"] + (["-mavx2", "-mfma", "-mf16c"] if simd else []) + list(extra_cflags)
+    suffix = "_avx2" if simd else "_scalar"
+    if simd and vnni:
+        vnni_suffix, vflags = vnni_flags()
+        suffix, flags = suffix + vnni_suffix, flags + vflags
     try:
-        return cpp_extension.load(name=name + ("_avx2" if simd else "_scalar"), sources=[source],
+        return cpp_extension.load(name=name + suffix, sources=[source],
                                   extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, no headers
         logger.warning("%s unavailable (%s): %s", what, type(exc).__name__, exc)

@@ -9,7 +9,8 @@ One ``qkv_proj`` Linear holds HF's q_proj, k_proj and v_proj stacked by rows
     clip_qkv c          : q, k, v clamped to [-c, c] (OLMoE)
     qk_norm "per_head"  : RMSNorm over each head's D features (Qwen3, Gemma3)
     q, k = RoPE(q, k, positions)  (without q/k norm or clip: one call over q|k, adjacent in qkv_proj's output,
-                                   four ops on the step's widened cos/sin tables, bit-equal)
+                                   four ops on the step's widened cos/sin tables, bit-equal; in eager on the
+                                   CPU one C++ call, kernels/decoder_rows_cpu.py, bit-equal too)
     o = attn.backend.forward(q, k, v, kv_cache[layer], attn, scale, sliding_window, logit_softcap)
     return o_proj(o)
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tierserve.kernels import decoder_rows_cpu
 from tierserve.models.arch_config import ModelArchConfig
 from tierserve.models.context import ForwardContext
 from tierserve.models.layers import RMSNorm, Slot, fused_slots, linear, linear_slots
@@ -72,10 +74,13 @@ class Attention(nn.Module):
         ``ForwardContext.rope_tables``, in four ops, bit-equal); q and k made contiguous (no copy at one token)."""
         t = x.shape[0]
         qkv = self.qkv_proj(x)
+        v = qkv[:, self.q_size + self.kv_size:].reshape(t, self.num_kv_heads, self.head_dim)
+        if tables is not None and decoder_rows_cpu.applies(qkv, *tables):  # eager CPU: one C++ call, bit-equal
+            return (*decoder_rows_cpu.rope_qk(qkv, *tables, self.num_heads, self.num_kv_heads), v)
         qk = qkv[:, :self.q_size + self.kv_size].reshape(t, self.num_heads + self.num_kv_heads, self.head_dim)
         qk = apply_rope(qk, cos, sin) if tables is None else apply_rope_full(qk, *tables)
         q, k = qk[:, :self.num_heads].contiguous(), qk[:, self.num_heads:].contiguous()
-        return q, k, qkv[:, self.q_size + self.kv_size:].reshape(t, self.num_kv_heads, self.head_dim)
+        return q, k, v
 
     def _qkv_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """The general path: q/k norms ("full" before the head split, "per_head" after), clipping, RoPE."""

@@ -3,7 +3,7 @@
 - ``RMSNorm``: ``y = x / sqrt(mean(x^2) + eps) * w`` computed in float32 and cast
   back (Llama: the cast happens before the multiply by ``w``). In float32 (no cast to
   place) it is one ``F.rms_norm`` call, which runs the same float32 ops (tests: equal
-  to the explicit formula), or in eager on the CPU one call of kernels/norm_cpu.py
+  to the explicit formula), or in eager on the CPU one call of kernels/decoder_rows_cpu.py
   (the same formula in C++; ~2 us against ~20 us a decode row). With
   ``unit_offset=True`` (Gemma) the weight is stored as ``w - 1``: ``y = norm(x) * (1 + w)``
   in float32, then cast.
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tierserve.errors import ModelLoadError
-from tierserve.kernels import norm_cpu
+from tierserve.kernels import decoder_rows_cpu
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and not self.unit_offset and self.weight.dtype == torch.float32:
-            if norm_cpu.applies(x, self.weight):  # eager on the CPU: one C++ call (kernels/norm_cpu.py)
-                return norm_cpu.rms_norm(x, self.weight, self.eps)
+            if decoder_rows_cpu.applies(x, self.weight):  # eager on the CPU: one C++ call (kernels/decoder_rows_cpu.py)
+                return decoder_rows_cpu.rms_norm(x, self.weight, self.eps)
             # one dispatch for the same float32 ops (pow, mean, add eps, rsqrt, mul, mul by w)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         xf = x.float()
