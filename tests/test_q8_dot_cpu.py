@@ -86,3 +86,11 @@ def test_compiled_graph_calls_the_op():
     x = torch.randn(2, 128, generator=g)
     fn = torch.compile(lambda a: K.q8_dot_mm(a * 2, blocks, "Q4_1").relu(), fullgraph=True)
     assert torch.equal(fn(x), K.q8_dot_mm(x * 2, blocks, "Q4_1").relu())
+
+
+def test_vnni_build_follows_host_flags():
+    """The VNNI flags of cpu_extension.vnni_flags() define the macros the kernel checks: a host that lists
+    AVX-VNNI (or AVX512-VNNI with VL) gets vpdpbusd for Q8_0, another host the maddubs path."""
+    from tierserve.kernels.cpu_extension import vnni_flags
+
+    assert K.vnni() == (K.simd() and bool(vnni_flags()[1]))

@@ -10,7 +10,8 @@ GGUF blocks as they are in the file and does what llama.cpp's CPU backend does:
    from zero) in -127..127, ``sx = dx * sum(xq)``;
 2. per weight block, the exact integer ``sum(q * xq)`` (AVX2: ``maddubs`` of the
    unsigned 4-bit codes with the signed 8-bit activations, then ``madd`` with ones;
-   Q8_0's signed codes through the sign trick), scaled once:
+   Q8_0's signed codes through the sign trick; for Q8_0 one ``vpdpbusd`` instead where
+   the host has VNNI, the same integers), scaled once:
    Q4_1 ``d dx sum(q xq) + m sx``, Q8_0 ``d dx sum(q xq)`` (``d``, ``m`` the
    block's fp16 scale and min);
 3. the blocks of a row summed in float32 (8 lanes under AVX2), rows split over
@@ -53,7 +54,7 @@ KINDS = {"Q4_1": (0, 20), "Q8_0": (1, 34)}  # kernel kind, bytes per block of 32
 def _extension():
     """The compiled extension, or None when it cannot be built here (logged once)."""
     ext = load_cpu_extension("tierserve_q8_dot", os.path.join(os.path.dirname(__file__), "q8_dot_cpu.cpp"),
-                             "integer-dot CPU kernel")
+                             "integer-dot CPU kernel", vnni=True)
     if ext is not None:
         torch.library.register_fake("tierserve::q8_dot_mm")(_fake_q8_dot_mm)  # the library defines the op
     return ext
@@ -68,6 +69,13 @@ def simd() -> bool:
     """Whether the built kernel uses AVX2 (else its scalar loops)."""
     ext = _extension()
     return bool(ext is not None and ext.simd())
+
+
+def vnni() -> bool:
+    """Whether the built kernel's integer dots use VNNI (``vpdpbusd``: the same integer sums in one
+    instruction instead of ``maddubs`` and ``madd``; kernels/cpu_extension.py, vnni_flags)."""
+    ext = _extension()
+    return bool(ext is not None and ext.vnni())
 
 
 def _fake_q8_dot_mm(x: torch.Tensor, blocks: torch.Tensor, kind: int) -> torch.Tensor:  # shapes for torch.compile
