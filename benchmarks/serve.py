@@ -58,7 +58,14 @@ power-of-two's, p50 TTFT >= 2x better, hit rate >= 1.4x.
 
 KV cache size: ``--num-blocks`` is a comma list of per-replica cache sizes
 (blocks of 16 tokens; default 640); each size runs every router on fresh
-replicas. The regimes below were measured with two replicas over 448,640,2048. The working set is ~16 x 65 = ~1040 blocks
+replicas. ``--cache-fraction F`` sizes it per sharing instead: ``F`` times the
+working set (serve_workload.working_set_blocks: every distinct system prompt
+once plus every conversation's questions, template tokens and ``--max-tokens``
+per reply, in blocks; the largest over the seeds, so all seeds of a setting
+share one size). With the defaults the working set is 988 blocks at share 1,
+573 at share 2 and 370 at share 4, so 640 blocks is 0.65 of it at share 1 but
+more than all of it with shared prompts; ``--cache-fraction 0.65`` keeps the
+share-1 pressure at every sharing (644, 375, 242 blocks). The regimes below were measured with two replicas over 448,640,2048. The working set is ~16 x 65 = ~1040 blocks
 (prompts plus histories). The prefix router keeps each conversation on one
 replica, which then needs about half of it; power-of-two sends every
 conversation to both. 448 blocks hold a little less than one half (heavy
@@ -144,14 +151,17 @@ Prints the tables after every point, with the memory copy bandwidth and the load
 average, and writes benchmarks/results/serve.json.
 
 Usage: python benchmarks/serve.py [--conversations 16] [--share 1,2,4] [--replicas 2,3,4] [--seeds 0,1,2]
-       [--turns 4] [--concurrency 4] [--think-s 2] [--num-blocks 640] [--routers cost,prefix,pow2]
+       [--turns 4] [--concurrency 4] [--think-s 2] [--num-blocks 640 | --cache-fraction 0.65]
+       [--routers cost,prefix,pow2]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
+import math
 import os
 import random
 import re
@@ -164,7 +174,7 @@ from dataclasses import asdict, dataclass, field
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from serve_report import percentile, print_tables, ratios, summarize  # noqa: E402,F401  (percentile: re-exported)
-from serve_workload import QUESTIONS, Conversation, build_workload  # noqa: E402
+from serve_workload import QUESTIONS, Conversation, build_workload, working_set_blocks  # noqa: E402
 
 @dataclass
 class RequestRecord:
@@ -325,6 +335,28 @@ def run_router(router: str, num_blocks: int, replicas: int, port: int, workload:
         delete_app(app)
 
 
+@functools.cache
+def tokenizer():
+    """The served model's tokenizer (the embedded default's), for sizing the cache against the workload."""
+    from tierserve.engine.model_source import load_tokenizer, resolve_model
+
+    return load_tokenizer(resolve_model(None))
+
+
+@functools.cache
+def _working_set(share: int, seed: int, conversations: int, turns: int, passage_chars: int, max_tokens: int) -> int:
+    workload = build_workload(conversations, conversations // share, turns, passage_chars, 0.0, seed)
+    return working_set_blocks(workload, tokenizer(), max_tokens)
+
+
+def blocks_for_share(share: int, args) -> int:
+    """``--cache-fraction`` of the largest working set over the seeds at this sharing (one size for all
+    seeds, so their means group by it)."""
+    ws = max(_working_set(share, seed, args.conversations, args.turns, args.passage_chars, args.max_tokens)
+             for seed in args.seeds)
+    return math.ceil(args.cache_fraction * ws)
+
+
 def _ints(text: str) -> list[int]:
     return [int(x) for x in str(text).split(",")]
 
@@ -340,6 +372,8 @@ def parse_args(argv=None):
     ap.add_argument("--passage-chars", type=int, default=3600)
     ap.add_argument("--replicas", default="2,3,4", help="comma list: LLMServer replicas")
     ap.add_argument("--num-blocks", default="640", help="comma list: per-replica KV blocks")
+    ap.add_argument("--cache-fraction", type=float, default=None,
+                    help="instead of --num-blocks: per-replica KV blocks = this fraction of each point's working set")
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--seeds", default="0,1,2", help="comma list: workload seeds (questions, think times, order)")
     ap.add_argument("--routers", default="cost,prefix,pow2", help="comma list of cost, prefix, pow2")
@@ -350,6 +384,8 @@ def parse_args(argv=None):
         ap.error(f"--turns must be <= {len(QUESTIONS)}, got {args.turns}")
     args.share, args.replicas, args.seeds = _ints(args.share), _ints(args.replicas), _ints(args.seeds)
     args.num_blocks = _ints(args.num_blocks)
+    if args.cache_fraction is not None and not 0 < args.cache_fraction <= 4:
+        ap.error(f"--cache-fraction must be in (0, 4], got {args.cache_fraction}")
     for share in args.share:
         if share < 1 or args.conversations % share:
             ap.error(f"--share values must divide --conversations ({args.conversations}), got {share}")
@@ -369,11 +405,13 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     port = start_serve()
     results, rows, rat = {}, [], []
-    points = [(n, sh, seed, nb) for n in args.replicas for sh in args.share for seed in args.seeds
-              for nb in args.num_blocks]
+    sizes = [None] if args.cache_fraction is not None else args.num_blocks  # None: sized per point, below
+    points = [(n, sh, seed, nb) for n in args.replicas for sh in args.share for seed in args.seeds for nb in sizes]
     for replicas, share, seed, nb in points:
         workload = build_workload(args.conversations, args.conversations // share, args.turns, args.passage_chars,
                                   args.think_s, seed)
+        if nb is None:
+            nb = blocks_for_share(share, args)
         point = {"replicas": replicas, "share": share, "seed": seed, "num_blocks": nb}
         by_router = {}
         for router in args.routers.split(","):

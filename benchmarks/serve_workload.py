@@ -53,3 +53,26 @@ def build_workload(n_conv: int, n_prompts: int, turns: int, passage_chars: int, 
     return [Conversation(prompts[i % n_prompts], tuple(rng.sample(QUESTIONS, turns)),
                          tuple(rng.expovariate(1 / think_s) if think_s > 0 else 0.0 for _ in range(turns - 1)))
             for i in range(n_conv)]
+
+
+def working_set_blocks(workload: list[Conversation], tokenizer, max_tokens: int, block_size: int = 16) -> int:
+    """KV blocks that hold the whole workload at once: every distinct system prompt once, plus every
+    conversation's own history (its questions with the chat template's framing, and ``max_tokens`` per
+    reply, the most a reply can add). An estimate for sizing the cache against the workload (replies that
+    stop early make it smaller); prompts and histories are counted in whole blocks, as the cache stores them."""
+    def n_tokens(messages: list[dict], generation_prompt: bool) -> int:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return len(tokenizer.encode(text, add_special_tokens=False))
+
+    blocks = 0
+    prompt_tokens: dict[str, int] = {}
+    for conv in workload:
+        if conv.system not in prompt_tokens:
+            prompt_tokens[conv.system] = n_tokens([{"role": "system", "content": conv.system}], False)
+            blocks += prompt_tokens[conv.system] // block_size  # full blocks are shared; the tail is not
+        messages = [{"role": "system", "content": conv.system}]
+        for question in conv.questions:
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
+        own = n_tokens(messages, False) - prompt_tokens[conv.system] + len(conv.questions) * max_tokens
+        blocks += -(-(prompt_tokens[conv.system] % block_size + own) // block_size)
+    return blocks
