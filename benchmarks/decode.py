@@ -47,6 +47,19 @@ per cycle each, both integer-multiply pipes busy: benchmarks/q8_dot.py), ~70 ms,
 reads every sequence's fp32 K/V (~94 MB a step at the run's mean context of ~64 tokens) at ~10 GB/s, ~9 ms: with the 1024-token
 prefill (~1.5 s) the run cannot finish under ~7 s, 290 tok/s, 2.1x a transformers run of 140 tok/s.
 
+On another host (Intel Xeon, AVX512 with AVX-VNNI and AMX, 2 cores; copy 11.7 GB/s), after the eager CPU
+row kernels (kernels/decoder_rows_cpu.py) and VNNI for Q8_0 (``--threads 2 --batches 8,32 --contexts 128
+--repeats 2``): transformers 124.9 / 274.8 tok/s at batch 8 / 32, tierserve fp32 169.2 (1.35x) / 366.5 (1.33x),
+packed 196.0 (1.57x) / 218.3 (0.79x), packed with ``compile_decode`` 171.6 / 209.0. transformers' fp32
+matmuls use AVX512 here (2.3x and 2.0x its figures on the AVX2 host above), while the packed batches stay
+bound by the Q4_1 integer dots (torch's int4 kernel is 1.05-1.15x faster than them at M=8 and 32 on this host,
+benchmarks/q8_dot.py), so the batch ratios fall far short of 2.5x here. Batch 1 on the same host
+(``decode_ab.py --decode-only --threads 2,1 --forms packed,packed+compile --rounds 7``, results/decode_ab.json):
+the eager packed default 77.8 tok/s against llama.cpp's 79.1 at two threads (0.98x) and 65.7 against 53.4 at
+one (1.23x); compiled 106.6 (1.35x) and 86.0 (1.61x). The eager default against the revision before the row
+kernels, interleaved (``--revs``): 58.3 -> 82.2 tok/s median at two threads (paired 1.14x), 50.7 -> 64.8 at
+one (1.28x).
+
 Usage: python benchmarks/decode.py [--new-tokens 64] [--threads 2]
 """
 

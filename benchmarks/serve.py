@@ -147,6 +147,24 @@ Every target holds on the means, and hit rate and p50 at every seed; p95 misses 
 and moved by +-0.3 between seeds under either router. Router v2's hit rate was 0.730-0.744 at every seed
 (ceiling 0.75: each conversation's first turn is cold), power-of-two's 0.29-0.44.
 
+Shared prompts under cache pressure (``--cache-fraction 0.45 --share 2,4 --replicas 2,3,4 --seeds 0
+--routers cost,pow2``: 259 blocks per replica at share 2, 167 at share 4, below one replica's share of the
+hot prompts' blocks for power-of-two; on another host, an Intel Xeon with 2 cores, copy 10.3-12.8 GB/s; 23
+minutes; results/serve_pressure_seed0.json). Router v2 against power-of-two, hit x / p50 x / p95 x /
+throughput x, with power-of-two's hit rate:
+
+| replicas | share 2 (pow2 hit) | share 4 (pow2 hit) |
+|---|---|---|
+| 2 | 2.39 / 5.36 / 1.06 / 1.85 (0.33) | 1.37 / 3.85 / 1.45 / 1.53 (0.53) |
+| 3 | 2.09 / 8.73 / 1.44 / 1.94 (0.38) | 1.37 / 3.99 / 1.58 / 2.07 (0.59) |
+| 4 | 2.33 / 12.2 / 1.15 / 2.18 (0.35) | 1.89 / 7.53 / 0.89 / 2.01 (0.41) |
+
+Here the router separates from power-of-two as it does with one prompt per conversation: p50 3.9-12x,
+throughput 1.5-2.2x, hit rate 2.1-2.4x at share 2; at share 4 the hit-rate ratio is 1.37 at 2 and 3 replicas
+(power-of-two still finds one of four hot prompts often: 0.53-0.59) and p95 0.89 at 4 replicas (requests per
+replica 18/16/15/15 against 18/17/15/14). A pilot at 0.65 (242 blocks, share 4, 2 replicas) stayed in the
+no-pressure regime: hit 1.06x, p50 1.35x, p95 0.95. Seed 0 only in this run.
+
 Prints the tables after every point, with the memory copy bandwidth and the load
 average, and writes benchmarks/results/serve.json.
 
