@@ -1,6 +1,7 @@
 """Prefix-aware routing vs Ray Serve's power-of-two router on a multi-turn chat workload.
 
-The workload itself is in benchmarks/serve_workload.py. One process starts a local Ray (dashboard off, 150 MB object store, as
+The workload itself is in benchmarks/serve_workload.py, its client (conversations through the openai client,
+per-request records) in serve_client.py. One process starts a local Ray (dashboard off, 150 MB object store, as
 tests/ray_fixtures.py does) and Serve on a free port, then runs the tierserve
 app (``tierserve.server.app:build_app``) with LLMServer replicas of the
 default SmolLM2-135M model, once per router at every point of a sweep over
@@ -181,102 +182,16 @@ import functools
 import json
 import math
 import os
-import random
-import re
 import socket
 import sys
 import time
-import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from serve_report import percentile, print_tables, ratios, summarize  # noqa: E402,F401  (percentile: re-exported)
+from serve_client import RunResult, measure, prefix_counters, warm_up  # noqa: E402
 from serve_workload import QUESTIONS, Conversation, build_workload, working_set_blocks  # noqa: E402
-
-@dataclass
-class RequestRecord:
-    conversation: int
-    turn: int
-    ttft_s: float
-    e2e_s: float
-    prompt_tokens: int
-    cached_tokens: int
-    completion_tokens: int
-
-
-@dataclass
-class RunResult:
-    router: str
-    wall_s: float
-    records: list[RequestRecord] = field(default_factory=list)
-    metrics_queries: float = 0.0
-    metrics_hits: float = 0.0
-    requests_per_replica: list[int] = field(default_factory=list)
-
-
-# ------------------------------------------------------------------ client
-async def one_turn(client, model: str, messages: list[dict], max_tokens: int) -> tuple[str, RequestRecord]:
-    t0 = time.perf_counter()
-    ttft, text, usage = None, [], None
-    stream = await client.chat.completions.create(
-        model=model, messages=messages, max_tokens=max_tokens, temperature=0, stream=True,
-        stream_options={"include_usage": True})
-    async for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            if ttft is None:
-                ttft = time.perf_counter() - t0
-            text.append(chunk.choices[0].delta.content)
-        if chunk.usage is not None:
-            usage = chunk.usage
-    e2e = time.perf_counter() - t0
-    details = usage.prompt_tokens_details
-    cached = details.cached_tokens if details is not None and details.cached_tokens else 0
-    rec = RequestRecord(-1, -1, ttft if ttft is not None else e2e, e2e, usage.prompt_tokens, cached,
-                        usage.completion_tokens)
-    return "".join(text), rec
-
-
-async def run_conversation(client, model: str, idx: int, conv: Conversation, max_tokens: int,
-                           gate: asyncio.Semaphore, records: list[RequestRecord]) -> None:
-    messages = [{"role": "system", "content": conv.system}]
-    for turn, question in enumerate(conv.questions):
-        if turn:
-            await asyncio.sleep(conv.think_s[turn - 1])
-        messages.append({"role": "user", "content": question})
-        async with gate:
-            reply, rec = await one_turn(client, model, messages, max_tokens)
-        rec.conversation, rec.turn = idx, turn
-        records.append(rec)
-        messages.append({"role": "assistant", "content": reply})
-
-
-async def warm_up(client, model: str, n: int) -> None:
-    await asyncio.gather(*(one_turn(client, model, [{"role": "user", "content": f"Say hello number {i}."}], 4)
-                           for i in range(n)))
-
-
-async def measure(client, model: str, workload: list[Conversation], args) -> tuple[float, list[RequestRecord]]:
-    """The whole workload; returns (wall seconds, records)."""
-    order = list(range(len(workload)))
-    random.Random(args.seed).shuffle(order)
-    gate = asyncio.Semaphore(args.concurrency)
-    records: list[RequestRecord] = []
-    t0 = time.perf_counter()
-    await asyncio.gather(*(run_conversation(client, model, i, workload[i], args.max_tokens, gate, records)
-                           for i in order))
-    return time.perf_counter() - t0, records
-
-
-def prefix_counters(base_url: str) -> tuple[float, float]:
-    """(queries, hits) prefix-cache token counters summed over replicas, from /metrics."""
-    body = urllib.request.urlopen(f"{base_url}/metrics", timeout=30).read().decode()
-    values = {}
-    for name in ("queries", "hits"):
-        m = re.search(rf"^tierserve:prefix_cache_{name}_total\{{[^}}]*\}} (\S+)$", body, re.M)
-        values[name] = float(m.group(1)) if m else 0.0
-    return values["queries"], values["hits"]
-
 
 # ------------------------------------------------------------------ Ray / Serve
 def free_port() -> int:
