@@ -68,6 +68,7 @@ def test_rms_norm_rejects_mismatched_weight():
         decoder_rows_cpu.rms_norm(torch.zeros(2, 64, dtype=torch.float64), torch.zeros(64), 1e-6)
 
 
+@torch.no_grad()  # as the engine runs (inference mode)
 def test_rmsnorm_module_uses_kernel_in_eager(monkeypatch):
     g = torch.Generator().manual_seed(7)
     norm = RMSNorm(576, 1e-5, torch.float32)
@@ -131,3 +132,14 @@ def test_rope_qk_rejects_bad_shapes():
         decoder_rows_cpu.rope_qk(qkv[:1], *tables, 2, 1)
     with pytest.raises(RuntimeError, match="contiguous rows"):
         decoder_rows_cpu.rope_qk(qkv.t(), *tables, 2, 1)
+
+
+def test_rmsnorm_keeps_gradients():
+    """Where a gradient is asked for, RMSNorm runs the torch form (the kernel has no backward)."""
+    norm = RMSNorm(64, 1e-5, torch.float32)
+    x = torch.randn(3, 64, requires_grad=True)
+    assert not decoder_rows_cpu.applies(x, norm.weight)
+    norm(x).square().sum().backward()
+    assert x.grad is not None and norm.weight.grad is not None
+    with torch.no_grad():
+        assert decoder_rows_cpu.applies(x, norm.weight)

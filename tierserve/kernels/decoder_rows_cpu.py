@@ -35,9 +35,11 @@ Algorithms:
 Rows (and, for RoPE, token-heads) are split over torch's intra-op threads in
 chunks of at least 16384 elements, so a decode step's rows stay on one thread.
 ``applies(*tensors)`` says when the callers (``RMSNorm`` in models/layers.py,
-``Attention`` in models/attention.py) use these: CPU float32 tensors, not while
-torch.compile traces (inductor fuses the torch forms itself), and the extension
-built (kernels/cpu_extension.py; without a compiler the torch forms stay).
+``Attention`` in models/attention.py) use these: CPU float32 tensors, no
+gradient asked for (the kernels have no backward: with grad enabled and an
+input that requires it, the torch forms run), not while torch.compile traces
+(inductor fuses the torch forms itself), and the extension built
+(kernels/cpu_extension.py; without a compiler the torch forms stay).
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ def kernel_available() -> bool:
 def applies(*tensors: torch.Tensor) -> bool:
     """Whether these kernels serve a call on ``tensors`` (module doc)."""
     return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
             and not torch.compiler.is_compiling() and kernel_available())
 
 
