@@ -58,8 +58,19 @@ On an Intel Xeon with AVX512 and AVX-VNNI (2 cores; another host than the tables
 and a rerun of the revision before: 0.987, 5.116, 17.02 (the host moved ~15% between runs). The Q4_1 layer
 shapes with ``vpdpbusd`` measured 0.70x of ``maddubs`` + ``madd`` at M=8 and 32 (qkv at M=32 0.456 vs 0.312
 ms) and 0.7-0.8x at M=1, so only Q8_0 uses it (the .cpp header); with that build they match the revision
-before within 3%. torch's int4 kernel, with AVX512 here, is 1.05-1.15x faster than q8dot on the Q4_1 shapes
-at M=8 and 32, and 1.5-1.8x slower at M=1.
+before within 3%. torch's int4 kernel, with AVX512 here, was then 1.05-1.15x faster than q8dot on the Q4_1
+shapes at M=8 and 32, and 1.5-1.8x slower at M=1. With the 512-bit Q4_1 tile for batches (two blocks per
+step; the .cpp header), the revision before and after it alternating twice (``--rows 8,32 --calls 100``), ms
+per call before -> after:
+
+| shape   | M=8                        | M=32                      |
+|---------|----------------------------|---------------------------|
+| qkv     | 0.084, 0.125 -> 0.075      | 0.451, 0.465 -> 0.299, 0.293 |
+| o       | 0.079, 0.078 -> 0.047, 0.049 | 0.291, 0.293 -> 0.178   |
+| gate_up | 0.431, 0.415 -> 0.228      | 1.628, 1.650 -> 0.902, 1.123 |
+| down    | 0.210, 0.208 -> 0.109, 0.124 | 0.730, 0.839 -> 0.438, 0.499 |
+
+(1.5-1.9x; the host ran ~40% slower in this hour than in the VNNI runs above.)
 
 Usage: python benchmarks/q8_dot.py [--threads 1] [--rows 1,8,32] [--calls 200]
 """

@@ -130,8 +130,16 @@ def test_rope_qk_rejects_bad_shapes():
         decoder_rows_cpu.rope_qk(qkv, *tables, 3, 1)
     with pytest.raises(RuntimeError, match="cos/sin: \\[T, D\\]"):
         decoder_rows_cpu.rope_qk(qkv[:1], *tables, 2, 1)
-    with pytest.raises(RuntimeError, match="contiguous rows"):
-        decoder_rows_cpu.rope_qk(qkv.t(), *tables, 2, 1)
+    with pytest.raises(RuntimeError, match="qkv: \\[T, W\\]"):
+        decoder_rows_cpu.rope_qk(qkv[None], *tables, 2, 1)
+
+
+def test_rope_qk_reads_a_column_major_qkv():
+    """Some linear backends return a transposed product (rows not contiguous): same q and k."""
+    qkv, tables = _rope_inputs(3, 2, 1, 32, 4, 0)
+    q, k = decoder_rows_cpu.rope_qk(qkv.t().contiguous().t(), *tables, 2, 1)
+    q2, k2 = decoder_rows_cpu.rope_qk(qkv, *tables, 2, 1)
+    assert torch.equal(q, q2) and torch.equal(k, k2)
 
 
 def test_rmsnorm_keeps_gradients():

@@ -84,7 +84,10 @@ def test_engine_logits_match_transformers(moe_folder, heldout):
     hf = MixtralForCausalLM.from_pretrained(moe_folder, dtype=torch.float32).eval()
     with torch.no_grad():
         ref = hf(heldout).logits
-    assert (ours - ref).abs().max() < 1e-4, float((ours - ref).abs().max())
+    # float32 rounding: eager RMSNorm on the CPU sums its squares in another order than transformers'
+    # (kernels/decoder_rows_cpu.py): 1.5e-4 measured on logits up to 38 (4e-6 of their scale); with torch's
+    # form the two were equal. A wrong expert or layer is off by far more than 2e-5 of the scale.
+    assert (ours - ref).abs().max() <= 2e-5 * ref.abs().max(), float((ours - ref).abs().max())
 
 
 def test_router_beats_random_on_heldout_text(moe_folder, dense_model, heldout):

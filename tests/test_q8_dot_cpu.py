@@ -94,3 +94,11 @@ def test_vnni_build_follows_host_flags():
     from tierserve.kernels.cpu_extension import vnni_flags
 
     assert K.vnni() == (K.simd() and bool(vnni_flags()[1]))
+
+
+def test_avx512_build_follows_host_flags():
+    """AVX512 F and BW on the host build the 512-bit Q4_1 tile for batches (test_kernel_equals_integer_reference
+    then runs it at 2-9 rows, an odd block count included); elsewhere the 256-bit tiles."""
+    from tierserve.kernels.cpu_extension import AVX512_FLAGS, cpu_flags
+
+    assert K.avx512() == (K.simd() and all(f in cpu_flags() for f in AVX512_FLAGS))

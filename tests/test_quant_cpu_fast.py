@@ -342,7 +342,8 @@ def test_smollm_packed_gguf_uses_fast_paths(smollm_packed):
     with torch.no_grad():
         want, got = PagedRunner(ref).step(seq), PagedRunner(fast).step(seq)
     diff = (got - want).abs().max().item()
-    agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
+    agree_n = int((got.argmax(-1) == want.argmax(-1)).sum())  # a count: 11 / 14 in float32 is below 11 / 14
+    agree = agree_n / len(seq)
     kl = torch.nn.functional.kl_div(got.log_softmax(-1), want.log_softmax(-1), log_target=True,
                                     reduction="batchmean").item()
     # where the top-1 differs it must be a near-tie of the reference: its reference logit within 2 * diff
@@ -362,14 +363,18 @@ def test_smollm_packed_gguf_uses_fast_paths(smollm_packed):
           f"{var_p.sum(-1).mean().item():.2e}")
     if Q8DOT:
         # int8 activations per block of 32 (llama.cpp's scheme): SmolLM2's outlier channels set a block's step
-        # for its other elements, so the deviation is larger than bf16's: measured diff 1.58 of 30.9 (5.1%),
-        # KL 7.8e-3, probability-weighted variance 1.6e-2, agreement 13/14 (one near-tie, margin 0.15) ->
-        # bounds 8% (1.6x), KL 2e-2 (2.6x), at most two more near-ties
-        assert diff <= 0.08 * want.abs().max().item(), diff
-        assert margin <= 2 * diff and kl <= 2e-2 and agree >= 11 / 14, (margin, kl, agree)
+        # for its other elements, so the deviation is larger than bf16's. It is also chaotic: a float32
+        # rounding anywhere upstream can move an activation across a code boundary, and the 30 layers amplify
+        # it, so the kernel's own summation order shows here. Measured diff of 30.9: 1.58 (5.1%; AMD AVX2
+        # host), 2.08 (6.7%; Intel host, 256-bit tiles), 2.45 (7.9%; the same host with the 512-bit Q4_1 tile
+        # for batches; the two fast paths differ by 1.07 from each other); KL 7.6e-3 to 8.7e-3, probability-
+        # weighted variance 1.6e-2 to 1.8e-2, agreement 11-13 of 14 (near-ties, margin <= 0.15) ->
+        # bounds 12% (1.5x the largest), KL 2e-2 (2.3x), agreement >= 11 of 14
+        assert diff <= 0.12 * want.abs().max().item(), diff
+        assert margin <= 2 * diff and kl <= 2e-2 and agree_n >= 11, (margin, kl, agree)
     else:
         assert diff <= 5 * U_BF16 * want.abs().max().item(), diff
-        assert margin <= 2 * diff and kl <= 3e-3 and agree >= 11 / 14, (margin, kl, agree)
+        assert margin <= 2 * diff and kl <= 3e-3 and agree_n >= 11, (margin, kl, agree)
 
 
 def test_engine_runs_gguf_on_fast_paths(smollm_gguf, smollm_packed):

@@ -43,10 +43,15 @@ def vnni_flags() -> tuple[str, list[str]]:
     return "", []
 
 
-def load_cpu_extension(name: str, source: str, what: str, extra_cflags: tuple[str, ...] = (), vnni: bool = False):
+AVX512_FLAGS = ("avx512f", "avx512bw")
+
+
+def load_cpu_extension(name: str, source: str, what: str, extra_cflags: tuple[str, ...] = (), vnni: bool = False,
+                       avx512: bool = False):
     """The compiled extension of ``source`` or None (``what`` names the kernel in the warning;
     ``extra_cflags`` go after the common flags). ``vnni``: also the host's VNNI flags where it has them
-    (``vnni_flags``; the name says which), for a source that uses them when its compiler macros say so."""
+    (``vnni_flags``), ``avx512``: ``-mavx512f -mavx512bw`` where it has both; the name says which, for a
+    source that uses them when its compiler macros say so."""
     from torch.utils import cpp_extension
 
     simd = all(f in cpu_flags() for f in SIMD_FLAGS)
@@ -55,6 +60,8 @@ def load_cpu_extension(name: str, source: str, what: str, extra_cflags: tuple[st
     if simd and vnni:
         vnni_suffix, vflags = vnni_flags()
         suffix, flags = suffix + vnni_suffix, flags + vflags
+    if simd and avx512 and all(f in cpu_flags() for f in AVX512_FLAGS):
+        suffix, flags = suffix + "_avx512", flags + ["-mavx512f", "-mavx512bw"]
     try:
         return cpp_extension.load(name=name + suffix, sources=[source],
                                   extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)

@@ -109,13 +109,14 @@ at::Tensor rms_norm(at::Tensor x, at::Tensor w, double eps) {
     return y;
 }
 
-// q [T, hq, D], k [T, hkv, D] (new, contiguous): the first hq + hkv heads of qkv [T, W] (W >= (hq + hkv) D,
-// rows contiguous) rotated by cos_full / sin_signed [T, D] (rope.rope_tables: [cos, cos], [-sin, sin]).
+// q [T, hq, D], k [T, hkv, D] (new, contiguous): the first hq + hkv heads of qkv [T, W] (W >= (hq + hkv) D;
+// rows read in place where contiguous, else from a contiguous copy) rotated by cos_full / sin_signed [T, D] (rope.rope_tables: [cos, cos], [-sin, sin]).
 std::tuple<at::Tensor, at::Tensor> rope_qk(at::Tensor qkv, at::Tensor cos_full, at::Tensor sin_signed, int64_t hq,
                                            int64_t hkv) {
     TORCH_CHECK(qkv.dtype() == at::kFloat && cos_full.dtype() == at::kFloat && sin_signed.dtype() == at::kFloat,
                 "qkv, cos and sin: float32 expected");
-    TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1, "qkv: [T, W] with contiguous rows expected, got ", qkv.sizes());
+    TORCH_CHECK(qkv.dim() == 2, "qkv: [T, W] expected, got ", qkv.sizes());
+    if (qkv.stride(1) != 1) qkv = qkv.contiguous();  // rows read in place when they are contiguous
     const int64_t t = qkv.size(0), d = cos_full.size(-1);
     TORCH_CHECK(d % 2 == 0 && cos_full.numel() == t * d && sin_signed.numel() == t * d,
                 "cos/sin: [T, D] (any unit dims) with even D expected for T=", t, ", got ", cos_full.sizes());

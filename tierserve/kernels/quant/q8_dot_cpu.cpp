@@ -32,6 +32,15 @@
 // int32 sum, the same integers as maddubs (pairs to int16; no pair here can saturate: |sum| <= 2 * 128 * 127)
 // then madd with ones (int16 pairs to int32), in one instruction instead of two. Used for Q8_0 only: on the
 // AVX-VNNI host it made the Q8_0 head 1.2-1.5x faster at M=32 and the Q4_1 shapes 0.7x (benchmarks/q8_dot.py).
+// AVX512 (F and BW; kernels/cpu_extension.py, avx512 flags): Q4_1 tiles of several activation rows take two
+// blocks per 512-bit register (tile512): per row and block pair one load of 64 activation codes, maddubs and
+// madd on 64 products, one conversion and one FMA whose scale vector holds block b's d dx in lanes 0-7 and
+// block b+1's in lanes 8-15; the same int32 block sums as the 256-bit tile, the float sums in another order.
+#if Q8DOT_AVX2 && defined(__AVX512F__) && defined(__AVX512BW__)
+#define Q8DOT_AVX512 1
+#else
+#define Q8DOT_AVX512 0
+#endif
 #if Q8DOT_AVX2 && defined(__AVXVNNI__)
 #define Q8DOT_DPBUSD(u, s) _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), (u), (s))
 #elif Q8DOT_AVX2 && defined(__AVX512VNNI__) && defined(__AVX512VL__)
@@ -231,9 +240,85 @@ void tile(const uint8_t* w, int64_t row_bytes, const QAct& a, int64_t r0, float*
 #endif
 }
 
+#if Q8DOT_AVX512
+// One Q4_1 weight row times activation rows r0..r0+R of ``a`` (R >= 2), two blocks per step (header above); an
+// odd last block goes through the 256-bit formula.
+template <int R>
+void tile512_q4_1(const uint8_t* w, const QAct& a, int64_t r0, float* out, int64_t ldo) {
+    const int64_t nb = a.nb;
+    constexpr int64_t BB = BLOCK_BYTES[0];
+    __m512 acc[R];
+    __m128 mins[R];  // lanes 1 and 3: the sums of m sx of the even and the odd blocks
+    for (int r = 0; r < R; ++r) {
+        acc[r] = _mm512_setzero_ps();
+        mins[r] = _mm_setzero_ps();
+    }
+    const int8_t* xq0 = a.q + r0 * a.k;
+    const float* ds0 = a.ds + 2 * r0 * nb;
+    const __m512i shift = _mm512_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4, 0, 0, 0, 0, 4, 4, 4, 4);
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    const __m512i ones = _mm512_set1_epi16(1);
+    const __m512i dup = _mm512_setr_epi64(0, 1, 0, 1, 2, 3, 2, 3);  // each block's 16 bytes into two lanes
+    const __m512i pick = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);  // d dx of b, b+1
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        const uint8_t* blk = w + b * BB;
+        _mm_prefetch(reinterpret_cast<const char*>(blk + PREFETCH), _MM_HINT_T0);
+        const __m128 dm = _mm_cvtph_ps(_mm_unpacklo_epi32(_mm_cvtsi32_si128(load_i32(blk)),
+                                                          _mm_cvtsi32_si128(load_i32(blk + BB))));  // d0 m0 d1 m1
+        const __m256i two = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(blk + BB + 4),
+                                                reinterpret_cast<const __m128i*>(blk + 4));
+        const __m512i raw = _mm512_permutexvar_epi64(dup, _mm512_castsi256_si512(two));
+        const __m512i wq = _mm512_and_si512(_mm512_srlv_epi32(raw, shift), low);
+        for (int r = 0; r < R; ++r) {
+            const __m512i xq = _mm512_loadu_si512(xq0 + r * a.k + b * QK);  // blocks b and b + 1
+            const __m128 sc = _mm_mul_ps(dm, _mm_loadu_ps(ds0 + 2 * (r * nb + b)));  // d0dx0 m0sx0 d1dx1 m1sx1
+            mins[r] = _mm_add_ps(mins[r], sc);
+            const __m512i p = _mm512_madd_epi16(_mm512_maddubs_epi16(wq, xq), ones);
+            acc[r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(pick, _mm512_castps128_ps512(sc)), _mm512_cvtepi32_ps(p),
+                                     acc[r]);
+        }
+    }
+    float tail[R] = {};
+    if (b < nb) {  // the last block of an odd count
+        const uint8_t* blk = w + b * BB;
+        const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128(load_i32(blk)));
+        const __m256i raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 4)));
+        const __m256i wq = _mm256_and_si256(_mm256_srlv_epi32(raw, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)),
+                                            _mm256_set1_epi8(0x0F));
+        for (int r = 0; r < R; ++r) {
+            const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq0 + r * a.k + b * QK));
+            const __m128 sc = _mm_mul_ps(dm, _mm_castsi128_ps(_mm_loadl_epi64(
+                reinterpret_cast<const __m128i*>(ds0 + 2 * (r * nb + b)))));
+            const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(wq, xq), _mm256_set1_epi16(1));
+            tail[r] = _mm_cvtss_f32(sc) * hsum(_mm256_cvtepi32_ps(p)) + _mm_cvtss_f32(_mm_movehdup_ps(sc));
+        }
+    }
+    for (int r = 0; r < R; ++r) {
+        const __m128 m = _mm_movehdup_ps(mins[r]);  // lanes 0 and 2: m sx of the even and the odd blocks
+        out[r * ldo] = _mm512_reduce_add_ps(acc[r]) + (_mm_cvtss_f32(m) + _mm_cvtss_f32(_mm_movehl_ps(m, m))) +
+                       tail[r];
+    }
+}
+#endif
+
 template <int KIND, int WR>
 void rows_times_all(const uint8_t* w, int64_t row_bytes, const QAct& a, int64_t m, float* out, int64_t n) {
     int64_t r = 0;
+#if Q8DOT_AVX512
+    if constexpr (KIND == 0 && WR == 1) {  // batches of Q4_1: two blocks per 512-bit step
+        if (m > 1) {
+            for (; r + ROWS <= m; r += ROWS) tile512_q4_1<ROWS>(w, a, r, out + r * n, n);
+            switch (m - r) {
+                case 3: tile512_q4_1<3>(w, a, r, out + r * n, n); break;
+                case 2: tile512_q4_1<2>(w, a, r, out + r * n, n); break;
+                case 1: tile512_q4_1<1>(w, a, r, out + r * n, n); break;
+                default: break;
+            }
+            return;
+        }
+    }
+#endif
     for (; r + ROWS <= m; r += ROWS) tile<KIND, WR, ROWS>(w, row_bytes, a, r, out + r * n, n);
     switch (m - r) {
         case 3: tile<KIND, WR, 3>(w, row_bytes, a, r, out + r * n, n); break;
@@ -288,6 +373,8 @@ torch::Tensor q8_dot_mm(torch::Tensor x, torch::Tensor blocks, int64_t kind) {
 
 bool q8_dot_simd() { return Q8DOT_AVX2; }
 
+bool q8_dot_avx512() { return Q8DOT_AVX512; }
+
 #ifdef Q8DOT_DPBUSD
 bool q8_dot_vnni() { return true; }
 #else
@@ -306,4 +393,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     mod.def("q8_dot_mm", &q8_dot_mm, "GGUF Q4_1 / Q8_0 blocks times Q8 activations (q8_dot_cpu.py)");
     mod.def("simd", &q8_dot_simd, "whether the AVX2 path was compiled in");
     mod.def("vnni", &q8_dot_vnni, "whether its integer dots use VNNI's vpdpbusd");
+    mod.def("avx512", &q8_dot_avx512, "whether batches of Q4_1 run the 512-bit tile");
 }
