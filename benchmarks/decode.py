@@ -60,6 +60,11 @@ one (1.23x); compiled 106.6 (1.35x) and 86.0 (1.61x). The eager default against 
 kernels, interleaved (``--revs``): 58.3 -> 82.2 tok/s median at two threads (paired 1.14x), 50.7 -> 64.8 at
 one (1.28x).
 
+Then with the 512-bit Q4_1 tile for batches (kernels/quant/q8_dot_cpu.cpp; same command, same host): batch 8
+transformers 125.8, fp32 173.1 (1.38x), packed 262.2 (2.08x), compiled 234.2 (1.86x); batch 32 231.3, 373.9
+(1.62x), 293.7 (1.27x), 274.4 (1.19x). Batch 1 (prompt included): packed 82.1 tok/s, compiled 112.4, llama.cpp
+72.7 (1.13x and 1.55x).
+
 Usage: python benchmarks/decode.py [--new-tokens 64] [--threads 2]
 """
 
