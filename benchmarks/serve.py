@@ -164,7 +164,24 @@ Here the router separates from power-of-two as it does with one prompt per conve
 throughput 1.5-2.2x, hit rate 2.1-2.4x at share 2; at share 4 the hit-rate ratio is 1.37 at 2 and 3 replicas
 (power-of-two still finds one of four hot prompts often: 0.53-0.59) and p95 0.89 at 4 replicas (requests per
 replica 18/16/15/15 against 18/17/15/14). A pilot at 0.65 (242 blocks, share 4, 2 replicas) stayed in the
-no-pressure regime: hit 1.06x, p50 1.35x, p95 0.95. Seed 0 only in this run.
+no-pressure regime: hit 1.06x, p50 1.35x, p95 0.95.
+
+Seeds 1 and 2 at share 4 (``--cache-fraction 0.45 --share 4 --replicas 2,3,4 --seeds 1,2 --routers cost,pow2``:
+168 blocks, the larger working set of those seeds; copy 9.6 GB/s; 19 minutes;
+results/serve_pressure_share4_seeds12.json), hit x / p50 x / p95 x per seed, requests per replica of Router v2,
+and the mean over seeds 0-2 with seed 0 above:
+
+| replicas | seed 1 | seed 2 | mean of seeds 0-2 |
+|---|---|---|---|
+| 2 | 1.60 / 12.5 / 1.71 (32/32) | 1.69 / 17.3 / 1.97 (32/32) | 1.55 / 11.2 / 1.71 |
+| 3 | 1.49 / 3.2 / 1.27 (32/16/16) | 1.49 / 5.9 / 1.65 (32/22/10) | 1.45 / 4.4 / 1.50 |
+| 4 | 1.85 / 8.4 / 1.21 (22/21/13/8) | 1.45 / 3.1 / 1.02 (27/22/15/0) | 1.73 / 6.3 / 1.04 |
+
+Every target holds on the means at share 4 under pressure; seed 0 misses hit (1.37) at 2 and 3 replicas
+and p95 (0.89) at 4. With four prompts over three or four replicas Router v2 leaves replicas unevenly
+loaded, one idle at 4 replicas seed 2: at these loads a cold replica's cost (a whole ~900-token prefill)
+exceeds the queue of a warm one, so a prompt's users stay where it is cached; power-of-two stays within
+23/21/20 and 21/17/16/10 but recomputes the prompts (hit 0.47-0.60).
 
 Prints the tables after every point, with the memory copy bandwidth and the load
 average, and writes benchmarks/results/serve.json.
