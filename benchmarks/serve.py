@@ -183,6 +183,17 @@ loaded, one idle at 4 replicas seed 2: at these loads a cold replica's cost (a w
 exceeds the queue of a warm one, so a prompt's users stay where it is cached; power-of-two stays within
 23/21/20 and 21/17/16/10 but recomputes the prompts (hit 0.47-0.60).
 
+Seeds 1 and 2 at share 2 under the same pressure (``--share 2 --seeds 1,2``, 260 blocks; 23 minutes;
+results/serve_pressure_share2_seeds12.json), same columns:
+
+| replicas | seed 1 | seed 2 | mean of seeds 0-2 |
+|---|---|---|---|
+| 2 | 2.86 / 8.5 / 1.75 (32/32) | 2.54 / 8.2 / 1.39 (33/31) | 2.60 / 7.3 / 1.40 |
+| 3 | 2.01 / 13.8 / 1.21 (25/23/16) | 1.79 / 11.5 / 0.99 (24/20/20) | 1.96 / 11.4 / 1.21 |
+| 4 | 1.60 / 11.2 / 0.84 (21/19/16/8) | 1.93 / 13.4 / 1.13 (22/16/13/13) | 1.95 / 12.3 / 1.04 |
+
+Every target holds on the means at share 2 too; one single-seed p95 miss (0.84, 4 replicas, seed 1).
+
 Prints the tables after every point, with the memory copy bandwidth and the load
 average, and writes benchmarks/results/serve.json.
 
