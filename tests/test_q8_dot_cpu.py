@@ -38,7 +38,7 @@ def _weight(blocks: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 17, 33])
 @pytest.mark.parametrize("n,k", [(80, 192), (81, 160)])  # odd N and an odd block count: the tiles' remainders
 def test_kernel_equals_integer_reference(kind, rows, n, k):
     g = torch.Generator().manual_seed(rows)
@@ -102,3 +102,13 @@ def test_avx512_build_follows_host_flags():
     from tierserve.kernels.cpu_extension import AVX512_FLAGS, cpu_flags
 
     assert K.avx512() == (K.simd() and all(f in cpu_flags() for f in AVX512_FLAGS))
+
+
+def test_amx_build_follows_host_flags():
+    """AMX-TILE and AMX-INT8 on the host (with AVX512 F and BW) build the tile-unit path for 5 rows and more
+    (test_kernel_equals_integer_reference then runs it at 5, 9, 17 and 33 rows: one to three tiles of 16
+    activation rows, full and partial panels of 16 weight rows, an odd block count); elsewhere the vector
+    tiles."""
+    from tierserve.kernels.cpu_extension import AMX_FLAGS, AVX512_FLAGS, cpu_flags
+
+    assert K.amx() == (K.simd() and all(f in cpu_flags() for f in AVX512_FLAGS + AMX_FLAGS))

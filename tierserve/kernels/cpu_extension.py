@@ -44,14 +44,16 @@ def vnni_flags() -> tuple[str, list[str]]:
 
 
 AVX512_FLAGS = ("avx512f", "avx512bw")
+AMX_FLAGS = ("amx_tile", "amx_int8")
 
 
-def load_cpu_extension(name: str, source: str, what: str, extra_cflags: tuple[str, ...] = (), vnni: bool = False,
-                       avx512: bool = False):
-    """The compiled extension of ``source`` or None (``what`` names the kernel in the warning;
-    ``extra_cflags`` go after the common flags). ``vnni``: also the host's VNNI flags where it has them
-    (``vnni_flags``), ``avx512``: ``-mavx512f -mavx512bw`` where it has both; the name says which, for a
-    source that uses them when its compiler macros say so."""
+def load_cpu_extension(name: str, source: str | list[str], what: str, extra_cflags: tuple[str, ...] = (),
+                       vnni: bool = False, avx512: bool = False, amx: bool = False):
+    """The compiled extension of ``source`` (one file or several linked into one library) or None (``what``
+    names the kernel in the warning; ``extra_cflags`` go after the common flags). ``vnni``: also the host's
+    VNNI flags where it has them (``vnni_flags``), ``avx512``: ``-mavx512f -mavx512bw`` where it has both,
+    ``amx`` (with ``avx512``): ``-mamx-tile -mamx-int8`` where it also lists AMX-TILE and AMX-INT8; the name
+    says which, for a source that uses them when its compiler macros say so."""
     from torch.utils import cpp_extension
 
     simd = all(f in cpu_flags() for f in SIMD_FLAGS)
@@ -62,8 +64,10 @@ def load_cpu_extension(name: str, source: str, what: str, extra_cflags: tuple[st
         suffix, flags = suffix + vnni_suffix, flags + vflags
     if simd and avx512 and all(f in cpu_flags() for f in AVX512_FLAGS):
         suffix, flags = suffix + "_avx512", flags + ["-mavx512f", "-mavx512bw"]
+        if amx and all(f in cpu_flags() for f in AMX_FLAGS):
+            suffix, flags = suffix + "_amx", flags + ["-mamx-tile", "-mamx-int8"]
     try:
-        return cpp_extension.load(name=name + suffix, sources=[source],
+        return cpp_extension.load(name=name + suffix, sources=[source] if isinstance(source, str) else source,
                                   extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, no headers
         logger.warning("%s unavailable (%s): %s", what, type(exc).__name__, exc)
