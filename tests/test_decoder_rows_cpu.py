@@ -1,5 +1,6 @@
 """The C++ row ops of the eager CPU decoder (kernels/decoder_rows_cpu.py): RMSNorm against the float64 formula and
-``F.rms_norm``, ``RMSNorm`` using it in eager CPU mode; RoPE of q and k bit-equal to ``apply_rope_full``.
+``F.rms_norm``, ``RMSNorm`` using it in eager CPU mode; RoPE of q and k bit-equal to ``apply_rope_full``; the
+argmax equal to ``torch.argmax`` (ties, NaN, infinities, strided rows).
 
 Bound (module doc of decoder_rows_cpu.py): each of the 8 partial sums adds ``D / 8`` rounded squares, then three
 pairwise levels and the tail; the square root, the division and the two products add six roundings, so
@@ -151,3 +152,34 @@ def test_rmsnorm_keeps_gradients():
     assert x.grad is not None and norm.weight.grad is not None
     with torch.no_grad():
         assert decoder_rows_cpu.applies(x, norm.weight)
+
+
+@pytest.mark.parametrize("m,n", [(1, 49152), (32, 49152), (3, 7), (5, 9), (2, 1)])
+def test_argmax_equals_torch(m, n):
+    g = torch.Generator().manual_seed(m * 1000 + n)
+    x = torch.randn(m, n, generator=g)
+    assert torch.equal(decoder_rows_cpu.argmax(x), x.argmax(dim=-1))
+
+
+def test_argmax_ties_nan_and_infinities_as_torch():
+    x = torch.zeros(6, 21)
+    x[0, [3, 11, 19]] = 5.0                      # ties: the first maximum
+    x[1, [2, 17]] = float("nan")                  # NaN counts as the maximum: its first index
+    x[1, 5] = float("inf")
+    x[2] = -float("inf")                          # all -inf: index 0
+    x[2, 20] = float("nan")                       # ... unless a NaN, here in the scalar tail
+    x[3] = -float("inf")
+    x[4] -= 1.0
+    x[4, 9], x[4, 10] = 0.0, -0.0                 # +0 and -0 compare equal: the first
+    x[5, 20] = 3.0                                # the maximum in the tail past the 8-lane loop
+    got = decoder_rows_cpu.argmax(x)
+    assert got.tolist() == x.argmax(dim=-1).tolist() == [3, 2, 20, 0, 9, 20]
+
+
+def test_argmax_reads_strided_rows_and_rejects_bad_input():
+    x = torch.randn(4, 64)
+    assert torch.equal(decoder_rows_cpu.argmax(x[:, ::2]), x[:, ::2].argmax(dim=-1))
+    assert torch.equal(decoder_rows_cpu.argmax(x.t()), x.t().argmax(dim=-1))
+    assert torch.equal(decoder_rows_cpu.argmax(x.double()), x.double().argmax(dim=-1))  # torch's, not the kernel
+    with pytest.raises(RuntimeError, match=r"float32 \[M, N >= 1\]"):
+        decoder_rows_cpu._extension().argmax_rows(torch.randn(3))

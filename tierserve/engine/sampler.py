@@ -34,6 +34,7 @@ import torch
 from tierserve.engine.logprobs import TokenLogprobs, compute_logprobs
 from tierserve.engine.penalties import apply_penalties, mask_stop_ids, min_tokens_rows, needs_penalties
 from tierserve.engine.truncation import needs_truncation, truncation_mask
+from tierserve.kernels.decoder_rows_cpu import argmax
 from tierserve.sampling_params import SamplingParams
 
 __all__ = ["SamplingBatch", "SamplerOutput", "TokenLogprobs", "Sampler"]
@@ -83,11 +84,11 @@ class Sampler:
         penal_rows = [i for i, p in enumerate(params) if needs_penalties(p)]
         lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         if not mask_rows and not penal_rows and not lp_rows and all(p.greedy for p in params):
-            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(params))
+            return SamplerOutput(argmax(logits).tolist(), [None] * len(params))
 
         raw = logits
         work = self._process(logits, batch, mask_rows, penal_rows)
-        tokens = work.argmax(dim=-1)
+        tokens = argmax(work)
         sample_rows = [i for i, p in enumerate(params) if not p.greedy]
         if sample_rows:
             idx = torch.tensor(sample_rows, device=work.device)

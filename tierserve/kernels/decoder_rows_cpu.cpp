@@ -1,5 +1,5 @@
-// The eager CPU decoder's row-wise glue in single C++ calls: RMSNorm, and RoPE of q and k out of the fused
-// QKV projection (decoder_rows_cpu.py states the algorithms and their bounds).
+// The eager CPU decoder's row-wise glue in single C++ calls: RMSNorm, RoPE of q and k out of the fused QKV
+// projection, and greedy sampling's argmax (decoder_rows_cpu.py states the algorithms and their bounds).
 //
 // Built with -ffp-contract=off (decoder_rows_cpu.py): a product followed by a sum is never fused into one
 // FMA, so each value is rounded where the torch forms it replaces round it.
@@ -142,7 +142,52 @@ std::tuple<at::Tensor, at::Tensor> rope_qk(at::Tensor qkv, at::Tensor cos_full, 
     return {q, k};
 }
 
+// ------------------------------------------------------------------ argmax
+// Per row of N: the index of its first maximum, a NaN counting as the maximum (its first index), as
+// torch.argmax. Pass 1: the maximum and whether a NaN occurs (8 lanes under AVX2); pass 2: the first index
+// equal to it (or the first NaN).
+int64_t argmax_row(const float* x, int64_t n) {
+    float m = -INFINITY;
+    bool nan = false;
+    int64_t i = 0;
+#if ROWS_AVX2
+    __m256 vm = _mm256_set1_ps(-INFINITY), vn = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        vm = _mm256_max_ps(vm, v);
+        vn = _mm256_or_ps(vn, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, vm);
+    for (float l : lanes) m = std::max(m, l);
+    nan = _mm256_movemask_ps(vn) != 0;
+#endif
+    for (; i < n; ++i) {
+        nan = nan || std::isnan(x[i]);
+        m = std::max(m, x[i]);
+    }
+    for (int64_t j = 0; j < n; ++j)
+        if (nan ? std::isnan(x[j]) : x[j] == m) return j;
+    return 0;
+}
+
+// int64 [M]: the argmax of each row of x [M, N] (float32, N >= 1).
+at::Tensor argmax_rows(at::Tensor x) {
+    TORCH_CHECK(x.dtype() == at::kFloat && x.dim() == 2 && x.size(1) >= 1, "x: float32 [M, N >= 1] expected, got ",
+                x.sizes());
+    if (x.stride(1) != 1) x = x.contiguous();
+    const int64_t rows = x.size(0), n = x.size(1), ld = x.stride(0);
+    auto out = at::empty({rows}, x.options().dtype(at::kLong));
+    const float* xp = x.data_ptr<float>();
+    int64_t* op = out.data_ptr<int64_t>();
+    at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) op[r] = argmax_row(xp + r * ld, n);
+    });
+    return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+    mod.def("argmax_rows", &argmax_rows, "first index of each float32 row's maximum (decoder_rows_cpu.py)");
     mod.def("rms_norm", &rms_norm, "RMSNorm of float32 rows (decoder_rows_cpu.py)");
     mod.def("rope_qk", &rope_qk, "RoPE of q and k out of the fused QKV projection (decoder_rows_cpu.py)");
 }
