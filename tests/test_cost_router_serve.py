@@ -36,6 +36,9 @@ def test_replica_load_from_routing_stats():
     assert replica_load("a", 2, {"pending_prefill_tokens": 5}) == ReplicaLoad("a", 2)
     assert replica_load("a", 2, {**stats, "max_num_seqs": 0}) == ReplicaLoad("a", 2)
     assert replica_load("a", 2, {**stats, "token_budget": "512"}) == ReplicaLoad("a", 2)
+    # the prefix tree's block count rides along either way
+    assert replica_load("a", 2, stats, 40) == ReplicaLoad("a", 2, 300, 32, 512, cached_blocks=40)
+    assert replica_load("a", 2, None, 40) == ReplicaLoad("a", 2, cached_blocks=40)
 
 
 @pytest.fixture(scope="module")

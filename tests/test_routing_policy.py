@@ -302,7 +302,29 @@ def test_cost_policy_validation_names_the_field():
             CostAwarePolicy(**kwargs)
         assert e.value.field == field
     for kwargs, field in [({"pending_prefill_tokens": -1}, "pending_prefill_tokens"),
+                          ({"cached_blocks": -1}, "cached_blocks"),
                           ({"max_num_seqs": 0}, "max_num_seqs"), ({"token_budget": 0}, "token_budget")]:
         with pytest.raises(InvalidParameterError) as e:
             ReplicaLoad("a", 0, **kwargs)
         assert e.value.field == field
+
+
+def test_equal_loads_go_to_the_replica_caching_least():
+    """Cold prompts spread over idle replicas: among equally loaded candidates the one whose cache holds the
+    fewest blocks wins, then the lower id (before, always the lower id: one replica could take every prompt)."""
+    idle = [ReplicaLoad("a", 0, cached_blocks=55), ReplicaLoad("b", 0, cached_blocks=7),
+            ReplicaLoad("c", 0, cached_blocks=7), ReplicaLoad("d", 0, cached_blocks=12)]
+    for p in (PrefixAwarePolicy(), CostAwarePolicy()):
+        assert p.choose({}, idle, num_request_blocks=5).replica_id == "b"
+        assert [d.replica_id for d in p.rank({}, idle, num_request_blocks=5)] == ["b", "c", "d", "a"]
+        # load comes first: an empty replica with a request in flight loses to an idle full one
+        busy = [ReplicaLoad("a", 0, cached_blocks=55), ReplicaLoad("b", 1, cached_blocks=0)]
+        assert p.choose({}, busy, num_request_blocks=5).replica_id == "a"
+    # a match still wins over an empty cache
+    assert CostAwarePolicy().choose({"a": 5}, idle, num_request_blocks=5).replica_id == "a"
+    assert PrefixAwarePolicy().choose({"a": 5}, idle, num_request_blocks=5).replica_id == "a"
+    # equal prefix scores: load, then the smaller cache (d holds 12 blocks against a's 55)
+    d = PrefixAwarePolicy().choose({"a": 3, "d": 3}, idle, num_request_blocks=5)
+    assert (d.replica_id, d.reason) == ("d", "prefix")
+    c = CostAwarePolicy().choose({"a": 3, "d": 3}, idle, num_request_blocks=5)
+    assert (c.replica_id, c.reason, c.cost) == ("d", "prefix", 16 * 2 / 2048)

@@ -94,6 +94,10 @@ def test_tree_actor_follows_evictions(serve_app):
     # Evict the first block: a gap at the start means no usable prefix at all.
     assert ray.get(tree.report.remote(rid, [], [chain[0]])) == 2
     assert ray.get(tree.longest_match.remote(chain)) == {}
+    # the router's lookup: no match, and each candidate's cached block count (its tie-break)
+    other = next(r for r in ray.get(tree.replicas.remote()) if r != rid)
+    found = ray.get(tree.match.remote(chain, [rid, other, "unknown"], lower=False))
+    assert (found.device, found.lower, found.cached) == ({}, {}, {rid: 2, other: 3, "unknown": 0})
     # Re-reporting restores the match, and routing follows it.
     ray.get(tree.report.remote(rid, [chain], []))
     assert ray.get(tree.longest_match.remote(chain)) == {rid: 3}

@@ -176,7 +176,8 @@ def test_tree_actor_body_reports_and_matches_both_tiers():
     assert actor.report("A", [], [], TierDiff(CB, added={"dram": [chunk_key(0), chunk_key(1)],
                                                          "redis": [chunk_key(2)]})) == 0
     got = actor.match(H, ["A", "B"])
-    assert got == PrefixMatch({"B": 20}, {"dram": {"A": 32}, "redis": {"A": 16}})
+    assert got == PrefixMatch({"B": 20}, {"dram": {"A": 32}, "redis": {"A": 16}}, cached={"A": 0, "B": 20})
+    assert actor.match(H, ["A", "B"], lower=False) == PrefixMatch({"B": 20}, {}, cached={"A": 0, "B": 20})
     assert actor.longest_match(H) == {"B": 20}                   # the device-only path is unchanged
     # B reaches chunk 2 only if it covers chunk 1: give B 32 device blocks
     actor.report("B", [H[:32]], [])

@@ -22,10 +22,14 @@ Algorithm of ``PrefixAwarePolicy.choose`` (every comparison is exact):
    "no match" and adds little between replicas). A request whose first 10
    blocks sit in replica A's DRAM (score 8.0) goes to A over replica B with
    6 device blocks (score 6.0), but B wins with 9 device blocks (9.0).
-2. least = the replica with the lowest (ongoing_requests, replica_id).
+2. least = the replica with the lowest (ongoing_requests, cached_blocks, replica_id): among replicas
+   with as many requests in flight, the one whose device cache holds the fewest blocks (the prefix
+   tree's count; 0 when unknown). Without it every cold prompt that found its candidates equally loaded
+   went to the lowest id, so with a few shared prompts one replica could cache them all while another
+   never got a request (benchmarks/serve.py, four prompts over four replicas: 27/22/15/0).
 3. If no replica has score > 0: pick ``least`` (reason ``"no_match"``).
 4. best = the replica with the highest score; ties go to the lower
-   (ongoing_requests, replica_id).
+   (ongoing_requests, cached_blocks, replica_id).
 4b. Short match: when the caller passes the request's length in blocks
    ``num_request_blocks`` and ``score(best) < min_match_ratio *
    num_request_blocks``, pick ``least`` (reason ``"short_match"``). Without
@@ -113,7 +117,8 @@ Constants (constructor arguments):
   power-of-two's (0.47 vs 0.46, against the prefix router's 0.74). The slot
   count now matters only where it binds (``behind``).
 
-Ties on cost go to the lower (ongoing_requests, replica_id). Reason of a
+Ties on cost go to the lower (ongoing_requests, cached_blocks, replica_id), as in step 2: a request no
+replica caches, arriving while several are idle, goes to the one caching least. Reason of a
 decision: ``"no_match"`` when no candidate scores > 0, ``"prefix"`` when the
 chosen replica has the best score, ``"least_loaded"`` when load outweighed a
 better match elsewhere. ``RouteDecision.cost`` carries the chosen cost.
@@ -156,6 +161,8 @@ class ReplicaLoad:
     #: the replica's capacity when it reported it (None: the policy's)
     max_num_seqs: int | None = None
     token_budget: int | None = None
+    #: device KV blocks the replica caches (the prefix tree's count; 0 if unknown): a tie-break, module doc
+    cached_blocks: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.replica_id, str) or not self.replica_id:
@@ -163,9 +170,9 @@ class ReplicaLoad:
         if self.ongoing_requests < 0:
             raise InvalidParameterError(
                 "ongoing_requests", f"must be >= 0, got {self.ongoing_requests} for {self.replica_id}")
-        if self.pending_prefill_tokens < 0:
-            raise InvalidParameterError(
-                "pending_prefill_tokens", f"must be >= 0, got {self.pending_prefill_tokens} for {self.replica_id}")
+        for name in ("pending_prefill_tokens", "cached_blocks"):
+            if getattr(self, name) < 0:
+                raise InvalidParameterError(name, f"must be >= 0, got {getattr(self, name)} for {self.replica_id}")
         for name in ("max_num_seqs", "token_budget"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -245,7 +252,7 @@ class PrefixAwarePolicy(RouterPolicy):
                lower_tier_matches: Mapping[str, Mapping[str, int]] | None = None,
                num_request_blocks: int | None = None) -> RouteDecision:
         _check_loads(loads)
-        by_load = sorted(loads, key=lambda r: (r.ongoing_requests, r.replica_id))
+        by_load = sorted(loads, key=_load_key)
         least = by_load[0]
         scores = {r.replica_id: self.score(r.replica_id, matches, lower_tier_matches) for r in loads}
         best = min(by_load, key=lambda r: -scores[r.replica_id])  # stable: ties keep load/id order
@@ -300,7 +307,7 @@ class CostAwarePolicy(RouterPolicy):
         best_score = max(scores.values())
         n = max(num_request_blocks or 0, best_score)
         costs = {r.replica_id: self.cost(r, scores[r.replica_id], n) for r in loads}
-        chosen = min(loads, key=lambda r: (costs[r.replica_id], r.ongoing_requests, r.replica_id))
+        chosen = min(loads, key=lambda r: (costs[r.replica_id], *_load_key(r)))
         rid = chosen.replica_id
         if best_score <= 0:
             reason = REASON_NO_MATCH
@@ -321,6 +328,11 @@ def make_policy(name: str, **kwargs) -> RouterPolicy:
     if cls is None:
         raise InvalidParameterError("policy", f"unknown policy {name!r}; choose one of {sorted(POLICIES)}")
     return cls(**kwargs)
+
+
+def _load_key(r: ReplicaLoad) -> tuple[int, int, str]:
+    """Order of replicas by load (module doc, step 2): requests in flight, blocks cached, id."""
+    return r.ongoing_requests, r.cached_blocks, r.replica_id
 
 
 def _check_loads(loads: Sequence[ReplicaLoad]) -> None:

@@ -25,7 +25,9 @@ One routing step (``choose_replicas``):
 1. hashes = the request's ``prefix_block_hashes`` (empty if absent; a
    malformed value, not a list of 32-byte digests, is logged with the field
    and the request is routed by load alone, never dropped);
-2. matches = ``await tree.longest_match(hashes)``, bounded by
+2. matches = ``await tree.match(hashes, candidate ids, lower=False)``: the
+   device match and each candidate's cached block count (the policies'
+   tie-break between equally loaded replicas, routing/policy.py), bounded by
    ``match_timeout_s`` (default 0.1 s; the actor round trip is ~1 ms). On
    timeout or a dead actor the step routes by load alone (a warning is
    logged); the event loop is never blocked. A dead tree actor (killed, its
@@ -49,7 +51,7 @@ One routing step (``choose_replicas``):
 
 Lower KV tiers (``kv_tiers``, e.g. ``["dram", "redis"]``, the app's
 ``--kv-tiers``; empty = off): step 2 asks ``await tree.match(hashes,
-candidate ids)`` instead, which also returns, per candidate, the blocks each
+candidate ids)`` (``lower=True``), which also returns, per candidate, the blocks each
 lower tier would serve after its device match (routing/tier_index.py), and
 step 4 passes them as ``lower_tier_matches`` to a policy built with
 ``tier_weights=KV_TIER_WEIGHTS`` (device 1.0, dram 0.8, disk 0.5, redis 0.3;
@@ -121,17 +123,18 @@ def routing_stats(pending_prefill_tokens: int, max_num_seqs: int, token_budget: 
     return dict(zip(ROUTING_STATS_KEYS, (int(pending_prefill_tokens), int(max_num_seqs), int(token_budget))))
 
 
-def replica_load(replica_id: str, ongoing_requests: int, stats: dict | None) -> ReplicaLoad:
-    """The policy's view of one replica: Serve's in-flight count plus its last routing stats (if valid)."""
+def replica_load(replica_id: str, ongoing_requests: int, stats: dict | None, cached_blocks: int = 0) -> ReplicaLoad:
+    """The policy's view of one replica: Serve's in-flight count, the blocks the prefix tree says it caches,
+    plus its last routing stats (if valid)."""
     stats = stats or {}
     values = {k: stats.get(k) for k in ROUTING_STATS_KEYS}
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in values.values()):
-        return ReplicaLoad(replica_id, ongoing_requests)
+        return ReplicaLoad(replica_id, ongoing_requests, cached_blocks=cached_blocks)
     try:
-        return ReplicaLoad(replica_id, ongoing_requests, **values)
+        return ReplicaLoad(replica_id, ongoing_requests, cached_blocks=cached_blocks, **values)
     except InvalidParameterError as exc:
         logger.warning("ignoring routing stats of %s: %s", replica_id, exc)
-        return ReplicaLoad(replica_id, ongoing_requests)
+        return ReplicaLoad(replica_id, ongoing_requests, cached_blocks=cached_blocks)
 
 
 def routing_kwargs(token_ids: Sequence[int], block_size: int, extra: tuple = ()) -> dict[str, list[bytes]]:
@@ -202,7 +205,8 @@ class PrefixAwareRequestRouter(RequestRouter):
             hashes = []
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         found = await self._lookup(hashes, list(by_id)) if hashes else PrefixMatch()
-        loads = [replica_load(rid, self._ongoing(r), getattr(r, "routing_stats", None)) for rid, r in by_id.items()]
+        loads = [replica_load(rid, self._ongoing(r), getattr(r, "routing_stats", None), found.cached.get(rid, 0))
+                 for rid, r in by_id.items()]
         ranked = self._policy.rank(found.device, loads, found.lower or None, num_request_blocks=len(hashes))
         return [[by_id[d.replica_id]] for d in ranked]
 
@@ -230,13 +234,11 @@ class PrefixAwareRequestRouter(RequestRouter):
 
     async def _lookup(self, hashes: list[bytes], replica_ids: list[str]) -> PrefixMatch:
         try:
-            if self._kv_tiers:
-                ref = self._tree_actor.match.remote(hashes, replica_ids)
-                found = await asyncio.wait_for(ref, timeout=self._match_timeout_s)
-                # only the tiers this app runs have weights; others cannot be reported by its replicas
-                return PrefixMatch(found.device, {t: m for t, m in found.lower.items() if t in self._kv_tiers})
-            ref = self._tree_actor.longest_match.remote(hashes)
-            return PrefixMatch(await asyncio.wait_for(ref, timeout=self._match_timeout_s))
+            ref = self._tree_actor.match.remote(hashes, replica_ids, lower=bool(self._kv_tiers))
+            found = await asyncio.wait_for(ref, timeout=self._match_timeout_s)
+            # only the tiers this app runs have weights; others cannot be reported by its replicas
+            return PrefixMatch(found.device, {t: m for t, m in found.lower.items() if t in self._kv_tiers},
+                               found.cached)
         except (asyncio.TimeoutError, ray.exceptions.RayError) as exc:
             logger.warning("prefix tree lookup failed (%s); routing by load only", type(exc).__name__)
             if isinstance(exc, ray.exceptions.RayActorError) and self._named_tree:

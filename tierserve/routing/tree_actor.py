@@ -53,10 +53,12 @@ def tree_actor_name(app_name: str, deployment_name: str) -> str:
 class PrefixMatch:
     """A request's matches: ``device`` replica -> leading device blocks (``PrefixTree.longest_match``),
     ``lower`` tier -> replica -> blocks that tier serves after them (``TierIndex.match``);
-    the arguments ``matches`` and ``lower_tier_matches`` of ``RouterPolicy.choose``."""
+    the arguments ``matches`` and ``lower_tier_matches`` of ``RouterPolicy.choose``. ``cached``: candidate
+    replica -> device blocks it caches in all (``ReplicaLoad.cached_blocks``, the policies' tie-break)."""
 
     device: dict[str, int] = field(default_factory=dict)
     lower: dict[str, dict[str, int]] = field(default_factory=dict)
+    cached: dict[str, int] = field(default_factory=dict)
 
 
 class PrefixTreeActor:
@@ -86,10 +88,13 @@ class PrefixTreeActor:
     def longest_match(self, hashes: Sequence[bytes]) -> dict[str, int]:
         return self._tree.longest_match(hashes)
 
-    def match(self, hashes: Sequence[bytes], replica_ids: Iterable[str]) -> PrefixMatch:
-        """Device and lower-tier matches of ``hashes`` for the candidate ``replica_ids``."""
+    def match(self, hashes: Sequence[bytes], replica_ids: Iterable[str], lower: bool = True) -> PrefixMatch:
+        """Device matches of ``hashes``, the candidate ``replica_ids``' block counts and, with ``lower``, their
+        lower-tier matches."""
         device = self._tree.longest_match(hashes)
-        return PrefixMatch(device, self._tiers.match(hashes, device, list(replica_ids)))
+        ids = list(replica_ids)
+        cached = {r: self._tree.num_blocks(r) for r in ids}
+        return PrefixMatch(device, self._tiers.match(hashes, device, ids) if lower else {}, cached)
 
     def num_tier_chunks(self, tier: str, replica_id: str | None = None) -> int:
         return self._tiers.num_chunks(tier, replica_id)
