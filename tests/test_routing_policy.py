@@ -193,8 +193,8 @@ def test_policy_and_tree_import_neither_torch_nor_ray():
 
 def test_cost_policy_defaults_are_the_documented_ones():
     p = CostAwarePolicy()
-    assert (p.block_size, p.token_budget, p.max_num_seqs, p.decode_tokens, p.tier_weights) == \
-        (16, 2048, 64, 256.0, {"device": 1.0})
+    assert (p.block_size, p.token_budget, p.max_num_seqs, p.decode_tokens, p.tier_weights, p.min_match_ratio) == \
+        (16, 2048, 64, 256.0, {"device": 1.0}, 0.1)
     assert make_policy("cost_aware").decode_tokens == 256.0
 
 
@@ -225,9 +225,21 @@ def test_hot_replica_keeps_a_long_match_until_three_requests_more_and_loses_at_f
 def test_short_shared_header_never_outweighs_one_request_in_flight():
     p = CostAwarePolicy()
     d = p.choose({"a": 2}, loads(a=1, b=0), num_request_blocks=50)
+    assert (d.replica_id, d.reason) == ("b", "short_match")
+    # the cost alone decides it too (check off): 32 tokens saved against 256 for the request in flight
+    d = CostAwarePolicy(min_match_ratio=0).choose({"a": 2}, loads(a=1, b=0), num_request_blocks=50)
     assert (d.replica_id, d.reason) == ("b", "least_loaded")
-    # Both idle: the header is a free win.
-    assert p.choose({"a": 2}, loads(a=0, b=0), num_request_blocks=50).replica_id == "a"
+    # Both idle: a header under min_match_ratio (0.1 x 50 = 5 blocks) counts as no match, so the replica
+    # caching less takes the new prompt (prompts spread); at 5 blocks the match counts and wins.
+    idle = [ReplicaLoad("a", 0, cached_blocks=60), ReplicaLoad("b", 0, cached_blocks=0)]
+    d = p.choose({"a": 2}, idle, num_request_blocks=50)
+    assert d == RouteDecision("b", 0, 0.0, "short_match", 16 * 50 / 2048)
+    assert p.choose({"a": 4}, idle, num_request_blocks=50).reason == "short_match"
+    d = p.choose({"a": 5}, idle, num_request_blocks=50)
+    assert (d.replica_id, d.reason, d.cost) == ("a", "prefix", 16 * 45 / 2048)
+    # without the request's length, or with the check off, the header is a free win
+    assert p.choose({"a": 2}, idle).replica_id == "a"
+    assert CostAwarePolicy(min_match_ratio=0).choose({"a": 2}, idle, num_request_blocks=50).replica_id == "a"
 
 
 def test_queued_prefill_moves_a_request_off_a_replica_before_its_queue_grows():
@@ -297,7 +309,8 @@ def test_cost_policy_validation_names_the_field():
     for kwargs, field in [({"block_size": 0}, "block_size"), ({"token_budget": 0}, "token_budget"),
                           ({"max_num_seqs": 1.5}, "max_num_seqs"), ({"decode_tokens": -1.0}, "decode_tokens"),
                           ({"decode_tokens": math.inf}, "decode_tokens"),
-                          ({"tier_weights": {"dram": math.nan}}, "tier_weights")]:
+                          ({"tier_weights": {"dram": math.nan}}, "tier_weights"),
+                          ({"min_match_ratio": 1.5}, "min_match_ratio")]:
         with pytest.raises(InvalidParameterError) as e:
             CostAwarePolicy(**kwargs)
         assert e.value.field == field

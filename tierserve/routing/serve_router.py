@@ -180,7 +180,8 @@ class PrefixAwareRequestRouter(RequestRouter):
             "prefix_aware": {"abs_threshold": abs_threshold, "rel_threshold": rel_threshold,
                              "min_match_ratio": min_match_ratio},
             "cost_aware": {"block_size": block_size, "token_budget": token_budget,
-                           "max_num_seqs": max_num_seqs, "decode_tokens": decode_tokens},
+                           "max_num_seqs": max_num_seqs, "decode_tokens": decode_tokens,
+                           "min_match_ratio": min_match_ratio},
         }
         if policy not in policy_kwargs:
             raise InvalidParameterError("policy", f"must be one of {ROUTER_POLICIES}, got {policy!r}")
