@@ -16,7 +16,9 @@ serves it on the CPU (kept packed; Q4_1 layers and the Q8_0 tied head on the
 integer-dot kernel with 8-bit activations per block of 32, kernels/quant/q8_dot_cpu.py,
 where it builds) against its fp32 conversion. Measured (8 x 256 held-out tokens of
 Persuasion and Northanger Abbey): ppl 63.566 against fp32 63.416 (+0.24%), KL 0.0035,
-94.1 MiB against 515.1 MiB (the bf16 model: 63.342 / 0.0010). On torch's int4 kernels
+94.1 MiB against 515.1 MiB (the bf16 model: 63.342 / 0.0010). Re-measured after the C++
+RMSNorm, the 512-bit Q4_1 tile and the AMX path (whose float sums run in other orders; the
+windows' prefill runs on AMX where the host has it: the Xeon host): ppl 63.738 (+0.51%), KL 0.00359. On torch's int4 kernels
 with bf16 activations (the path without a compiler) it measured 63.494 / 0.00062 and
 127.9 MiB (the head's int4 copy).
 

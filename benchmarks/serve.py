@@ -194,6 +194,28 @@ results/serve_pressure_share2_seeds12.json), same columns:
 
 Every target holds on the means at share 2 too; one single-seed p95 miss (0.84, 4 replicas, seed 1).
 
+Spreading cold prompts (routing/policy.py): equally loaded replicas now tie-break on the blocks they cache
+(fewest first) instead of the id, and Router v2 counts a best match under ``min_match_ratio`` (0.1) of the
+request as none (a shared 1-2 block chat header had made every replica that served a prompt cheaper than an
+empty one). Share 4 under the same pressure, replicas 3 and 4, seeds 0-2, the same Xeon host, hit x / p50 x /
+p95 x (Router v2's requests per replica):
+
+| replicas, run | seed 0 | seed 1 | seed 2 | mean |
+|---|---|---|---|---|
+| 3, tie-break only | 1.54 / 2.96 / 1.36 (25/21/18) | 1.64 / 7.08 / 1.29 (23/21/20) | 1.61 / 4.93 / 2.35 (32/19/13) | 1.60 / 4.99 / 1.67 |
+| 4, tie-break only | 1.32 / 1.52 / 1.13 (19/15/15/15) | 1.47 / 2.57 / 1.33 (32/17/15/0) | 1.48 / 2.99 / 1.40 (32/18/14/0) | 1.42 / 2.36 / 1.28 |
+| 3, both | 1.59 / 4.40 / 1.18 (22/21/21) | 1.63 / 6.69 / 1.52 (24/21/19) | 1.64 / 3.83 / 1.20 (32/18/14) | 1.62 / 4.98 / 1.30 |
+| 4, both | 1.37 / 1.79 / 1.23 (18/16/16/14) | 1.48 / 1.84 / 0.88 (30/15/10/9) | 1.43 / 1.97 / 1.06 (18/16/15/15) | 1.43 / 1.86 / 1.06 |
+| 4, both, again | 1.44 / 2.42 / 1.07 (18/16/16/14) | 1.60 / 3.31 / 1.49 (20/19/16/9) | 1.64 / 4.69 / 1.62 (18/16/16/14) | 1.56 / 3.48 / 1.39 |
+
+(results/serve_pressure_share4_tiebreak.json, serve_pressure_share4_spread.json,
+serve_pressure_share4_spread_rep4b.json; 14 minutes per replica count.) No replica is left without
+requests once both are in; at three replicas every seed meets every target. The two runs of the same
+revision at four replicas differ by 1.9x in the p50 ratio, mostly through power-of-two's p50 (0.53-0.71 s
+in the first, 0.78-1.17 s in the second): single runs here cannot separate changes smaller than that. Four
+replicas share two cores on this host, so spreading the load over all four also slows each replica's steps;
+on a cluster with a GPU per replica an idle replica is only lost capacity.
+
 Prints the tables after every point, with the memory copy bandwidth and the load
 average, and writes benchmarks/results/serve.json.
 
