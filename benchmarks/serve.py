@@ -148,73 +148,8 @@ Every target holds on the means, and hit rate and p50 at every seed; p95 misses 
 and moved by +-0.3 between seeds under either router. Router v2's hit rate was 0.730-0.744 at every seed
 (ceiling 0.75: each conversation's first turn is cold), power-of-two's 0.29-0.44.
 
-Shared prompts under cache pressure (``--cache-fraction 0.45 --share 2,4 --replicas 2,3,4 --seeds 0
---routers cost,pow2``: 259 blocks per replica at share 2, 167 at share 4, below one replica's share of the
-hot prompts' blocks for power-of-two; on another host, an Intel Xeon with 2 cores, copy 10.3-12.8 GB/s; 23
-minutes; results/serve_pressure_seed0.json). Router v2 against power-of-two, hit x / p50 x / p95 x /
-throughput x, with power-of-two's hit rate:
-
-| replicas | share 2 (pow2 hit) | share 4 (pow2 hit) |
-|---|---|---|
-| 2 | 2.39 / 5.36 / 1.06 / 1.85 (0.33) | 1.37 / 3.85 / 1.45 / 1.53 (0.53) |
-| 3 | 2.09 / 8.73 / 1.44 / 1.94 (0.38) | 1.37 / 3.99 / 1.58 / 2.07 (0.59) |
-| 4 | 2.33 / 12.2 / 1.15 / 2.18 (0.35) | 1.89 / 7.53 / 0.89 / 2.01 (0.41) |
-
-Here the router separates from power-of-two as it does with one prompt per conversation: p50 3.9-12x,
-throughput 1.5-2.2x, hit rate 2.1-2.4x at share 2; at share 4 the hit-rate ratio is 1.37 at 2 and 3 replicas
-(power-of-two still finds one of four hot prompts often: 0.53-0.59) and p95 0.89 at 4 replicas (requests per
-replica 18/16/15/15 against 18/17/15/14). A pilot at 0.65 (242 blocks, share 4, 2 replicas) stayed in the
-no-pressure regime: hit 1.06x, p50 1.35x, p95 0.95.
-
-Seeds 1 and 2 at share 4 (``--cache-fraction 0.45 --share 4 --replicas 2,3,4 --seeds 1,2 --routers cost,pow2``:
-168 blocks, the larger working set of those seeds; copy 9.6 GB/s; 19 minutes;
-results/serve_pressure_share4_seeds12.json), hit x / p50 x / p95 x per seed, requests per replica of Router v2,
-and the mean over seeds 0-2 with seed 0 above:
-
-| replicas | seed 1 | seed 2 | mean of seeds 0-2 |
-|---|---|---|---|
-| 2 | 1.60 / 12.5 / 1.71 (32/32) | 1.69 / 17.3 / 1.97 (32/32) | 1.55 / 11.2 / 1.71 |
-| 3 | 1.49 / 3.2 / 1.27 (32/16/16) | 1.49 / 5.9 / 1.65 (32/22/10) | 1.45 / 4.4 / 1.50 |
-| 4 | 1.85 / 8.4 / 1.21 (22/21/13/8) | 1.45 / 3.1 / 1.02 (27/22/15/0) | 1.73 / 6.3 / 1.04 |
-
-Every target holds on the means at share 4 under pressure; seed 0 misses hit (1.37) at 2 and 3 replicas
-and p95 (0.89) at 4. With four prompts over three or four replicas Router v2 leaves replicas unevenly
-loaded, one idle at 4 replicas seed 2: at these loads a cold replica's cost (a whole ~900-token prefill)
-exceeds the queue of a warm one, so a prompt's users stay where it is cached; power-of-two stays within
-23/21/20 and 21/17/16/10 but recomputes the prompts (hit 0.47-0.60).
-
-Seeds 1 and 2 at share 2 under the same pressure (``--share 2 --seeds 1,2``, 260 blocks; 23 minutes;
-results/serve_pressure_share2_seeds12.json), same columns:
-
-| replicas | seed 1 | seed 2 | mean of seeds 0-2 |
-|---|---|---|---|
-| 2 | 2.86 / 8.5 / 1.75 (32/32) | 2.54 / 8.2 / 1.39 (33/31) | 2.60 / 7.3 / 1.40 |
-| 3 | 2.01 / 13.8 / 1.21 (25/23/16) | 1.79 / 11.5 / 0.99 (24/20/20) | 1.96 / 11.4 / 1.21 |
-| 4 | 1.60 / 11.2 / 0.84 (21/19/16/8) | 1.93 / 13.4 / 1.13 (22/16/13/13) | 1.95 / 12.3 / 1.04 |
-
-Every target holds on the means at share 2 too; one single-seed p95 miss (0.84, 4 replicas, seed 1).
-
-Spreading cold prompts (routing/policy.py): equally loaded replicas now tie-break on the blocks they cache
-(fewest first) instead of the id, and Router v2 counts a best match under ``min_match_ratio`` (0.1) of the
-request as none (a shared 1-2 block chat header had made every replica that served a prompt cheaper than an
-empty one). Share 4 under the same pressure, replicas 3 and 4, seeds 0-2, the same Xeon host, hit x / p50 x /
-p95 x (Router v2's requests per replica):
-
-| replicas, run | seed 0 | seed 1 | seed 2 | mean |
-|---|---|---|---|---|
-| 3, tie-break only | 1.54 / 2.96 / 1.36 (25/21/18) | 1.64 / 7.08 / 1.29 (23/21/20) | 1.61 / 4.93 / 2.35 (32/19/13) | 1.60 / 4.99 / 1.67 |
-| 4, tie-break only | 1.32 / 1.52 / 1.13 (19/15/15/15) | 1.47 / 2.57 / 1.33 (32/17/15/0) | 1.48 / 2.99 / 1.40 (32/18/14/0) | 1.42 / 2.36 / 1.28 |
-| 3, both | 1.59 / 4.40 / 1.18 (22/21/21) | 1.63 / 6.69 / 1.52 (24/21/19) | 1.64 / 3.83 / 1.20 (32/18/14) | 1.62 / 4.98 / 1.30 |
-| 4, both | 1.37 / 1.79 / 1.23 (18/16/16/14) | 1.48 / 1.84 / 0.88 (30/15/10/9) | 1.43 / 1.97 / 1.06 (18/16/15/15) | 1.43 / 1.86 / 1.06 |
-| 4, both, again | 1.44 / 2.42 / 1.07 (18/16/16/14) | 1.60 / 3.31 / 1.49 (20/19/16/9) | 1.64 / 4.69 / 1.62 (18/16/16/14) | 1.56 / 3.48 / 1.39 |
-
-(results/serve_pressure_share4_tiebreak.json, serve_pressure_share4_spread.json,
-serve_pressure_share4_spread_rep4b.json; 14 minutes per replica count.) No replica is left without
-requests once both are in; at three replicas every seed meets every target. The two runs of the same
-revision at four replicas differ by 1.9x in the p50 ratio, mostly through power-of-two's p50 (0.53-0.71 s
-in the first, 0.78-1.17 s in the second): single runs here cannot separate changes smaller than that. Four
-replicas share two cores on this host, so spreading the load over all four also slows each replica's steps;
-on a cluster with a GPU per replica an idle replica is only lost capacity.
+Shared prompts under cache pressure (``--cache-fraction 0.45``, shares 2 and 4, seeds 0-2, Router v2
+against power-of-two, and the tie-break that spreads cold prompts): benchmarks/serve_results_pressure.md.
 
 Prints the tables after every point, with the memory copy bandwidth and the load
 average, and writes benchmarks/results/serve.json.

@@ -15,7 +15,6 @@ from tierserve.cache.tiers.chunk import chunk_keys
 from tierserve.cache.prefix_hash import hash_blocks
 from tierserve.routing.serve_router import routing_kwargs
 from tierserve.routing.tier_index import TierDiff
-from tierserve.routing.tree_actor import PrefixMatch
 
 BS, CB = 4, 2
 APP = "tier-routing-test"
@@ -38,7 +37,9 @@ def test_dram_chunks_count_as_weighted_partial_matches(tier_app):
     hashes = hash_blocks(PROMPT, BS)
     ray.get(tree.report.remote(x, [], [], TierDiff(CB, added={"dram": chunk_keys(PROMPT, BS, CB)})))
     ray.get(tree.report.remote(y, [hashes[:3]], []))
-    assert ray.get(tree.match.remote(hashes, [x, y])) == PrefixMatch({y: 3}, {"dram": {x: 4}})
+    found = ray.get(tree.match.remote(hashes, [x, y]))
+    assert (found.device, found.lower) == ({y: 3}, {"dram": {x: 4}})
+    assert found.cached == {r: ray.get(tree.num_blocks.remote(r)) for r in (x, y)}  # the policies' tie-break
     request = PROMPT + [9] * 4                                          # 5 blocks
     for _ in range(3):
         assert handle.remote("hi", **routing_kwargs(request, BS)).result(timeout_s=30) == x

@@ -28,14 +28,11 @@
 #else
 #define Q8DOT_AVX2 0
 #endif
-// VNNI (kernels/cpu_extension.py, vnni_flags): one vpdpbusd computes each group of four u8 x s8 products'
-// int32 sum, the same integers as maddubs (pairs to int16; no pair here can saturate: |sum| <= 2 * 128 * 127)
-// then madd with ones (int16 pairs to int32), in one instruction instead of two. Used for Q8_0 only: on the
-// AVX-VNNI host it made the Q8_0 head 1.2-1.5x faster at M=32 and the Q4_1 shapes 0.7x (benchmarks/q8_dot.py).
-// AVX512 (F and BW; kernels/cpu_extension.py, avx512 flags): Q4_1 tiles of several activation rows take two
-// blocks per 512-bit register (tile512): per row and block pair one load of 64 activation codes, maddubs and
-// madd on 64 products, one conversion and one FMA whose scale vector holds block b's d dx in lanes 0-7 and
-// block b+1's in lanes 8-15; the same int32 block sums as the 256-bit tile, the float sums in another order.
+// VNNI (cpu_extension.py, vnni_flags): one vpdpbusd gives the int32 sums of maddubs then madd with ones (no pair
+// can saturate: |sum| <= 2 * 128 * 127); Q8_0 only (the head 1.2-1.5x at M=32, Q4_1 0.7x: benchmarks/q8_dot.py).
+// AVX512 (F, BW): batches of Q4_1 take two blocks per 512-bit register (tile512): per row and block pair one
+// 64-code load, maddubs and madd, one conversion, one FMA with block b's d dx in lanes 0-7 and b+1's in 8-15;
+// the same int32 block sums as the 256-bit tile, the float sums in another order.
 #if Q8DOT_AVX2 && defined(__AVX512F__) && defined(__AVX512BW__)
 #define Q8DOT_AVX512 1
 #else
@@ -47,16 +44,14 @@
 #define Q8DOT_DPBUSD(u, s) _mm256_dpbusd_epi32(_mm256_setzero_si256(), (u), (s))
 #endif
 
-// q8_dot_amx.cpp: batches through the AMX tile unit where built and permitted (false: not taken).
-bool q8_dot_amx_ready();
+bool q8_dot_amx_ready();  // q8_dot_amx.cpp: batches on the AMX tile unit where built and permitted
 bool q8_dot_amx_mm(int kind, const int8_t* xq, const float* ds, int64_t m, int64_t k, const uint8_t* w, int64_t n,
                    float* y);
 
 namespace {
 
 constexpr int QK = 32;
-constexpr int AMX_MIN_ROWS = 5;  // rows from which AMX runs: a pass over 30 layers and the head, weights from memory,
-                                 // 4 rows 11.7 ms AMX vs 9.7-11.0 vector, 5 even, 6 11.2 vs 13.5, 8 11.6 vs 16.5
+constexpr int AMX_MIN_ROWS = 5;  // rows from which AMX runs (benchmarks/q8_dot.py --pass: at 4 the vector tiles win)
 constexpr int BLOCK_BYTES[2] = {20, 34};  // kind 0: Q4_1, kind 1: Q8_0
 constexpr int ROWS = 4;                    // activation rows per tile
 constexpr int PREFETCH = 4096;             // bytes ahead in the weight stream (4 KiB: 1.17x over none, 1 thread)
@@ -382,18 +377,15 @@ torch::Tensor q8_dot_mm(torch::Tensor x, torch::Tensor blocks, int64_t kind) {
 }
 
 bool q8_dot_simd() { return Q8DOT_AVX2; }
-
 bool q8_dot_avx512() { return Q8DOT_AVX512; }
-
 #ifdef Q8DOT_DPBUSD
 bool q8_dot_vnni() { return true; }
 #else
 bool q8_dot_vnni() { return false; }
 #endif
 
-// The op ``tierserve::q8_dot_mm`` in torch's C++ dispatcher (its shape function is registered from Python):
-// a call from an eager module or a compiled graph's wrapper costs ~2 us of dispatch, against ~17 us through a
-// Python-defined custom op.
+// The op ``tierserve::q8_dot_mm`` in torch's C++ dispatcher (shape function registered from Python): a call from
+// an eager module or a compiled graph's wrapper costs ~2 us of dispatch, ~17 us through a Python custom op.
 TORCH_LIBRARY_FRAGMENT(tierserve, m) { m.def("q8_dot_mm(Tensor x, Tensor blocks, int kind) -> Tensor"); }
 TORCH_LIBRARY_IMPL(tierserve, CPU, m) { m.impl("q8_dot_mm", &q8_dot_mm); }
 // no gradient (inference only): autograd passes straight through instead of its not-implemented fallback
