@@ -7,7 +7,7 @@ app (``tierserve.server.app:build_app``) with LLMServer replicas of the
 default SmolLM2-135M model, once per router at every point of a sweep over
 ``--replicas`` (default 2,3,4), ``--share`` (conversations per system prompt:
 1, 2, 4), ``--seeds`` (0,1,2: questions, think times, start order) and
-``--num-blocks`` (default 640):
+per-replica KV cache sizes (default: 0.45 of each sharing's working set, below):
 
 * ``prefix``: ``PrefixAwareRequestRouter`` (longest cached prefix, bounded by load);
 * ``cost``: Router v2, the same router class with ``CostAwarePolicy`` (routing/policy.py: the
@@ -57,17 +57,21 @@ throughput prefix/pow2, and their means over the seeds per setting with the
 targets of the issue (benchmarks/serve_report.py): p95 TTFT within 10% of
 power-of-two's, p50 TTFT >= 2x better, hit rate >= 1.4x.
 
-KV cache size: ``--num-blocks`` is a comma list of per-replica cache sizes
-(blocks of 16 tokens; default 640); each size runs every router on fresh
-replicas. ``--cache-fraction F`` sizes it per sharing instead: ``F`` times the
+KV cache size: ``--cache-fraction F`` (default 0.45) sizes each replica's
+cache per sharing: ``F`` times the
 working set (serve_workload.working_set_blocks: every distinct system prompt
 once plus every conversation's questions, template tokens and ``--max-tokens``
 per reply, in blocks; the largest over the seeds, so all seeds of a setting
-share one size). With the defaults the working set is 988 blocks at share 1,
-573 at share 2 and 370 at share 4, so 640 blocks is 0.65 of it at share 1 but
-more than all of it with shared prompts; ``--cache-fraction 0.65`` keeps the
-share-1 pressure at every sharing (644, 375, 242 blocks). The regimes below were measured with two replicas over 448,640,2048. The working set is ~16 x 65 = ~1040 blocks
-(prompts plus histories). The prefix router keeps each conversation on one
+share one size). ``--num-blocks`` (a comma list of sizes in blocks of 16
+tokens, each run with every router on fresh replicas) fixes the size instead.
+With the default workload the working set is 988 blocks at share 1, 573 at
+share 2 and 370 at share 4 over seeds 0-2 (0.45 of them: 446, 260, 168
+blocks), so a fixed 640 blocks is 0.65 of it at share 1 but more than all of
+it with shared prompts: there every replica soon holds every prompt, whichever
+router sent the requests, and no router can raise the hit rate much (see
+"Why the default is under pressure" below). The regimes below were measured
+with two replicas over 448,640,2048 blocks and one prompt per conversation.
+The working set is ~16 x 65 = ~1040 blocks (prompts plus histories). The prefix router keeps each conversation on one
 replica, which then needs about half of it; power-of-two sends every
 conversation to both. 448 blocks hold a little less than one half (heavy
 pressure), 640 one half but not the whole (moderate pressure), 2048
@@ -103,59 +107,24 @@ numbers vary from run to run (hit rate +-0.07 between runs at one size).
 The table also lists requests per replica (from the metrics board): the
 prefix router must not buy its hits with imbalance.
 
-Measured (``python benchmarks/serve.py --seeds 0 --replicas 2,3``: 6 points x 3 routers, 640 blocks per
-replica, 16 conversations of 4 turns, think time 2 s, concurrency 4; the 2-core AVX2 host, nothing else
-running, copy 11.1-12.4 GB/s, load average 2.3-3.4 from the replicas themselves; 47 minutes;
-results/serve.json; then ``--replicas 4`` alone, 25 minutes, copy 13.1 GB/s, load 3.95,
-results/serve_r4.json). Ratios against power-of-two at the same point (targets: p95 >= 0.909, p50 >= 2x, hit
->= 1.4x):
+Why the default is under pressure. With shared prompts and a cache that holds
+the working set (640 blocks), power-of-two already hit 0.60-0.84 of the prompt
+tokens while no router can pass ~0.87 (each prompt's first turn is cold), so
+a hit-rate ratio of 1.4 is out of reach by arithmetic and only the cost of the
+routing shows. At 0.45 of the working set power-of-two makes every replica
+hold every prompt and conversation and LRU evicts them between turns, the
+regime in which a prefix-aware router is worth running; one fraction for
+every sharing keeps the points comparable.
 
-| replicas | share | pow2 hit / p50 s / p95 s | cost: hit x / p50 x / p95 x | prefix: hit x / p50 x / p95 x |
-|---|---|---|---|---|
-| 2 | 1 | 0.439 / 7.07 / 15.2 | 1.70 / 10.8 / 1.02 | 1.70 / 11.4 / 1.07 |
-| 2 | 2 | 0.724 / 0.80 / 12.5 | 1.18 / 1.46 / 1.47 | 1.16 / 1.49 / 0.94 |
-| 2 | 4 | 0.837 / 0.81 / 7.87 | 1.02 / 0.96 / 1.04 | 1.02 / 1.35 / 1.05 |
-| 3 | 1 | 0.392 / 7.52 / 17.7 | 1.90 / 10.8 / 1.27 | 1.90 / 12.8 / 1.28 |
-| 3 | 2 | 0.604 / 1.50 / 12.1 | 1.34 / 2.05 / 1.08 | 1.40 / 2.27 / 0.97 |
-| 3 | 4 | 0.773 / 1.14 / 10.3 | 1.09 / 1.32 / 1.07 | 1.09 / 1.69 / 0.77 |
-| 4 | 1 | 0.273 / 8.80 / 20.3 | 2.72 / 15.7 / 1.05 | 2.72 / 13.2 / 1.21 |
-| 4 | 2 | 0.559 / 2.42 / 14.6 | 1.45 / 4.02 / 1.15 | 1.41 / 3.72 / 1.19 |
-| 4 | 4 | 0.714 / 1.17 / 14.2 | 1.14 / 1.53 / 0.98 | 1.16 / 2.16 / 1.11 |
-
-Router v2 (cost) keeps p95 TTFT within 10% of power-of-two's at every point (0.98-1.47x), the prefix
-router misses it at 3 replicas with 4 conversations per prompt (0.77x: it piles a prompt's users onto one
-replica, 24/24/16 requests). Where every conversation has its own prompt both meet the hit-rate and p50
-targets by far (1.7-2.7x, 11-16x), and at 4 replicas with 2 conversations per prompt too (1.41-1.45x,
-3.7-4.0x). With shared prompts power-of-two hits the shared prompt on whichever
-replica it picks (0.60-0.84 here) while no router can exceed ~0.87 (each prompt's first turn is cold), so
-the hit-rate ratio is capped near 0.87 / pow2's (1.04-1.44 at 2-3 replicas, 1.22 at 4 x 4) and p50
-follows: those targets are not reachable on this workload at 640 blocks with few replicas (a cache that
-power-of-two overfills, the 448-block regime above, would separate them). Only seed 0 ran (a point takes
-5-10 minutes here); seeds 1-2 are the default sweep's.
-
-Seeds 1 and 2 where every conversation has its own prompt (``--seeds 1,2 --share 1 --replicas 2,3,4
---routers cost,pow2``, 640 blocks; copy 11.7 GB/s; 42 minutes; results/serve_share1_seeds12.json), Router v2
-against power-of-two, per seed (hit x / p50 x / p95 x), and the mean over seeds 0-2 with seed 0 above:
-
-| replicas | seed 1 | seed 2 | mean of seeds 0-2 |
-|---|---|---|---|
-| 2 | 1.69 / 12.6 / 1.02 | 2.55 / 16.0 / 1.31 | 1.98 / 13.1 / 1.12 |
-| 3 | 2.46 / 12.8 / 0.83 | 1.91 / 14.2 / 1.31 | 2.09 / 12.6 / 1.14 |
-| 4 | 2.26 / 11.4 / 1.27 | 2.14 / 10.6 / 0.88 | 2.37 / 12.6 / 1.07 |
-
-Every target holds on the means, and hit rate and p50 at every seed; p95 misses at two single seeds (0.83,
-0.88): a p95 of 64 requests is their fourth-slowest, a cold first turn that waited behind other prefills,
-and moved by +-0.3 between seeds under either router. Router v2's hit rate was 0.730-0.744 at every seed
-(ceiling 0.75: each conversation's first turn is cold), power-of-two's 0.29-0.44.
-
-Shared prompts under cache pressure (``--cache-fraction 0.45``, shares 2 and 4, seeds 0-2, Router v2
-against power-of-two, and the tie-break that spreads cold prompts): benchmarks/serve_results_pressure.md.
+Measured: benchmarks/serve_results.md (the default sweep; the runs at 640
+blocks), benchmarks/serve_results_pressure.md (how the pressure runs led to
+the router's tie-break and short-match rule).
 
 Prints the tables after every point, with the memory copy bandwidth and the load
 average, and writes benchmarks/results/serve.json.
 
 Usage: python benchmarks/serve.py [--conversations 16] [--share 1,2,4] [--replicas 2,3,4] [--seeds 0,1,2]
-       [--turns 4] [--concurrency 4] [--think-s 2] [--num-blocks 640 | --cache-fraction 0.65]
+       [--turns 4] [--concurrency 4] [--think-s 2] [--cache-fraction 0.45 | --num-blocks 640,448]
        [--routers cost,prefix,pow2]
 """
 
@@ -289,9 +258,9 @@ def parse_args(argv=None):
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--passage-chars", type=int, default=3600)
     ap.add_argument("--replicas", default="2,3,4", help="comma list: LLMServer replicas")
-    ap.add_argument("--num-blocks", default="640", help="comma list: per-replica KV blocks")
-    ap.add_argument("--cache-fraction", type=float, default=None,
-                    help="instead of --num-blocks: per-replica KV blocks = this fraction of each point's working set")
+    ap.add_argument("--num-blocks", default=None, help="comma list: per-replica KV blocks (overrides --cache-fraction)")
+    ap.add_argument("--cache-fraction", type=float, default=0.45,
+                    help="per-replica KV blocks = this fraction of each sharing's working set (default 0.45)")
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--seeds", default="0,1,2", help="comma list: workload seeds (questions, think times, order)")
     ap.add_argument("--routers", default="cost,prefix,pow2", help="comma list of cost, prefix, pow2")
@@ -301,8 +270,9 @@ def parse_args(argv=None):
     if args.turns > len(QUESTIONS):
         ap.error(f"--turns must be <= {len(QUESTIONS)}, got {args.turns}")
     args.share, args.replicas, args.seeds = _ints(args.share), _ints(args.replicas), _ints(args.seeds)
-    args.num_blocks = _ints(args.num_blocks)
-    if args.cache_fraction is not None and not 0 < args.cache_fraction <= 4:
+    if args.num_blocks is not None:
+        args.num_blocks, args.cache_fraction = _ints(args.num_blocks), None
+    elif not 0 < args.cache_fraction <= 4:
         ap.error(f"--cache-fraction must be in (0, 4], got {args.cache_fraction}")
     for share in args.share:
         if share < 1 or args.conversations % share:
@@ -323,7 +293,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     port = start_serve()
     results, rows, rat = {}, [], []
-    sizes = [None] if args.cache_fraction is not None else args.num_blocks  # None: sized per point, below
+    sizes = args.num_blocks or [None]  # None: sized per sharing by --cache-fraction, below
     points = [(n, sh, seed, nb) for n in args.replicas for sh in args.share for seed in args.seeds for nb in sizes]
     for replicas, share, seed, nb in points:
         workload = build_workload(args.conversations, args.conversations // share, args.turns, args.passage_chars,

@@ -6,12 +6,20 @@ measured requests (and the same from /metrics), TTFT p50 / p95 (nearest rank), e
 requests/s, wall time and requests per replica (from the metrics board). Per point and router other than
 power-of-two (``ratios``: ``prefix``, the prefix-aware router; ``cost``, Router v2): hit rate router/pow2,
 TTFT p50 and p95 pow2/router, throughput router/pow2. Per (router, replicas, sharing, blocks) over the
-seeds (``by_setting``): the mean of each ratio, with the issue's targets: p95 TTFT no worse than power-of-two's within 10% (ratio >= 1 / 1.1), p50 TTFT >= 2x better
-(every conversation reuses its prompt and history over its turns) and hit rate >= 1.4x.
+seeds (``by_setting``): the mean of each ratio, with the issue's targets: p95 TTFT no worse than
+power-of-two's within 10% (ratio >= 1 / 1.1), p50 TTFT >= 2x better (every conversation reuses its prompt
+and history over its turns) and hit rate >= 1.4x.
+
+Run as a script on results files of serve.py (``python benchmarks/serve_report.py results/a.json ...``) it
+merges their runs (a later file's run of the same point and router replaces an earlier one) and prints one
+markdown table per router: each (replicas, sharing) with every seed's hit x / p50 x / p95 x and the router's
+requests per replica, the mean over the seeds, and the misses against the targets, per seed and on the mean.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 from statistics import mean
 
@@ -94,3 +102,57 @@ def print_tables(rows: list[dict], rat: list[dict], header: str) -> None:
     _print(by_setting(rat), [("router", "{}"), ("replicas", "{}"), ("share", "{}"), ("num_blocks", "{}"),
                              ("seeds", "{}"), *[(k, "{:.2f}") for k in RATIO_KEYS],
                              ("hit_ok", "{}"), ("p50_ok", "{}"), ("p95_ok", "{}")])
+
+
+TARGETS = (("hit", "hit_over_pow2", HIT_AT_LEAST), ("p50", "p50_pow2_over", P50_AT_LEAST),
+           ("p95", "p95_pow2_over", P95_AT_LEAST))
+
+
+def _misses(r: dict) -> list[str]:
+    return [name for name, key, limit in TARGETS if r[key] < limit]
+
+
+def merge(paths: list[str]) -> tuple[list[dict], list[dict]]:
+    """Summary rows of several results files, one per (point, router), later files first; and the ratios of
+    every router against power-of-two at each point that has both."""
+    rows: dict[tuple, dict] = {}
+    for path in paths:
+        with open(path) as f:
+            for row in json.load(f)["summary"]:
+                rows[(*(row[k] for k in POINT_KEYS), row["router"])] = row
+    rat = [ratios(row, rows[(*key[:-1], "pow2")]) for key, row in sorted(rows.items())
+           if key[-1] != "pow2" and (*key[:-1], "pow2") in rows]
+    return list(rows.values()), rat
+
+
+def markdown(rows: list[dict], rat: list[dict]) -> str:
+    """Per router: one line per (replicas, share, num_blocks) with each seed's ratios and the mean."""
+    per_replica = {(*(r[k] for k in POINT_KEYS), r["router"]): r["requests_per_replica"] for r in rows}
+    means = {(m["router"], m["replicas"], m["share"], m["num_blocks"]): m for m in by_setting(rat)}
+    seeds = sorted({r["seed"] for r in rat})
+    cell = lambda r: "{:.2f} / {:.2f} / {:.2f}".format(*(r[k] for k in RATIO_KEYS[:3]))  # noqa: E731
+    out = []
+    for router in sorted({r["router"] for r in rat}):
+        out += [f"{router} vs pow2, hit x / p50 x / p95 x (requests per replica); targets hit >= {HIT_AT_LEAST:g}, "
+                f"p50 >= {P50_AT_LEAST:g}, p95 >= {P95_AT_LEAST:.3f}", "",
+                "| replicas | share | blocks | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | misses |",
+                "|---" * (len(seeds) + 5) + "|"]
+        for key, m in sorted(means.items()):
+            if key[0] != router:
+                continue
+            at = {r["seed"]: r for r in rat if (r["router"], r["replicas"], r["share"], r["num_blocks"]) == key}
+            cells = [f"{cell(at[s])} ({'/'.join(map(str, per_replica[(*key[1:3], s, key[3], router)]))})"
+                     if s in at else "" for s in seeds]
+            miss = [f"seed {s} {x}" for s in seeds if s in at for x in _misses(at[s])]
+            miss += [f"mean {x}" for x in _misses(m)]
+            out.append(f"| {key[1]} | {key[2]} | {key[3]} | " + " | ".join(cells)
+                       + f" | {cell(m)} | {', '.join(miss) or 'none'} |")
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="merge benchmarks/serve.py results files into the report's tables")
+    ap.add_argument("results", nargs="+", help="results JSON files of serve.py; later ones win per point")
+    rows, rat = merge(ap.parse_args().results)
+    print(markdown(rows, rat))
