@@ -6,7 +6,7 @@ token. With the compiled segments installed the logits of every step stay within
 ``BOUND`` of the eager ones (relative to the step's largest logit: inductor only
 reassociates float sums inside fused loops) and the greedy tokens are the same.
 This runs twice: on oneDNN-packed float32 linears, and on Q4_1 weights taking
-torch's int4 CPU kernel (the packed default's path, with its bf16 casts).
+the integer-dot kernel (the packed default's path; within ``Q8_BOUND``, its 8-bit activation codes).
 Decoders the compiled path does not cover (per-head q/k norm: Qwen3) are refused. Through the engine,
 ``compile_decode=True`` on the packed SmolLM2 GGUF gives the eager engine's greedy tokens.
 """
@@ -27,6 +27,11 @@ from tierserve.models.decode_compile import CompiledDecoder, compile_decoder, co
 from tierserve.models.loader import load_model
 
 BOUND = 1e-5
+# Q4_1 runs the integer-dot kernel (q8_dot_cpu.py), which rounds activations to 8-bit codes per block of 32:
+# where inductor's fused ops differ from eager's by an ulp (bit-equal on an Intel AVX512 host, not on an AMD
+# AVX512 one), a code can round the other way, one step of 1/127 of its block's largest activation; that gave
+# 4.2e-3 of the largest logit there. A wrong kernel, layer or weight differs by O(1).
+Q8_BOUND = 1.5e-2
 PROMPT = [3, 17, 42, 99, 5, 250, 7]
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=256, max_position_embeddings=64)
@@ -70,7 +75,8 @@ def test_compiled_equals_eager(tmp_path, weights):
     assert chosen == tokens
     for a, b in zip(eager, got):
         scale = a.abs().max().item()
-        assert (a - b).abs().max().item() <= BOUND * scale, (weights, (a - b).abs().max().item(), scale)
+        bound = Q8_BOUND if weights == "int4_q4_1" else BOUND
+        assert (a - b).abs().max().item() <= bound * scale, (weights, (a - b).abs().max().item(), scale)
         assert int(a.argmax()) == int(b.argmax())
     del model.compiled_decode
     again, _ = _run(model, tokens, steps=2)  # uninstalled: the eager forward, bit for bit

@@ -1,11 +1,11 @@
 """The whole-step batch-1 decode graph (models/decode_graph.py) against the eager forward, the reference.
 
-A tiny random Llama (Q4_1 weights on torch's int4 CPU kernel, the packed default's path) decodes one
+A tiny random Llama (Q4_1 weights on the integer-dot kernel, the packed default's path) decodes one
 sequence (fp32 and Q4_1 weights: two models, each with its own graph, in one process) through real
 paged attention over a shuffled block table, across several block boundaries:
 a 7-token prefill (the compiled segments), then decode steps (the graph), each fed the eager run's
 greedy token. The logits of every step stay within ``BOUND`` of the eager ones relative to the step's
-largest logit, the greedy tokens are the same, the K/V pages written by the graph equal the eager
+largest logit (``Q8_BOUND`` for Q4_1: its 8-bit activation codes), the greedy tokens are the same, the K/V pages written by the graph equal the eager
 run's (the graph writes the runner's own page tensors in place), and every length ran on the graph
 compiled once at warm-up (no recompilation). The graph skips dynamo's guards on the model's modules: a
 weight changed in place is still read (the output doubles with the final norm's weight), and a step past
@@ -30,6 +30,11 @@ from tierserve.models.decode_graph import DecodeGraph, eligible
 from tierserve.models.loader import load_model
 
 BOUND = 1e-5
+# Q4_1 runs the integer-dot kernel (q8_dot_cpu.py), which rounds activations to 8-bit codes per block of 32:
+# where inductor's fused ops differ from eager's by an ulp (bit-equal on an Intel AVX512 host, not on an AMD
+# AVX512 one), a code can round the other way, one step of 1/127 of its block's largest activation; that gave
+# 4.2e-3 of the largest logit there. A wrong kernel, layer or weight differs by O(1).
+Q8_BOUND = 1.5e-2
 PROMPT = [3, 17, 42, 99, 5, 250, 7]
 STEPS = 12  # 7 + 12 tokens at block size 4: the context crosses four block boundaries
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
@@ -71,12 +76,13 @@ def test_graph_equals_eager_and_writes_the_pages(tmp_path, weights):
     assert graph.steps == STEPS  # every decode step took the graph, the prefill did not
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_after_warm_up  # no recompilation
     assert chosen == tokens
+    bound = Q8_BOUND if weights == "q4_1" else BOUND
     for a, b in zip(eager, got):
         scale = a.abs().max().item()
-        assert (a - b).abs().max().item() <= BOUND * scale, ((a - b).abs().max().item(), scale)
+        assert (a - b).abs().max().item() <= bound * scale, ((a - b).abs().max().item(), scale)
     for e, g in zip(eager_kv, got_kv):
         for x, y in ((e.k, g.k), (e.v, g.v)):
-            assert (x - y).abs().max().item() <= BOUND * x.abs().max().item()
+            assert (x - y).abs().max().item() <= bound * x.abs().max().item()
             assert y.abs().sum() > 0
     # the graph skips dynamo's guards on the model's modules but reads the weights on every call: a weight
     # changed in place is seen (the final norm's weight doubled: the output doubles, exactly)
