@@ -47,7 +47,7 @@ def serve_app(ray_session):
     # between these sequential calls; each counts 0.5 tokens of work, far below the 12 tokens a's cached
     # blocks save.
     kwargs = {"policy": "cost_aware", "block_size": BS, "token_budget": 64, "max_num_seqs": 64,
-              "decode_tokens": 0.5, "match_timeout_s": 2.0}
+              "decode_tokens": 0.5, "match_timeout_s": 2.0, "inflight_ttl_s": 0}
     for handle, tree in stub_router_app(APP, kwargs, replica_tokens, BS, load_board=BOARD):
         yield handle, tree, ray.get_actor(BOARD)
 

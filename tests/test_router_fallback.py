@@ -73,18 +73,37 @@ def tree_of(app: str):
 
 @pytest.fixture
 def timeout_app(ray_session):
-    yield from gated_router_app(f"{APP}-timeout", {"match_timeout_s": 1e-6}, replica_tokens, BS)
+    # inflight_ttl_s 0: the stubs never cache what they serve, so only the tree may speak for them here
+    yield from gated_router_app(f"{APP}-timeout", {"match_timeout_s": 1e-6, "inflight_ttl_s": 0}, replica_tokens,
+                                BS)
 
 
 @pytest.fixture(scope="module")
 def app(ray_session):
-    yield from gated_router_app(APP, {"match_timeout_s": 2.0}, replica_tokens, BS)
+    yield from gated_router_app(APP, {"match_timeout_s": 2.0, "inflight_ttl_s": 0}, replica_tokens, BS)
+
+
+@pytest.fixture(scope="module")
+def inflight_app(ray_session):  # prefixes in flight tracked (the default)
+    yield from gated_router_app(f"{APP}-inflight", {"match_timeout_s": 2.0}, replica_tokens, BS)
 
 
 def test_intact_routing_follows_the_prefix_over_a_load_gap_of_one(app):
     low, high = sorted(ray.get(tree_of(APP).replicas.remote()))
     for owner in (low, high):
         assert second_call_goes_to(app, prefix_of(owner), prefix_of) == (owner, owner)
+
+
+def test_a_prompt_in_flight_draws_a_follower_before_any_report(inflight_app, app):
+    """A 5-block prompt no replica reported: the first call is held open on X. The router sent it there, so
+    the same prompt follows it to X over a load gap of one (routing/inflight.py); without the record (``app``,
+    ``inflight_ttl_s`` 0) the follower goes by load to the other replica, as does a different prompt."""
+    for i, (handle, follows) in enumerate(((inflight_app, True), (app, False))):
+        prompt = routing_kwargs([100 + i] * 20, BS)
+        x, went = second_call_goes_to(handle, prompt, prompt)
+        assert (went == x) is follows
+    x, went = second_call_goes_to(inflight_app, routing_kwargs([110] * 20, BS), routing_kwargs([111] * 20, BS))
+    assert went != x
 
 
 def test_lookup_over_match_timeout_routes_by_load(timeout_app, caplog):

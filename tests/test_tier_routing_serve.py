@@ -28,7 +28,8 @@ def own_tokens(replica_id: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def tier_app(ray_session):  # the session-wide Ray + Serve (tests/ray_fixtures.py)
-    yield from stub_router_app(APP, {"match_timeout_s": 2.0, "kv_tiers": ["dram", "redis"]}, own_tokens, BS)
+    yield from stub_router_app(APP, {"match_timeout_s": 2.0, "kv_tiers": ["dram", "redis"],
+                                                   "inflight_ttl_s": 0}, own_tokens, BS)
 
 
 def test_dram_chunks_count_as_weighted_partial_matches(tier_app):

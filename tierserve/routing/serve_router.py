@@ -43,22 +43,30 @@ One routing step (``choose_replicas``):
    overwrites the entry with the older count (seen with Ray 2.60: a replica
    holding a request read 0, so routing by load sent the next request to it);
    the router's own count cannot be overwritten that way;
-4. ``PrefixAwarePolicy.rank`` orders every candidate (``num_request_blocks =
+4. prefixes in flight (routing/inflight.py): each candidate's device match is
+   the larger of the tree's and the leading blocks of the request that this
+   router sent to it in the last ``inflight_ttl_s`` seconds (default 10; 0:
+   off), which its replica will hold before its next report reaches the tree;
+   so requests that share a prompt routed moments apart go to one replica
+   instead of each prefilling the prompt on another;
+5. ``PrefixAwarePolicy.rank`` orders every candidate (``num_request_blocks =
    len(hashes)``, so a best match shorter than ``min_match_ratio`` of the
    request routes by load); the router returns one
    rank per replica, so Serve tries the chosen replica first and falls back
-   in policy order if it rejects the request (queue full).
+   in policy order if it rejects the request (queue full). The request's
+   hashes are recorded as in flight on the first-ranked replica (a fallback
+   after a rejection is not seen; the entry then expires unused).
 
 Lower KV tiers (``kv_tiers``, e.g. ``["dram", "redis"]``, the app's
 ``--kv-tiers``; empty = off): step 2 asks ``await tree.match(hashes,
 candidate ids)`` (``lower=True``), which also returns, per candidate, the blocks each
 lower tier would serve after its device match (routing/tier_index.py), and
-step 4 passes them as ``lower_tier_matches`` to a policy built with
+step 5 passes them as ``lower_tier_matches`` to a policy built with
 ``tier_weights=KV_TIER_WEIGHTS`` (device 1.0, dram 0.8, disk 0.5, redis 0.3;
 routing/policy.py). Replicas report their tier chunks with their device diff
 (server/cache_reporter.py ``TierMirror``).
 
-Router v2 (``policy="cost_aware"``, the app's ``router: cost``): step 4 uses
+Router v2 (``policy="cost_aware"``, the app's ``router: cost``): step 5 uses
 ``CostAwarePolicy`` (routing/policy.py) built with the deployment's
 ``block_size``, ``token_budget``, ``max_num_seqs`` and ``decode_tokens``;
 each candidate's ``ReplicaLoad`` then also carries what the replica last
@@ -94,6 +102,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Sequence
 
 import ray
@@ -101,6 +110,7 @@ from ray.serve.request_router import PendingRequest, RequestRouter, RunningRepli
 
 from tierserve.cache.prefix_hash import HASH_BYTES, hash_blocks
 from tierserve.errors import InvalidParameterError
+from tierserve.routing.inflight import DEFAULT_TTL_S, InflightPrefixes, merge_matches
 from tierserve.routing.policy import KV_TIER_WEIGHTS, ReplicaLoad, make_policy
 from tierserve.routing.tier_index import LOWER_TIERS
 from tierserve.routing.tree_actor import PrefixMatch, get_or_create_tree_actor
@@ -167,7 +177,8 @@ class PrefixAwareRequestRouter(RequestRouter):
                          match_timeout_s: float = 0.1, max_blocks_per_replica: int | None = None,
                          tree_actor=None, min_match_ratio: float = 0.1, kv_tiers: Sequence[str] = (),
                          policy: str = "prefix_aware", block_size: int = 16, token_budget: int = 2048,
-                         max_num_seqs: int = 64, decode_tokens: float = 256.0) -> None:
+                         max_num_seqs: int = 64, decode_tokens: float = 256.0,
+                         inflight_ttl_s: float = DEFAULT_TTL_S) -> None:
         """Called by Serve with ``request_router_kwargs``; ``tree_actor`` overrides the named actor."""
         if not match_timeout_s > 0:
             raise InvalidParameterError("match_timeout_s", f"must be > 0, got {match_timeout_s}")
@@ -187,6 +198,7 @@ class PrefixAwareRequestRouter(RequestRouter):
             raise InvalidParameterError("policy", f"must be one of {ROUTER_POLICIES}, got {policy!r}")
         self._policy = make_policy(policy, tier_weights=weights, **policy_kwargs[policy])
         self._match_timeout_s = match_timeout_s
+        self._inflight = InflightPrefixes(inflight_ttl_s)
         self._sent: dict[str, int] = {}  # replica id -> requests this router sent that have not completed
         self._max_blocks_per_replica = max_blocks_per_replica
         self._named_tree = tree_actor is None  # the deployment's named actor: looked up again if it dies
@@ -206,14 +218,19 @@ class PrefixAwareRequestRouter(RequestRouter):
             hashes = []
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         found = await self._lookup(hashes, list(by_id)) if hashes else PrefixMatch()
+        now = time.monotonic()
+        device, lower = merge_matches(found.device, found.lower, self._inflight.match(hashes, by_id, now))  # step 4
         loads = [replica_load(rid, self._ongoing(r), getattr(r, "routing_stats", None), found.cached.get(rid, 0))
                  for rid, r in by_id.items()]
-        ranked = self._policy.rank(found.device, loads, found.lower or None, num_request_blocks=len(hashes))
+        ranked = self._policy.rank(device, loads, lower or None, num_request_blocks=len(hashes))
+        if hashes and ranked:
+            self._inflight.record(ranked[0].replica_id, hashes, now)
         return [[by_id[d.replica_id]] for d in ranked]
 
     def on_replica_actor_died(self, replica_id) -> None:
         super().on_replica_actor_died(replica_id)
         self._sent.pop(replica_id.unique_id, None)
+        self._inflight.forget(replica_id.unique_id)
         self._tree_actor.drop_replica.remote(replica_id.unique_id)
 
     def on_send_request(self, replica_id) -> None:
